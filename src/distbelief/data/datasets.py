@@ -1,0 +1,295 @@
+"""Datasets that work offline, each replica's slice of them, and a batch stream.
+
+``load_dataset(spec)`` understands:
+
+- ``"digits"``: scikit-learn's 1,797 real 8x8 scans, shape (1, 8, 8), 10 classes.
+- ``"mnist1d"``: MNIST-1D generated locally (40,000 train + 10,000 test by
+  default), shape (1, 40), 10 classes; cached as .npz because it takes ~16 s.
+- ``"synthetic"``: Gaussian inputs of dim 32 labelled by a fixed random teacher MLP.
+- ``"path/to/data.npz"``: arrays ``x``, ``y`` (optional ``x_test``, ``y_test``).
+- ``"module:function"`` / ``"file.py:function"``: a factory returning such a dict.
+
+Where no test set is given, 20% of the samples chosen by a seeded permutation
+become the test set. Example::
+
+    ds = load_dataset("digits", seed=0)
+    part = replica_indices(len(ds.y_train), replica=0, replicas=4, seed=0)
+    stream = BatchStream(ds.x_train, ds.y_train, part, batch_size=32, seed=0)
+    xb, yb = stream.next()
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from distbelief.data.sampling import BatchStream, replica_indices
+from distbelief.errors import UserError
+from distbelief.plugins import load_callable
+
+__all__ = ["Dataset", "load_dataset", "default_cache_dir", "replica_indices", "BatchStream"]
+
+BUILTIN = ("digits", "mnist1d", "synthetic")
+TEST_FRACTION = 0.2
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A classification dataset held in memory as CPU tensors."""
+
+    name: str
+    x_train: torch.Tensor  # float32, shape (N, *input_shape)
+    y_train: torch.Tensor  # int64, shape (N,)
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+def default_cache_dir() -> Path:
+    """The cache folder: $DISTBELIEF_CACHE, else ~/.cache/distbelief."""
+    return Path(os.environ.get("DISTBELIEF_CACHE") or Path.home() / ".cache" / "distbelief")
+
+
+def load_dataset(
+    spec: str, *, seed: int = 0, num_samples: int | None = None, cache_dir: Path | None = None
+) -> Dataset:
+    """Load the dataset named by ``spec`` (see the module docstring).
+
+    ``num_samples`` is how many samples to generate for mnist1d (default 50,000)
+    and synthetic (default 20,000); for digits, .npz and factories it caps the
+    number of training samples used. ``seed`` fixes generation and the split.
+
+    Raises:
+        UserError: unknown spec, bad ``num_samples``, or malformed data.
+    """
+    if num_samples is not None and num_samples < 2:
+        raise UserError(f"num_samples must be >= 2, got {num_samples}: ask for more samples")
+    if spec == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x = (digits.images / 16.0).reshape(-1, 1, 8, 8)
+        return _from_arrays("digits", {"x": x, "y": digits.target}, seed, num_samples)
+    if spec == "mnist1d":
+        return _mnist1d(seed, num_samples or 50_000, cache_dir or default_cache_dir())
+    if spec == "synthetic":
+        return _synthetic(seed, num_samples or 20_000)
+    if spec.endswith(".npz"):
+        return _from_arrays(spec, _read_npz(Path(spec)), seed, num_samples)
+    if ":" in spec:
+        arrays = load_callable(spec, "dataset factory")()
+        if not isinstance(arrays, Mapping):
+            raise UserError(
+                f"dataset factory {spec!r} returned a {type(arrays).__name__}: "
+                "return a dict with keys 'x', 'y' (and optionally 'x_test', 'y_test')"
+            )
+        return _from_arrays(spec, arrays, seed, num_samples, source=f"dataset factory {spec!r}")
+    raise UserError(
+        f"unknown dataset {spec!r}: use one of {', '.join(BUILTIN)}, a path to a .npz file, "
+        "or 'module:function'"
+    )
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Read every array of an .npz file (no pickles).
+
+    Raises:
+        UserError: the file is missing or is not a readable .npz archive.
+    """
+    if not path.is_file():
+        raise UserError(f"dataset file {str(path)!r} does not exist: check the path")
+    try:
+        npz = np.load(path, allow_pickle=False)
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise ValueError("it holds a single array, not named arrays")
+        with npz:
+            return {key: npz[key] for key in npz.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise UserError(
+            f"dataset file {str(path)!r} is not a valid .npz ({exc}): save it with numpy.savez(path, x=..., y=...)"
+        ) from exc
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    """Tensor or array-like -> numpy array."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _labels(y: np.ndarray, key: str, source: str) -> np.ndarray:
+    """Check that ``y`` holds non-negative integer labels; return them as int64.
+
+    Raises:
+        UserError: not 1-D, not integer-valued, or negative.
+    """
+    if y.ndim != 1:
+        raise UserError(f"{source}: {key!r} has shape {y.shape}: give 1-D integer class labels, not one-hot")
+    if y.dtype.kind not in "iub":
+        if y.dtype.kind != "f" or not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+            raise UserError(
+                f"{source}: {key!r} has dtype {y.dtype} with non-integer values: labels must be class ids 0..C-1"
+            )
+    if len(y) and y.min() < 0:
+        raise UserError(f"{source}: {key!r} has label {int(y.min())}: labels must be class ids 0..C-1")
+    return y.astype(np.int64)
+
+
+def _inputs(x: np.ndarray, key: str, source: str) -> np.ndarray:
+    """Check that ``x`` is a finite numeric (N, ...) array; return it as float32.
+
+    Raises:
+        UserError: 1-D, non-numeric, or containing NaN/inf.
+    """
+    if x.ndim < 2:
+        raise UserError(f"{source}: {key!r} has shape {x.shape}: give inputs of shape (N, features...)")
+    if x.dtype.kind not in "iubf":
+        raise UserError(f"{source}: {key!r} has dtype {x.dtype}: give numeric inputs")
+    x = x.astype(np.float32)
+    if not np.all(np.isfinite(x)):
+        bad = int(np.count_nonzero(~np.isfinite(x)))
+        raise UserError(f"{source}: {key!r} has {bad} non-finite values (NaN or inf): clean or impute them")
+    return x
+
+
+def _split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (train, test) index split with 20% (at least one sample) for test."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_test = min(max(1, int(n * TEST_FRACTION)), n - 1)
+    return perm[n_test:], perm[:n_test]
+
+
+def _from_arrays(
+    name: str, arrays: Mapping[str, Any], seed: int, num_samples: int | None, source: str | None = None
+) -> Dataset:
+    """Validate user arrays (x, y and optional x_test, y_test) and build a Dataset.
+
+    Raises:
+        UserError: missing keys, length or shape mismatches, bad labels or inputs,
+            fewer than 2 samples.
+    """
+    source = source or f"dataset {name!r}"
+    missing = [k for k in ("x", "y") if k not in arrays]
+    if missing:
+        raise UserError(
+            f"{source} has no {' or '.join(map(repr, missing))} (found keys: {sorted(arrays) or 'none'}): "
+            "provide arrays 'x' (inputs) and 'y' (labels)"
+        )
+    if ("x_test" in arrays) != ("y_test" in arrays):
+        raise UserError(f"{source} has only one of 'x_test' and 'y_test': give both or neither")
+    parts = {k: _as_numpy(arrays[k]) for k in ("x", "y", "x_test", "y_test") if k in arrays}
+    for xk, yk in (("x", "y"), ("x_test", "y_test")):
+        if xk in parts and len(parts[xk]) != len(parts[yk]):
+            raise UserError(
+                f"{source}: len({xk}) = {len(parts[xk])} but len({yk}) = {len(parts[yk])}: "
+                "give one label per sample"
+            )
+    x, y = _inputs(parts["x"], "x", source), _labels(parts["y"], "y", source)
+    if len(x) < 2:
+        raise UserError(f"{source} has {len(x)} samples: give at least 2")
+    if "x_test" in parts:
+        x_test, y_test = _inputs(parts["x_test"], "x_test", source), _labels(parts["y_test"], "y_test", source)
+        if x_test.shape[1:] != x.shape[1:]:
+            raise UserError(
+                f"{source}: x_test samples have shape {x_test.shape[1:]} but x samples {x.shape[1:]}: make them match"
+            )
+    else:
+        train, test = _split(len(x), seed)
+        x, y, x_test, y_test = x[train], y[train], x[test], y[test]
+    if num_samples is not None and num_samples < len(x):
+        x, y = x[:num_samples], y[:num_samples]
+    num_classes = int(max(y.max(), y_test.max() if len(y_test) else 0)) + 1
+    return Dataset(
+        name=name,
+        x_train=torch.from_numpy(np.ascontiguousarray(x)),
+        y_train=torch.from_numpy(y),
+        x_test=torch.from_numpy(np.ascontiguousarray(x_test)),
+        y_test=torch.from_numpy(y_test),
+        input_shape=tuple(int(d) for d in x.shape[1:]),
+        num_classes=num_classes,
+    )
+
+
+def _mnist1d(seed: int, num_samples: int, cache_dir: Path) -> Dataset:
+    """Generate (or read from the cache) MNIST-1D with ``num_samples`` in total.
+
+    The cache is written atomically so processes racing to create it are safe.
+
+    Raises:
+        UserError: ``num_samples`` below 10 (one sample per class is the minimum).
+    """
+    if num_samples < 10:
+        raise UserError(f"mnist1d needs num_samples >= 10 (one per class), got {num_samples}: ask for more")
+    path = Path(cache_dir) / f"mnist1d-n{num_samples}-seed{seed}.npz"
+    arrays = None
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in ("x", "y", "x_test", "y_test")}
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError):
+            arrays = None  # a damaged cache is regenerated and replaced below
+    if arrays is None:
+        arrays = _generate_mnist1d(seed, num_samples)
+        _write_atomically(path, arrays)
+    arrays = {k: (v.reshape(len(v), 1, -1) if k.startswith("x") else v) for k, v in arrays.items()}
+    return _from_arrays("mnist1d", arrays, seed, None)
+
+
+def _write_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Save ``arrays`` to ``path`` via a temporary file and ``os.replace``.
+
+    Readers never see a half-written file, and when processes race the last
+    complete write wins. An unwritable cache only costs regeneration next time,
+    so OSError is swallowed (and the temporary file removed).
+    """
+    tmp_name = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.stem, suffix=".tmp", delete=False) as tmp:
+            tmp_name = tmp.name
+            np.savez(tmp, **arrays)
+        os.replace(tmp_name, path)
+    except OSError:
+        if tmp_name is not None and os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+
+
+def _generate_mnist1d(seed: int, num_samples: int) -> dict[str, np.ndarray]:
+    """Run mnist1d's generator without disturbing the caller's global RNG state."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples, args.seed, args.train_split = num_samples, seed, 0.8
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        data = make_dataset(args)  # reseeds numpy's and random's global generators
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    return {
+        "x": data["x"].astype(np.float32),
+        "y": data["y"].astype(np.int64),
+        "x_test": data["x_test"].astype(np.float32),
+        "y_test": data["y_test"].astype(np.int64),
+    }
+
+
+def _synthetic(seed: int, num_samples: int, dim: int = 32, hidden: int = 64, classes: int = 10) -> Dataset:
+    """Gaussian inputs labelled by the argmax of a seeded random 2-layer teacher MLP."""
+    g = torch.Generator().manual_seed(seed)
+    w1 = torch.randn(dim, hidden, generator=g) / dim**0.5
+    b1 = torch.randn(hidden, generator=g) * 0.1
+    w2 = torch.randn(hidden, classes, generator=g) / hidden**0.5
+    x = torch.randn(num_samples, dim, generator=g)
+    logits = torch.tanh(x @ w1 + b1) @ w2
+    y = (logits - logits.mean(dim=0)).argmax(dim=1)  # centred so the classes are less lopsided
+    return _from_arrays("synthetic", {"x": x, "y": y}, seed, None)

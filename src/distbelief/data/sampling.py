@@ -1,0 +1,82 @@
+"""Each replica's slice of a dataset, and an endless stream of batches over it.
+
+Both are pure functions of their seed, so every process (and a replica that
+restarts) computes the same partition and the same batch order::
+
+    part = replica_indices(len(y), replica=1, replicas=4, seed=0)
+    stream = BatchStream(x, y, part, batch_size=32, seed=0)
+    xb, yb = stream.next()
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from distbelief.errors import UserError
+
+
+def replica_indices(n: int, replica: int, replicas: int, seed: int) -> torch.Tensor:
+    """Indices of replica ``replica``'s part of ``range(n)``.
+
+    A seeded permutation of ``range(n)`` is cut into ``replicas`` contiguous
+    parts whose sizes differ by at most one; the parts are disjoint and cover
+    every index. Every process computes the same cut from the same seed.
+
+    Raises:
+        UserError: ``replicas`` < 1, more replicas than samples, or ``replica``
+            outside ``0..replicas-1``.
+    """
+    if replicas < 1 or replicas > n:
+        raise UserError(f"cannot split {n} samples among {replicas} replicas: use 1..{n} replicas")
+    if not 0 <= replica < replicas:
+        raise UserError(f"replica {replica} is out of range for {replicas} replicas: use 0..{replicas - 1}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return torch.tensor_split(perm, replicas)[replica].clone()
+
+
+class BatchStream:
+    """An endless stream of mini-batches over ``x[indices]``, ``y[indices]``.
+
+    Each epoch visits the indices in a fresh order drawn from a generator
+    seeded by ``(seed, epoch)``, so a stream is reproducible from its seed and a
+    restarted replica can rebuild it. The last partial batch of an epoch is
+    dropped, unless the whole partition is smaller than one batch (then every
+    batch is the whole partition, reshuffled). Not thread-safe.
+
+    Attributes:
+        epoch: the epoch the most recent batch came from (0 before any).
+        steps_per_epoch: batches per epoch.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, batch_size: int, seed: int):
+        """Raises UserError if ``batch_size`` < 1 or ``indices`` is empty."""
+        if batch_size < 1:
+            raise UserError(f"batch size must be >= 1, got {batch_size}: use a positive batch size")
+        if len(indices) == 0:
+            raise UserError("this replica's data partition is empty: use fewer replicas or more samples")
+        self.x, self.y = x, y
+        self.indices = torch.as_tensor(indices, dtype=torch.int64)
+        self.batch_size = min(batch_size, len(self.indices))
+        self.seed = seed
+        self.steps_per_epoch = len(self.indices) // self.batch_size
+        self.epoch = 0
+        self._order = self._shuffled(0)
+        self._step = 0
+
+    def _shuffled(self, epoch: int) -> torch.Tensor:
+        """The partition's indices in epoch ``epoch``'s order."""
+        mixed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1, dtype=np.uint64)[0])
+        g = torch.Generator().manual_seed(mixed)
+        return self.indices[torch.randperm(len(self.indices), generator=g)]
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the next ``(xb, yb)`` batch, starting a reshuffled epoch when one ends."""
+        if self._step == self.steps_per_epoch:
+            self.epoch += 1
+            self._order = self._shuffled(self.epoch)
+            self._step = 0
+        start = self._step * self.batch_size
+        batch = self._order[start : start + self.batch_size]
+        self._step += 1
+        return self.x.index_select(0, batch), self.y.index_select(0, batch)

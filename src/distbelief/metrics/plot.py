@@ -1,0 +1,192 @@
+"""Plot training runs: training loss and test accuracy against wall-clock time.
+
+A run directory holds ``metrics.jsonl`` (one JSON event per line, each with
+``"event"`` and ``"time"`` in seconds since the job started) and
+``summary.json``. Only ``"train"`` events (``loss``) and ``"eval"`` events
+(``test_accuracy``) are drawn; any other event is ignored. Example::
+
+    plot_runs([Path("runs/a"), Path("runs/b")], Path("compare.png"))
+    plot_run(Path("runs/a"))          # writes runs/a/curves.png
+
+Not thread-safe: pyplot keeps global state (the Agg backend is selected on import).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never open a window, works without a display
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
+
+from distbelief.errors import UserError  # noqa: E402
+
+
+def _read_summary(run_dir: Path) -> dict[str, Any]:
+    """summary.json as a dict, or {} when it is missing or unreadable (runs still in progress)."""
+    try:
+        data = json.loads((Path(run_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def run_label(run_dir: Path) -> str:
+    """A short legend label from the run's summary, e.g. "downpour R=2 S=2 fetch=1 push=1 adagrad lr=0.05".
+
+    Missing keys are left out; with no usable summary the directory name is used.
+    Never raises for a missing or malformed summary.
+    """
+    summary = _read_summary(run_dir)
+    config = summary.get("config") if isinstance(summary.get("config"), dict) else {}
+
+    def pick(key: str) -> Any:
+        return summary.get(key, config.get(key))
+
+    parts = []
+    for key, fmt in (
+        ("algorithm", "{}"),
+        ("replicas", "R={}"),
+        ("shards", "S={}"),
+        ("n_fetch", "fetch={}"),
+        ("n_push", "push={}"),
+        ("rule", "{}"),
+        ("lr", "lr={:g}"),
+    ):
+        value = pick(key)
+        if value is None:
+            continue
+        try:
+            parts.append(fmt.format(value))
+        except (TypeError, ValueError):  # e.g. lr given as a string
+            parts.append(f"{fmt.split('=')[0]}={value}" if "=" in fmt else str(value))
+    return " ".join(parts) or Path(run_dir).name
+
+
+def _read_events(run_dir: Path) -> list[dict[str, Any]]:
+    """All events of a run's metrics.jsonl.
+
+    A final line without a newline (a run still writing) is skipped.
+
+    Raises:
+        UserError: no metrics.jsonl, or a complete line that is not a JSON object.
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"{str(run_dir)!r} is not a run directory: it has no metrics.jsonl")
+    text = path.read_text()
+    lines = text.split("\n")
+    events = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            if number == len(lines):  # half-written last line of a live run
+                continue
+            raise UserError(
+                f"{str(path)!r} line {number} is not JSON: delete or repair that line"
+            ) from None
+        if isinstance(event, dict) and isinstance(event.get("time"), (int, float)):
+            events.append(event)
+    return events
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _loss_curve(events: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
+    """Train losses in time order, smoothed by a running mean over one report per replica."""
+    train = sorted(
+        (e for e in events if e.get("event") == "train" and _number(e.get("loss"))), key=lambda e: e["time"]
+    )
+    width = max(1, len({e.get("replica") for e in train}))
+    times, losses, window = [], [], []
+    for e in train:
+        window.append(float(e["loss"]))
+        if len(window) > width:
+            window.pop(0)
+        times.append(float(e["time"]))
+        losses.append(sum(window) / len(window))
+    return times, losses
+
+
+def _accuracy_curve(events: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
+    """Eval events' test accuracy in time order."""
+    evals = sorted(
+        (e for e in events if e.get("event") == "eval" and _number(e.get("test_accuracy"))),
+        key=lambda e: e["time"],
+    )
+    return [float(e["time"]) for e in evals], [float(e["test_accuracy"]) for e in evals]
+
+
+def _check_format(out: Path) -> None:
+    """Raises UserError unless ``out``'s suffix is a format matplotlib can save."""
+    supported = FigureCanvasBase.get_supported_filetypes()
+    suffix = out.suffix.lower().lstrip(".")
+    if suffix not in supported:
+        raise UserError(
+            f"cannot save a plot as {str(out)!r}: use one of the suffixes "
+            f"{', '.join('.' + s for s in sorted(supported))}"
+        )
+
+
+def plot_runs(run_dirs: list[Path], out: Path) -> Path:
+    """Draw loss and test accuracy against wall-clock seconds for each run and save to ``out``.
+
+    One colour per run; the legend shows ``run_label``. Runs with equal labels
+    get their directory name appended. Returns ``out``.
+
+    Raises:
+        UserError: no runs given; a run directory without metrics.jsonl; a bad
+            metrics line; or a file suffix matplotlib cannot write.
+    """
+    out = Path(out)
+    if not run_dirs:
+        raise UserError("no run directories given: name at least one run to plot")
+    _check_format(out)
+    runs = [(Path(d), _read_events(Path(d))) for d in run_dirs]
+    labels = [run_label(d) for d, _ in runs]
+    labels = [
+        f"{label} ({d.name})" if labels.count(label) > 1 else label for label, (d, _) in zip(labels, runs)
+    ]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
+    try:
+        all_positive, any_loss = True, False
+        for index, ((_, events), label) in enumerate(zip(runs, labels)):
+            colour = f"C{index % 10}"
+            times, losses = _loss_curve(events)
+            all_positive &= all(v > 0 for v in losses)
+            any_loss |= bool(losses)
+            ax_loss.plot(times, losses, color=colour, label=label)
+            times, accuracy = _accuracy_curve(events)
+            ax_acc.plot(times, accuracy, color=colour, marker="o", markersize=3, label=label)
+        if all_positive and any_loss:  # cross-entropy spans decades; log shows late differences
+            ax_loss.set_yscale("log")
+        ax_loss.set(xlabel="wall-clock seconds", ylabel="training loss (mean over replicas)", title="Training loss")
+        ax_acc.set(xlabel="wall-clock seconds", ylabel="test accuracy", title="Test accuracy")
+        for ax in (ax_loss, ax_acc):
+            ax.grid(True, alpha=0.3)
+        ax_acc.legend(fontsize="small", loc="lower right")
+        fig.tight_layout()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out)
+    finally:
+        plt.close(fig)
+    return out
+
+
+def plot_run(run_dir: Path, out: Path | None = None) -> Path:
+    """Plot one run to ``out`` (default ``run_dir/curves.png``); returns the path.
+
+    Raises:
+        UserError: as ``plot_runs``.
+    """
+    return plot_runs([Path(run_dir)], Path(out) if out is not None else Path(run_dir) / "curves.png")
