@@ -1,0 +1,145 @@
+"""Downpour SGD, the replica side (DistBelief, Dean et al. 2012, section 4.1).
+
+Each replica trains on its own part of the data. Before step t it fetches the
+parameters when the schedule says so (`schedule.fetch_before`), computes the
+gradient of its batch, and after step t pushes the gradient accumulated since
+its last push (`schedule.push_after`). The update rule runs inside the shards.
+Pushes go out in the background: the replica alternates two gradient buffers,
+so it computes the next steps while the last push is still being applied.
+
+With ``warm_start_steps = W``, replica 0 trains alone for W steps, then sets
+``warm/done`` and the other replicas join (they wait for that key).
+
+Reports to the coordinator through the store stream ``events``: a "train" event
+every `log_every` steps and a "replica_done" event at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from distbelief.algorithms.schedule import fetch_before, push_after, steps_per_replica
+from distbelief.data.datasets import BatchStream, load_dataset, replica_indices
+from distbelief.model.flat import FlatModel
+from distbelief.model.zoo import build_model
+from distbelief.ps.client import PSClient
+from distbelief.ps.layout import Layout
+from distbelief.runtime.role import RoleContext
+
+
+def run_replica(ctx: RoleContext) -> None:
+    cfg, r = ctx.config, ctx.ident
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.cluster.replicas))
+    data = load_dataset(cfg.data.dataset, seed=cfg.train.seed, num_samples=cfg.data.num_samples)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model.name, data.input_shape, data.num_classes)
+    flat = FlatModel(model, grad_buffers=2)
+    indices = replica_indices(len(data.x_train), r, cfg.cluster.replicas, cfg.train.seed)
+    stream = BatchStream(data.x_train, data.y_train, indices, cfg.data.batch_size,
+                         seed=cfg.train.seed * 1000 + r)
+    total = steps_per_replica(steps=cfg.train.steps, epochs=cfg.train.resolved_epochs,
+                              train_samples=len(data.x_train), replicas=cfg.cluster.replicas,
+                              batch_size=cfg.data.batch_size)
+    warm = cfg.downpour.warm_start_steps
+    if r > 0 and warm > 0 and not _wait_for_warm_start(ctx):
+        return
+    layout = Layout.from_json(ctx.job["layout"])
+    with PSClient(ctx.store, layout, f"replica{r}", transport=cfg.cluster.transport,
+                  timeout=cfg.cluster.timeout) as ps:
+        ctx.store.append("events", {"event": "replica_joined", "time": _now(ctx), "replica": r})
+        _train(ctx, ps, flat, model, stream, total)
+    ctx.store.set_json(f"done/replica{r}", {"steps": total})
+
+
+def _train(ctx: RoleContext, ps: PSClient, flat: FlatModel, model, stream: BatchStream,
+           total: int) -> None:
+    cfg, r = ctx.config, ctx.ident
+    n_fetch, n_push, timeout = cfg.downpour.n_fetch, cfg.downpour.n_push, cfg.cluster.timeout
+    report = _Reporter(ctx, total)
+    pending = [None, None]  # the push handle still reading each gradient buffer
+    buf = 0
+    window_versions = None
+    for step in range(total):
+        if fetch_before(step, n_fetch):
+            ps.pull(flat.params).wait(timeout)
+        if window_versions is None:  # the versions this push window's gradients are computed on
+            window_versions = list(ps.fetched_versions)
+        xb, yb = stream.next()
+        loss = F.cross_entropy(model(xb), yb)
+        loss.backward()
+        report.step(loss.item(), len(yb))
+        if push_after(step, n_push, total):
+            pending[buf] = ps.push(flat.grads[buf], versions=window_versions)
+            window_versions = None
+            buf ^= 1
+            if pending[buf] is not None:  # the other buffer's push must finish before reuse
+                report.acks(pending[buf].wait(timeout))
+                pending[buf] = None
+            flat.grads[buf].zero_()
+            flat.bind_grads(buf)
+        if step == cfg.downpour.warm_start_steps - 1 and r == 0:
+            ctx.store.set_json("warm/done", True)
+        report.maybe_log(step, ps.fetched_versions)
+    for handle in pending:
+        if handle is not None:
+            report.acks(handle.wait(timeout))
+    report.maybe_log(total - 1, ps.fetched_versions, force=True)
+
+
+def _wait_for_warm_start(ctx: RoleContext) -> bool:
+    """Block until replica 0 finishes its warm start; False if the job stops first."""
+    while not ctx.store.has("warm/done"):
+        if ctx.stopping():
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _now(ctx: RoleContext) -> float:
+    return time.time() - ctx.job["start_time"]
+
+
+class _Reporter:
+    """Collects loss, throughput and staleness; sends one "train" event every log_every steps."""
+
+    def __init__(self, ctx: RoleContext, total: int):
+        self.ctx, self.total = ctx, total
+        self.every = ctx.config.train.log_every
+        self.losses: list[float] = []
+        self.staleness: list[int] = []
+        self.samples = 0
+        self.since = time.perf_counter()
+        self.last_step = -1
+
+    def step(self, loss: float, samples: int) -> None:
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"replica {self.ctx.ident}: the training loss is {loss}; "
+                                     "lower --lr or check the data")
+        self.losses.append(loss)
+        self.samples += samples
+
+    def acks(self, acks: list[tuple[int, int]]) -> None:
+        self.staleness.extend(s for _, s in acks)
+
+    def maybe_log(self, step: int, versions: list[int], force: bool = False) -> None:
+        if not force and (step + 1) % self.every != 0:
+            return
+        if step == self.last_step or not self.losses:
+            return
+        elapsed = max(time.perf_counter() - self.since, 1e-9)
+        event = {"event": "train", "time": _now(self.ctx), "replica": self.ctx.ident,
+                 "step": step + 1, "total_steps": self.total,
+                 "loss": sum(self.losses) / len(self.losses), "samples": self.samples,
+                 "samples_per_second": self.samples / elapsed,
+                 "staleness": (sum(self.staleness) / len(self.staleness)
+                               if self.staleness else None),
+                 "versions": list(versions)}
+        self.ctx.store.append("events", event)
+        self.losses, self.staleness, self.samples = [], [], 0
+        self.since = time.perf_counter()
+        self.last_step = step

@@ -1,0 +1,99 @@
+"""The Python API: `train` a job and `load_model` from a run directory.
+
+Example::
+
+    import distbelief
+    summary = distbelief.train(dataset="digits", model="mlp", replicas=2, shards=2, steps=300)
+    model = distbelief.load_model(summary["run_dir"])
+
+A model factory or dataset factory may be given as a function instead of a
+"module:function" string; it must be defined at the top level of an importable
+module or of the script being run, because every role process imports it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from distbelief.config import JobConfig, apply_options, load_config
+from distbelief.errors import UserError
+
+
+def train(config: JobConfig | dict | str | Path | None = None, *, show_progress: bool = False,
+          **options: Any) -> dict | None:
+    """Run a job and return its summary (a dict, also written to RUN_DIR/summary.json).
+
+    `config` is a JobConfig, a nested dict as in the TOML file, or a TOML path;
+    `options` override it with the command line's names (replicas=2, lr=0.1,
+    model=my_factory, ...). Blocks until the job ends. When this process was
+    started as one role of a multi-host job (RANK/WORLD_SIZE set) and is not the
+    coordinator, it runs that role and returns None.
+
+    Raises UserError for bad input and coordinator.JobFailed when the job cannot finish.
+    """
+    cfg = resolve_config(config, options)
+    from distbelief.coordinator import run_job
+    from distbelief.runtime.launch import EnvRole
+
+    env = EnvRole.detect()
+    if env is not None:
+        role, ident = env.role(cfg.cluster.shards, cfg.cluster.replicas)
+        if role != "coordinator":
+            from distbelief.runtime.role import run_role
+            from distbelief.runtime.store import JobStore
+            store = JobStore.connect(env.master_addr, env.master_port, env.token,
+                                     timeout=cfg.cluster.timeout)
+            run_role(store, role, ident)
+            return None
+    return run_job(cfg, show_progress=show_progress, env=env)
+
+
+def resolve_config(config: JobConfig | dict | str | Path | None, options: dict[str, Any]
+                   ) -> JobConfig:
+    """The validated config from a base config and flat overrides."""
+    if isinstance(config, JobConfig):
+        base = config
+    elif isinstance(config, dict):
+        base = JobConfig.from_dict(config)
+    else:
+        base = load_config(config)
+    options = {k: _as_spec(v, k) for k, v in options.items()}
+    return apply_options(base, options).validate()
+
+
+def load_model(run_dir: str | Path) -> nn.Module:
+    """The trained model of a finished run, rebuilt from its config and checkpoint."""
+    import json
+
+    from distbelief.coordinator import CHECKPOINT
+    from distbelief.model.zoo import build_model
+
+    run_dir = Path(run_dir)
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise UserError(f"{str(run_dir)!r} is not a finished run directory (no summary.json): "
+                        "give the directory a train run printed")
+    summary = json.loads(summary_path.read_text())
+    cfg = load_config(run_dir / "config.toml")
+    model = build_model(cfg.model.name, tuple(summary["model"]["input_shape"]),
+                        summary["model"]["num_classes"])
+    model.load_state_dict(torch.load(run_dir / CHECKPOINT, weights_only=True))
+    return model
+
+
+def _as_spec(value: Any, option: str) -> Any:
+    """Functions given for model/dataset become "module:function" specs the roles can import."""
+    if callable(value) and option in ("model", "dataset"):
+        from distbelief.plugins import callable_spec
+        return callable_spec(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+ModelFactory = Callable[..., nn.Module]

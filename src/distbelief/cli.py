@@ -1,0 +1,130 @@
+"""The `distbelief` command: train, plot.
+
+User errors print one line ``distbelief: error: ...`` and exit with code 2;
+a job that fails exits with code 1; Ctrl-C exits with 130. Every child process
+is gone when the command returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from distbelief.config import ALGORITHMS, RULES, TRANSPORTS, default_of
+from distbelief.errors import UserError
+
+# option -> (type, help); the default shown is read from the config dataclasses
+TRAIN_OPTIONS: dict[str, tuple[type, str]] = {
+    "algorithm": (str, f"training algorithm: {', '.join(ALGORITHMS)}"),
+    "replicas": (int, "model replicas, each training on its own part of the data"),
+    "shards": (int, "parameter-server shards, each holding a slice of the parameters"),
+    "n_fetch": (int, "a replica fetches parameters every N steps"),
+    "n_push": (int, "a replica pushes its accumulated gradient every N steps"),
+    "rule": (str, f"update rule applied inside the shards: {', '.join(RULES)}"),
+    "lr": (float, "learning rate"),
+    "momentum": (float, "momentum factor (--rule momentum)"),
+    "weight_decay": (float, "L2 penalty applied inside the shards"),
+    "batch_size": (int, "samples per replica step"),
+    "steps": (int, "steps per replica (replaces --epochs)"),
+    "epochs": (float, "passes over the training data, all replicas together "
+                      "(default 4 when --steps is not given)"),
+    "dataset": (str, "digits, mnist1d, synthetic, PATH.npz (arrays x, y) or MODULE:FUNCTION"),
+    "num_samples": (int, "samples to generate for mnist1d/synthetic"),
+    "model": (str, "mlp, cnn, or MODULE:FACTORY (or FILE.py:FACTORY) returning an nn.Module"),
+    "warm_start_steps": (int, "replica 0 trains alone for W steps before the others join"),
+    "seed": (int, "seed of initialisation, data split and shuffling"),
+    "run_dir": (str, "where config, metrics, checkpoint and plots go "
+                     "(default runs/<algorithm>-<time>)"),
+    "eval_every": (int, "evaluate the test split every K steps (0: only at the end)"),
+    "log_every": (int, "replicas report loss and staleness every K steps"),
+    "port": (int, "the coordinator's port (0: a free one)"),
+    "host": (str, "address the coordinator binds to"),
+    "transport": (str, f"tensor transport replica<->shard: {', '.join(TRANSPORTS)}"),
+    "timeout": (float, "seconds any single wait may block before the job fails"),
+}
+CHOICES = {"algorithm": ALGORITHMS, "rule": RULES, "transport": TRANSPORTS}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors as one line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{message} (see '{self.prog} --help')")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="distbelief",
+                     description="DistBelief-style distributed training on PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = sub.add_parser(
+        "train", help="train a model on a local cluster of processes (or one role per host)",
+        description="Train with Downpour SGD: R model replicas push gradients to and fetch "
+                    "parameters from S parameter shards, each its own process. Options "
+                    "override the TOML file. Under torchrun/SLURM (RANK, WORLD_SIZE, "
+                    "MASTER_ADDR, MASTER_PORT set) each process runs one role: rank 0 the "
+                    "coordinator, then the shards, then the replicas.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train.add_argument("config", nargs="?", help="TOML config file (optional)")
+    for name, (type_, help_) in TRAIN_OPTIONS.items():
+        default = default_of(name)
+        train.add_argument(f"--{name.replace('_', '-')}", dest=name, type=type_, default=None,
+                           choices=CHOICES.get(name), metavar=name.upper(),
+                           help=f"{help_} (default: {default})")
+    train.add_argument("--quiet", action="store_true", help="no progress display")
+
+    plot = sub.add_parser("plot", help="draw one or more runs' curves on one figure")
+    plot.add_argument("run_dirs", nargs="+", help="run directories to compare")
+    plot.add_argument("-o", "--output", required=True, help="image file to write (.png, .pdf, .svg)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "train":
+            return _train(args)
+        if args.command == "plot":
+            return _plot(args)
+        raise UserError(f"unknown command {args.command!r}")
+    except UserError as exc:
+        print(f"distbelief: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("distbelief: interrupted; every process of the job was stopped", file=sys.stderr)
+        return 130
+
+
+def _train(args: argparse.Namespace) -> int:
+    from distbelief.api import train
+    from distbelief.coordinator import JobFailed
+
+    options = {name: getattr(args, name) for name in TRAIN_OPTIONS}
+    try:
+        summary = train(args.config, show_progress=not args.quiet, **options)
+    except JobFailed as exc:
+        print(f"distbelief: job failed: {exc}", file=sys.stderr)
+        return 1
+    if summary is None:  # this process ran a shard or replica of a multi-host job
+        return 0
+    lost = summary["replicas_lost"]
+    print(f"test accuracy {summary['test_accuracy']:.4f} on {summary['test_samples']} held-out "
+          f"samples; {summary['samples_per_second']:,.0f} samples/s; "
+          f"{summary['wall_seconds']:.1f} s" + (f"; {lost} replica(s) lost" if lost else ""))
+    print(f"run directory: {summary['run_dir']}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from distbelief.metrics.plot import plot_runs
+
+    out = plot_runs([Path(d) for d in args.run_dirs], Path(args.output))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

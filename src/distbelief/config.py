@@ -1,0 +1,336 @@
+"""Typed configuration of a job: one dataclass per component, loaded from TOML.
+
+A config file mirrors the dataclasses: top-level ``algorithm`` and one table per
+component::
+
+    algorithm = "downpour"
+    [cluster]
+    replicas = 2
+    shards = 2
+    [downpour]
+    n_fetch = 1
+    n_push = 1
+    [optimizer]
+    rule = "adagrad"
+    lr = 0.05
+    [data]
+    dataset = "mnist1d"
+    batch_size = 64
+    [model]
+    name = "cnn"
+    [train]
+    epochs = 4
+
+Every value is checked by `JobConfig.validate`, which raises `UserError` with one
+line naming the offending value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+import tomli_w
+
+from distbelief.errors import UserError
+
+ALGORITHMS = ("downpour",)
+RULES = ("sgd", "momentum", "adagrad", "adam")
+TRANSPORTS = ("auto", "shm", "gloo")
+DEFAULT_EPOCHS = 4.0
+
+
+@dataclass(kw_only=True)
+class ClusterConfig:
+    replicas: int = 2
+    """Model replicas (data parallelism); each trains on its own part of the data."""
+    shards: int = 2
+    """Parameter-server shards; each holds a slice of the parameters and its update rule's state."""
+    host: str = "127.0.0.1"
+    """Address the coordinator's store binds to (local mode binds loopback only)."""
+    port: int = 0
+    """The coordinator's port; 0 picks a free one."""
+    transport: str = "auto"
+    """How tensors move between replica and shard: shm (same host), gloo (TCP), auto (shm when on one host)."""
+    timeout: float = 120.0
+    """Seconds any single wait (connect, pull, push, join) may block before the job fails."""
+
+
+@dataclass(kw_only=True)
+class DownpourConfig:
+    n_fetch: int = 1
+    """A replica fetches fresh parameters every n_fetch steps."""
+    n_push: int = 1
+    """A replica pushes its accumulated gradient every n_push steps."""
+    warm_start_steps: int = 0
+    """Replica 0 trains alone for this many steps before the other replicas join."""
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    rule: str = "adagrad"
+    """Update rule applied inside each shard: sgd, momentum, adagrad or adam."""
+    lr: float = 0.05
+    """Learning rate of the update rule."""
+    momentum: float = 0.9
+    """Momentum factor (rule momentum only)."""
+    beta1: float = 0.9
+    """Adam's first-moment decay (rule adam only)."""
+    beta2: float = 0.999
+    """Adam's second-moment decay (rule adam only)."""
+    eps: float | None = None
+    """Numerical epsilon; None means the rule's PyTorch default (adagrad 1e-10, adam 1e-8)."""
+    weight_decay: float = 0.0
+    """L2 penalty added to the gradient inside the shard."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    dataset: str = "mnist1d"
+    """digits, mnist1d, synthetic, a PATH.npz (arrays x, y) or MODULE:FUNCTION."""
+    batch_size: int = 64
+    """Samples per replica step."""
+    num_samples: int | None = None
+    """Samples to generate for mnist1d/synthetic (None: the dataset's default)."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name: str = "cnn"
+    """mlp, cnn, or MODULE:FACTORY returning an nn.Module."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int | None = None
+    """Steps per replica; mutually exclusive with epochs."""
+    epochs: float | None = None
+    """Passes over the training data (all replicas together); default 4 when steps is unset."""
+    seed: int = 0
+    """Seed of model initialisation, data split and shuffling."""
+    eval_every: int = 0
+    """Evaluate the test split every K steps of the leading replica; 0 = only at the end."""
+    log_every: int = 10
+    """Replicas report loss and staleness every this many steps."""
+    run_dir: str | None = None
+    """Directory for config, metrics, checkpoint and plots; default runs/<algorithm>-<time>."""
+
+    @property
+    def resolved_epochs(self) -> float | None:
+        """The epochs to run: as given, DEFAULT_EPOCHS when neither steps nor epochs is set."""
+        if self.steps is None and self.epochs is None:
+            return DEFAULT_EPOCHS
+        return self.epochs
+
+
+@dataclass(kw_only=True)
+class JobConfig:
+    algorithm: str = "downpour"
+    """Training algorithm: downpour."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    downpour: DownpourConfig = field(default_factory=DownpourConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    # ---- conversion -------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> JobConfig:
+        """Build a config from nested dicts, refusing unknown keys and wrong types."""
+        if not isinstance(data, dict):
+            raise UserError(f"{source}: expected a table of settings, got {type(data).__name__}")
+        kwargs: dict[str, Any] = {}
+        sections = {f.name: f for f in dataclasses.fields(cls)}
+        for key, value in data.items():
+            if key not in sections:
+                raise UserError(
+                    f"{source}: unknown key {key!r}; valid keys are {', '.join(sections)}")
+            f = sections[key]
+            if key == "algorithm":
+                kwargs[key] = _coerce(value, str, f"{source}: algorithm")
+                continue
+            section_cls = f.default_factory  # type: ignore[misc]
+            kwargs[key] = _section_from_dict(section_cls, value, f"{source}: [{key}]")
+        return cls(**kwargs)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> JobConfig:
+        """Return a copy with ``{"section.field": value}`` overrides applied (None = keep)."""
+        data = self.to_dict()
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            if isinstance(value, _Unset):
+                value = None
+            if "." in dotted:
+                section, name = dotted.split(".", 1)
+                data[section][name] = value
+            else:
+                data[dotted] = value
+        return JobConfig.from_dict(data, source="options")
+
+    def to_toml(self) -> str:
+        """The resolved config as TOML (None values are left out: they mean 'default')."""
+        return tomli_w.dumps(_drop_none(self.to_dict()))
+
+    # ---- validation -------------------------------------------------------
+
+    def validate(self) -> JobConfig:
+        """Check every value; raise UserError naming the first bad one and the fix."""
+        c, d, o, t = self.cluster, self.downpour, self.optimizer, self.train
+        _choice("algorithm", self.algorithm, ALGORITHMS, "--algorithm")
+        _choice("rule", o.rule, RULES, "--rule")
+        _choice("transport", c.transport, TRANSPORTS, "--transport")
+        _at_least("--replicas", c.replicas, 1, "give at least one model replica")
+        _at_least("--shards", c.shards, 1, "give at least one parameter shard")
+        _at_least("--n-fetch", d.n_fetch, 1, "fetch at least every step (1) or less often (>1)")
+        _at_least("--n-push", d.n_push, 1, "push at least every step (1) or less often (>1)")
+        _at_least("--warm-start-steps", d.warm_start_steps, 0, "use 0 to start all replicas together")
+        _at_least("--batch-size", self.data.batch_size, 1, "use a positive batch size")
+        _at_least("--eval-every", t.eval_every, 0, "use 0 to evaluate only at the end")
+        _at_least("--log-every", t.log_every, 1, "report at least every step (1)")
+        if not 0 <= c.port <= 65535:
+            raise UserError(f"--port must be in 0..65535, got {c.port}: use 0 for a free port")
+        if c.timeout <= 0:
+            raise UserError(f"cluster.timeout must be > 0 seconds, got {c.timeout}")
+        if not o.lr > 0:
+            raise UserError(f"--lr must be > 0, got {o.lr}: try 0.05 for adagrad, 1e-3 for adam")
+        if t.steps is not None and t.epochs is not None:
+            raise UserError("give either --steps or --epochs, not both")
+        if t.steps is not None and t.steps < 1:
+            raise UserError(f"--steps must be >= 1, got {t.steps}")
+        if t.epochs is not None and not t.epochs > 0:
+            raise UserError(f"--epochs must be > 0, got {t.epochs}")
+        if d.warm_start_steps and t.steps is not None and d.warm_start_steps >= t.steps:
+            raise UserError(
+                f"--warm-start-steps {d.warm_start_steps} must be smaller than --steps {t.steps}")
+        if self.data.num_samples is not None and self.data.num_samples < 10:
+            raise UserError(f"data.num_samples must be >= 10, got {self.data.num_samples}")
+        return self
+
+
+def load_config(path: str | Path | None) -> JobConfig:
+    """Read a TOML config file (None: all defaults). Raises UserError on any problem."""
+    if path is None:
+        return JobConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {str(path)!r} not found: give the path of a TOML file")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"config file {str(path)!r} is not valid TOML ({exc}): fix the syntax") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {str(path)!r} is not UTF-8 text: give a TOML file") from None
+    return JobConfig.from_dict(data, source=str(path))
+
+
+# ---- helpers --------------------------------------------------------------
+
+def _section_from_dict(section_cls: type, value: Any, where: str) -> Any:
+    if not isinstance(value, dict):
+        raise UserError(f"{where} must be a table, got {value!r}")
+    fields = {f.name: f for f in dataclasses.fields(section_cls)}
+    kwargs = {}
+    for key, item in value.items():
+        if key not in fields:
+            raise UserError(f"{where}: unknown key {key!r}; valid keys are {', '.join(fields)}")
+        kwargs[key] = _coerce(item, fields[key].type, f"{where} {key}")
+    return section_cls(**kwargs)
+
+
+def _coerce(value: Any, type_: Any, where: str) -> Any:
+    """Check one value against its annotated type (given as a string by __future__)."""
+    text = type_ if isinstance(type_, str) else getattr(type_, "__name__", str(type_))
+    optional = "None" in text
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"{where} must not be empty")
+    if text.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{where} must be an integer, got {value!r}")
+        return value
+    if text.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if text.startswith("str"):
+        if not isinstance(value, str):
+            raise UserError(f"{where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...], option: str) -> None:
+    if value not in choices:
+        raise UserError(f"{option} {value!r} is not one of {', '.join(choices)}: pick one of those")
+
+
+def _at_least(option: str, value: int, low: int, fix: str) -> None:
+    if value < low:
+        raise UserError(f"{option} must be >= {low}, got {value}: {fix}")
+
+
+def _drop_none(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _drop_none(v) for k, v in data.items() if v is not None}
+    return data
+
+
+# Flat option names (command line, `distbelief.train(**options)`) -> config fields.
+OPTION_FIELDS = {
+    "algorithm": "algorithm",
+    "replicas": "cluster.replicas", "shards": "cluster.shards", "port": "cluster.port",
+    "host": "cluster.host", "transport": "cluster.transport", "timeout": "cluster.timeout",
+    "n_fetch": "downpour.n_fetch", "n_push": "downpour.n_push",
+    "warm_start_steps": "downpour.warm_start_steps",
+    "rule": "optimizer.rule", "lr": "optimizer.lr", "momentum": "optimizer.momentum",
+    "weight_decay": "optimizer.weight_decay",
+    "dataset": "data.dataset", "batch_size": "data.batch_size", "num_samples": "data.num_samples",
+    "model": "model.name",
+    "steps": "train.steps", "epochs": "train.epochs", "seed": "train.seed",
+    "eval_every": "train.eval_every", "log_every": "train.log_every", "run_dir": "train.run_dir",
+}
+
+
+def default_of(option: str) -> Any:
+    """The real default value of a flat option (for help texts)."""
+    value: Any = JobConfig()
+    for part in OPTION_FIELDS[option].split("."):
+        value = getattr(value, part)
+    return value
+
+
+def apply_options(cfg: JobConfig, options: dict[str, Any]) -> JobConfig:
+    """Apply flat options (None = not given); unknown names raise UserError."""
+    unknown = sorted(set(options) - set(OPTION_FIELDS))
+    if unknown:
+        raise UserError(f"unknown option {unknown[0]!r}: valid options are "
+                        f"{', '.join(OPTION_FIELDS)}")
+    overrides = {OPTION_FIELDS[k]: v for k, v in options.items()}
+    # --steps and --epochs replace each other, wherever the other one came from
+    if options.get("steps") is not None:
+        overrides["train.epochs"] = _UNSET
+    if options.get("epochs") is not None:
+        overrides["train.steps"] = _UNSET
+    return cfg.with_overrides(overrides)
+
+
+class _Unset:
+    """Marks an override that clears a field back to None."""
+
+
+_UNSET = _Unset()

@@ -1,0 +1,312 @@
+"""The coordinator: runs one job from its config to its summary.
+
+It hosts the job store, checks the data and model up front (so user errors
+surface before any process starts), starts the shards, writes the initial
+parameters into them, starts the replicas, then watches: it turns the
+replicas' events into ``metrics.jsonl`` and the progress line, evaluates the
+test split every ``eval_every`` steps, and notices lost replicas (process exit
+or a heartbeat older than `LOST_AFTER` seconds). A lost replica is counted and
+the job goes on; a lost shard ends the job with `JobFailed`. At the end it
+pulls the final parameters, evaluates them, and writes the checkpoint,
+``summary.json`` and ``curves.png``. Every child is reaped on the way out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from distbelief.algorithms.schedule import steps_per_replica
+from distbelief.config import JobConfig
+from distbelief.data.datasets import load_dataset
+from distbelief.errors import UserError
+from distbelief.metrics.log import MetricsLog, Progress
+from distbelief.model.evaluate import evaluate
+from distbelief.model.flat import flatten_parameters, load_flat
+from distbelief.model.zoo import build_model, check_model
+from distbelief.ps.client import PSClient
+from distbelief.ps.layout import Layout
+from distbelief.runtime.channel import remove_job_files
+from distbelief.runtime.launch import EnvRole, LocalCluster, log_tail
+from distbelief.runtime.store import JobStore, new_token
+
+LOST_AFTER = 10.0  # seconds without a heartbeat before a role counts as lost
+CHECKPOINT = "model.pt"
+
+
+class JobFailed(RuntimeError):
+    """The job could not finish (a shard died, nothing progressed, every replica was lost)."""
+
+
+@dataclass
+class _Watch:
+    """What the coordinator knows about the replicas while it watches them."""
+
+    replicas: int
+    done: set[int] = field(default_factory=set)
+    lost: set[int] = field(default_factory=set)
+    steps: dict[int, int] = field(default_factory=dict)
+    last: dict[int, dict] = field(default_factory=dict)
+    samples: int = 0
+    last_event: float = field(default_factory=time.monotonic)
+
+    @property
+    def finished(self) -> bool:
+        return len(self.done | self.lost) == self.replicas
+
+    @property
+    def leading_step(self) -> int:
+        return max(self.steps.values(), default=0)
+
+
+def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None = None) -> dict:
+    """Run a whole job and return its summary. Blocks until the job ends.
+
+    Raises UserError for bad input and JobFailed when the job cannot finish.
+    """
+    cfg.validate()
+    run_dir = _make_run_dir(cfg)
+    data = load_dataset(cfg.data.dataset, seed=cfg.train.seed, num_samples=cfg.data.num_samples)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model.name, data.input_shape, data.num_classes)
+    check_model(model, data.input_shape, data.num_classes)
+    initial = flatten_parameters(model)
+    layout = Layout.balanced(initial.numel(), cfg.cluster.shards)
+    steps = steps_per_replica(steps=cfg.train.steps, epochs=cfg.train.resolved_epochs,
+                              train_samples=len(data.x_train), replicas=cfg.cluster.replicas,
+                              batch_size=cfg.data.batch_size)
+    if env is None:
+        host, port = cfg.cluster.host, cfg.cluster.port
+        store = JobStore.host(host, port, new_token(), timeout=cfg.cluster.timeout)
+    elif env.agent_store:  # torchrun's agent already hosts a store at MASTER_ADDR:MASTER_PORT
+        host, port = env.master_addr, env.master_port
+        store = JobStore.connect(host, port, env.token, timeout=cfg.cluster.timeout)
+    else:
+        host, port = "0.0.0.0", env.master_port
+        store = JobStore.host(host, port, env.token, timeout=cfg.cluster.timeout)
+    (run_dir / "config.toml").write_text(cfg.to_toml())
+    job = {"config": cfg.to_dict(), "layout": layout.to_json(), "start_time": time.time(),
+           "steps": steps, "input_shape": list(data.input_shape), "num_classes": data.num_classes}
+    store.set_json("job", job)
+    progress = Progress(steps * cfg.cluster.replicas, enabled=show_progress)
+    ps = None
+    try:
+        with LocalCluster(run_dir / "logs", _child_env(store, cfg)) as cluster, \
+                MetricsLog(run_dir / "metrics.jsonl") as metrics, progress:
+            local = cluster if env is None else None
+            if local:
+                for s in range(cfg.cluster.shards):
+                    local.spawn("shard", s)
+            _wait_for(store, [f"shard{s}/up" for s in range(cfg.cluster.shards)], local, cfg,
+                      "the parameter shards to start")
+            ps = PSClient(store, layout, "coordinator", transport=cfg.cluster.transport,
+                          timeout=cfg.cluster.timeout)
+            ps.set(initial).wait(cfg.cluster.timeout)
+            store.set_json("job/ready", True)
+            if local:
+                for r in range(cfg.cluster.replicas):
+                    local.spawn("replica", r)
+            _wait_for(store, [f"members/replica/{r}" for r in range(cfg.cluster.replicas)],
+                      local, cfg, "the replicas to start")
+            _write_cluster(run_dir, store, cfg, host)
+            watch = _watch(cfg, store, local, metrics, progress, ps, model, data)
+            final = torch.empty_like(initial)
+            ps.pull(final).wait(cfg.cluster.timeout)
+            load_flat(model, final)
+            test_loss, test_acc = evaluate(model, data.x_test, data.y_test)
+            metrics.write({"event": "eval", "time": time.time() - job["start_time"],
+                           "step": watch.leading_step, "test_loss": test_loss,
+                           "test_accuracy": test_acc, "final": True})
+            torch.save(model.state_dict(), run_dir / CHECKPOINT)
+            ps.close()
+            ps = None
+            store.set_json("job/stop", True)
+            shard_stats = [store.try_get_json(f"stats/shard{s}") or {}
+                           for s in range(cfg.cluster.shards)]
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not all(shard_stats):
+                time.sleep(0.05)
+                shard_stats = [store.try_get_json(f"stats/shard{s}") or {}
+                               for s in range(cfg.cluster.shards)]
+            if local:
+                local.wait_exit("shard", 10)
+        summary = _summary(cfg, job, watch, steps, test_loss, test_acc, shard_stats, layout,
+                           run_dir, data)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        from distbelief.metrics.plot import plot_run
+        plot_run(run_dir)
+        return summary
+    finally:
+        if ps is not None:
+            ps._shutdown()
+        remove_job_files(store.token)
+
+
+def _watch(cfg: JobConfig, store: JobStore, local: LocalCluster | None, metrics: MetricsLog,
+           progress: Progress, ps: PSClient, model, data) -> _Watch:
+    """Follow the replicas until each is done or lost; evaluate on the way."""
+    watch = _Watch(cfg.cluster.replicas)
+    start_time = store.get_json("job")["start_time"]
+    read = 0
+    next_eval = cfg.train.eval_every or None
+    scratch = torch.empty(ps.layout.numel)
+    while not watch.finished:
+        events = store.read_stream("events", read)
+        read += len(events)
+        for event in events:
+            metrics.write(event)
+            watch.last_event = time.monotonic()
+            if event["event"] == "train":
+                watch.steps[event["replica"]] = event["step"]
+                watch.last[event["replica"]] = event
+                watch.samples += event["samples"]
+        if events:
+            _show(progress, watch)
+        for r in range(cfg.cluster.replicas):
+            if r in watch.done or r in watch.lost:
+                continue
+            if store.has(f"done/replica{r}"):
+                watch.done.add(r)
+            elif _is_lost(store, local, "replica", r):
+                watch.lost.add(r)
+                metrics.write({"event": "replica_lost", "time": time.time() - start_time,
+                               "replica": r, "step": watch.steps.get(r, 0)})
+                progress.message(f"replica {r} was lost at step {watch.steps.get(r, 0)}; "
+                                 "the others go on")
+                if r == 0 and not store.has("warm/done"):
+                    store.set_json("warm/done", True)  # do not leave the others waiting
+        for s in range(cfg.cluster.shards):
+            if _is_lost(store, local, "shard", s):
+                raise JobFailed(f"parameter shard {s} died{_exit_detail(local, 'shard', s)}; "
+                                "the job cannot continue without it")
+        if watch.lost and len(watch.lost) == cfg.cluster.replicas:
+            raise JobFailed(f"all {cfg.cluster.replicas} replicas were lost"
+                            f"{_exit_detail(local, 'replica', 0)}")
+        if time.monotonic() - watch.last_event > cfg.cluster.timeout:
+            raise JobFailed(f"no replica reported progress for {cfg.cluster.timeout:.0f} s")
+        if next_eval is not None and watch.leading_step >= next_eval:
+            ps.pull(scratch).wait(cfg.cluster.timeout)
+            load_flat(model, scratch)
+            loss, acc = evaluate(model, data.x_test, data.y_test)
+            metrics.write({"event": "eval", "time": time.time() - start_time,
+                           "step": watch.leading_step, "test_loss": loss, "test_accuracy": acc})
+            progress.message(f"step {watch.leading_step}: test accuracy {acc:.4f}")
+            while next_eval <= watch.leading_step:
+                next_eval += cfg.train.eval_every
+        time.sleep(0.05)
+    _show(progress, watch, force=True)
+    return watch
+
+
+def _show(progress: Progress, watch: _Watch, force: bool = False) -> None:
+    recent = list(watch.last.values())
+    loss = sum(e["loss"] for e in recent) / len(recent) if recent else None
+    sps = sum(e["samples_per_second"] for e in recent if e["replica"] not in watch.lost
+              and e["replica"] not in watch.done)
+    stale = [e["staleness"] for e in recent if e.get("staleness") is not None]
+    progress.update(sum(watch.steps.values()), loss=loss, samples_per_second=sps,
+                    staleness=sum(stale) / len(stale) if stale else None, force=force)
+
+
+def _is_lost(store: JobStore, local: LocalCluster | None, role: str, ident: int) -> bool:
+    if local is not None:
+        for child in local.children:
+            if child.role == role and child.ident == ident:
+                return child.process.poll() is not None
+    beat = store.try_get_json(f"heartbeat/{role}/{ident}")
+    return beat is not None and time.time() - beat > LOST_AFTER
+
+
+def _exit_detail(local: LocalCluster | None, role: str, ident: int) -> str:
+    if local is None:
+        return f" (no heartbeat for {LOST_AFTER:.0f} s)"
+    for child in local.children:
+        if child.role == role and child.ident == ident and child.process.returncode is not None:
+            tail = log_tail(child.log_path)
+            return (f" (pid {child.pid}, exit code {child.process.returncode}"
+                    f"{'; log: ' + tail if tail else ''}; full log: {child.log_path})")
+    return ""
+
+
+def _wait_for(store: JobStore, keys: list[str], local: LocalCluster | None, cfg: JobConfig,
+              what: str) -> None:
+    deadline = time.monotonic() + cfg.cluster.timeout
+    while not all(store.has(k) for k in keys):
+        if local is not None:
+            for child in local.exited():
+                raise JobFailed(f"{child.role} {child.ident} exited while waiting for {what}"
+                                f"{_exit_detail(local, child.role, child.ident)}")
+        if time.monotonic() > deadline:
+            raise JobFailed(f"timed out after {cfg.cluster.timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def _child_env(store: JobStore, cfg: JobConfig) -> dict[str, str]:
+    return {"DISTBELIEF_STORE": f"{cfg.cluster.host}:{store.port}",
+            "DISTBELIEF_TOKEN": store.token, "DISTBELIEF_TIMEOUT": str(cfg.cluster.timeout),
+            "TORCH_CPP_LOG_LEVEL": os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR")}
+
+
+def _make_run_dir(cfg: JobConfig) -> Path:
+    if cfg.train.run_dir:
+        run_dir = Path(cfg.train.run_dir)
+    else:
+        run_dir = Path("runs") / f"{cfg.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}"
+        suffix = 1
+        while run_dir.exists():
+            suffix += 1
+            run_dir = run_dir.with_name(f"{run_dir.name.split('.')[0]}.{suffix}")
+    if (run_dir / "metrics.jsonl").exists() or (run_dir / "summary.json").exists():
+        raise UserError(f"run directory {str(run_dir)!r} already holds a run: "
+                        "choose another --run-dir or remove it")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create run directory {str(run_dir)!r} ({exc.strerror}): "
+                        "choose a writable --run-dir") from None
+    return run_dir
+
+
+def _write_cluster(run_dir: Path, store: JobStore, cfg: JobConfig, host: str) -> None:
+    roles = [{"kind": "coordinator", "id": 0, "pid": os.getpid(), "host": socket.gethostname(),
+              "address": host, "port": store.port}]
+    for kind, count in (("shard", cfg.cluster.shards), ("replica", cfg.cluster.replicas)):
+        for ident in range(count):
+            info = store.get_json(f"members/{kind}/{ident}") or {}
+            roles.append({"kind": kind, "id": ident, "pid": info.get("pid"),
+                          "host": info.get("host"), "port": None})
+    (run_dir / "cluster.json").write_text(json.dumps({"roles": roles}, indent=2) + "\n")
+
+
+def _summary(cfg: JobConfig, job: dict, watch: _Watch, steps: int, test_loss: float,
+             test_acc: float, shard_stats: list[dict], layout: Layout, run_dir: Path,
+             data) -> dict:
+    wall = time.time() - job["start_time"]
+    last = list(watch.last.values())
+    stale = [e["staleness"] for e in last if e.get("staleness") is not None]
+    return {
+        "algorithm": cfg.algorithm, "replicas": cfg.cluster.replicas,
+        "shards": cfg.cluster.shards, "steps": steps,
+        "total_steps": sum(watch.steps.values()), "wall_seconds": wall,
+        "samples_per_second": watch.samples / wall if wall > 0 else 0.0,
+        "final_loss": sum(e["loss"] for e in last) / len(last) if last else None,
+        "test_loss": test_loss, "test_accuracy": test_acc,
+        "test_samples": len(data.y_test), "replicas_lost": len(watch.lost), "lost_replicas": sorted(watch.lost),
+        "mean_staleness": sum(stale) / len(stale) if stale else None,
+        "shard_versions": [s.get("version") for s in shard_stats],
+        "shard_pushes": [s.get("pushes") for s in shard_stats],
+        "run_dir": str(run_dir), "checkpoint": str(run_dir / CHECKPOINT),
+        "model": {"input_shape": list(data.input_shape), "num_classes": data.num_classes,
+                  "parameters": layout.numel},
+        "config": {"dataset": cfg.data.dataset, "model": cfg.model.name,
+                   "n_fetch": cfg.downpour.n_fetch, "n_push": cfg.downpour.n_push,
+                   "rule": cfg.optimizer.rule, "lr": cfg.optimizer.lr,
+                   "batch_size": cfg.data.batch_size,
+                   "warm_start_steps": cfg.downpour.warm_start_steps, "seed": cfg.train.seed},
+    }

@@ -1,0 +1,104 @@
+"""The run's metrics file and the live progress line.
+
+`MetricsLog` appends one JSON object per line to ``metrics.jsonl`` and flushes
+each line, so a run that dies keeps every event written before. `Progress`
+shows step, loss, samples/s and mean staleness: a rich progress bar on a
+terminal, a plain line every few seconds otherwise (logs, CI).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+
+class MetricsLog:
+    """Append-only JSON-lines writer. Context manager; one writer thread."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._file: TextIO | None = None
+
+    def __enter__(self) -> MetricsLog:
+        self._file = open(self.path, "a", encoding="utf-8")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def write(self, event: dict[str, Any]) -> None:
+        assert self._file is not None, "MetricsLog used outside its with-block"
+        self._file.write(json.dumps(event) + "\n")
+        self._file.flush()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Every event of a metrics.jsonl file, skipping a torn last line."""
+    events = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events
+
+
+class Progress:
+    """Live progress of the whole job (all replicas' steps together)."""
+
+    def __init__(self, total_steps: int, *, stream: TextIO | None = None, interval: float = 5.0,
+                 enabled: bool = True):
+        self.total = total_steps
+        self.stream = stream or sys.stdout
+        self.interval = interval
+        self.enabled = enabled
+        self._rich = None
+        self._task = None
+        self._last_print = 0.0
+
+    def __enter__(self) -> Progress:
+        if self.enabled and self.stream.isatty():
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress,
+                                       TextColumn, TimeElapsedColumn)
+            self._rich = RichProgress(TextColumn("[bold]steps"), BarColumn(), MofNCompleteColumn(),
+                                      TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
+            self._rich.__enter__()
+            self._task = self._rich.add_task("train", total=self.total, info="")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._rich is not None:
+            self._rich.__exit__(*exc)
+
+    def update(self, done: int, *, loss: float | None, samples_per_second: float,
+               staleness: float | None, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        info = describe(loss, samples_per_second, staleness)
+        if self._rich is not None:
+            self._rich.update(self._task, completed=done, info=info)
+            return
+        now = time.monotonic()
+        if force or now - self._last_print >= self.interval:
+            self._last_print = now
+            print(f"step {done}/{self.total}  {info}", file=self.stream, flush=True)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._rich is not None:
+            self._rich.console.print(text)
+        else:
+            print(text, file=self.stream, flush=True)
+
+
+def describe(loss: float | None, samples_per_second: float, staleness: float | None) -> str:
+    parts = [f"loss {loss:.4f}" if loss is not None else "loss -",
+             f"{samples_per_second:,.0f} samples/s"]
+    parts.append(f"staleness {staleness:.2f}" if staleness is not None else "staleness -")
+    return "  ".join(parts)

@@ -1,0 +1,59 @@
+"""A model's parameters and gradients as views into flat buffers.
+
+The parameter server deals in one flat vector; a replica keeps its model's
+parameters as views into `params` so that a pull writes straight into the
+model, and points each parameter's `.grad` at a slice of one of two gradient
+buffers so that `backward()` accumulates straight into what is pushed.
+
+Example::
+
+    flat = FlatModel(model, grad_buffers=2)
+    loss.backward()              # gradients land in flat.grads[0]
+    flat.bind_grads(1)           # next backward accumulates into flat.grads[1]
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class FlatModel:
+    def __init__(self, model: nn.Module, grad_buffers: int = 2):
+        self.model = model
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.numel = sum(p.numel() for p in self.parameters)
+        self.params = torch.empty(self.numel, dtype=torch.float32)
+        self.grads = [torch.zeros(self.numel, dtype=torch.float32) for _ in range(grad_buffers)]
+        offset = 0
+        self._slices = []
+        for p in self.parameters:
+            n = p.numel()
+            self.params[offset: offset + n].copy_(p.detach().reshape(-1))
+            p.data = self.params[offset: offset + n].view_as(p)
+            self._slices.append((offset, n))
+            offset += n
+        self.bind_grads(0)
+
+    def bind_grads(self, index: int) -> None:
+        """Make backward() accumulate into grads[index] (which keeps its contents)."""
+        for p, (offset, n) in zip(self.parameters, self._slices):
+            p.grad = self.grads[index][offset: offset + n].view_as(p)
+
+
+def flatten_parameters(model: nn.Module) -> torch.Tensor:
+    """A copy of the model's trainable parameters as one float32 vector."""
+    return torch.cat([p.detach().reshape(-1).float() for p in model.parameters()
+                      if p.requires_grad])
+
+
+def load_flat(model: nn.Module, flat: torch.Tensor) -> None:
+    """Copy a flat vector (as made by `flatten_parameters`) into the model's parameters."""
+    offset = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(flat[offset: offset + p.numel()].view_as(p))
+                offset += p.numel()
+    if offset != flat.numel():
+        raise ValueError(f"flat vector has {flat.numel()} values, the model {offset}")

@@ -1,0 +1,45 @@
+"""The shard <-> client wire protocol: int64 headers over a `Channel`.
+
+Every request is one header ``[op, a, b, c, d, e]``; every reply starts with
+``OK`` or ``ERR``. Tensors follow a header only on the TCP transport; on the
+shared-memory transport they are read and written in /dev/shm while the shard
+holds its lock, and the client says ``DONE`` when it has finished copying.
+
+    HELLO transport numel   -> OK numel version      (then client: READY)
+    PUSH  fetched_version steps samples [grad] -> OK version staleness
+    PULL                    -> OK version  [params] (shm: client copies, then DONE)
+    SET                     -> OK  [params]          (shm: client copies, then DONE)
+    BYE                     -> OK                     (the connection ends)
+
+Connection requests go through the store: a client takes a ticket from the
+counter ``shard{S}/conns`` and writes ``shard{S}/conn/{ticket}``; both sides
+then open the channel ``pg/shard{S}/conn{ticket}``.
+"""
+
+HELLO, PUSH, PULL, SET, BYE, DONE, READY = 1, 2, 3, 4, 5, 6, 7
+OK, ERR = 100, 101
+
+TRANSPORT_GLOO, TRANSPORT_SHM = 0, 1
+TRANSPORT_IDS = {"gloo": TRANSPORT_GLOO, "shm": TRANSPORT_SHM}
+
+ERR_NUMEL, ERR_TRANSPORT = 1, 2
+
+
+def conn_counter(shard: int) -> str:
+    return f"shard{shard}/conns"
+
+
+def conn_key(shard: int, ticket: int) -> str:
+    return f"shard{shard}/conn/{ticket}"
+
+
+def channel_name(shard: int, ticket: int) -> str:
+    return f"pg/shard{shard}/conn{ticket}"
+
+
+def params_file(shard: int) -> str:
+    return f"shard{shard}-params"
+
+
+def grad_file(shard: int, ticket: int) -> str:
+    return f"shard{shard}-conn{ticket}-grad"

@@ -1,0 +1,26 @@
+"""The shard role: serve one slice of the parameters until the job stops.
+
+Publishes ``members/shard/<id>`` (by `run_role`), then ``shard<id>/up`` once its
+buffers exist, and ``stats/shard<id>`` (versions, pushes, lost clients) when the
+coordinator sets ``job/stop``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distbelief.ps.layout import Layout
+from distbelief.ps.shard import ShardServer
+from distbelief.runtime.role import RoleContext
+
+
+def run_shard(ctx: RoleContext) -> None:
+    torch.set_num_threads(1)
+    layout = Layout.from_json(ctx.job["layout"])
+    server = ShardServer(ctx.store, shard=ctx.ident, numel=layout.size(ctx.ident),
+                         rule_cfg=ctx.config.optimizer, timeout=ctx.config.cluster.timeout)
+    ctx.store.set_json(f"shard{ctx.ident}/up", True)
+    try:
+        server.serve(stop=ctx.stopping)
+    finally:
+        ctx.store.set_json(f"stats/shard{ctx.ident}", server.stats())

@@ -1,0 +1,168 @@
+"""Starting roles: a local cluster of processes, or one role per host from the environment.
+
+Local mode (the default): `LocalCluster` spawns every role as a child process of
+the coordinator (``python -m distbelief.runtime.role``), logs each to
+``RUN_DIR/logs/<role><id>.log``, and on exit — normal or not — terminates and
+reaps every child it started (by PID, SIGTERM then SIGKILL).
+
+Many hosts: every host runs the same ``distbelief train ...`` command with the
+standard variables set by torchrun, SLURM or by hand (`EnvRole.detect`). Rank 0
+is the coordinator and hosts the store at MASTER_ADDR:MASTER_PORT (unless
+torchrun's agent already hosts one there), ranks 1..S are the shards and ranks
+S+1..S+R the replicas; WORLD_SIZE must be 1 + S + R.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from distbelief.errors import UserError
+
+
+@dataclass
+class Child:
+    role: str
+    ident: int
+    process: subprocess.Popen
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+class LocalCluster:
+    """Spawns role processes; always reaps them. Not thread-safe (coordinator thread only).
+
+    Example::
+
+        with LocalCluster(run_dir / "logs", env) as cluster:
+            cluster.spawn("shard", 0)
+            ...
+    """
+
+    def __init__(self, log_dir: Path, env: dict[str, str]):
+        self.log_dir = Path(log_dir)
+        self.env = env
+        self.children: list[Child] = []
+
+    def __enter__(self) -> LocalCluster:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def spawn(self, role: str, ident: int, extra_env: dict[str, str] | None = None) -> Child:
+        env = {**os.environ, **self.env, "DISTBELIEF_ROLE": role, "DISTBELIEF_ID": str(ident),
+               "DISTBELIEF_PARENT_PID": str(os.getpid()), **(extra_env or {})}
+        log_path = self.log_dir / f"{role}{ident}.log"
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen([sys.executable, "-m", "distbelief.runtime.role"],
+                                       env=env, stdout=log, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL)
+        child = Child(role, ident, process, log_path)
+        self.children.append(child)
+        return child
+
+    def exited(self) -> list[Child]:
+        """Children that have exited (returncode set), in spawn order."""
+        return [c for c in self.children if c.process.poll() is not None]
+
+    def wait_exit(self, role: str, timeout: float) -> bool:
+        """Wait up to `timeout` for every child of `role` to exit; True when they all did."""
+        deadline = time.monotonic() + timeout
+        for child in (c for c in self.children if c.role == role):
+            remaining = max(0.0, deadline - time.monotonic())
+            try:
+                child.process.wait(remaining)
+            except subprocess.TimeoutExpired:
+                return False
+        return True
+
+    def shutdown(self, grace: float = 5.0) -> None:
+        """Terminate (then kill) every child still running, and reap them all."""
+        alive = [c for c in self.children if c.process.poll() is None]
+        for child in alive:
+            _signal(child.process, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for child in alive:
+            try:
+                child.process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal(child.process, signal.SIGKILL)
+                child.process.wait(5)
+
+
+def _signal(process: subprocess.Popen, sig: int) -> None:
+    try:
+        process.send_signal(sig)
+    except ProcessLookupError:
+        pass
+
+
+def log_tail(path: Path, lines: int = 3) -> str:
+    """The last non-empty lines of a child's log, for error messages."""
+    try:
+        text = Path(path).read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(text[-lines:])
+
+
+@dataclass(frozen=True)
+class EnvRole:
+    """This process's role when started one-per-host by torchrun, SLURM or by hand."""
+
+    rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    agent_store: bool
+
+    @classmethod
+    def detect(cls) -> EnvRole | None:
+        """The role from RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (or SLURM_*), or None."""
+        env = os.environ
+        rank = env.get("RANK", env.get("SLURM_PROCID"))
+        world = env.get("WORLD_SIZE", env.get("SLURM_NTASKS"))
+        addr = env.get("MASTER_ADDR")
+        port = env.get("MASTER_PORT")
+        if rank is None or world is None or addr is None or port is None:
+            return None
+        try:
+            return cls(int(rank), int(world), addr, int(port),
+                       env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true")
+        except ValueError:
+            raise UserError(f"RANK={rank}, WORLD_SIZE={world}, MASTER_PORT={port} must be "
+                            "integers: check the launcher's environment") from None
+
+    @property
+    def token(self) -> str:
+        """The job's token: DISTBELIEF_TOKEN (set the same secret on every host), else
+        derived from torchrun's run id and the master port."""
+        explicit = os.environ.get("DISTBELIEF_TOKEN")
+        if explicit:
+            return explicit
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", os.environ.get("SLURM_JOB_ID", "job"))
+        return f"env-{run_id}-{self.master_port}"
+
+    def role(self, shards: int, replicas: int) -> tuple[str, int]:
+        """(role, id) for this rank: 0 coordinator, then shards, then replicas."""
+        expected = 1 + shards + replicas
+        if self.world_size != expected:
+            raise UserError(
+                f"WORLD_SIZE={self.world_size} but the job needs 1 coordinator + {shards} shards "
+                f"+ {replicas} replicas = {expected} processes: start {expected} processes or "
+                "change --shards/--replicas")
+        if self.rank == 0:
+            return "coordinator", 0
+        if self.rank <= shards:
+            return "shard", self.rank - 1
+        return "replica", self.rank - 1 - shards

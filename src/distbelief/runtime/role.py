@@ -1,0 +1,111 @@
+"""Entry point of a role process: connect to the job store, then run the role.
+
+Started by the local launcher as ``python -m distbelief.runtime.role`` with
+DISTBELIEF_STORE (host:port), DISTBELIEF_TOKEN, DISTBELIEF_ROLE and DISTBELIEF_ID
+in the environment, or called in-process (`run_role`) when roles are started
+one per host. The job's resolved config and layout come from the store.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from distbelief.config import JobConfig
+from distbelief.runtime.store import JobStore
+
+
+@dataclass
+class RoleContext:
+    """What a role needs: the store, the job's config and description, who it is."""
+
+    store: JobStore
+    config: JobConfig
+    job: dict
+    role: str
+    ident: int
+
+    def stopping(self) -> bool:
+        return self.store.has("job/stop")
+
+
+class Heartbeat:
+    """Publishes `heartbeat/<role>/<id>` = wall time every `period` seconds, in a thread.
+
+    The coordinator declares a role lost when its heartbeat is older than its
+    limit. Context manager: the thread always stops on exit.
+    """
+
+    def __init__(self, store: JobStore, role: str, ident: int, period: float = 1.0):
+        self._store, self._key, self._period = store, f"heartbeat/{role}/{ident}", period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._store.set_json(self._key, time.time())
+            except Exception:  # the store is gone: the job is over
+                return
+            self._stop.wait(self._period)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def run_role(store: JobStore, role: str, ident: int) -> None:
+    """Register, then run `role` until it finishes. Blocks."""
+    job = store.get_json("job", what="the job description from the coordinator")
+    config = JobConfig.from_dict(job["config"])
+    store.register(role, ident, {"kind": role, "id": ident, "pid": os.getpid(),
+                                 "host": socket.gethostname()})
+    ctx = RoleContext(store, config, job, role, ident)
+    with Heartbeat(store, role, ident):
+        if role == "shard":
+            from distbelief.ps.serve import run_shard
+            run_shard(ctx)
+        elif role == "replica":
+            from distbelief.algorithms.downpour import run_replica
+            run_replica(ctx)
+        else:
+            raise ValueError(f"unknown role {role!r}")
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when the launcher dies (no orphans)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    parent = os.environ.get("DISTBELIEF_PARENT_PID")
+    if parent and os.getppid() != int(parent):  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _die_with_parent()
+    host, port = os.environ["DISTBELIEF_STORE"].rsplit(":", 1)
+    role, ident = os.environ["DISTBELIEF_ROLE"], int(os.environ["DISTBELIEF_ID"])
+    timeout = float(os.environ.get("DISTBELIEF_TIMEOUT", "120"))
+    store = JobStore.connect(host, int(port), os.environ["DISTBELIEF_TOKEN"], timeout=timeout)
+    run_role(store, role, ident)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""The job's control plane: a c10d TCPStore holding small JSON documents.
+
+The coordinator hosts the store (`JobStore.host`); every other role connects
+(`JobStore.connect`). All keys live under a prefix derived from the job's
+secret token, so a process that does not know the token neither sees nor
+writes any of the job's keys. Only JSON is ever read back — never pickle.
+
+Thread safety: a `JobStore` may be shared by threads (the c10d client
+serialises requests). Every blocking call takes a timeout.
+
+Example::
+
+    store = JobStore.host("127.0.0.1", 0, token, timeout=30)
+    store.set_json("config", {"replicas": 2})
+    other = JobStore.connect("127.0.0.1", store.port, token, timeout=30)
+    assert other.get_json("config", timeout=5) == {"replicas": 2}
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import secrets
+import time
+from typing import Any
+
+import torch.distributed as dist
+
+from distbelief.errors import UserError
+
+
+def new_token() -> str:
+    """A fresh random job token (hex)."""
+    return secrets.token_hex(16)
+
+
+class JobStore:
+    """Typed JSON access to the job's namespace of a TCPStore."""
+
+    POLL_SECONDS = 0.02
+
+    def __init__(self, store: dist.Store, token: str, *, port: int, timeout: float):
+        self.raw_root = store
+        self.token = token
+        self.port = port
+        self.timeout = timeout
+        self.raw = dist.PrefixStore(f"distbelief/{token}/", store)
+
+    # ---- construction ------------------------------------------------------
+
+    @classmethod
+    def host(cls, host: str, port: int, token: str, *, timeout: float) -> JobStore:
+        """Host the store on host:port (0 = a free port). UserError if the port is taken."""
+        try:
+            store = dist.TCPStore(host, port, None, True, timeout=_td(timeout),
+                                  wait_for_workers=False)
+        except (RuntimeError, ValueError) as exc:
+            if "EADDRINUSE" in str(exc) or "address already in use" in str(exc):
+                raise UserError(
+                    f"port {port} on {host} is already in use: pick another with --port, "
+                    "or leave --port out to use a free one") from None
+            if "EADDRNOTAVAIL" in str(exc) or "EACCES" in str(exc):
+                raise UserError(f"cannot listen on {host}:{port} ({_first_line(exc)}): "
+                                "check the address and use a port above 1024") from None
+            raise
+        return cls(store, token, port=store.port, timeout=timeout)
+
+    @classmethod
+    def connect(cls, host: str, port: int, token: str, *, timeout: float) -> JobStore:
+        """Connect to a store hosted elsewhere; waits up to `timeout` for it to come up."""
+        store = dist.TCPStore(host, port, None, False, timeout=_td(timeout))
+        return cls(store, token, port=port, timeout=timeout)
+
+    # ---- JSON values ---------------------------------------------------------
+
+    def set_json(self, key: str, value: Any) -> None:
+        self.raw.set(key, json.dumps(value))
+
+    def has(self, key: str) -> bool:
+        return self.raw.check([key])
+
+    def try_get_json(self, key: str) -> Any | None:
+        """The value at key, or None when the key is not set (does not block)."""
+        if not self.raw.check([key]):
+            return None
+        return json.loads(self.raw.get(key))
+
+    def get_json(self, key: str, *, timeout: float | None = None, what: str | None = None) -> Any:
+        """Wait up to `timeout` seconds for key, then return its JSON value.
+
+        Polls with `check` rather than the store's own wait, which logs noise on timeout.
+        Raises TimeoutError naming `what` (or the key).
+        """
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            value = self.try_get_json(key)
+            if value is not None:
+                return value
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out waiting for {what or key!r}")
+            time.sleep(self.POLL_SECONDS)
+
+    def add(self, key: str, amount: int) -> int:
+        """Atomically add to a counter and return its new value."""
+        return int(self.raw.add(key, amount))
+
+    # ---- append-only streams of events -----------------------------------
+
+    def append(self, stream: str, value: Any) -> int:
+        """Append one JSON value to a stream; returns its index (0-based)."""
+        index = self.add(f"{stream}/count", 1) - 1
+        self.set_json(f"{stream}/{index}", value)
+        return index
+
+    def read_stream(self, stream: str, start: int) -> list[Any]:
+        """Values of a stream from index `start` on that are already complete.
+
+        An index whose value is not written yet (the appender is between its
+        `add` and its `set`) ends the batch; the caller reads it next time.
+        """
+        count = self.add(f"{stream}/count", 0)
+        out = []
+        for index in range(start, count):
+            value = self.try_get_json(f"{stream}/{index}")
+            if value is None:
+                break
+            out.append(value)
+        return out
+
+    # ---- membership -----------------------------------------------------------
+
+    def register(self, role: str, ident: int, info: dict[str, Any]) -> None:
+        """Announce a role process (kind, id, pid, host, ...) to the coordinator."""
+        self.set_json(f"members/{role}/{ident}", info)
+        self.append("members/log", {"role": role, "id": ident})
+
+
+def _td(seconds: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=seconds)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
