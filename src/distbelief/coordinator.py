@@ -207,8 +207,8 @@ def _watch(cfg: JobConfig, store: JobStore, local: LocalCluster | None, metrics:
 def _show(progress: Progress, watch: _Watch, force: bool = False) -> None:
     recent = list(watch.last.values())
     loss = sum(e["loss"] for e in recent) / len(recent) if recent else None
-    sps = sum(e["samples_per_second"] for e in recent if e["replica"] not in watch.lost
-              and e["replica"] not in watch.done)
+    running = [e for e in recent if e["replica"] not in watch.lost | watch.done]
+    sps = sum(e["samples_per_second"] for e in (recent if force else running))
     stale = [e["staleness"] for e in recent if e.get("staleness") is not None]
     progress.update(sum(watch.steps.values()), loss=loss, samples_per_second=sps,
                     staleness=sum(stale) / len(stale) if stale else None, force=force)
