@@ -53,6 +53,8 @@ def run_replica(ctx: RoleContext) -> None:
                   timeout=cfg.cluster.timeout) as ps:
         ctx.store.append("events", {"event": "replica_joined", "time": _now(ctx), "replica": r})
         _train(ctx, ps, flat, model, stream, total)
+    if r == 0:  # a warm start longer than the run must not leave the others waiting
+        ctx.store.set_json("warm/done", True)
     ctx.store.set_json(f"done/replica{r}", {"steps": total})
 
 
@@ -82,9 +84,9 @@ def _train(ctx: RoleContext, ps: PSClient, flat: FlatModel, model, stream: Batch
                 pending[buf] = None
             flat.grads[buf].zero_()
             flat.bind_grads(buf)
+        report.maybe_log(step, ps.fetched_versions)
         if step == cfg.downpour.warm_start_steps - 1 and r == 0:
             ctx.store.set_json("warm/done", True)
-        report.maybe_log(step, ps.fetched_versions)
     for handle in pending:
         if handle is not None:
             report.acks(handle.wait(timeout))

@@ -83,10 +83,11 @@ class ShardConnection:
 
     def push_from(self, grad: torch.Tensor, fetched_version: int) -> tuple[int, int]:
         """Send a gradient for this slice; returns (new version, staleness)."""
-        self.channel.send_header(P.PUSH, fetched_version)
-        if self.shm:
+        if self.shm:  # the gradient must be in place before the shard hears PUSH
             self.grad.copy_(grad)
+            self.channel.send_header(P.PUSH, fetched_version)
         else:
+            self.channel.send_header(P.PUSH, fetched_version)
             self.channel.send(grad.contiguous())
         op, version, staleness, *_ = self.channel.recv_header()
         _expect_ok(op, self.shard, "push")

@@ -60,8 +60,12 @@ class LocalCluster:
         self.shutdown()
 
     def spawn(self, role: str, ident: int, extra_env: dict[str, str] | None = None) -> Child:
+        # children see the coordinator's import path (as multiprocessing's spawn does), so a
+        # model or data factory importable here is importable in every role
+        path = os.pathsep.join(p for p in sys.path if p)
         env = {**os.environ, **self.env, "DISTBELIEF_ROLE": role, "DISTBELIEF_ID": str(ident),
-               "DISTBELIEF_PARENT_PID": str(os.getpid()), **(extra_env or {})}
+               "DISTBELIEF_PARENT_PID": str(os.getpid()), "PYTHONPATH": path,
+               **(extra_env or {})}
         log_path = self.log_dir / f"{role}{ident}.log"
         with open(log_path, "ab") as log:
             process = subprocess.Popen([sys.executable, "-m", "distbelief.runtime.role"],

@@ -1,0 +1,255 @@
+"""How close does the parameter server come to memory-copy speed?
+
+Measures, in one run:
+
+* ``memcpy``: one thread copying a model-sized float32 tensor (``dst.copy_(src)``),
+  best of N, as bytes copied per second;
+* for 1 and 2 shards and the ``shm`` and ``gloo`` transports: a real local
+  cluster (a `JobStore`, the job description `run_job` publishes, shard
+  processes from `LocalCluster`) and one in-process `PSClient` that per step
+  pushes a whole-model gradient and pulls the whole model back
+  (``push(grad).wait(); pull(params).wait()``). Throughput is the bytes moved
+  per step (2 x model) over the seconds per step; ``ratio_to_memcpy`` divides it
+  by the memcpy bandwidth. The shards apply ``sgd``, the cheapest rule, so the
+  number is about the transport, not the optimizer.
+
+After timing, each cluster also checks that the transport is exact: three
+pushes of different constant gradients must move the pulled parameters by
+exactly their sum (``"exact": true``).
+
+Prints ONE JSON document on stdout; progress goes to stderr. Blocks until every
+shard process is reaped and the job's /dev/shm files are removed.
+
+Example::
+
+    python benchmarks/ps_bandwidth.py                      # 40 MB model, ~1 minute
+    python benchmarks/ps_bandwidth.py --quick --size-mb 4  # smoke test, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from distbelief.config import ClusterConfig, JobConfig, OptimizerConfig, TrainConfig
+from distbelief.ps.client import PSClient
+from distbelief.ps.layout import Layout
+from distbelief.runtime.channel import remove_job_files
+from distbelief.runtime.launch import LocalCluster, log_tail
+from distbelief.runtime.store import JobStore, new_token
+
+RULE = "sgd"
+LR = 1.0  # integer-valued gradients then give exactly representable parameters (see _exact)
+TARGET = {"ratio_to_memcpy": 0.5, "transport": "shm"}
+SHARD_COUNTS = (1, 2)
+TRANSPORTS = ("shm", "gloo")
+TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How many steps to run; `seconds_per_step` is the best run's mean."""
+
+    warmup_steps: int
+    runs: int
+    steps_per_run: int
+    memcpy_repeats: int
+
+    def describe(self) -> dict:
+        return {"warmup_steps": self.warmup_steps, "runs": self.runs,
+                "steps_per_run": self.steps_per_run, "memcpy_repeats": self.memcpy_repeats,
+                "seconds_per_step": "mean over the fastest run (best of runs)",
+                "memcpy": "fastest single copy (best of memcpy_repeats)"}
+
+
+FULL = Timing(warmup_steps=3, runs=5, steps_per_run=10, memcpy_repeats=20)
+QUICK = Timing(warmup_steps=1, runs=2, steps_per_run=3, memcpy_repeats=5)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def memcpy_bandwidth(numel: int, repeats: int) -> float:
+    """Bytes per second of one thread's ``dst.copy_(src)``, best of `repeats`."""
+    src = torch.rand(numel)
+    dst = torch.empty(numel)
+    dst.copy_(src)  # first touch: page faults are not memory bandwidth
+    best = min(_seconds(lambda: dst.copy_(src)) for _ in range(repeats))
+    return src.numel() * src.element_size() / best
+
+
+def time_steps(step: Callable[[], None], timing: Timing) -> tuple[float, float]:
+    """(best run's, median run's) mean seconds per step, after the warm-up steps."""
+    for _ in range(timing.warmup_steps):
+        step()
+    per_step = []
+    for _ in range(timing.runs):
+        start = time.perf_counter()
+        for _ in range(timing.steps_per_run):
+            step()
+        per_step.append((time.perf_counter() - start) / timing.steps_per_run)
+    return min(per_step), statistics.median(per_step)
+
+
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# ---- a local cluster of shards ---------------------------------------------
+
+
+def job_config(shards: int, transport: str) -> JobConfig:
+    return JobConfig(cluster=ClusterConfig(replicas=1, shards=shards, transport=transport,
+                                           timeout=TIMEOUT),
+                     optimizer=OptimizerConfig(rule=RULE, lr=LR),
+                     train=TrainConfig(steps=1)).validate()
+
+
+@contextlib.contextmanager
+def local_shards(cfg: JobConfig, layout: Layout, steps: int) -> Iterator[JobStore]:
+    """Host a store, publish the job, start the shards and wait until they are up.
+
+    Yields the store. On exit — normal or not — sets ``job/stop``, waits for the
+    shards to finish, reaps every child and removes the job's /dev/shm files.
+    """
+    store = JobStore.host(cfg.cluster.host, cfg.cluster.port, new_token(),
+                          timeout=cfg.cluster.timeout)
+    # The same keys as coordinator.run_job's job description; a shard reads only
+    # config and layout, and there is no dataset (input_shape/num_classes describe none).
+    store.set_json("job", {"config": cfg.to_dict(), "layout": layout.to_json(),
+                           "start_time": time.time(), "steps": steps,
+                           "input_shape": [layout.numel], "num_classes": 0})
+    env = {"DISTBELIEF_STORE": f"{cfg.cluster.host}:{store.port}",
+           "DISTBELIEF_TOKEN": store.token, "DISTBELIEF_TIMEOUT": str(cfg.cluster.timeout),
+           "TORCH_CPP_LOG_LEVEL": os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR")}
+    try:
+        with tempfile.TemporaryDirectory(prefix="ps_bandwidth-") as logs, \
+                LocalCluster(Path(logs), env) as cluster:
+            try:
+                for s in range(cfg.cluster.shards):
+                    cluster.spawn("shard", s)
+                _wait_up(store, cluster, cfg)
+                yield store
+            finally:
+                store.set_json("job/stop", True)
+                cluster.wait_exit("shard", 10)
+    finally:
+        remove_job_files(store.token)
+
+
+def _wait_up(store: JobStore, cluster: LocalCluster, cfg: JobConfig) -> None:
+    keys = [f"shard{s}/up" for s in range(cfg.cluster.shards)]
+    deadline = time.monotonic() + cfg.cluster.timeout
+    while not all(store.has(k) for k in keys):
+        for child in cluster.exited():
+            raise RuntimeError(f"shard {child.ident} exited with code {child.process.returncode} "
+                               f"before it was up; log: {log_tail(child.log_path)}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the shards were not up after {cfg.cluster.timeout:.0f} s")
+        time.sleep(0.02)
+
+
+# ---- one measurement -------------------------------------------------------
+
+
+def measure(shards: int, transport: str, numel: int, timing: Timing) -> dict:
+    """Time push+pull of the whole model through `shards` shards over `transport`."""
+    cfg = job_config(shards, transport)
+    layout = Layout.balanced(numel, shards)
+    steps = timing.warmup_steps + timing.runs * timing.steps_per_run
+    grad = torch.ones(numel)
+    params = torch.empty(numel)
+
+    def step() -> None:
+        ps.push(grad).wait(TIMEOUT)
+        ps.pull(params).wait(TIMEOUT)
+
+    with local_shards(cfg, layout, steps) as store, \
+            PSClient(store, layout, "bench", transport=transport, timeout=TIMEOUT) as ps:
+        best, median = time_steps(step, timing)
+        exact = _exact(ps, numel)
+    moved = 2 * numel * 4  # one gradient pushed, one parameter vector pulled
+    return {"shards": shards, "transport": transport, "seconds_per_step": best,
+            "median_run_seconds_per_step": median, "bytes_per_step": moved,
+            "bytes_per_second": moved / best, "exact": exact}
+
+
+def _exact(ps: PSClient, numel: int) -> bool:
+    """Do three pushes of different constant gradients move the parameters by their sum?
+
+    With lr = 1 and small integer values every float here is exact, so any
+    difference means a push applied a gradient other than the one sent.
+    """
+    before, after = torch.empty(numel), torch.empty(numel)
+    ps.pull(before).wait(TIMEOUT)
+    values = (2.0, 3.0, 4.0)
+    for value in values:
+        ps.push(torch.full((numel,), value)).wait(TIMEOUT)
+    ps.pull(after).wait(TIMEOUT)
+    wrong = int((after != before - LR * sum(values)).sum())
+    if wrong:
+        log(f"  WARNING: {wrong} of {numel} parameters differ from the expected update")
+    return wrong == 0
+
+
+# ---- command line ------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="few steps and repeats, for a smoke test (numbers are rough)")
+    parser.add_argument("--size-mb", type=float, default=40.0,
+                        help="model size in MB (10**6 bytes) of float32 (default: 40)")
+    args = parser.parse_args(argv)
+    if not args.size_mb > 0:
+        parser.error(f"--size-mb must be > 0, got {args.size_mb}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    timing = QUICK if args.quick else FULL
+    numel = max(2, int(args.size_mb * 1e6) // 4)
+    torch.set_num_threads(1)  # memcpy is one thread's; the shards also run one thread each
+    log(f"ps_bandwidth: {numel * 4 / 1e6:.1f} MB model, {os.cpu_count()} cpus")
+    memcpy = memcpy_bandwidth(numel, timing.memcpy_repeats)
+    log(f"  memcpy: {memcpy / 1e9:.2f} GB/s")
+    results = []
+    for shards in SHARD_COUNTS:
+        for transport in TRANSPORTS:
+            result = measure(shards, transport, numel, timing)
+            result["ratio_to_memcpy"] = result["bytes_per_second"] / memcpy
+            log(f"  {shards} shard(s), {transport}: {result['seconds_per_step'] * 1e3:.1f} ms/step, "
+                f"{result['bytes_per_second'] / 1e9:.2f} GB/s, "
+                f"ratio {result['ratio_to_memcpy']:.2f}, exact={result['exact']}")
+            results.append(result)
+    target = [r for r in results if r["transport"] == TARGET["transport"]]
+    report = {
+        "benchmark": "ps_bandwidth", "model_bytes": numel * 4, "quick": args.quick,
+        "memcpy_bytes_per_second": memcpy, "rule": RULE, "lr": LR,
+        "timing": timing.describe(), "results": results, "target": TARGET,
+        "met": all(r["ratio_to_memcpy"] >= TARGET["ratio_to_memcpy"] for r in target),
+        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
+                    "client_threads": torch.get_num_threads()},
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
