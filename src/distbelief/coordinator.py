@@ -100,18 +100,17 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
         with LocalCluster(run_dir / "logs", _child_env(store, cfg)) as cluster, \
                 MetricsLog(run_dir / "metrics.jsonl") as metrics, progress:
             local = cluster if env is None else None
-            if local:
+            if local:  # all at once: their start-up (imports, data) overlaps
                 for s in range(cfg.cluster.shards):
                     local.spawn("shard", s)
+                for r in range(cfg.cluster.replicas):
+                    local.spawn("replica", r)
             _wait_for(store, [f"shard{s}/up" for s in range(cfg.cluster.shards)], local, cfg,
                       "the parameter shards to start")
             ps = PSClient(store, layout, "coordinator", transport=cfg.cluster.transport,
                           timeout=cfg.cluster.timeout)
             ps.set(initial).wait(cfg.cluster.timeout)
             store.set_json("job/ready", True)
-            if local:
-                for r in range(cfg.cluster.replicas):
-                    local.spawn("replica", r)
             _wait_for(store, [f"members/replica/{r}" for r in range(cfg.cluster.replicas)],
                       local, cfg, "the replicas to start")
             _write_cluster(run_dir, store, cfg, host)

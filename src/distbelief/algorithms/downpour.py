@@ -45,8 +45,9 @@ def run_replica(ctx: RoleContext) -> None:
     total = steps_per_replica(steps=cfg.train.steps, epochs=cfg.train.resolved_epochs,
                               train_samples=len(data.x_train), replicas=cfg.cluster.replicas,
                               batch_size=cfg.data.batch_size)
-    warm = cfg.downpour.warm_start_steps
-    if r > 0 and warm > 0 and not _wait_for_warm_start(ctx):
+    # the shards hold the initial parameters once the coordinator says the job is ready
+    ctx.store.get_json("job/ready", what="the coordinator to initialise the shards")
+    if r > 0 and cfg.downpour.warm_start_steps > 0 and not _wait_for_warm_start(ctx):
         return
     layout = Layout.from_json(ctx.job["layout"])
     with PSClient(ctx.store, layout, f"replica{r}", transport=cfg.cluster.transport,
