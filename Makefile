@@ -1,0 +1,29 @@
+# Two commands for a fresh machine: `make demo` and `make test`.
+# Each creates .venv when missing and installs the package (torch pinned to 2.13.0, CPU).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+# Downpour SGD on MNIST-1D: 1 coordinator, 2 parameter shards (Adagrad inside), 2 replicas.
+demo: $(STAMP)
+	$(BIN)/distbelief train --algorithm downpour --dataset mnist1d --model cnn \
+		--replicas 2 --shards 2 --rule adagrad --lr 0.05 --epochs 4 --eval-every 250
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/ps_bandwidth.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,76 @@
+"""The same roles started one per process from the standard environment.
+
+On many machines every host runs the same `distbelief train` command with
+RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set (by torchrun, SLURM, or by hand).
+Here the "hosts" are processes on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ARGS = ["train", "--dataset", "digits", "--model", "mlp", "--replicas", "2", "--shards", "1",
+        "--steps", "150", "--quiet"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _check_run(run_dir: Path) -> None:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["total_steps"] == 300 and summary["replicas_lost"] == 0
+    assert summary["test_accuracy"] >= 0.9
+    roles = json.loads((run_dir / "cluster.json").read_text())["roles"]
+    assert len({r["pid"] for r in roles}) == 4
+
+
+def test_torchrun_starts_one_role_per_rank(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node", "4", "--no-python",
+         str(Path(sys.executable).with_name("distbelief")), *ARGS, "--run-dir", str(run_dir)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "test accuracy" in result.stdout
+    _check_run(run_dir)
+
+
+def test_roles_from_rank_variables_without_torchrun(tmp_path):
+    port = _free_port()
+    run_dir = tmp_path / "run"
+    procs = []
+    try:
+        for rank in range(4):
+            env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "4",
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                   "DISTBELIEF_TOKEN": "test-secret"}
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "distbelief.cli", *ARGS, "--run-dir", str(run_dir)],
+                cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        outputs = [p.communicate(timeout=240) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0, 0, 0], [o[1][-500:] for o in outputs]
+        assert "test accuracy" in outputs[0][0]
+        _check_run(run_dir)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+
+
+def test_wrong_world_size_is_a_user_error(tmp_path):
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port())}
+    result = subprocess.run([sys.executable, "-m", "distbelief.cli", *ARGS], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "WORLD_SIZE=3" in result.stderr
