@@ -28,6 +28,7 @@ line naming the offending value and the fix.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,21 +204,38 @@ class JobConfig:
         _at_least("--log-every", t.log_every, 1, "report at least every step (1)")
         if not 0 <= c.port <= 65535:
             raise UserError(f"--port must be in 0..65535, got {c.port}: use 0 for a free port")
-        if c.timeout <= 0:
-            raise UserError(f"cluster.timeout must be > 0 seconds, got {c.timeout}")
-        if not o.lr > 0:
-            raise UserError(f"--lr must be > 0, got {o.lr}: try 0.05 for adagrad, 1e-3 for adam")
+        if not 0 < c.timeout < math.inf:
+            raise UserError(f"--timeout must be a finite number of seconds > 0, got {c.timeout}: "
+                            "try 120")
+        if not 0 < o.lr < math.inf:
+            raise UserError(f"--lr must be a finite number > 0, got {o.lr}: "
+                            "try 0.05 for adagrad, 1e-3 for adam")
+        if not 0 <= o.momentum < math.inf:
+            raise UserError(f"--momentum must be >= 0, got {o.momentum}: try 0.9")
+        if not 0 <= o.weight_decay < math.inf:
+            raise UserError(f"--weight-decay must be >= 0, got {o.weight_decay}: use 0 for none")
+        for name, beta in (("beta1", o.beta1), ("beta2", o.beta2)):
+            if not 0 <= beta < 1:
+                raise UserError(f"optimizer.{name} must be in [0, 1), got {beta}: "
+                                "try 0.9 for beta1, 0.999 for beta2")
+        if o.eps is not None and not 0 <= o.eps < math.inf:
+            raise UserError(f"optimizer.eps must be >= 0, got {o.eps}: "
+                            "leave it out for the rule's default")
         if t.steps is not None and t.epochs is not None:
-            raise UserError("give either --steps or --epochs, not both")
+            raise UserError(f"train.steps = {t.steps} and train.epochs = {t.epochs} are both set: "
+                            "give either steps or epochs, not both")
         if t.steps is not None and t.steps < 1:
-            raise UserError(f"--steps must be >= 1, got {t.steps}")
-        if t.epochs is not None and not t.epochs > 0:
-            raise UserError(f"--epochs must be > 0, got {t.epochs}")
+            raise UserError(f"--steps must be >= 1, got {t.steps}: give the steps per replica")
+        if t.epochs is not None and not 0 < t.epochs < math.inf:
+            raise UserError(f"--epochs must be a finite number > 0, got {t.epochs}: "
+                            f"try {DEFAULT_EPOCHS:g}")
         if d.warm_start_steps and t.steps is not None and d.warm_start_steps >= t.steps:
             raise UserError(
-                f"--warm-start-steps {d.warm_start_steps} must be smaller than --steps {t.steps}")
+                f"--warm-start-steps {d.warm_start_steps} must be smaller than --steps {t.steps}: "
+                "lower --warm-start-steps or raise --steps")
         if self.data.num_samples is not None and self.data.num_samples < 10:
-            raise UserError(f"data.num_samples must be >= 10, got {self.data.num_samples}")
+            raise UserError(f"--num-samples must be >= 10, got {self.data.num_samples}: "
+                            "leave it out for the dataset's own size")
         return self
 
 
@@ -320,8 +338,11 @@ def apply_options(cfg: JobConfig, options: dict[str, Any]) -> JobConfig:
     if unknown:
         raise UserError(f"unknown option {unknown[0]!r}: valid options are "
                         f"{', '.join(OPTION_FIELDS)}")
+    if options.get("steps") is not None and options.get("epochs") is not None:
+        raise UserError(f"--steps {options['steps']} and --epochs {options['epochs']} were both "
+                        "given: give only one (steps per replica, or passes over the data)")
     overrides = {OPTION_FIELDS[k]: v for k, v in options.items()}
-    # --steps and --epochs replace each other, wherever the other one came from
+    # --steps and --epochs replace each other when the other one came from the config file
     if options.get("steps") is not None:
         overrides["train.epochs"] = _UNSET
     if options.get("epochs") is not None:

@@ -1,0 +1,224 @@
+"""Tests for distbelief.config: loading, overrides, types and validation."""
+
+import math
+
+import pytest
+
+from distbelief.config import (DEFAULT_EPOCHS, OPTION_FIELDS, JobConfig, TrainConfig, apply_options,
+                               default_of, load_config)
+from distbelief.errors import UserError
+
+FULL_TOML = """\
+algorithm = "downpour"
+[cluster]
+replicas = 3
+shards = 4
+port = 0
+timeout = 30.0
+[downpour]
+n_fetch = 2
+n_push = 5
+warm_start_steps = 7
+[optimizer]
+rule = "adam"
+lr = 0.001
+eps = 1e-6
+[data]
+dataset = "digits"
+batch_size = 16
+num_samples = 500
+[model]
+name = "mlp"
+[train]
+epochs = 2.5
+seed = 11
+run_dir = "runs/x"
+"""
+
+
+def write(tmp_path, text, name="job.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_valid():
+    cfg = JobConfig().validate()
+    assert cfg.train.steps is None and cfg.train.epochs is None
+    assert cfg.train.resolved_epochs == DEFAULT_EPOCHS
+
+
+def test_no_file_means_defaults():
+    assert load_config(None) == JobConfig()
+
+
+def test_every_option_has_a_default_and_a_field():
+    for name, dotted in OPTION_FIELDS.items():
+        section, _, field = dotted.rpartition(".")
+        owner = getattr(JobConfig(), section) if section else JobConfig()
+        assert getattr(owner, field) == default_of(name)
+
+
+def test_toml_file_is_read(tmp_path):
+    cfg = load_config(write(tmp_path, FULL_TOML)).validate()
+    assert (cfg.cluster.replicas, cfg.cluster.shards, cfg.cluster.timeout) == (3, 4, 30.0)
+    assert (cfg.downpour.n_fetch, cfg.downpour.n_push, cfg.downpour.warm_start_steps) == (2, 5, 7)
+    assert (cfg.optimizer.rule, cfg.optimizer.lr, cfg.optimizer.eps) == ("adam", 0.001, 1e-6)
+    assert (cfg.data.dataset, cfg.data.batch_size, cfg.data.num_samples) == ("digits", 16, 500)
+    assert cfg.model.name == "mlp"
+    assert (cfg.train.epochs, cfg.train.steps, cfg.train.seed) == (2.5, None, 11)
+    assert cfg.train.run_dir == "runs/x"
+    assert cfg.optimizer.momentum == 0.9  # not in the file: the default
+
+
+@pytest.mark.parametrize("cfg", [
+    JobConfig(),
+    JobConfig.from_dict({"train": {"steps": 9, "seed": 3}, "optimizer": {"eps": 1e-3}}),
+], ids=["defaults", "steps-and-eps"])
+def test_to_toml_round_trips(tmp_path, cfg):
+    assert load_config(write(tmp_path, cfg.to_toml())) == cfg
+
+
+def test_file_round_trips_through_to_toml(tmp_path):
+    cfg = load_config(write(tmp_path, FULL_TOML))
+    assert load_config(write(tmp_path, cfg.to_toml(), "again.toml")) == cfg
+
+
+def test_integer_in_a_float_field_becomes_a_float():
+    cfg = JobConfig.from_dict({"optimizer": {"lr": 1}, "train": {"epochs": 2}})
+    assert cfg.optimizer.lr == 1.0 and isinstance(cfg.optimizer.lr, float)
+    assert cfg.train.epochs == 2.0 and isinstance(cfg.train.epochs, float)
+
+
+def test_options_override_the_file(tmp_path):
+    base = load_config(write(tmp_path, FULL_TOML))
+    cfg = apply_options(base, {"replicas": 5, "lr": 0.1, "model": "cnn", "shards": None})
+    assert (cfg.cluster.replicas, cfg.optimizer.lr, cfg.model.name) == (5, 0.1, "cnn")
+    assert cfg.cluster.shards == 4  # None means "not given": the file's value stays
+    assert base.cluster.replicas == 3  # the base config is not changed
+
+
+@pytest.mark.parametrize("file_train, options, steps, epochs", [
+    ({"epochs": 2.5}, {"steps": 40}, 40, None),      # --steps replaces the file's epochs
+    ({"steps": 40}, {"epochs": 1.5}, None, 1.5),     # --epochs replaces the file's steps
+    ({"steps": 40}, {"steps": 7}, 7, None),
+    ({"epochs": 2.5}, {"epochs": 0.5}, None, 0.5),
+    ({"epochs": 2.5}, {}, None, 2.5),
+    ({}, {"steps": None, "epochs": None}, None, None),
+])
+def test_steps_and_epochs_replace_each_other(file_train, options, steps, epochs):
+    cfg = apply_options(JobConfig.from_dict({"train": file_train}), options).validate()
+    assert (cfg.train.steps, cfg.train.epochs) == (steps, epochs)
+
+
+def test_steps_and_epochs_as_options_together_is_an_error():
+    with pytest.raises(UserError, match="--steps 5 and --epochs 1.0 were both given"):
+        apply_options(JobConfig(), {"steps": 5, "epochs": 1.0})
+
+
+def test_steps_and_epochs_in_the_file_together_is_an_error(tmp_path):
+    cfg = load_config(write(tmp_path, "[train]\nsteps = 5\nepochs = 1.0\n"))
+    with pytest.raises(UserError, match="train.steps = 5 and train.epochs = 1.0 are both set"):
+        cfg.validate()
+
+
+@pytest.mark.parametrize("train, resolved", [
+    ({}, DEFAULT_EPOCHS),
+    ({"epochs": 0.25}, 0.25),
+    ({"steps": 10}, None),
+])
+def test_resolved_epochs(train, resolved):
+    assert TrainConfig(**train).resolved_epochs == resolved
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"algorithmm": "downpour"}, r"unknown key 'algorithmm'; valid keys are algorithm, cluster"),
+    ({"cluster": {"replicaz": 2}}, r"\[cluster\]: unknown key 'replicaz'; valid keys are replicas"),
+    ({"cluster": 2}, r"\[cluster\] must be a table, got 2"),
+    ({"cluster": {"replicas": "two"}}, r"\[cluster\] replicas must be an integer, got 'two'"),
+    ({"cluster": {"replicas": 2.0}}, r"replicas must be an integer, got 2.0"),
+    ({"cluster": {"replicas": True}}, r"replicas must be an integer, got True"),
+    ({"optimizer": {"lr": "fast"}}, r"\[optimizer\] lr must be a number, got 'fast'"),
+    ({"optimizer": {"lr": False}}, r"lr must be a number, got False"),
+    ({"optimizer": {"rule": 3}}, r"\[optimizer\] rule must be a string, got 3"),
+    ({"algorithm": 1}, r"algorithm must be a string, got 1"),
+    ({"model": {"name": None}}, r"\[model\] name must not be empty"),
+])
+def test_from_dict_refuses_unknown_keys_and_wrong_types(data, message):
+    with pytest.raises(UserError, match=r"^job\.toml: .*" + message):
+        JobConfig.from_dict(data, source="job.toml")
+
+
+def test_load_config_errors_name_the_file(tmp_path):
+    with pytest.raises(UserError, match=r"config file '.*nope.toml' not found"):
+        load_config(tmp_path / "nope.toml")
+    with pytest.raises(UserError, match=r"'.*bad.toml' is not valid TOML \(.*line 1.*\): fix"):
+        load_config(write(tmp_path, "[cluster\n", "bad.toml"))
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes(b'name = "caf\xe9"\n')
+    with pytest.raises(UserError, match="is not UTF-8 text"):
+        load_config(bad)
+    with pytest.raises(UserError, match=r"wrong.toml: \[train\] steps must be an integer"):
+        load_config(write(tmp_path, '[train]\nsteps = "10"\n', "wrong.toml"))
+
+
+def test_unknown_option_is_an_error():
+    with pytest.raises(UserError, match="unknown option 'replica'"):
+        apply_options(JobConfig(), {"replica": 2})
+
+
+def test_option_of_the_wrong_type_is_an_error():
+    with pytest.raises(UserError, match=r"^options: \[cluster\] replicas must be an integer"):
+        apply_options(JobConfig(), {"replicas": "2"})
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"algorithm": "sandblaster"}, r"--algorithm 'sandblaster' is not one of downpour"),
+    ({"rule": "rmsprop"}, r"--rule 'rmsprop' is not one of sgd, momentum, adagrad, adam"),
+    ({"transport": "rdma"}, r"--transport 'rdma' is not one of auto, shm, gloo"),
+    ({"replicas": 0}, r"--replicas must be >= 1, got 0"),
+    ({"shards": -1}, r"--shards must be >= 1, got -1"),
+    ({"n_fetch": 0}, r"--n-fetch must be >= 1, got 0"),
+    ({"n_push": 0}, r"--n-push must be >= 1, got 0"),
+    ({"warm_start_steps": -1}, r"--warm-start-steps must be >= 0"),
+    ({"batch_size": 0}, r"--batch-size must be >= 1"),
+    ({"eval_every": -1}, r"--eval-every must be >= 0"),
+    ({"log_every": 0}, r"--log-every must be >= 1"),
+    ({"port": 65536}, r"--port must be in 0..65535, got 65536"),
+    ({"port": -1}, r"--port must be in 0..65535, got -1"),
+    ({"timeout": 0.0}, r"--timeout must be a finite number of seconds > 0, got 0.0"),
+    ({"timeout": math.nan}, r"--timeout .* got nan"),
+    ({"timeout": math.inf}, r"--timeout .* got inf"),
+    ({"lr": 0.0}, r"--lr must be a finite number > 0, got 0.0"),
+    ({"lr": math.nan}, r"--lr .* got nan"),
+    ({"lr": math.inf}, r"--lr .* got inf"),
+    ({"momentum": -0.5}, r"--momentum must be >= 0, got -0.5"),
+    ({"weight_decay": -1.0}, r"--weight-decay must be >= 0, got -1.0"),
+    ({"steps": 0}, r"--steps must be >= 1, got 0"),
+    ({"epochs": 0.0}, r"--epochs must be a finite number > 0, got 0.0"),
+    ({"epochs": math.inf}, r"--epochs .* got inf"),
+    ({"epochs": math.nan}, r"--epochs .* got nan"),
+    ({"steps": 5, "warm_start_steps": 5}, r"--warm-start-steps 5 must be smaller than --steps 5"),
+    ({"num_samples": 9}, r"--num-samples must be >= 10, got 9"),
+])
+def test_validate_names_the_bad_value(options, message):
+    cfg = apply_options(JobConfig(), options)
+    with pytest.raises(UserError, match=message) as info:
+        cfg.validate()
+    assert "\n" not in str(info.value)
+    assert ": " in str(info.value)  # problem, then the fix
+
+
+@pytest.mark.parametrize("optimizer, message", [
+    ({"beta1": 1.0}, r"optimizer.beta1 must be in \[0, 1\), got 1.0"),
+    ({"beta2": -0.1}, r"optimizer.beta2 must be in \[0, 1\), got -0.1"),
+    ({"eps": -1e-8}, r"optimizer.eps must be >= 0"),
+])
+def test_validate_checks_the_file_only_settings(optimizer, message):
+    with pytest.raises(UserError, match=message):
+        JobConfig.from_dict({"optimizer": optimizer}).validate()
+
+
+def test_validate_returns_the_config_for_chaining():
+    cfg = JobConfig()
+    assert cfg.validate() is cfg
