@@ -11,10 +11,11 @@ import argparse
 import sys
 from typing import Sequence
 
-from distbelief.config import ALGORITHMS, RULES, TRANSPORTS, default_of
+from distbelief.config import ALGORITHMS, DEFAULT_EPOCHS, RULES, TRANSPORTS, default_of
 from distbelief.errors import UserError
 
 # option -> (type, help); the default shown is read from the config dataclasses
+# (or from UNSET_DEFAULTS where the dataclass default is None)
 TRAIN_OPTIONS: dict[str, tuple[type, str]] = {
     "algorithm": (str, f"training algorithm: {', '.join(ALGORITHMS)}"),
     "replicas": (int, "model replicas, each training on its own part of the data"),
@@ -27,15 +28,14 @@ TRAIN_OPTIONS: dict[str, tuple[type, str]] = {
     "weight_decay": (float, "L2 penalty applied inside the shards"),
     "batch_size": (int, "samples per replica step"),
     "steps": (int, "steps per replica (replaces --epochs)"),
-    "epochs": (float, "passes over the training data, all replicas together "
-                      "(default 4 when --steps is not given)"),
+    "epochs": (float, "passes over the training data, all replicas together (replaces --steps)"),
     "dataset": (str, "digits, mnist1d, synthetic, PATH.npz (arrays x, y) or MODULE:FUNCTION"),
-    "num_samples": (int, "samples to generate for mnist1d/synthetic"),
+    "num_samples": (int, "samples to generate for mnist1d/synthetic; "
+                         "for other datasets, a cap on the training samples"),
     "model": (str, "mlp, cnn, or MODULE:FACTORY (or FILE.py:FACTORY) returning an nn.Module"),
     "warm_start_steps": (int, "replica 0 trains alone for W steps before the others join"),
     "seed": (int, "seed of initialisation, data split and shuffling"),
-    "run_dir": (str, "where config, metrics, checkpoint and plots go "
-                     "(default runs/<algorithm>-<time>)"),
+    "run_dir": (str, "where config, metrics, checkpoint and plots go"),
     "eval_every": (int, "evaluate the test split every K steps (0: only at the end)"),
     "log_every": (int, "replicas report loss and staleness every K steps"),
     "port": (int, "the coordinator's port (0: a free one)"),
@@ -44,6 +44,13 @@ TRAIN_OPTIONS: dict[str, tuple[type, str]] = {
     "timeout": (float, "seconds any single wait may block before the job fails"),
 }
 CHOICES = {"algorithm": ALGORITHMS, "rule": RULES, "transport": TRANSPORTS}
+# what a None default means, shown in --help instead of "None"
+UNSET_DEFAULTS = {
+    "steps": "unset, --epochs decides",
+    "epochs": f"{DEFAULT_EPOCHS:g} when --steps is not given",
+    "num_samples": "the dataset's own size",
+    "run_dir": "runs/<algorithm>-<time>",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,11 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "parameters from S parameter shards, each its own process. Options "
                     "override the TOML file. Under torchrun/SLURM (RANK, WORLD_SIZE, "
                     "MASTER_ADDR, MASTER_PORT set) each process runs one role: rank 0 the "
-                    "coordinator, then the shards, then the replicas.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "coordinator, then the shards, then the replicas.")
     train.add_argument("config", nargs="?", help="TOML config file (optional)")
     for name, (type_, help_) in TRAIN_OPTIONS.items():
         default = default_of(name)
+        if default is None:
+            default = UNSET_DEFAULTS[name]
         train.add_argument(f"--{name.replace('_', '-')}", dest=name, type=type_, default=None,
                            choices=CHOICES.get(name), metavar=name.upper(),
                            help=f"{help_} (default: {default})")
@@ -82,7 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args, extra = build_parser().parse_known_args(argv)
+        if extra:  # argparse would blame the top-level parser and point at its --help
+            raise UserError(f"unrecognized arguments: {' '.join(extra)} "
+                            f"(see 'distbelief {args.command} --help')")
         if args.command == "train":
             return _train(args)
         if args.command == "plot":
