@@ -79,7 +79,7 @@ CASES = [
     ("steps-and-epochs", ["--steps", "5", "--epochs", "1"], ["--steps", "--epochs"]),
     ("nan-timeout", ["--timeout", "nan"], ["--timeout", "nan"]),
     ("missing-npz", ["--dataset", "missing.npz"], ["missing.npz", "does not exist"]),
-    ("garbage-npz", ["--dataset", "garbage.npz"], ["garbage.npz", "not a valid .npz"]),
+    ("garbage-npz", ["--dataset", "garbage.npz"], ["garbage.npz", "not an .npz archive"]),
     ("npz-without-y", ["--dataset", "no_y.npz"], ["no_y.npz", "'y'"]),
     ("model-width", ["--model", "bad_model.py:make"], ["width 7", "10 classes"]),
     ("run-dir-holds-a-run", ["--run-dir", "used"], ["'used'", "already holds a run",
@@ -104,10 +104,9 @@ def test_port_in_use_is_a_user_error(tmp_path):
     assert_user_error(result, f"port {port}", "already in use", "--port")
 
 
-@pytest.mark.xfail(strict=True, reason="coordinator.run_job creates the run directory before "
-                   "loading the data and model, so a user error leaves an empty runs/... behind")
-def test_user_error_leaves_no_run_directory(tmp_path):
-    assert_user_error(run_cli(tmp_path, *TRAIN, "--dataset", "missing.npz"))
+@pytest.mark.parametrize("bad", [["--dataset", "missing.npz"], ["--host", "no-such-host.invalid"]])
+def test_user_error_leaves_no_run_directory(tmp_path, bad):
+    assert_user_error(run_cli(tmp_path, *TRAIN, *bad))
     assert not (tmp_path / "runs").exists(), list((tmp_path / "runs").iterdir())
 
 

@@ -174,3 +174,34 @@ def test_plot_compares_runs(tmp_path):
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert out.stat().st_size > 10_000
+
+
+def test_local_job_listens_on_loopback_only(tmp_path):
+    """Local mode binds the store (and gloo's channels) to 127.0.0.1, not every interface."""
+    import psutil
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([*CLI, "train", "--dataset", "digits", "--model", "mlp",
+                             "--replicas", "1", "--shards", "1", "--steps", "3000",
+                             "--run-dir", str(run_dir), "--quiet"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_until(lambda: (run_dir / "cluster.json").exists(), 90, "the job to start")
+        roles = json.loads((run_dir / "cluster.json").read_text())["roles"]
+        listening = []
+        for pid in {r["pid"] for r in roles}:
+            listening += [c.laddr for c in psutil.Process(pid).net_connections("inet")
+                          if c.status == psutil.CONN_LISTEN]
+        assert listening, "the coordinator listens for the store"
+        assert all(addr.ip in ("127.0.0.1", "::1") for addr in listening), listening
+    finally:
+        proc.kill()
+        proc.wait(10)
+        pids = []
+        if (run_dir / "cluster.json").exists():
+            pids = [r["pid"] for r in json.loads((run_dir / "cluster.json").read_text())["roles"]]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -13,6 +13,7 @@ pulls the final parameters, evaluates them, and writes the checkpoint,
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import socket
@@ -71,7 +72,7 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
     Raises UserError for bad input and JobFailed when the job cannot finish.
     """
     cfg.validate()
-    run_dir = _make_run_dir(cfg)
+    run_dir = _choose_run_dir(cfg)
     data = load_dataset(cfg.data.dataset, seed=cfg.train.seed, num_samples=cfg.data.num_samples)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.name, data.input_shape, data.num_classes)
@@ -90,12 +91,19 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
     else:
         host, port = "0.0.0.0", env.master_port
         store = JobStore.host(host, port, env.token, timeout=cfg.cluster.timeout)
+    try:
+        _create_run_dir(run_dir)  # only once the data, model and port are known to be good
+    except BaseException:
+        store.close()
+        raise
     (run_dir / "config.toml").write_text(cfg.to_toml())
     job = {"config": cfg.to_dict(), "layout": layout.to_json(), "start_time": time.time(),
            "steps": steps, "input_shape": list(data.input_shape), "num_classes": data.num_classes}
     store.set_json("job", job)
     progress = Progress(steps * cfg.cluster.replicas, enabled=show_progress)
     ps = None
+    saved_env = {k: os.environ.get(k) for k in _loopback_env(host)}
+    os.environ.update(_loopback_env(host))  # the coordinator's own channels too
     try:
         with LocalCluster(run_dir / "logs", _child_env(store, cfg)) as cluster, \
                 MetricsLog(run_dir / "metrics.jsonl") as metrics, progress:
@@ -145,6 +153,12 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
         if ps is not None:
             ps._shutdown()
         remove_job_files(store.token)
+        store.close()
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _watch(cfg: JobConfig, store: JobStore, local: LocalCluster | None, metrics: MetricsLog,
@@ -247,12 +261,24 @@ def _wait_for(store: JobStore, keys: list[str], local: LocalCluster | None, cfg:
 
 
 def _child_env(store: JobStore, cfg: JobConfig) -> dict[str, str]:
-    return {"DISTBELIEF_STORE": f"{cfg.cluster.host}:{store.port}",
+    return {**_loopback_env(cfg.cluster.host), "DISTBELIEF_STORE": f"{cfg.cluster.host}:{store.port}",
             "DISTBELIEF_TOKEN": store.token, "DISTBELIEF_TIMEOUT": str(cfg.cluster.timeout),
             "TORCH_CPP_LOG_LEVEL": os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR")}
 
 
-def _make_run_dir(cfg: JobConfig) -> Path:
+def _loopback_env(host: str) -> dict[str, str]:
+    """Keep gloo's channels on the loopback interface when the job is local to this host."""
+    try:
+        loopback = ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        loopback = False
+    if loopback and "GLOO_SOCKET_IFNAME" not in os.environ:
+        return {"GLOO_SOCKET_IFNAME": "lo"}
+    return {}
+
+
+def _choose_run_dir(cfg: JobConfig) -> Path:
+    """The run directory to use; UserError if it already holds a run. Creates nothing."""
     if cfg.train.run_dir:
         run_dir = Path(cfg.train.run_dir)
     else:
@@ -264,12 +290,15 @@ def _make_run_dir(cfg: JobConfig) -> Path:
     if (run_dir / "metrics.jsonl").exists() or (run_dir / "summary.json").exists():
         raise UserError(f"run directory {str(run_dir)!r} already holds a run: "
                         "choose another --run-dir or remove it")
+    return run_dir
+
+
+def _create_run_dir(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create run directory {str(run_dir)!r} ({exc.strerror}): "
                         "choose a writable --run-dir") from None
-    return run_dir
 
 
 def _write_cluster(run_dir: Path, store: JobStore, cfg: JobConfig, host: str) -> None:

@@ -13,6 +13,8 @@ Example::
 
 from __future__ import annotations
 
+import math
+
 
 def fetch_before(step: int, n_fetch: int) -> bool:
     """Whether the replica fetches parameters before computing step `step`."""
@@ -48,4 +50,4 @@ def steps_per_replica(*, steps: int | None, epochs: float | None, train_samples:
     if steps is not None:
         return steps
     part = max(1, train_samples // replicas)
-    return max(1, int(round(epochs * part / min(batch_size, part))))
+    return max(1, math.ceil(epochs * part / min(batch_size, part) - 1e-9))

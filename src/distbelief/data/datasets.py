@@ -107,6 +107,9 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     """
     if not path.is_file():
         raise UserError(f"dataset file {str(path)!r} does not exist: check the path")
+    if not zipfile.is_zipfile(path):  # numpy's own message would suggest unpickling it
+        raise UserError(f"dataset file {str(path)!r} is not an .npz archive: save it with "
+                        "numpy.savez(path, x=..., y=...)")
     try:
         npz = np.load(path, allow_pickle=False)
         if not isinstance(npz, np.lib.npyio.NpzFile):

@@ -78,7 +78,8 @@ def _read_events(run_dir: Path) -> list[dict[str, Any]]:
     """
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
-        raise UserError(f"{str(run_dir)!r} is not a run directory: it has no metrics.jsonl")
+        raise UserError(f"{str(run_dir)!r} is not a run directory: it has no metrics.jsonl; "
+                        "give a directory that 'distbelief train' wrote")
     text = path.read_text()
     lines = text.split("\n")
     events = []

@@ -19,8 +19,10 @@ Example::
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import secrets
+import socket
 import time
 from typing import Any
 
@@ -40,6 +42,7 @@ class JobStore:
     POLL_SECONDS = 0.02
 
     def __init__(self, store: dist.Store, token: str, *, port: int, timeout: float):
+        self._listener: socket.socket | None = None
         self.raw_root = store
         self.token = token
         self.port = port
@@ -50,26 +53,33 @@ class JobStore:
 
     @classmethod
     def host(cls, host: str, port: int, token: str, *, timeout: float) -> JobStore:
-        """Host the store on host:port (0 = a free port). UserError if the port is taken."""
+        """Host the store on host:port (0 = a free port), listening on that address only.
+
+        UserError if the address cannot be resolved or the port is taken.
+        """
+        listener = _listen(host, port)
         try:
-            store = dist.TCPStore(host, port, None, True, timeout=_td(timeout),
-                                  wait_for_workers=False)
-        except (RuntimeError, ValueError) as exc:
-            if "EADDRINUSE" in str(exc) or "address already in use" in str(exc):
-                raise UserError(
-                    f"port {port} on {host} is already in use: pick another with --port, "
-                    "or leave --port out to use a free one") from None
-            if "EADDRNOTAVAIL" in str(exc) or "EACCES" in str(exc):
-                raise UserError(f"cannot listen on {host}:{port} ({_first_line(exc)}): "
-                                "check the address and use a port above 1024") from None
+            store = dist.TCPStore(host, listener.getsockname()[1], None, True,
+                                  timeout=_td(timeout), wait_for_workers=False,
+                                  master_listen_fd=listener.fileno(), use_libuv=True)
+        except BaseException:
+            listener.close()
             raise
-        return cls(store, token, port=store.port, timeout=timeout)
+        job_store = cls(store, token, port=listener.getsockname()[1], timeout=timeout)
+        job_store._listener = listener  # the store serves on this socket's descriptor
+        return job_store
 
     @classmethod
     def connect(cls, host: str, port: int, token: str, *, timeout: float) -> JobStore:
         """Connect to a store hosted elsewhere; waits up to `timeout` for it to come up."""
         store = dist.TCPStore(host, port, None, False, timeout=_td(timeout))
         return cls(store, token, port=port, timeout=timeout)
+
+    def close(self) -> None:
+        """Stop serving (hosted store): the listening socket is closed."""
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
 
     # ---- JSON values ---------------------------------------------------------
 
@@ -135,9 +145,26 @@ class JobStore:
         self.append("members/log", {"role": role, "id": ident})
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket bound to exactly host:port, or a UserError saying why not."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise UserError(f"cannot resolve --host {host!r} ({exc.strerror}): give an address of "
+                        "this machine, e.g. 127.0.0.1") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.bind(address)
+        sock.listen(512)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} on {host} is already in use: pick another with --port, "
+                            "or leave --port out to use a free one") from None
+        raise UserError(f"cannot listen on {host}:{port} ({exc.strerror}): give an address of "
+                        "this machine and a port above 1024") from None
+    return sock
+
+
 def _td(seconds: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -1,0 +1,37 @@
+"""The benchmarks run end to end and report well-formed numbers.
+
+Only the shape of the report and the sign of the numbers are checked: timings
+depend on the machine and its load, so targets do not belong in pass/fail tests.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ps_bandwidth_quick_reports_every_configuration() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "ps_bandwidth.py"), "--quick", "--size-mb", "4"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)  # stdout is the JSON document and nothing else
+
+    assert report["benchmark"] == "ps_bandwidth"
+    assert report["model_bytes"] == 4_000_000
+    assert report["rule"] == "sgd"
+    assert report["memcpy_bytes_per_second"] > 0
+    assert {(r["shards"], r["transport"]) for r in report["results"]} == {
+        (1, "shm"), (1, "gloo"), (2, "shm"), (2, "gloo")}
+    for r in report["results"]:
+        assert r["seconds_per_step"] > 0
+        assert r["bytes_per_second"] > 0
+        assert r["ratio_to_memcpy"] > 0
+        assert r["bytes_per_second"] == 2 * report["model_bytes"] / r["seconds_per_step"]
+        assert isinstance(r["exact"], bool)
+    assert report["target"] == {"ratio_to_memcpy": 0.5, "transport": "shm"}
+    assert isinstance(report["met"], bool)
+    assert report["machine"]["cpus"] >= 1
+    assert report["timing"]["runs"] >= 1
