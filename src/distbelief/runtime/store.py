@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime
 import errno
 import json
+import os
 import secrets
 import socket
 import time
@@ -42,7 +43,6 @@ class JobStore:
     POLL_SECONDS = 0.02
 
     def __init__(self, store: dist.Store, token: str, *, port: int, timeout: float):
-        self._listener: socket.socket | None = None
         self.raw_root = store
         self.token = token
         self.port = port
@@ -58,16 +58,15 @@ class JobStore:
         UserError if the address cannot be resolved or the port is taken.
         """
         listener = _listen(host, port)
+        bound_port = listener.getsockname()[1]
+        fd = listener.detach()  # the store owns the descriptor from here on and closes it
         try:
-            store = dist.TCPStore(host, listener.getsockname()[1], None, True,
-                                  timeout=_td(timeout), wait_for_workers=False,
-                                  master_listen_fd=listener.fileno(), use_libuv=True)
+            store = dist.TCPStore(host, bound_port, None, True, timeout=_td(timeout),
+                                  wait_for_workers=False, master_listen_fd=fd, use_libuv=True)
         except BaseException:
-            listener.close()
+            os.close(fd)
             raise
-        job_store = cls(store, token, port=listener.getsockname()[1], timeout=timeout)
-        job_store._listener = listener  # the store serves on this socket's descriptor
-        return job_store
+        return cls(store, token, port=bound_port, timeout=timeout)
 
     @classmethod
     def connect(cls, host: str, port: int, token: str, *, timeout: float) -> JobStore:
@@ -76,10 +75,8 @@ class JobStore:
         return cls(store, token, port=port, timeout=timeout)
 
     def close(self) -> None:
-        """Stop serving (hosted store): the listening socket is closed."""
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
+        """Drop this handle's references; a hosted store stops serving once none remain."""
+        self.raw = self.raw_root = None  # type: ignore[assignment]
 
     # ---- JSON values ---------------------------------------------------------
 
