@@ -3,16 +3,20 @@
 Measures, in one run:
 
 * ``memcpy``: one thread copying a model-sized float32 tensor (``dst.copy_(src)``),
-  best of N, as bytes copied per second (sampled between the cluster runs, best
-  sample kept, so a busy moment on a shared machine does not flatter the ratios);
+  best of N, as bytes copied per second. It is sampled right before every timed
+  run of every cluster: the memory bandwidth of a shared (virtual) machine drifts
+  by 2x within minutes, so a single early sample would make the ratios noise;
 * for 1 and 2 shards and the ``shm`` and ``gloo`` transports: a real local
   cluster (a `JobStore`, the job description `run_job` publishes, shard
   processes from `LocalCluster`) and one in-process `PSClient` that per step
   pushes a whole-model gradient and pulls the whole model back
   (``push(grad).wait(); pull(params).wait()``). Throughput is the bytes moved
-  per step (2 x model) over the seconds per step; ``ratio_to_memcpy`` divides it
-  by the memcpy bandwidth. The shards apply ``sgd``, the cheapest rule, so the
-  number is about the transport, not the optimizer.
+  per step (2 x model) over the seconds per step. ``ratio_to_memcpy`` is the
+  best run's throughput over the best memcpy sample of the whole benchmark;
+  ``paired_ratio_to_memcpy`` is the median over runs of a run's throughput over
+  the memcpy sample taken just before it (robust to drift). The shards apply
+  ``sgd``, the cheapest rule, so the number is about the transport, not the
+  optimizer. The client process runs one torch thread, like memcpy and the shards.
 
 After timing, each cluster also checks that the transport is exact: three
 pushes of different constant gradients must move the pulled parameters by
@@ -43,6 +47,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from distbelief import coordinator
 from distbelief.config import ClusterConfig, JobConfig, OptimizerConfig, TrainConfig
 from distbelief.ps.client import PSClient
 from distbelief.ps.layout import Layout
@@ -60,7 +65,7 @@ TIMEOUT = 60.0
 
 @dataclass(frozen=True)
 class Timing:
-    """How many steps to run; `seconds_per_step` is the best run's mean."""
+    """How many steps to run, and how many copies make one memcpy sample."""
 
     warmup_steps: int
     runs: int
@@ -71,12 +76,13 @@ class Timing:
         return {"warmup_steps": self.warmup_steps, "runs": self.runs,
                 "steps_per_run": self.steps_per_run, "memcpy_repeats": self.memcpy_repeats,
                 "seconds_per_step": "mean over the fastest run (best of runs)",
-                "memcpy": "fastest single copy: best of memcpy_repeats, sampled before each "
-                          "configuration and at the end; the best sample is the denominator"}
+                "memcpy": "fastest of memcpy_repeats copies, sampled before every timed run; "
+                          "ratio_to_memcpy uses the best sample, paired_ratio_to_memcpy the "
+                          "median over runs of (run throughput / sample just before it)"}
 
 
-FULL = Timing(warmup_steps=3, runs=5, steps_per_run=10, memcpy_repeats=20)
-QUICK = Timing(warmup_steps=1, runs=2, steps_per_run=3, memcpy_repeats=5)
+FULL = Timing(warmup_steps=3, runs=5, steps_per_run=10, memcpy_repeats=10)
+QUICK = Timing(warmup_steps=1, runs=2, steps_per_run=3, memcpy_repeats=3)
 
 
 def log(message: str) -> None:
@@ -84,11 +90,7 @@ def log(message: str) -> None:
 
 
 class Memcpy:
-    """One thread's ``dst.copy_(src)`` bandwidth, sampled between the cluster runs.
-
-    The machine may be shared, so one early sample can catch a busy moment (and
-    flatter every ratio); the report uses the best of all samples.
-    """
+    """One thread's ``dst.copy_(src)`` bandwidth, sampled many times during the benchmark."""
 
     def __init__(self, numel: int, repeats: int):
         self.src, self.dst = torch.rand(numel), torch.empty(numel)
@@ -107,17 +109,19 @@ class Memcpy:
         return max(self.samples)
 
 
-def time_steps(step: Callable[[], None], timing: Timing) -> tuple[float, float]:
-    """(best run's, median run's) mean seconds per step, after the warm-up steps."""
+def time_runs(step: Callable[[], None], timing: Timing,
+              memcpy: Memcpy) -> list[tuple[float, float]]:
+    """After the warm-up steps, per timed run: (memcpy sample just before it, seconds per step)."""
     for _ in range(timing.warmup_steps):
         step()
-    per_step = []
+    runs = []
     for _ in range(timing.runs):
+        bandwidth = memcpy.sample()
         start = time.perf_counter()
         for _ in range(timing.steps_per_run):
             step()
-        per_step.append((time.perf_counter() - start) / timing.steps_per_run)
-    return min(per_step), statistics.median(per_step)
+        runs.append((bandwidth, (time.perf_counter() - start) / timing.steps_per_run))
+    return runs
 
 
 def _seconds(fn: Callable[[], object]) -> float:
@@ -142,6 +146,8 @@ def local_shards(cfg: JobConfig, layout: Layout, steps: int) -> Iterator[JobStor
 
     Yields the store. On exit — normal or not — sets ``job/stop``, waits for the
     shards to finish, reaps every child and removes the job's /dev/shm files.
+    Like `run_job`, sets gloo's interface variable (loopback) in this process too,
+    so the client's channels take the same route as the shards'.
     """
     store = JobStore.host(cfg.cluster.host, cfg.cluster.port, new_token(),
                           timeout=cfg.cluster.timeout)
@@ -150,9 +156,8 @@ def local_shards(cfg: JobConfig, layout: Layout, steps: int) -> Iterator[JobStor
     store.set_json("job", {"config": cfg.to_dict(), "layout": layout.to_json(),
                            "start_time": time.time(), "steps": steps,
                            "input_shape": [layout.numel], "num_classes": 0})
-    env = {"DISTBELIEF_STORE": f"{cfg.cluster.host}:{store.port}",
-           "DISTBELIEF_TOKEN": store.token, "DISTBELIEF_TIMEOUT": str(cfg.cluster.timeout),
-           "TORCH_CPP_LOG_LEVEL": os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR")}
+    env = coordinator._child_env(store, cfg)  # private, but then it is run_job's exactly
+    os.environ.update({k: v for k, v in env.items() if k.startswith("GLOO_")})
     try:
         with tempfile.TemporaryDirectory(prefix="ps_bandwidth-") as logs, \
                 LocalCluster(Path(logs), env) as cluster:
@@ -183,8 +188,11 @@ def _wait_up(store: JobStore, cluster: LocalCluster, cfg: JobConfig) -> None:
 # ---- one measurement -------------------------------------------------------
 
 
-def measure(shards: int, transport: str, numel: int, timing: Timing) -> dict:
-    """Time push+pull of the whole model through `shards` shards over `transport`."""
+def measure(shards: int, transport: str, numel: int, timing: Timing, memcpy: Memcpy) -> dict:
+    """Time push+pull of the whole model through `shards` shards over `transport`.
+
+    `ratio_to_memcpy` is left to the caller (it needs every memcpy sample).
+    """
     cfg = job_config(shards, transport)
     layout = Layout.balanced(numel, shards)
     steps = timing.warmup_steps + timing.runs * timing.steps_per_run
@@ -197,12 +205,15 @@ def measure(shards: int, transport: str, numel: int, timing: Timing) -> dict:
 
     with local_shards(cfg, layout, steps) as store, \
             PSClient(store, layout, "bench", transport=transport, timeout=TIMEOUT) as ps:
-        best, median = time_steps(step, timing)
+        runs = time_runs(step, timing, memcpy)
         exact = _exact(ps, numel)
     moved = 2 * numel * 4  # one gradient pushed, one parameter vector pulled
+    best = min(seconds for _, seconds in runs)
     return {"shards": shards, "transport": transport, "seconds_per_step": best,
-            "median_run_seconds_per_step": median, "bytes_per_step": moved,
-            "bytes_per_second": moved / best, "exact": exact}
+            "median_run_seconds_per_step": statistics.median(s for _, s in runs),
+            "bytes_per_step": moved, "bytes_per_second": moved / best,
+            "paired_ratio_to_memcpy": statistics.median(moved / s / bw for bw, s in runs),
+            "exact": exact}
 
 
 def _exact(ps: PSClient, numel: int) -> bool:
@@ -250,19 +261,22 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for shards in SHARD_COUNTS:
         for transport in TRANSPORTS:
-            log(f"  memcpy: {memcpy.sample() / 1e9:.2f} GB/s")
-            results.append(measure(shards, transport, numel, timing))
+            result = measure(shards, transport, numel, timing, memcpy)
             log(f"  {shards} shard(s), {transport}: "
-                f"{results[-1]['seconds_per_step'] * 1e3:.1f} ms/step, "
-                f"{results[-1]['bytes_per_second'] / 1e9:.2f} GB/s, exact={results[-1]['exact']}")
-    log(f"  memcpy: {memcpy.sample() / 1e9:.2f} GB/s; best {memcpy.best / 1e9:.2f} GB/s")
+                f"{result['seconds_per_step'] * 1e3:.1f} ms/step, "
+                f"{result['bytes_per_second'] / 1e9:.2f} GB/s, paired ratio "
+                f"{result['paired_ratio_to_memcpy']:.2f}, exact={result['exact']}")
+            results.append(result)
+    log(f"  memcpy: best {memcpy.best / 1e9:.2f} GB/s, "
+        f"median {statistics.median(memcpy.samples) / 1e9:.2f} GB/s")
     for result in results:
         result["ratio_to_memcpy"] = result["bytes_per_second"] / memcpy.best
     target = [r for r in results if r["transport"] == TARGET["transport"]]
     report = {
         "benchmark": "ps_bandwidth", "model_bytes": numel * 4, "quick": args.quick,
         "memcpy_bytes_per_second": memcpy.best,
-        "memcpy_samples_bytes_per_second": memcpy.samples, "rule": RULE, "lr": LR,
+        "memcpy_median_bytes_per_second": statistics.median(memcpy.samples),
+        "rule": RULE, "lr": LR,
         "timing": timing.describe(), "results": results, "target": TARGET,
         "met": all(r["ratio_to_memcpy"] >= TARGET["ratio_to_memcpy"] for r in target),
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__,

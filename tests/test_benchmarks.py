@@ -29,6 +29,7 @@ def test_ps_bandwidth_quick_reports_every_configuration() -> None:
         assert r["seconds_per_step"] > 0
         assert r["bytes_per_second"] > 0
         assert r["ratio_to_memcpy"] > 0
+        assert r["paired_ratio_to_memcpy"] > 0
         assert r["bytes_per_second"] == 2 * report["model_bytes"] / r["seconds_per_step"]
         assert isinstance(r["exact"], bool)
     assert report["target"] == {"ratio_to_memcpy": 0.5, "transport": "shm"}
