@@ -10,7 +10,10 @@ Measures, in one run:
   cluster (a `JobStore`, the job description `run_job` publishes, shard
   processes from `LocalCluster`) and one in-process `PSClient` that per step
   pushes a whole-model gradient and pulls the whole model back
-  (``push(grad).wait(); pull(params).wait()``). Throughput is the bytes moved
+  (``push(0).wait(); pull(params).wait()``). The gradient is in the client's
+  gradient buffer, where a Downpour replica's ``backward()`` writes it; on shm
+  the shards read it there in place, so a push moves only a header and the
+  shard's update reads the gradient straight from shared memory. Throughput is the bytes moved
   per step (2 x model) over the seconds per step. ``ratio_to_memcpy`` is the
   best run's throughput over the best memcpy sample of the whole benchmark;
   ``paired_ratio_to_memcpy`` is the median over runs of a run's throughput over
@@ -156,7 +159,7 @@ def local_shards(cfg: JobConfig, layout: Layout, steps: int) -> Iterator[JobStor
     store.set_json("job", {"config": cfg.to_dict(), "layout": layout.to_json(),
                            "start_time": time.time(), "steps": steps,
                            "input_shape": [layout.numel], "num_classes": 0})
-    env = coordinator._child_env(store, cfg)  # private, but then it is run_job's exactly
+    env = coordinator.role_env(store, cfg)  # the same environment run_job gives its roles
     os.environ.update({k: v for k, v in env.items() if k.startswith("GLOO_")})
     try:
         with tempfile.TemporaryDirectory(prefix="ps_bandwidth-") as logs, \
@@ -196,15 +199,16 @@ def measure(shards: int, transport: str, numel: int, timing: Timing, memcpy: Mem
     cfg = job_config(shards, transport)
     layout = Layout.balanced(numel, shards)
     steps = timing.warmup_steps + timing.runs * timing.steps_per_run
-    grad = torch.ones(numel)
     params = torch.empty(numel)
 
     def step() -> None:
-        ps.push(grad).wait(TIMEOUT)
+        ps.push(0).wait(TIMEOUT)
         ps.pull(params).wait(TIMEOUT)
 
     with local_shards(cfg, layout, steps) as store, \
-            PSClient(store, layout, "bench", transport=transport, timeout=TIMEOUT) as ps:
+            PSClient(store, layout, "bench", transport=transport, timeout=TIMEOUT,
+                     grad_buffers=1) as ps:
+        ps.grad_buffers[0].fill_(1.0)  # the gradient, where a replica's backward() writes it
         runs = time_runs(step, timing, memcpy)
         exact = _exact(ps, numel)
     moved = 2 * numel * 4  # one gradient pushed, one parameter vector pulled
@@ -226,7 +230,8 @@ def _exact(ps: PSClient, numel: int) -> bool:
     ps.pull(before).wait(TIMEOUT)
     values = (2.0, 3.0, 4.0)
     for value in values:
-        ps.push(torch.full((numel,), value)).wait(TIMEOUT)
+        ps.grad_buffers[0].fill_(value)
+        ps.push(0).wait(TIMEOUT)
     ps.pull(after).wait(TIMEOUT)
     wrong = int((after != before - LR * sum(values)).sum())
     if wrong:

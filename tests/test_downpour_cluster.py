@@ -181,6 +181,7 @@ def test_local_job_listens_on_loopback_only(tmp_path):
     import psutil
 
     run_dir = tmp_path / "run"
+    files_before = set(Path("/dev/shm").glob("distbelief-*"))
     proc = subprocess.Popen([*CLI, "train", "--dataset", "digits", "--model", "mlp",
                              "--replicas", "1", "--shards", "1", "--steps", "3000",
                              "--run-dir", str(run_dir), "--quiet"], cwd=tmp_path,
@@ -194,6 +195,12 @@ def test_local_job_listens_on_loopback_only(tmp_path):
                           if c.status == psutil.CONN_LISTEN]
         assert listening, "the coordinator listens for the store"
         assert all(addr.ip in ("127.0.0.1", "::1") for addr in listening), listening
+        job_files = set(Path("/dev/shm").glob("distbelief-*")) - files_before
+        assert job_files, "the job's tensors live in /dev/shm"
+        proc.terminate()  # SIGTERM: the command reaps its roles and removes its files
+        assert proc.wait(30) == 143
+        assert not [r for r in roles if r["kind"] != "coordinator" and _alive(r["pid"])]
+        assert not job_files & set(Path("/dev/shm").glob("distbelief-*"))
     finally:
         proc.kill()
         proc.wait(10)

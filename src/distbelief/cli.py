@@ -8,7 +8,9 @@ is gone when the command returns.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from typing import Sequence
 
 from distbelief.config import ALGORITHMS, DEFAULT_EPOCHS, RULES, TRANSPORTS, default_of
@@ -88,7 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(Exception):
+    """SIGTERM arrived (e.g. from SLURM or `kill`): unwind so every child is reaped."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         args, extra = build_parser().parse_known_args(argv)
         if extra:  # argparse would blame the top-level parser and point at its --help
@@ -105,6 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("distbelief: interrupted; every process of the job was stopped", file=sys.stderr)
         return 130
+    except Terminated:
+        print("distbelief: terminated; every process of the job was stopped", file=sys.stderr)
+        return 143
 
 
 def _train(args: argparse.Namespace) -> int:

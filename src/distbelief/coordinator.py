@@ -105,7 +105,7 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
     saved_env = {k: os.environ.get(k) for k in _loopback_env(host)}
     os.environ.update(_loopback_env(host))  # the coordinator's own channels too
     try:
-        with LocalCluster(run_dir / "logs", _child_env(store, cfg)) as cluster, \
+        with LocalCluster(run_dir / "logs", role_env(store, cfg)) as cluster, \
                 MetricsLog(run_dir / "metrics.jsonl") as metrics, progress:
             local = cluster if env is None else None
             if local:  # all at once: their start-up (imports, data) overlaps
@@ -116,7 +116,7 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
             _wait_for(store, [f"shard{s}/up" for s in range(cfg.cluster.shards)], local, cfg,
                       "the parameter shards to start")
             ps = PSClient(store, layout, "coordinator", transport=cfg.cluster.transport,
-                          timeout=cfg.cluster.timeout)
+                          timeout=cfg.cluster.timeout, grad_buffers=0)
             ps.set(initial).wait(cfg.cluster.timeout)
             store.set_json("job/ready", True)
             _wait_for(store, [f"members/replica/{r}" for r in range(cfg.cluster.replicas)],
@@ -260,7 +260,8 @@ def _wait_for(store: JobStore, keys: list[str], local: LocalCluster | None, cfg:
         time.sleep(0.05)
 
 
-def _child_env(store: JobStore, cfg: JobConfig) -> dict[str, str]:
+def role_env(store: JobStore, cfg: JobConfig) -> dict[str, str]:
+    """The environment a locally spawned role process needs to join this job's store."""
     return {**_loopback_env(cfg.cluster.host), "DISTBELIEF_STORE": f"{cfg.cluster.host}:{store.port}",
             "DISTBELIEF_TOKEN": store.token, "DISTBELIEF_TIMEOUT": str(cfg.cluster.timeout),
             "TORCH_CPP_LOG_LEVEL": os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR")}

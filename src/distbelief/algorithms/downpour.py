@@ -38,7 +38,6 @@ def run_replica(ctx: RoleContext) -> None:
     data = load_dataset(cfg.data.dataset, seed=cfg.train.seed, num_samples=cfg.data.num_samples)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.name, data.input_shape, data.num_classes)
-    flat = FlatModel(model, grad_buffers=2)
     indices = replica_indices(len(data.x_train), r, cfg.cluster.replicas, cfg.train.seed)
     stream = BatchStream(data.x_train, data.y_train, indices, cfg.data.batch_size,
                          seed=cfg.train.seed * 1000 + r)
@@ -53,6 +52,9 @@ def run_replica(ctx: RoleContext) -> None:
     with PSClient(ctx.store, layout, f"replica{r}", transport=cfg.cluster.transport,
                   timeout=cfg.cluster.timeout) as ps:
         ctx.store.append("events", {"event": "replica_joined", "time": _now(ctx), "replica": r})
+        for grad in ps.grad_buffers:
+            grad.zero_()
+        flat = FlatModel(model, grads=ps.grad_buffers)  # backward() writes where shards read
         _train(ctx, ps, flat, model, stream, total)
     if r == 0:  # a warm start longer than the run must not leave the others waiting
         ctx.store.set_json("warm/done", True)
@@ -77,7 +79,7 @@ def _train(ctx: RoleContext, ps: PSClient, flat: FlatModel, model, stream: Batch
         loss.backward()
         report.step(loss.item(), len(yb))
         if push_after(step, n_push, total):
-            pending[buf] = ps.push(flat.grads[buf], versions=window_versions)
+            pending[buf] = ps.push(buf, versions=window_versions)
             window_versions = None
             buf ^= 1
             if pending[buf] is not None:  # the other buffer's push must finish before reuse

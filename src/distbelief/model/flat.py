@@ -7,7 +7,7 @@ buffers so that `backward()` accumulates straight into what is pushed.
 
 Example::
 
-    flat = FlatModel(model, grad_buffers=2)
+    flat = FlatModel(model, grads=2)
     loss.backward()              # gradients land in flat.grads[0]
     flat.bind_grads(1)           # next backward accumulates into flat.grads[1]
 """
@@ -19,12 +19,18 @@ from torch import nn
 
 
 class FlatModel:
-    def __init__(self, model: nn.Module, grad_buffers: int = 2):
+    def __init__(self, model: nn.Module, grads: int | list[torch.Tensor] = 2):
+        """`grads`: how many gradient buffers to allocate, or the buffers themselves
+        (e.g. a `PSClient`'s, which the shards read in place)."""
         self.model = model
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.numel = sum(p.numel() for p in self.parameters)
         self.params = torch.empty(self.numel, dtype=torch.float32)
-        self.grads = [torch.zeros(self.numel, dtype=torch.float32) for _ in range(grad_buffers)]
+        if isinstance(grads, int):
+            grads = [torch.zeros(self.numel, dtype=torch.float32) for _ in range(grads)]
+        if any(g.numel() != self.numel for g in grads):
+            raise ValueError(f"gradient buffers must hold {self.numel} values")
+        self.grads = grads
         offset = 0
         self._slices = []
         for p in self.parameters:

@@ -7,19 +7,22 @@ push issued before a pull is applied before that pull is served). Every call
 returns a `Handle` at once; `Handle.wait()` blocks for the result and re-raises
 the first worker exception with its traceback.
 
-Buffers: `pull(flat)` writes into `flat` in the background and `push(grad)`
-reads `grad` in the background, so the caller must not touch those tensors
-until the handle is done (Downpour alternates two gradient buffers for this).
+Buffers: `pull(flat)` writes into `flat` in the background and `push(k)` reads
+the client's gradient buffer k in the background (on shm, the shards read it in
+place), so the caller must not touch those tensors until the handle is done
+(Downpour alternates two gradient buffers for this).
 
 Example::
 
     with PSClient(store, layout, "replica0", transport="shm", timeout=30) as ps:
         versions = ps.pull(flat_params).wait()
-        acks = ps.push(flat_grad, versions=versions).wait()   # [(version, staleness), ...]
+        ps.grad_buffers[0].copy_(grad)                        # or let backward() write there
+        acks = ps.push(0, versions=versions).wait()           # [(version, staleness), ...]
 """
 
 from __future__ import annotations
 
+import os
 import socket
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Sequence
@@ -50,13 +53,14 @@ class ShardConnection:
     """One client's connection to one shard. Used by one thread at a time."""
 
     def __init__(self, store: JobStore, shard: int, numel: int, client: str, transport: str,
-                 timeout: float):
+                 timeout: float, grad_files: dict):
         self.shard = shard
         self.numel = numel
-        ticket = store.add(P.conn_counter(shard), 1)
-        store.set_json(P.conn_key(shard, ticket), {"client": client, "transport": transport})
-        self.channel = Channel(store.raw, P.channel_name(shard, ticket), 1, timeout)
         self.shm = transport == "shm"
+        ticket = store.add(P.conn_counter(shard), 1)
+        store.set_json(P.conn_key(shard, ticket),
+                       {"client": client, "transport": transport, **(grad_files if self.shm else {})})
+        self.channel = Channel(store.raw, P.channel_name(shard, ticket), 1, timeout)
         self.channel.send_header(P.HELLO, P.TRANSPORT_IDS[transport], numel)
         op, a, b, *_ = self.channel.recv_header()
         if op != P.OK:
@@ -65,8 +69,6 @@ class ShardConnection:
         if self.shm:
             self.params = SharedTensor(job_file(store.token, P.params_file(shard)), numel,
                                        torch.float32, create=False).tensor
-            self.grad = SharedTensor(job_file(store.token, P.grad_file(shard, ticket)), numel,
-                                     torch.float32, create=False).tensor
         self.channel.send_header(P.READY)
 
     def pull_into(self, out: torch.Tensor) -> int:
@@ -81,13 +83,14 @@ class ShardConnection:
             self.channel.recv(out)
         return version
 
-    def push_from(self, grad: torch.Tensor, fetched_version: int) -> tuple[int, int]:
-        """Send a gradient for this slice; returns (new version, staleness)."""
-        if self.shm:  # the gradient must be in place before the shard hears PUSH
-            self.grad.copy_(grad)
-            self.channel.send_header(P.PUSH, fetched_version)
-        else:
-            self.channel.send_header(P.PUSH, fetched_version)
+    def push_from(self, grad: torch.Tensor, buffer: int, fetched_version: int) -> tuple[int, int]:
+        """Push a gradient slice; returns (new version, staleness).
+
+        On shm the slice must already be in the client's gradient buffer `buffer`
+        (the shard reads it there); on gloo `grad` is sent.
+        """
+        self.channel.send_header(P.PUSH, fetched_version, buffer)
+        if not self.shm:
             self.channel.send(grad.contiguous())
         op, version, staleness, *_ = self.channel.recv_header()
         _expect_ok(op, self.shard, "push")
@@ -111,10 +114,16 @@ class ShardConnection:
 
 
 class PSClient:
-    """Connections to every shard of a layout, each with its own worker thread."""
+    """Connections to every shard of a layout, each with its own worker thread.
+
+    `grad_buffers` are flat gradient vectors owned by the client. When a shard
+    is reached over shm they live in /dev/shm and the shard reads its range of
+    them directly, so pushing one of them copies nothing: write (or let
+    backward() accumulate) into ``ps.grad_buffers[k]`` and call ``push(k)``.
+    """
 
     def __init__(self, store: JobStore, layout: Layout, client: str, *, transport: str,
-                 timeout: float):
+                 timeout: float, grad_buffers: int = 2):
         self.layout = layout
         self.timeout = timeout
         self.client = client
@@ -122,17 +131,35 @@ class PSClient:
                        for s in range(layout.shards)]
         self._conns: list[ShardConnection | None] = [None] * layout.shards
         self.fetched_versions = [0] * layout.shards
+        self._grad_shm: list[SharedTensor] = []
+        self._grad_names: list[str] = []
         try:
             kinds = [resolve_transport(transport, store, s) for s in range(layout.shards)]
-            Handle([pool.submit(self._connect, store, s, kinds[s])
+            self.grad_buffers = self._make_grad_buffers(store, grad_buffers, "shm" in kinds)
+            files = {"grad_files": self._grad_names, "grad_numel": layout.numel}
+            Handle([pool.submit(self._connect, store, s, kinds[s],
+                                {**files, "offset": layout.ranges[s][0]})
                     for s, pool in enumerate(self._pools)]).wait(timeout)
         except BaseException:
             self._shutdown()
             raise
+        finally:
+            for shm in self._grad_shm:  # every shard has mapped them (or failed): drop the names
+                shm.unlink()
 
-    def _connect(self, store: JobStore, shard: int, transport: str) -> None:
+    def _make_grad_buffers(self, store: JobStore, count: int, shared: bool) -> list[torch.Tensor]:
+        if not shared:
+            return [torch.zeros(self.layout.numel) for _ in range(count)]
+        instance = f"{os.getpid()}x{id(self):x}"
+        self._grad_names = [P.grad_file(self.client, instance, k) for k in range(count)]
+        self._grad_shm = [SharedTensor(job_file(store.token, name), self.layout.numel,
+                                       torch.float32, create=True)
+                          for name in self._grad_names]
+        return [g.tensor for g in self._grad_shm]
+
+    def _connect(self, store: JobStore, shard: int, transport: str, files: dict) -> None:
         self._conns[shard] = ShardConnection(store, shard, self.layout.size(shard), self.client,
-                                             transport, self.timeout)
+                                             transport, self.timeout, files)
 
     def pull(self, flat: torch.Tensor) -> Handle:
         """Fetch every slice into `flat`; the handle gives each shard's version."""
@@ -144,14 +171,20 @@ class PSClient:
         self.fetched_versions[shard] = version
         return version
 
-    def push(self, grad: torch.Tensor, versions: Sequence[int] | None = None) -> Handle:
-        """Send every slice of `grad`; the handle gives (version, staleness) per shard.
+    def push(self, buffer: int, versions: Sequence[int] | None = None) -> Handle:
+        """Push gradient buffer `buffer` to every shard; the handle gives (version, staleness).
 
         `versions` are the shard versions the gradient was computed against
-        (default: those of the last completed pull).
+        (default: those of the last completed pull). Do not write to the buffer
+        until the handle is done.
         """
+        if not 0 <= buffer < len(self.grad_buffers):
+            raise IndexError(f"gradient buffer {buffer} does not exist "
+                             f"(the client has {len(self.grad_buffers)})")
         versions = list(self.fetched_versions if versions is None else versions)
-        return Handle([self._pools[s].submit(self._conns[s].push_from, grad[a:b], versions[s])
+        grad = self.grad_buffers[buffer]
+        return Handle([self._pools[s].submit(self._conns[s].push_from, grad[a:b], buffer,
+                                             versions[s])
                        for s, (a, b) in enumerate(self.layout.ranges)])
 
     def set(self, flat: torch.Tensor) -> Handle:

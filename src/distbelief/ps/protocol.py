@@ -6,14 +6,21 @@ shared-memory transport they are read and written in /dev/shm while the shard
 holds its lock, and the client says ``DONE`` when it has finished copying.
 
     HELLO transport numel   -> OK numel version      (then client: READY)
-    PUSH  fetched_version steps samples [grad] -> OK version staleness
+    PUSH  fetched_version buffer [grad] -> OK version staleness
     PULL                    -> OK version  [params] (shm: client copies, then DONE)
     SET                     -> OK  [params]          (shm: client copies, then DONE)
     BYE                     -> OK                     (the connection ends)
 
 Connection requests go through the store: a client takes a ticket from the
-counter ``shard{S}/conns`` and writes ``shard{S}/conn/{ticket}``; both sides
-then open the channel ``pg/shard{S}/conn{ticket}``.
+counter ``shard{S}/conns`` and writes ``shard{S}/conn/{ticket}`` (a JSON object:
+client, transport, and for shm the names of the client's gradient files, their
+length and this shard's offset in them); both sides then open the channel
+``pg/shard{S}/conn{ticket}``.
+
+Gradients on shm live in files the *client* creates, one per gradient buffer,
+each the whole flat vector; every shard maps them and reads only its own range,
+so a replica's backward pass writes straight into what the shards read and a
+push moves no tensor at all: PUSH names the buffer.
 """
 
 HELLO, PUSH, PULL, SET, BYE, DONE, READY = 1, 2, 3, 4, 5, 6, 7
@@ -41,5 +48,10 @@ def params_file(shard: int) -> str:
     return f"shard{shard}-params"
 
 
-def grad_file(shard: int, ticket: int) -> str:
-    return f"shard{shard}-conn{ticket}-grad"
+def grad_file(client: str, instance: str, buffer: int) -> str:
+    return f"{client}-{instance}-grad{buffer}"
+
+
+def valid_file_name(name: str) -> bool:
+    """A job file name sent by a peer: no path separators, no parent references."""
+    return bool(name) and "/" not in name and "\\" not in name and ".." not in name

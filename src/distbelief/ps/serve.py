@@ -7,6 +7,8 @@ coordinator sets ``job/stop``.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from distbelief.ps.layout import Layout
@@ -15,7 +17,9 @@ from distbelief.runtime.role import RoleContext
 
 
 def run_shard(ctx: RoleContext) -> None:
-    torch.set_num_threads(1)
+    # a shard's work comes in bursts (one update per push) while its clients wait for the
+    # answer, so it may use this host's cores between the shards
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.config.cluster.shards))
     layout = Layout.from_json(ctx.job["layout"])
     server = ShardServer(ctx.store, shard=ctx.ident, numel=layout.size(ctx.ident),
                          rule_cfg=ctx.config.optimizer, timeout=ctx.config.cluster.timeout)

@@ -67,14 +67,17 @@ class ShardServer:
                     seen += 1
                     request = self.store.get_json(P.conn_key(self.shard, seen),
                                                   timeout=self.timeout, what="connection request")
-                    thread = threading.Thread(target=self._serve_client,
-                                              args=(seen, str(request["client"])),
+                    thread = threading.Thread(target=self._serve_client, args=(seen, request),
                                               name=f"shard{self.shard}-conn{seen}", daemon=True)
                     thread.start()
                     self._threads.append(thread)
                 time.sleep(poll)
         finally:
             self._params_shm.unlink()
+            # let every connection thread finish tearing down its channel: a process
+            # that exits while gloo still closes a pair aborts
+            for thread in self._threads:
+                thread.join(5)
 
     def stats(self) -> dict:
         with self._stats_lock:
@@ -84,20 +87,22 @@ class ShardServer:
 
     # ---- one client -------------------------------------------------------------
 
-    def _serve_client(self, ticket: int, client: str) -> None:
+    def _serve_client(self, ticket: int, request: dict) -> None:
+        client = str(request.get("client"))
         try:
             channel = Channel(self.store.raw, P.channel_name(self.shard, ticket), 0, self.timeout)
-            grad = self._handshake(channel, ticket)
-            if grad is None:
+            grads = self._handshake(channel, request)
+            if grads is None:
                 return
+            shm = request.get("transport") == "shm"
             while True:
-                op, a, b, c, _, _ = channel.recv_header()
+                op, a, b, _, _, _ = channel.recv_header()
                 if op == P.PUSH:
-                    self._push(channel, grad, fetched_version=a)
+                    self._push(channel, grads, fetched_version=a, buffer=b, shm=shm)
                 elif op == P.PULL:
-                    self._pull(channel, shm=grad.is_shared_file)
+                    self._pull(channel, shm=shm)
                 elif op == P.SET:
-                    self._set(channel, shm=grad.is_shared_file)
+                    self._set(channel, shm=shm)
                 elif op == P.BYE:
                     channel.send_header(P.OK)
                     return
@@ -112,7 +117,8 @@ class ShardServer:
             with self._stats_lock:
                 self.errors.append(f"{client}: {exc}")
 
-    def _handshake(self, channel: Channel, ticket: int):
+    def _handshake(self, channel: Channel, request: dict) -> list[torch.Tensor] | None:
+        """Agree on size and transport; returns this connection's gradient buffers."""
         op, transport, numel, _, _, _ = channel.recv_header()
         if op != P.HELLO:
             raise RuntimeError(f"expected HELLO, got op {op}")
@@ -120,27 +126,37 @@ class ShardServer:
             channel.send_header(P.ERR, P.ERR_NUMEL, self.numel)
             return None
         if transport == P.TRANSPORT_SHM:
-            grad_shm = SharedTensor(job_file(self.store.token, P.grad_file(self.shard, ticket)),
-                                    self.numel, torch.float32, create=True)
-            try:
-                channel.send_header(P.OK, self.numel, self.version)
-                channel.recv_header()  # READY: the client has mapped both files
-            finally:
-                grad_shm.unlink()
-            return _SharedGrad(grad_shm.tensor)
-        if transport == P.TRANSPORT_GLOO:
-            channel.send_header(P.OK, self.numel, self.version)
-            channel.recv_header()
-            return _SharedGrad(torch.empty(self.numel, dtype=torch.float32), shared=False)
-        channel.send_header(P.ERR, P.ERR_TRANSPORT, 0)
-        return None
+            grads = self._map_client_grads(request)
+        elif transport == P.TRANSPORT_GLOO:
+            grads = [torch.empty(self.numel, dtype=torch.float32)]
+        else:
+            channel.send_header(P.ERR, P.ERR_TRANSPORT, 0)
+            return None
+        channel.send_header(P.OK, self.numel, self.version)
+        channel.recv_header()  # READY
+        return grads
 
-    def _push(self, channel: Channel, grad: _SharedGrad, fetched_version: int) -> None:
-        if not grad.is_shared_file:
-            channel.recv(grad.tensor)
+    def _map_client_grads(self, request: dict) -> list[torch.Tensor]:
+        """This shard's range of each of the client's gradient files."""
+        names, total, offset = request["grad_files"], int(request["grad_numel"]), int(request["offset"])
+        if not all(P.valid_file_name(n) for n in names) or offset + self.numel > total:
+            raise RuntimeError(f"bad gradient buffers in request {request}")
+        return [SharedTensor(job_file(self.store.token, name), total, torch.float32,
+                             create=False).tensor[offset: offset + self.numel]
+                for name in names]
+
+    def _push(self, channel: Channel, grads: list[torch.Tensor], *, fetched_version: int,
+              buffer: int, shm: bool) -> None:
+        if shm:
+            if not 0 <= buffer < len(grads):
+                raise RuntimeError(f"push names gradient buffer {buffer}; there are {len(grads)}")
+            grad = grads[buffer]
+        else:
+            grad = grads[0]
+            channel.recv(grad)
         with self.lock:
             staleness = self.version - fetched_version
-            self.rule.apply(grad.tensor)
+            self.rule.apply(grad)
             self.version += 1
             version = self.version
         with self._stats_lock:
@@ -164,11 +180,3 @@ class ShardServer:
                 channel.recv_header()
             else:
                 channel.recv(self.params)
-
-
-class _SharedGrad:
-    """The per-connection gradient buffer: in /dev/shm (shm) or private (gloo)."""
-
-    def __init__(self, tensor: torch.Tensor, shared: bool = True):
-        self.tensor = tensor
-        self.is_shared_file = shared
