@@ -30,6 +30,8 @@ def test_downpour_on_digits_reaches_95_percent(tmp_path):
     # every push of every replica was applied by every shard, and counted
     assert summary["shard_pushes"] == [600, 600]
     assert summary["shard_versions"] == [600, 600]
+    # every role process ended cleanly (no abort while tearing down its channels)
+    assert summary["exit_codes"] == {"shard0": 0, "shard1": 0, "replica0": 0, "replica1": 0}
     run = Path(summary["run_dir"])
     for name in ("config.toml", "cluster.json", "metrics.jsonl", "summary.json", "curves.png",
                  "model.pt"):

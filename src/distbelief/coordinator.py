@@ -141,10 +141,13 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
                 time.sleep(0.05)
                 shard_stats = [store.try_get_json(f"stats/shard{s}") or {}
                                for s in range(cfg.cluster.shards)]
+            exit_codes = {}
             if local:
                 local.wait_exit("shard", 10)
+                exit_codes = {f"{c.role}{c.ident}": c.process.poll() for c in local.children}
         summary = _summary(cfg, job, watch, steps, test_loss, test_acc, shard_stats, layout,
                            run_dir, data)
+        summary["exit_codes"] = exit_codes
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         from distbelief.metrics.plot import plot_run
         plot_run(run_dir)
