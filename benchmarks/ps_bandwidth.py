@@ -55,7 +55,7 @@ from distbelief.config import ClusterConfig, JobConfig, OptimizerConfig, TrainCo
 from distbelief.ps.client import PSClient
 from distbelief.ps.layout import Layout
 from distbelief.runtime.channel import remove_job_files
-from distbelief.runtime.launch import LocalCluster, log_tail
+from distbelief.runtime.launch import LocalCluster
 from distbelief.runtime.store import JobStore, new_token
 
 RULE = "sgd"
@@ -167,25 +167,14 @@ def local_shards(cfg: JobConfig, layout: Layout, steps: int) -> Iterator[JobStor
             try:
                 for s in range(cfg.cluster.shards):
                     cluster.spawn("shard", s)
-                _wait_up(store, cluster, cfg)
+                coordinator.wait_for_keys(store, [f"shard{s}/up" for s in range(cfg.cluster.shards)],
+                                          cluster, cfg, "the shards to start")
                 yield store
             finally:
                 store.set_json("job/stop", True)
                 cluster.wait_exit("shard", 10)
     finally:
         remove_job_files(store.token)
-
-
-def _wait_up(store: JobStore, cluster: LocalCluster, cfg: JobConfig) -> None:
-    keys = [f"shard{s}/up" for s in range(cfg.cluster.shards)]
-    deadline = time.monotonic() + cfg.cluster.timeout
-    while not all(store.has(k) for k in keys):
-        for child in cluster.exited():
-            raise RuntimeError(f"shard {child.ident} exited with code {child.process.returncode} "
-                               f"before it was up; log: {log_tail(child.log_path)}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the shards were not up after {cfg.cluster.timeout:.0f} s")
-        time.sleep(0.02)
 
 
 # ---- one measurement -------------------------------------------------------

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -95,5 +95,3 @@ def _as_spec(value: Any, option: str) -> Any:
         return os.fspath(value)
     return value
 
-
-ModelFactory = Callable[..., nn.Module]

@@ -113,13 +113,13 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
                     local.spawn("shard", s)
                 for r in range(cfg.cluster.replicas):
                     local.spawn("replica", r)
-            _wait_for(store, [f"shard{s}/up" for s in range(cfg.cluster.shards)], local, cfg,
+            wait_for_keys(store, [f"shard{s}/up" for s in range(cfg.cluster.shards)], local, cfg,
                       "the parameter shards to start")
             ps = PSClient(store, layout, "coordinator", transport=cfg.cluster.transport,
                           timeout=cfg.cluster.timeout, grad_buffers=0)
             ps.set(initial).wait(cfg.cluster.timeout)
             store.set_json("job/ready", True)
-            _wait_for(store, [f"members/replica/{r}" for r in range(cfg.cluster.replicas)],
+            wait_for_keys(store, [f"members/replica/{r}" for r in range(cfg.cluster.replicas)],
                       local, cfg, "the replicas to start")
             _write_cluster(run_dir, store, cfg, host)
             watch = _watch(cfg, store, local, metrics, progress, ps, model, data)
@@ -250,8 +250,9 @@ def _exit_detail(local: LocalCluster | None, role: str, ident: int) -> str:
     return ""
 
 
-def _wait_for(store: JobStore, keys: list[str], local: LocalCluster | None, cfg: JobConfig,
-              what: str) -> None:
+def wait_for_keys(store: JobStore, keys: list[str], local: LocalCluster | None, cfg: JobConfig,
+                  what: str) -> None:
+    """Block until every key is set; JobFailed if a local child exits first or on timeout."""
     deadline = time.monotonic() + cfg.cluster.timeout
     while not all(store.has(k) for k in keys):
         if local is not None:
