@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 # Downpour SGD on MNIST-1D: 1 coordinator, 2 parameter shards (Adagrad inside), 2 replicas.
 demo: $(STAMP)
 	$(BIN)/distbelief train --algorithm downpour --dataset mnist1d --model cnn \
-		--replicas 2 --shards 2 --rule adagrad --lr 0.05 --epochs 4 --eval-every 250
+		--replicas 2 --shards 2 --rule adagrad --lr 0.02 --epochs 4 --eval-every 250
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -12,7 +12,7 @@ component::
     n_push = 1
     [optimizer]
     rule = "adagrad"
-    lr = 0.05
+    lr = 0.02
     [data]
     dataset = "mnist1d"
     batch_size = 64
@@ -79,8 +79,8 @@ class DownpourConfig:
 class OptimizerConfig:
     rule: str = "adagrad"
     """Update rule applied inside each shard: sgd, momentum, adagrad or adam."""
-    lr: float = 0.05
-    """Learning rate of the update rule."""
+    lr: float = 0.02
+    """Learning rate of the update rule (Adagrad's first step moves every weight by about lr)."""
     momentum: float = 0.9
     """Momentum factor (rule momentum only)."""
     beta1: float = 0.9
@@ -209,7 +209,7 @@ class JobConfig:
                             "try 120")
         if not 0 < o.lr < math.inf:
             raise UserError(f"--lr must be a finite number > 0, got {o.lr}: "
-                            "try 0.05 for adagrad, 1e-3 for adam")
+                            "try 0.02 for adagrad, 1e-3 for adam")
         if not 0 <= o.momentum < math.inf:
             raise UserError(f"--momentum must be >= 0, got {o.momentum}: try 0.9")
         if not 0 <= o.weight_decay < math.inf:
