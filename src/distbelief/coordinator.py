@@ -134,20 +134,13 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
             ps.close()
             ps = None
             store.set_json("job/stop", True)
-            shard_stats = [store.try_get_json(f"stats/shard{s}") or {}
-                           for s in range(cfg.cluster.shards)]
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and not all(shard_stats):
-                time.sleep(0.05)
-                shard_stats = [store.try_get_json(f"stats/shard{s}") or {}
-                               for s in range(cfg.cluster.shards)]
+            shard_stats = _collect_shard_stats(store, cfg.cluster.shards)
             exit_codes = {}
             if local:
                 local.wait_exit("shard", 10)
                 exit_codes = {f"{c.role}{c.ident}": c.process.poll() for c in local.children}
         summary = _summary(cfg, job, watch, steps, test_loss, test_acc, shard_stats, layout,
-                           run_dir, data)
-        summary["exit_codes"] = exit_codes
+                           run_dir, data, exit_codes)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         from distbelief.metrics.plot import plot_run
         plot_run(run_dir)
@@ -317,9 +310,22 @@ def _write_cluster(run_dir: Path, store: JobStore, cfg: JobConfig, host: str) ->
     (run_dir / "cluster.json").write_text(json.dumps({"roles": roles}, indent=2) + "\n")
 
 
+def _collect_shard_stats(store: JobStore, shards: int, timeout: float = 10.0) -> list[dict]:
+    """Each shard's final counts (written as it stops); {} for a shard that did not answer."""
+    deadline = time.monotonic() + timeout
+    stats = []
+    for s in range(shards):
+        try:
+            stats.append(store.get_json(f"stats/shard{s}",
+                                        timeout=max(0.0, deadline - time.monotonic())))
+        except TimeoutError:
+            stats.append({})
+    return stats
+
+
 def _summary(cfg: JobConfig, job: dict, watch: _Watch, steps: int, test_loss: float,
              test_acc: float, shard_stats: list[dict], layout: Layout, run_dir: Path,
-             data) -> dict:
+             data, exit_codes: dict[str, int | None]) -> dict:
     wall = time.time() - job["start_time"]
     last = list(watch.last.values())
     stale = [e["staleness"] for e in last if e.get("staleness") is not None]
@@ -334,6 +340,7 @@ def _summary(cfg: JobConfig, job: dict, watch: _Watch, steps: int, test_loss: fl
         "mean_staleness": sum(stale) / len(stale) if stale else None,
         "shard_versions": [s.get("version") for s in shard_stats],
         "shard_pushes": [s.get("pushes") for s in shard_stats],
+        "exit_codes": exit_codes,
         "run_dir": str(run_dir), "checkpoint": str(run_dir / CHECKPOINT),
         "model": {"input_shape": list(data.input_shape), "num_classes": data.num_classes,
                   "parameters": layout.numel},
