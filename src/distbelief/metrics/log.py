@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from distbelief.errors import UserError
+
 
 class MetricsLog:
     """Append-only JSON-lines writer. Context manager; one writer thread."""
@@ -38,13 +40,29 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Every event of a metrics.jsonl file, skipping a torn last line."""
+    """Every event of a metrics.jsonl file, in order.
+
+    A last line that does not parse is skipped (a live run is still writing it).
+
+    Raises:
+        UserError: the file is missing, or another line is not JSON.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{str(path)!r} does not exist: give a run directory that "
+                        "'distbelief train' wrote")
+    lines = path.read_text(encoding="utf-8").split("\n")
     events = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
         try:
             events.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+        except ValueError:
+            if number == len(lines):  # half-written last line of a live run
+                continue
+            raise UserError(f"{str(path)!r} line {number} is not JSON: delete or repair "
+                            "that line") from None
     return events
 
 

@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 
 from distbelief.errors import UserError  # noqa: E402
+from distbelief.metrics.log import read_metrics  # noqa: E402
 
 
 def _read_summary(run_dir: Path) -> dict[str, Any]:
@@ -69,34 +70,13 @@ def run_label(run_dir: Path) -> str:
 
 
 def _read_events(run_dir: Path) -> list[dict[str, Any]]:
-    """All events of a run's metrics.jsonl.
-
-    A final line without a newline (a run still writing) is skipped.
-
-    Raises:
-        UserError: no metrics.jsonl, or a complete line that is not a JSON object.
-    """
+    """The events of a run that carry a wall-clock time (UserError: not a run directory)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{str(run_dir)!r} is not a run directory: it has no metrics.jsonl; "
                         "give a directory that 'distbelief train' wrote")
-    text = path.read_text()
-    lines = text.split("\n")
-    events = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            event = json.loads(line)
-        except ValueError:
-            if number == len(lines):  # half-written last line of a live run
-                continue
-            raise UserError(
-                f"{str(path)!r} line {number} is not JSON: delete or repair that line"
-            ) from None
-        if isinstance(event, dict) and isinstance(event.get("time"), (int, float)):
-            events.append(event)
-    return events
+    return [e for e in read_metrics(path)
+            if isinstance(e, dict) and isinstance(e.get("time"), (int, float))]
 
 
 def _number(value: Any) -> bool:

@@ -43,7 +43,6 @@ class JobStore:
     POLL_SECONDS = 0.02
 
     def __init__(self, store: dist.Store, token: str, *, port: int, timeout: float):
-        self.raw_root = store
         self.token = token
         self.port = port
         self.timeout = timeout
@@ -76,7 +75,7 @@ class JobStore:
 
     def close(self) -> None:
         """Drop this handle's references; a hosted store stops serving once none remain."""
-        self.raw = self.raw_root = None  # type: ignore[assignment]
+        self.raw = None  # type: ignore[assignment]
 
     # ---- JSON values ---------------------------------------------------------
 
@@ -139,7 +138,6 @@ class JobStore:
     def register(self, role: str, ident: int, info: dict[str, Any]) -> None:
         """Announce a role process (kind, id, pid, host, ...) to the coordinator."""
         self.set_json(f"members/{role}/{ident}", info)
-        self.append("members/log", {"role": role, "id": ident})
 
 
 def _listen(host: str, port: int) -> socket.socket:
