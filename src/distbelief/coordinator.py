@@ -102,8 +102,9 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
     store.set_json("job", job)
     progress = Progress(steps * cfg.cluster.replicas, enabled=show_progress)
     ps = None
-    saved_env = {k: os.environ.get(k) for k in _loopback_env(host)}
-    os.environ.update(_loopback_env(host))  # the coordinator's own channels too
+    loopback = _loopback_env(host)
+    saved_env = {k: os.environ.get(k) for k in loopback}
+    os.environ.update(loopback)  # the coordinator's own channels too
     try:
         with LocalCluster(run_dir / "logs", role_env(store, cfg)) as cluster, \
                 MetricsLog(run_dir / "metrics.jsonl") as metrics, progress:
@@ -113,20 +114,18 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
                     local.spawn("shard", s)
                 for r in range(cfg.cluster.replicas):
                     local.spawn("replica", r)
-            wait_for_keys(store, [f"shard{s}/up" for s in range(cfg.cluster.shards)], local, cfg,
-                      "the parameter shards to start")
+            wait_for_keys(store, [f"shard{s}/up" for s in range(cfg.cluster.shards)], local,
+                          cfg, "the parameter shards to start")
             ps = PSClient(store, layout, "coordinator", transport=cfg.cluster.transport,
                           timeout=cfg.cluster.timeout, grad_buffers=0)
             ps.set(initial).wait(cfg.cluster.timeout)
             store.set_json("job/ready", True)
             wait_for_keys(store, [f"members/replica/{r}" for r in range(cfg.cluster.replicas)],
-                      local, cfg, "the replicas to start")
+                          local, cfg, "the replicas to start")
             _write_cluster(run_dir, store, cfg, host)
-            watch = _watch(cfg, store, local, metrics, progress, ps, model, data)
-            final = torch.empty_like(initial)
-            ps.pull(final).wait(cfg.cluster.timeout)
-            load_flat(model, final)
-            test_loss, test_acc = evaluate(model, data.x_test, data.y_test)
+            watch = _watch(cfg, store, local, metrics, progress, ps, model, data,
+                           job["start_time"])
+            test_loss, test_acc = _evaluate_current(ps, model, data, cfg.cluster.timeout)
             metrics.write({"event": "eval", "time": time.time() - job["start_time"],
                            "step": watch.leading_step, "test_loss": test_loss,
                            "test_accuracy": test_acc, "final": True})
@@ -158,13 +157,11 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
 
 
 def _watch(cfg: JobConfig, store: JobStore, local: LocalCluster | None, metrics: MetricsLog,
-           progress: Progress, ps: PSClient, model, data) -> _Watch:
+           progress: Progress, ps: PSClient, model, data, start_time: float) -> _Watch:
     """Follow the replicas until each is done or lost; evaluate on the way."""
     watch = _Watch(cfg.cluster.replicas)
-    start_time = store.get_json("job")["start_time"]
     read = 0
     next_eval = cfg.train.eval_every or None
-    scratch = torch.empty(ps.layout.numel)
     while not watch.finished:
         events = store.read_stream("events", read)
         read += len(events)
@@ -182,7 +179,8 @@ def _watch(cfg: JobConfig, store: JobStore, local: LocalCluster | None, metrics:
                 continue
             if store.has(f"done/replica{r}"):
                 watch.done.add(r)
-            elif _is_lost(store, local, "replica", r):
+            # done is read again: a replica may set it and exit between the two checks
+            elif _is_lost(store, local, "replica", r) and not store.has(f"done/replica{r}"):
                 watch.lost.add(r)
                 metrics.write({"event": "replica_lost", "time": time.time() - start_time,
                                "replica": r, "step": watch.steps.get(r, 0)})
@@ -200,9 +198,7 @@ def _watch(cfg: JobConfig, store: JobStore, local: LocalCluster | None, metrics:
         if time.monotonic() - watch.last_event > cfg.cluster.timeout:
             raise JobFailed(f"no replica reported progress for {cfg.cluster.timeout:.0f} s")
         if next_eval is not None and watch.leading_step >= next_eval:
-            ps.pull(scratch).wait(cfg.cluster.timeout)
-            load_flat(model, scratch)
-            loss, acc = evaluate(model, data.x_test, data.y_test)
+            loss, acc = _evaluate_current(ps, model, data, cfg.cluster.timeout)
             metrics.write({"event": "eval", "time": time.time() - start_time,
                            "step": watch.leading_step, "test_loss": loss, "test_accuracy": acc})
             progress.message(f"step {watch.leading_step}: test accuracy {acc:.4f}")
@@ -211,6 +207,14 @@ def _watch(cfg: JobConfig, store: JobStore, local: LocalCluster | None, metrics:
         time.sleep(0.05)
     _show(progress, watch, force=True)
     return watch
+
+
+def _evaluate_current(ps: PSClient, model, data, timeout: float) -> tuple[float, float]:
+    """Pull the shards' current parameters into `model`; (test loss, accuracy) on all of it."""
+    current = torch.empty(ps.layout.numel)
+    ps.pull(current).wait(timeout)
+    load_flat(model, current)
+    return evaluate(model, data.x_test, data.y_test)
 
 
 def _show(progress: Progress, watch: _Watch, force: bool = False) -> None:
