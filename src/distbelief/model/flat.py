@@ -24,8 +24,8 @@ class FlatModel:
         (e.g. a `PSClient`'s, which the shards read in place)."""
         self.model = model
         self.parameters = [p for p in model.parameters() if p.requires_grad]
-        self.numel = sum(p.numel() for p in self.parameters)
-        self.params = torch.empty(self.numel, dtype=torch.float32)
+        self.params = flatten_parameters(model)
+        self.numel = self.params.numel()
         if isinstance(grads, int):
             grads = [torch.zeros(self.numel, dtype=torch.float32) for _ in range(grads)]
         if any(g.numel() != self.numel for g in grads):
@@ -35,7 +35,6 @@ class FlatModel:
         self._slices = []
         for p in self.parameters:
             n = p.numel()
-            self.params[offset: offset + n].copy_(p.detach().reshape(-1))
             p.data = self.params[offset: offset + n].view_as(p)
             self._slices.append((offset, n))
             offset += n
