@@ -173,7 +173,7 @@ def test_option_of_the_wrong_type_is_an_error():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"algorithm": "sandblaster"}, r"--algorithm 'sandblaster' is not one of downpour"),
+    ({"algorithm": "hogwash"}, r"--algorithm 'hogwash' is not one of downpour, sync, sandblaster"),
     ({"rule": "rmsprop"}, r"--rule 'rmsprop' is not one of sgd, momentum, adagrad, adam"),
     ({"transport": "rdma"}, r"--transport 'rdma' is not one of auto, shm, gloo"),
     ({"replicas": 0}, r"--replicas must be >= 1, got 0"),
@@ -222,3 +222,54 @@ def test_validate_checks_the_file_only_settings(optimizer, message):
 def test_validate_returns_the_config_for_chaining():
     cfg = JobConfig()
     assert cfg.validate() is cfg
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"algorithm": "sync", "sync_fraction": 0.0}, r"--sync-fraction must be in \(0, 1\], got 0.0"),
+    ({"algorithm": "sync", "sync_fraction": 1.5}, r"--sync-fraction must be in \(0, 1\], got 1.5"),
+    ({"algorithm": "sandblaster", "replicas": 3, "portions": 2},
+     r"--portions 2 is smaller than the 3 workers \(--replicas\)"),
+    ({"algorithm": "sandblaster", "rule": "adagrad"},
+     r"--rule 'adagrad' means nothing for --algorithm sandblaster"),
+    ({"algorithm": "sandblaster", "momentum": 0.5}, r"--momentum 0.5 means nothing for --algorithm sandblaster"),
+    ({"algorithm": "sandblaster", "epochs": 2.0}, r"--epochs 2.0 means nothing .* give --steps"),
+    ({"algorithm": "sandblaster", "batch_size": 32}, r"--batch-size 32 means nothing .* --portions"),
+    ({"algorithm": "sandblaster", "line_search": "backtracking"},
+     r"--line-search 'backtracking' is not one of strong_wolfe, none"),
+    ({"algorithm": "sandblaster", "history": 0}, r"--history must be >= 1, got 0"),
+    ({"algorithm": "sandblaster", "push_every": 0}, r"--push-every must be >= 1, got 0"),
+    ({"algorithm": "sandblaster", "tolerance_grad": -1.0}, r"--tolerance-grad must be a finite"),
+    ({"algorithm": "sync", "n_fetch": 2}, r"--n-fetch 2 means nothing for --algorithm sync"),
+    ({"algorithm": "sync", "portions": 8}, r"--portions 8 means nothing for --algorithm sync"),
+    ({"sync_fraction": 0.75}, r"--sync-fraction 0.75 means nothing for --algorithm downpour"),
+    ({"backups": False}, r"--backups False means nothing for --algorithm downpour"),
+    ({"slow_worker": "1"}, r"--slow-worker '1' is not ID:FACTOR"),
+    ({"slow_worker": "a:4"}, r"--slow-worker 'a:4' is not ID:FACTOR"),
+    ({"slow_worker": "2:4"}, r"--slow-worker '2:4' names replica 2, but there are 2"),
+    ({"slow_worker": "1:0.5"}, r"the factor must be a finite number >= 1"),
+])
+def test_validate_refuses_wrong_combinations(options, message):
+    cfg = apply_options(JobConfig(), options)
+    with pytest.raises(UserError, match=message) as info:
+        cfg.validate()
+    assert "\n" not in str(info.value)
+
+
+def test_resolved_fills_the_algorithm_defaults():
+    downpour = JobConfig().validate().resolved()
+    assert (downpour.optimizer.rule, downpour.optimizer.lr) == ("adagrad", 0.02)
+    assert downpour.train.steps is None and downpour.sandblaster.portions is None
+    blaster = apply_options(JobConfig(), {"algorithm": "sandblaster", "replicas": 3}).validate().resolved()
+    assert (blaster.optimizer.rule, blaster.optimizer.lr) == (None, 1.0)
+    assert (blaster.sandblaster.portions, blaster.train.steps) == (24, 50)
+    given = apply_options(JobConfig(), {"algorithm": "sandblaster", "lr": 0.5, "steps": 7,
+                                        "portions": 5}).validate().resolved()
+    assert (given.optimizer.lr, given.train.steps, given.sandblaster.portions) == (0.5, 7, 5)
+    assert apply_options(JobConfig(), {"slow_worker": "1:4"}).validate().cluster.slowdown == (1, 4.0)
+
+
+def test_backups_reads_true_and_false_from_toml(tmp_path):
+    cfg = load_config(write(tmp_path, 'algorithm = "sandblaster"\n[sandblaster]\nbackups = false\n'))
+    assert cfg.sandblaster.backups is False
+    with pytest.raises(UserError, match=r"backups must be true or false, got 'no'"):
+        load_config(write(tmp_path, '[sandblaster]\nbackups = "no"\n', "b.toml"))

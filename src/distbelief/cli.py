@@ -13,7 +13,9 @@ import sys
 import threading
 from typing import Sequence
 
-from distbelief.config import ALGORITHMS, DEFAULT_EPOCHS, RULES, TRANSPORTS, default_of
+from distbelief.config import (ALGORITHMS, DEFAULT_EPOCHS, DEFAULT_ITERATIONS, DEFAULT_LBFGS_LR,
+                               DEFAULT_LR, DEFAULT_RULE, LINE_SEARCHES, PORTIONS_PER_WORKER, RULES,
+                               TRANSPORTS, default_of)
 from distbelief.errors import UserError
 
 # option -> (type, help); the default shown is read from the config dataclasses
@@ -25,11 +27,11 @@ TRAIN_OPTIONS: dict[str, tuple[type, str]] = {
     "n_fetch": (int, "a replica fetches parameters every N steps"),
     "n_push": (int, "a replica pushes its accumulated gradient every N steps"),
     "rule": (str, f"update rule applied inside the shards: {', '.join(RULES)}"),
-    "lr": (float, "learning rate"),
+    "lr": (float, "learning rate (sandblaster: the L-BFGS step scale)"),
     "momentum": (float, "momentum factor (--rule momentum)"),
     "weight_decay": (float, "L2 penalty applied inside the shards"),
     "batch_size": (int, "samples per replica step"),
-    "steps": (int, "steps per replica (replaces --epochs)"),
+    "steps": (int, "steps per replica (replaces --epochs); sandblaster: L-BFGS iterations"),
     "epochs": (float, "passes over the training data, all replicas together (replaces --steps)"),
     "dataset": (str, "digits, mnist1d, synthetic, PATH.npz (arrays x, y) or MODULE:FUNCTION"),
     "num_samples": (int, "samples to generate for mnist1d/synthetic; "
@@ -44,11 +46,28 @@ TRAIN_OPTIONS: dict[str, tuple[type, str]] = {
     "host": (str, "address the coordinator binds to"),
     "transport": (str, f"tensor transport replica<->shard: {', '.join(TRANSPORTS)}"),
     "timeout": (float, "seconds any single wait may block before the job fails"),
+    "slow_worker": (str, "ID:FACTOR makes replica ID FACTOR times slower (it sleeps in "
+                         "proportion to its compute), for tests and benchmarks"),
+    "sync_fraction": (float, "sync: a step completes once this fraction of the replicas "
+                             "reported; late gradients are dropped and counted"),
+    "portions": (int, "sandblaster: pieces the data is cut into per gradient evaluation, "
+                      "handed out as workers free up"),
+    "backups": (bool, "sandblaster: give idle workers backup copies of outstanding portions"),
+    "push_every": (int, "sandblaster: a worker sends its gradient every K accepted portions"),
+    "history": (int, "sandblaster: L-BFGS history size, kept in the shards"),
+    "line_search": (str, f"sandblaster: {', '.join(LINE_SEARCHES)} (none: fixed step --lr)"),
+    "tolerance_grad": (float, "sandblaster: stop when max |gradient| is at most this"),
+    "tolerance_change": (float, "sandblaster: stop when loss or step change less than this"),
 }
-CHOICES = {"algorithm": ALGORITHMS, "rule": RULES, "transport": TRANSPORTS}
+CHOICES = {"algorithm": ALGORITHMS, "rule": RULES, "transport": TRANSPORTS,
+           "line_search": LINE_SEARCHES}
 # what a None default means, shown in --help instead of "None"
 UNSET_DEFAULTS = {
-    "steps": "unset, --epochs decides",
+    "steps": f"unset, --epochs decides; sandblaster {DEFAULT_ITERATIONS}",
+    "rule": f"{DEFAULT_RULE}; none for sandblaster",
+    "lr": f"{DEFAULT_LR:g}; {DEFAULT_LBFGS_LR:g} for sandblaster",
+    "portions": f"{PORTIONS_PER_WORKER} per worker",
+    "slow_worker": "none",
     "epochs": f"{DEFAULT_EPOCHS:g} when --steps is not given",
     "num_samples": "the dataset's own size",
     "run_dir": "runs/<algorithm>-<time>",
@@ -69,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser(
         "train", help="train a model on a local cluster of processes (or one role per host)",
-        description="Train with Downpour SGD: R model replicas push gradients to and fetch "
-                    "parameters from S parameter shards, each its own process. Options "
+        description="Train with Downpour SGD (R model replicas push gradients to and fetch "
+                    "parameters from S parameter shards, each its own process), synchronous "
+                    "all-reduce (sync) or Sandblaster L-BFGS (sandblaster). Options "
                     "override the TOML file. Under torchrun/SLURM (RANK, WORLD_SIZE, "
                     "MASTER_ADDR, MASTER_PORT set) each process runs one role: rank 0 the "
                     "coordinator, then the shards, then the replicas.")
@@ -79,7 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
         default = default_of(name)
         if default is None:
             default = UNSET_DEFAULTS[name]
-        train.add_argument(f"--{name.replace('_', '-')}", dest=name, type=type_, default=None,
+        flag = f"--{name.replace('_', '-')}"
+        if type_ is bool:  # --backups / --no-backups
+            train.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                               default=None, help=f"{help_} (default: {default})")
+            continue
+        train.add_argument(flag, dest=name, type=type_, default=None,
                            choices=CHOICES.get(name), metavar=name.upper(),
                            help=f"{help_} (default: {default})")
     train.add_argument("--quiet", action="store_true", help="no progress display")

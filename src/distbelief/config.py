@@ -21,8 +21,15 @@ component::
     [train]
     epochs = 4
 
+Sections that belong to one algorithm (``[downpour]``, ``[sync]``,
+``[sandblaster]``) and the options that mean nothing for the chosen algorithm
+(an update rule for L-BFGS, a fetch cadence for synchronous training) are
+refused when set to anything but their default, rather than silently ignored.
+
 Every value is checked by `JobConfig.validate`, which raises `UserError` with one
-line naming the offending value and the fix.
+line naming the offending value and the fix. `JobConfig.resolved` then fills the
+values whose default depends on the algorithm (the rule, the learning rate,
+the number of portions).
 """
 
 from __future__ import annotations
@@ -43,8 +50,12 @@ import tomli_w
 
 from distbelief.errors import UserError
 
-ALGORITHMS = ("downpour",)
+ALGORITHMS = ("downpour", "sync", "sandblaster")
 RULES = ("sgd", "momentum", "adagrad", "adam")
+LINE_SEARCHES = ("strong_wolfe", "none")
+DEFAULT_RULE, DEFAULT_LR, DEFAULT_LBFGS_LR = "adagrad", 0.02, 1.0
+DEFAULT_ITERATIONS = 50  # L-BFGS iterations when --steps is not given
+PORTIONS_PER_WORKER = 8  # Sandblaster's default number of portions per worker
 TRANSPORTS = ("auto", "shm", "gloo")
 DEFAULT_EPOCHS = 4.0
 
@@ -63,6 +74,16 @@ class ClusterConfig:
     """How tensors move between replica and shard: shm (same host), gloo (TCP), auto (shm when on one host)."""
     timeout: float = 120.0
     """Seconds any single wait (connect, pull, push, join) may block before the job fails."""
+    slow_worker: str | None = None
+    """ID:FACTOR makes replica (worker) ID FACTOR times slower by sleeping in proportion to its compute (tests, benchmarks)."""
+
+    @property
+    def slowdown(self) -> tuple[int, float] | None:
+        """The parsed slow_worker, (id, factor), or None."""
+        if self.slow_worker is None:
+            return None
+        ident, _, factor = self.slow_worker.partition(":")
+        return int(ident), float(factor)
 
 
 @dataclass(kw_only=True)
@@ -76,11 +97,35 @@ class DownpourConfig:
 
 
 @dataclass(kw_only=True)
+class SyncConfig:
+    fraction: float = 1.0
+    """A step completes once the fastest fraction of the replicas reported; the rest are dropped (Project Adam)."""
+
+
+@dataclass(kw_only=True)
+class SandblasterConfig:
+    portions: int | None = None
+    """Pieces the training data is cut into for each gradient evaluation (default 8 per worker)."""
+    backups: bool = True
+    """Hand idle workers backup copies of the portions still outstanding; the first answer wins."""
+    push_every: int = 4
+    """A worker sends its accumulated gradient to the shards every this many accepted portions."""
+    history: int = 10
+    """L-BFGS history size: the (s, y) pairs the shards keep."""
+    line_search: str = "strong_wolfe"
+    """strong_wolfe, or none (a fixed step of lr)."""
+    tolerance_grad: float = 1e-7
+    """Stop when the largest gradient component is at most this."""
+    tolerance_change: float = 1e-9
+    """Stop when the loss or the step changes by less than this."""
+
+
+@dataclass(kw_only=True)
 class OptimizerConfig:
-    rule: str = "adagrad"
-    """Update rule applied inside each shard: sgd, momentum, adagrad or adam."""
-    lr: float = 0.02
-    """Learning rate of the update rule (Adagrad's first step moves every weight by about lr)."""
+    rule: str | None = None
+    """Update rule: sgd, momentum, adagrad or adam (default adagrad; L-BFGS takes none)."""
+    lr: float | None = None
+    """Learning rate (default 0.02 for the rules; 1.0, the L-BFGS step scale, for sandblaster)."""
     momentum: float = 0.9
     """Momentum factor (rule momentum only)."""
     beta1: float = 0.9
@@ -135,9 +180,11 @@ class TrainConfig:
 @dataclass(kw_only=True)
 class JobConfig:
     algorithm: str = "downpour"
-    """Training algorithm: downpour."""
+    """Training algorithm: downpour, sync or sandblaster."""
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     downpour: DownpourConfig = field(default_factory=DownpourConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    sandblaster: SandblasterConfig = field(default_factory=SandblasterConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -192,7 +239,9 @@ class JobConfig:
         """Check every value; raise UserError naming the first bad one and the fix."""
         c, d, o, t = self.cluster, self.downpour, self.optimizer, self.train
         _choice("algorithm", self.algorithm, ALGORITHMS, "--algorithm")
-        _choice("rule", o.rule, RULES, "--rule")
+        self._refuse_foreign_options()
+        if o.rule is not None:
+            _choice("rule", o.rule, RULES, "--rule")
         _choice("transport", c.transport, TRANSPORTS, "--transport")
         _at_least("--replicas", c.replicas, 1, "give at least one model replica")
         _at_least("--shards", c.shards, 1, "give at least one parameter shard")
@@ -207,7 +256,7 @@ class JobConfig:
         if not 0 < c.timeout < math.inf:
             raise UserError(f"--timeout must be a finite number of seconds > 0, got {c.timeout}: "
                             "try 120")
-        if not 0 < o.lr < math.inf:
+        if o.lr is not None and not 0 < o.lr < math.inf:
             raise UserError(f"--lr must be a finite number > 0, got {o.lr}: "
                             "try 0.02 for adagrad, 1e-3 for adam")
         if not 0 <= o.momentum < math.inf:
@@ -236,7 +285,77 @@ class JobConfig:
         if self.data.num_samples is not None and self.data.num_samples < 10:
             raise UserError(f"--num-samples must be >= 10, got {self.data.num_samples}: "
                             "leave it out for the dataset's own size")
+        self._validate_cluster_extras()
+        self._validate_sync_and_sandblaster()
         return self
+
+    def _validate_cluster_extras(self) -> None:
+        spec = self.cluster.slow_worker
+        if spec is None:
+            return
+        ident, sep, factor = spec.partition(":")
+        try:
+            parsed = (int(ident), float(factor)) if sep else None
+        except ValueError:
+            parsed = None
+        if parsed is None:
+            raise UserError(f"--slow-worker {spec!r} is not ID:FACTOR: give e.g. 1:4 to make "
+                            "replica 1 four times slower")
+        if not 0 <= parsed[0] < self.cluster.replicas:
+            raise UserError(f"--slow-worker {spec!r} names replica {parsed[0]}, but there are "
+                            f"{self.cluster.replicas} (0..{self.cluster.replicas - 1}): pick one of them")
+        if not 1 <= parsed[1] < math.inf:
+            raise UserError(f"--slow-worker {spec!r}: the factor must be a finite number >= 1 "
+                            "(how many times slower), e.g. 4")
+
+    def _validate_sync_and_sandblaster(self) -> None:
+        f, b = self.sync.fraction, self.sandblaster
+        if not 0 < f <= 1:
+            raise UserError(f"--sync-fraction must be in (0, 1], got {f}: a step completes once "
+                            "this fraction of the replicas reported; 1 waits for all, 0.75 is "
+                            "Project Adam's choice")
+        if b.portions is not None and b.portions < self.cluster.replicas:
+            raise UserError(f"--portions {b.portions} is smaller than the {self.cluster.replicas} "
+                            "workers (--replicas): give at least one portion per worker, "
+                            "ideally several")
+        _choice("line_search", b.line_search, LINE_SEARCHES, "--line-search")
+        _at_least("--push-every", b.push_every, 1, "push after every portion (1) or less often")
+        _at_least("--history", b.history, 1, "keep at least one (s, y) pair; 10 is usual")
+        for option, value in (("--tolerance-grad", b.tolerance_grad),
+                              ("--tolerance-change", b.tolerance_change)):
+            if not 0 <= value < math.inf:
+                raise UserError(f"{option} must be a finite number >= 0, got {value}: "
+                                "use 0 to never stop early")
+
+    def _refuse_foreign_options(self) -> None:
+        """An option set for another algorithm is a mistake worth one clear line."""
+        defaults = JobConfig()
+        for dotted, owners in ONLY_FOR.items():
+            if self.algorithm in owners:
+                continue
+            section, name = dotted.split(".")
+            value = getattr(getattr(self, section), name)
+            if value != getattr(getattr(defaults, section), name):
+                option = _option_name(dotted)
+                raise UserError(
+                    f"{option} {value!r} means nothing for --algorithm {self.algorithm} "
+                    f"(it is used by {' and '.join(owners)}): "
+                    f"{_FOREIGN_FIX.get(dotted, 'leave it out')}")
+
+    def resolved(self) -> JobConfig:
+        """A copy with the algorithm-dependent defaults filled in (after `validate`)."""
+        data = self.to_dict()
+        opt, blaster = data["optimizer"], data["sandblaster"]
+        if self.algorithm == "sandblaster":
+            opt["lr"] = DEFAULT_LBFGS_LR if opt["lr"] is None else opt["lr"]
+            if blaster["portions"] is None:
+                blaster["portions"] = PORTIONS_PER_WORKER * self.cluster.replicas
+            if data["train"]["steps"] is None:
+                data["train"]["steps"] = DEFAULT_ITERATIONS
+        else:
+            opt["rule"] = opt["rule"] or DEFAULT_RULE
+            opt["lr"] = DEFAULT_LR if opt["lr"] is None else opt["lr"]
+        return JobConfig.from_dict(data, source="config")
 
 
 def load_config(path: str | Path | None) -> JobConfig:
@@ -277,6 +396,10 @@ def _coerce(value: Any, type_: Any, where: str) -> Any:
         if optional:
             return None
         raise UserError(f"{where} must not be empty")
+    if text.startswith("bool"):
+        if not isinstance(value, bool):
+            raise UserError(f"{where} must be true or false, got {value!r}")
+        return value
     if text.startswith("int"):
         if isinstance(value, bool) or not isinstance(value, int):
             raise UserError(f"{where} must be an integer, got {value!r}")
@@ -313,8 +436,14 @@ OPTION_FIELDS = {
     "algorithm": "algorithm",
     "replicas": "cluster.replicas", "shards": "cluster.shards", "port": "cluster.port",
     "host": "cluster.host", "transport": "cluster.transport", "timeout": "cluster.timeout",
+    "slow_worker": "cluster.slow_worker",
     "n_fetch": "downpour.n_fetch", "n_push": "downpour.n_push",
     "warm_start_steps": "downpour.warm_start_steps",
+    "sync_fraction": "sync.fraction",
+    "portions": "sandblaster.portions", "backups": "sandblaster.backups",
+    "push_every": "sandblaster.push_every", "history": "sandblaster.history",
+    "line_search": "sandblaster.line_search", "tolerance_grad": "sandblaster.tolerance_grad",
+    "tolerance_change": "sandblaster.tolerance_change",
     "rule": "optimizer.rule", "lr": "optimizer.lr", "momentum": "optimizer.momentum",
     "weight_decay": "optimizer.weight_decay",
     "dataset": "data.dataset", "batch_size": "data.batch_size", "num_samples": "data.num_samples",
@@ -322,6 +451,32 @@ OPTION_FIELDS = {
     "steps": "train.steps", "epochs": "train.epochs", "seed": "train.seed",
     "eval_every": "train.eval_every", "log_every": "train.log_every", "run_dir": "train.run_dir",
 }
+
+
+# Fields that mean something for some algorithms only: dotted field -> those algorithms.
+_RULE_USERS = ("downpour", "sync")
+ONLY_FOR: dict[str, tuple[str, ...]] = {
+    **{f"downpour.{f.name}": ("downpour",) for f in dataclasses.fields(DownpourConfig)},
+    **{f"sync.{f.name}": ("sync",) for f in dataclasses.fields(SyncConfig)},
+    **{f"sandblaster.{f.name}": ("sandblaster",) for f in dataclasses.fields(SandblasterConfig)},
+    **{f"optimizer.{f.name}": _RULE_USERS for f in dataclasses.fields(OptimizerConfig)
+       if f.name != "lr"},
+    "data.batch_size": _RULE_USERS,  # Sandblaster's batch is all of the data, cut in portions
+    "train.epochs": _RULE_USERS,     # Sandblaster counts L-BFGS iterations (--steps)
+}
+
+_FOREIGN_FIX = {
+    "train.epochs": "leave it out and give --steps, the number of L-BFGS iterations",
+    "data.batch_size": "leave it out; --portions sets how finely the data is cut",
+}
+
+
+def _option_name(dotted: str) -> str:
+    """The command-line spelling of a config field, or its dotted name if it has none."""
+    for option, field_name in OPTION_FIELDS.items():
+        if field_name == dotted:
+            return "--" + option.replace("_", "-")
+    return dotted
 
 
 def default_of(option: str) -> Any:

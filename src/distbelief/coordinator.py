@@ -71,7 +71,7 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
 
     Raises UserError for bad input and JobFailed when the job cannot finish.
     """
-    cfg.validate()
+    cfg = cfg.validate().resolved()
     run_dir = _choose_run_dir(cfg)
     data = load_dataset(cfg.data.dataset, seed=cfg.train.seed, num_samples=cfg.data.num_samples)
     torch.manual_seed(cfg.train.seed)

@@ -45,7 +45,8 @@ class ShardServer:
         self._params_shm = SharedTensor(job_file(store.token, P.params_file(shard)), numel,
                                         torch.float32, create=True)
         self.params = self._params_shm.tensor
-        self.rule = make_rule(rule_cfg, self.params)
+        # Sandblaster's shards apply no rule: L-BFGS moves them through vector operations
+        self.rule = make_rule(rule_cfg, self.params) if rule_cfg.rule is not None else None
         self.lock = threading.Lock()
         self.version = 0
         self.pushes = 0
@@ -154,6 +155,8 @@ class ShardServer:
         else:
             grad = grads[0]
             channel.recv(grad)
+        if self.rule is None:
+            raise RuntimeError("push to a shard that applies no update rule (sandblaster)")
         with self.lock:
             staleness = self.version - fetched_version
             self.rule.apply(grad)
