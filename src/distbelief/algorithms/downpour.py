@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from distbelief.algorithms.schedule import fetch_before, push_after, steps_per_replica
+from distbelief.algorithms.slowdown import Slowdown
 from distbelief.data.datasets import BatchStream, load_dataset, replica_indices
 from distbelief.model.flat import FlatModel
 from distbelief.model.zoo import build_model
@@ -66,6 +67,7 @@ def _train(ctx: RoleContext, ps: PSClient, flat: FlatModel, model, stream: Batch
     cfg, r = ctx.config, ctx.ident
     n_fetch, n_push, timeout = cfg.downpour.n_fetch, cfg.downpour.n_push, cfg.cluster.timeout
     report = _Reporter(ctx, total)
+    slow = Slowdown.for_worker(cfg, r)
     pending = [None, None]  # the push handle still reading each gradient buffer
     buf = 0
     window_versions = None
@@ -75,8 +77,9 @@ def _train(ctx: RoleContext, ps: PSClient, flat: FlatModel, model, stream: Batch
         if window_versions is None:  # the versions this push window's gradients are computed on
             window_versions = list(ps.fetched_versions)
         xb, yb = stream.next()
-        loss = F.cross_entropy(model(xb), yb)
-        loss.backward()
+        with slow.compute():
+            loss = F.cross_entropy(model(xb), yb)
+            loss.backward()
         report.step(loss.item(), len(yb))
         if push_after(step, n_push, total):
             pending[buf] = ps.push(buf, versions=window_versions)

@@ -77,10 +77,23 @@ def run_role(store: JobStore, role: str, ident: int) -> None:
             from distbelief.ps.serve import run_shard
             run_shard(ctx)
         elif role == "replica":
-            from distbelief.algorithms.downpour import run_replica
-            run_replica(ctx)
+            _replica_entry(config.algorithm)(ctx)
         else:
             raise ValueError(f"unknown role {role!r}")
+
+
+def _replica_entry(algorithm: str):
+    """The function a replica (worker) of `algorithm` runs."""
+    if algorithm == "downpour":
+        from distbelief.algorithms.downpour import run_replica
+        return run_replica
+    if algorithm == "sync":
+        from distbelief.algorithms.sync import run_replica
+        return run_replica
+    if algorithm == "sandblaster":
+        from distbelief.algorithms.sandblaster_worker import run_worker
+        return run_worker
+    raise ValueError(f"unknown algorithm {algorithm!r}")
 
 
 def _die_with_parent() -> None:
