@@ -55,7 +55,9 @@ class _Watch:
     steps: dict[int, int] = field(default_factory=dict)
     last: dict[int, dict] = field(default_factory=dict)
     samples: int = 0
+    dropped: int = 0  # late gradients a synchronous step did not wait for
     last_event: float = field(default_factory=time.monotonic)
+    extra: dict = field(default_factory=dict)  # the algorithm's own statistics
 
     @property
     def finished(self) -> bool:
@@ -100,7 +102,9 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
     job = {"config": cfg.to_dict(), "layout": layout.to_json(), "start_time": time.time(),
            "steps": steps, "input_shape": list(data.input_shape), "num_classes": data.num_classes}
     store.set_json("job", job)
-    progress = Progress(steps * cfg.cluster.replicas, enabled=show_progress)
+    sandblaster = cfg.algorithm == "sandblaster"
+    progress = Progress(steps if sandblaster else steps * cfg.cluster.replicas,
+                        enabled=show_progress)
     ps = None
     loopback = _loopback_env(host)
     saved_env = {k: os.environ.get(k) for k in loopback}
@@ -123,8 +127,12 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
             wait_for_keys(store, [f"members/replica/{r}" for r in range(cfg.cluster.replicas)],
                           local, cfg, "the replicas to start")
             _write_cluster(run_dir, store, cfg, host)
-            watch = _watch(cfg, store, local, metrics, progress, ps, model, data,
-                           job["start_time"])
+            if sandblaster:
+                watch = _drive_sandblaster(cfg, store, local, metrics, progress, ps, model,
+                                           data, job["start_time"])
+            else:
+                watch = _watch(cfg, store, local, metrics, progress, ps, model, data,
+                               job["start_time"])
             test_loss, test_acc = _evaluate_current(ps, model, data, cfg.cluster.timeout)
             metrics.write({"event": "eval", "time": time.time() - job["start_time"],
                            "step": watch.leading_step, "test_loss": test_loss,
@@ -172,6 +180,7 @@ def _watch(cfg: JobConfig, store: JobStore, local: LocalCluster | None, metrics:
                 watch.steps[event["replica"]] = event["step"]
                 watch.last[event["replica"]] = event
                 watch.samples += event["samples"]
+                watch.dropped += event.get("dropped") or 0
         if events:
             _show(progress, watch)
         for r in range(cfg.cluster.replicas):
@@ -186,6 +195,9 @@ def _watch(cfg: JobConfig, store: JobStore, local: LocalCluster | None, metrics:
                                "replica": r, "step": watch.steps.get(r, 0)})
                 progress.message(f"replica {r} was lost at step {watch.steps.get(r, 0)}; "
                                  "the others go on")
+                if cfg.algorithm == "sync":
+                    raise JobFailed(f"replica {r} died{_exit_detail(local, 'replica', r)}; "
+                                    "synchronous training cannot go on without it")
                 if r == 0 and not store.has("warm/done"):
                     store.set_json("warm/done", True)  # do not leave the others waiting
         for s in range(cfg.cluster.shards):
@@ -206,6 +218,50 @@ def _watch(cfg: JobConfig, store: JobStore, local: LocalCluster | None, metrics:
                 next_eval += cfg.train.eval_every
         time.sleep(0.05)
     _show(progress, watch, force=True)
+    return watch
+
+
+def _drive_sandblaster(cfg: JobConfig, store: JobStore, local: LocalCluster | None,
+                       metrics: MetricsLog, progress: Progress, ps: PSClient, model, data,
+                       start_time: float) -> _Watch:
+    """Run Sandblaster L-BFGS from here; the replicas are its workers."""
+    from distbelief.algorithms.sandblaster import SandblasterFailed, SandblasterJob, drive
+
+    watch = _Watch(cfg.cluster.replicas)
+
+    def show(iterations: int, loss: float, samples_per_second: float) -> None:
+        watch.steps[0] = iterations
+        watch.last[0] = {"loss": loss}
+        progress.update(iterations, loss=loss, samples_per_second=samples_per_second,
+                        staleness=None)
+
+    def on_iteration(k: int) -> None:
+        if cfg.train.eval_every and k % cfg.train.eval_every == 0:
+            loss, acc = _evaluate_current(ps, model, data, cfg.cluster.timeout)
+            metrics.write({"event": "eval", "time": time.time() - start_time, "step": k,
+                           "test_loss": loss, "test_accuracy": acc})
+            progress.message(f"iteration {k}: test accuracy {acc:.4f}")
+
+    def write_event(event: dict) -> None:
+        metrics.write(event)
+        if event["event"] == "train":
+            watch.samples += event["samples"]
+        elif event["event"] == "replica_lost":
+            watch.lost.add(event["replica"])
+            progress.message(f"worker {event['replica']} was lost; its portions are handed "
+                             "out again")
+
+    job = SandblasterJob(store=store, config=cfg, ps=ps, write_event=write_event, show=show,
+                         is_lost=lambda w: _is_lost(store, local, "replica", w),
+                         on_iteration=on_iteration, start_time=start_time)
+    try:
+        watch.extra = drive(job)
+    except SandblasterFailed as exc:
+        raise JobFailed(f"{exc}{_exit_detail(local, 'replica', min(watch.lost, default=0))}"
+                        ) from None
+    if watch.extra["converged"]:
+        progress.message(f"L-BFGS converged ({watch.extra['converged']}) after "
+                         f"{watch.extra['iterations']} iterations")
     return watch
 
 
@@ -342,6 +398,7 @@ def _summary(cfg: JobConfig, job: dict, watch: _Watch, steps: int, test_loss: fl
         "test_loss": test_loss, "test_accuracy": test_acc,
         "test_samples": len(data.y_test), "replicas_lost": len(watch.lost), "lost_replicas": sorted(watch.lost),
         "mean_staleness": sum(stale) / len(stale) if stale else None,
+        "late_gradients_dropped": watch.dropped,
         "shard_versions": [s.get("version") for s in shard_stats],
         "shard_pushes": [s.get("pushes") for s in shard_stats],
         "exit_codes": exit_codes,
@@ -352,5 +409,9 @@ def _summary(cfg: JobConfig, job: dict, watch: _Watch, steps: int, test_loss: fl
                    "n_fetch": cfg.downpour.n_fetch, "n_push": cfg.downpour.n_push,
                    "rule": cfg.optimizer.rule, "lr": cfg.optimizer.lr,
                    "batch_size": cfg.data.batch_size,
-                   "warm_start_steps": cfg.downpour.warm_start_steps, "seed": cfg.train.seed},
+                   "warm_start_steps": cfg.downpour.warm_start_steps, "seed": cfg.train.seed,
+                   "sync_fraction": cfg.sync.fraction, "slow_worker": cfg.cluster.slow_worker,
+                   "portions": cfg.sandblaster.portions, "backups": cfg.sandblaster.backups,
+                   "line_search": cfg.sandblaster.line_search},
+        **({cfg.algorithm: watch.extra} if watch.extra else {}),
     }

@@ -30,6 +30,7 @@ from typing import Sequence
 import torch
 
 from distbelief.ps import protocol as P
+from distbelief.ps import vectors as V
 from distbelief.ps.layout import Layout
 from distbelief.runtime.channel import Channel, ChannelClosed, SharedTensor, job_file
 from distbelief.runtime.store import JobStore
@@ -95,6 +96,24 @@ class ShardConnection:
         op, version, staleness, *_ = self.channel.recv_header()
         _expect_ok(op, self.shard, "push")
         return version, staleness
+
+    def accumulate_from(self, grad: torch.Tensor, buffer: int, vector: int) -> None:
+        """Add a gradient slice into the shard's vector `vector` (no update rule)."""
+        self.channel.send_header(P.ACCUM, buffer, vector)
+        if not self.shm:
+            self.channel.send(grad.contiguous())
+        op, *_ = self.channel.recv_header()
+        _expect_ok(op, self.shard, "accumulate")
+
+    def vector(self, op: int, v: int, src: int, alpha: float) -> float:
+        """Run one vector operation on the shard (see ps/vectors.py); its scalar result."""
+        self.channel.send_header(P.VEC, op, v, src, V.float_bits(alpha))
+        reply, result, *_ = self.channel.recv_header()
+        if reply != P.OK:
+            raise RuntimeError(f"shard {self.shard} refused vector operation "
+                               f"{V.NAMES.get(op, op)} on vector {v} (source {src}); "
+                               "see the shard's log")
+        return V.bits_float(result)
 
     def set_from(self, values: torch.Tensor) -> int:
         """Overwrite the shard's slice (initial values, warm start from a checkpoint)."""
@@ -186,6 +205,24 @@ class PSClient:
         return Handle([self._pools[s].submit(self._conns[s].push_from, grad[a:b], buffer,
                                              versions[s])
                        for s, (a, b) in enumerate(self.layout.ranges)])
+
+    def accumulate(self, buffer: int, vector: int) -> Handle:
+        """Add gradient buffer `buffer` into every shard's vector `vector` (Sandblaster).
+
+        The shards apply no rule; do not write to the buffer until the handle is done.
+        """
+        if not 0 <= buffer < len(self.grad_buffers):
+            raise IndexError(f"gradient buffer {buffer} does not exist "
+                             f"(the client has {len(self.grad_buffers)})")
+        grad = self.grad_buffers[buffer]
+        return Handle([self._pools[s].submit(self._conns[s].accumulate_from, grad[a:b], buffer,
+                                             vector)
+                       for s, (a, b) in enumerate(self.layout.ranges)])
+
+    def vector(self, op: int, v: int, src: int = 0, alpha: float = 0.0) -> Handle:
+        """Run one vector operation on every shard; the handle gives each shard's scalar."""
+        return Handle([self._pools[s].submit(self._conns[s].vector, op, v, src, alpha)
+                       for s in range(self.layout.shards)])
 
     def set(self, flat: torch.Tensor) -> Handle:
         """Overwrite every shard's slice with `flat`'s."""

@@ -9,6 +9,8 @@ holds its lock, and the client says ``DONE`` when it has finished copying.
     PUSH  fetched_version buffer [grad] -> OK version staleness
     PULL                    -> OK version  [params] (shm: client copies, then DONE)
     SET                     -> OK  [params]          (shm: client copies, then DONE)
+    VEC   op v src alpha    -> OK result | ERR ERR_VECTOR   (see ps/vectors.py)
+    ACCUM buffer v [grad]   -> OK                     (vector v += the gradient; no rule)
     BYE                     -> OK                     (the connection ends)
 
 Connection requests go through the store: a client takes a ticket from the
@@ -23,13 +25,13 @@ so a replica's backward pass writes straight into what the shards read and a
 push moves no tensor at all: PUSH names the buffer.
 """
 
-HELLO, PUSH, PULL, SET, BYE, DONE, READY = 1, 2, 3, 4, 5, 6, 7
+HELLO, PUSH, PULL, SET, BYE, DONE, READY, VEC, ACCUM = 1, 2, 3, 4, 5, 6, 7, 8, 9
 OK, ERR = 100, 101
 
 TRANSPORT_GLOO, TRANSPORT_SHM = 0, 1
 TRANSPORT_IDS = {"gloo": TRANSPORT_GLOO, "shm": TRANSPORT_SHM}
 
-ERR_NUMEL, ERR_TRANSPORT = 1, 2
+ERR_NUMEL, ERR_TRANSPORT, ERR_VECTOR = 1, 2, 3
 
 
 def conn_counter(shard: int) -> str:

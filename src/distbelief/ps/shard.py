@@ -27,6 +27,7 @@ import torch
 from distbelief.config import OptimizerConfig
 from distbelief.ps import protocol as P
 from distbelief.ps.rules import make_rule
+from distbelief.ps.vectors import ShardVectors, VectorError, bits_float, float_bits
 from distbelief.runtime.channel import Channel, ChannelClosed, SharedTensor, job_file
 from distbelief.runtime.store import JobStore
 
@@ -47,6 +48,7 @@ class ShardServer:
         self.params = self._params_shm.tensor
         # Sandblaster's shards apply no rule: L-BFGS moves them through vector operations
         self.rule = make_rule(rule_cfg, self.params) if rule_cfg.rule is not None else None
+        self.vectors = ShardVectors(self.params)
         self.lock = threading.Lock()
         self.version = 0
         self.pushes = 0
@@ -97,13 +99,17 @@ class ShardServer:
                 return
             shm = request.get("transport") == "shm"
             while True:
-                op, a, b, _, _, _ = channel.recv_header()
+                op, a, b, c, d, _ = channel.recv_header()
                 if op == P.PUSH:
                     self._push(channel, grads, fetched_version=a, buffer=b, shm=shm)
                 elif op == P.PULL:
                     self._pull(channel, shm=shm)
                 elif op == P.SET:
                     self._set(channel, shm=shm)
+                elif op == P.VEC:
+                    self._vector(channel, op=a, v=b, src=c, alpha=bits_float(d))
+                elif op == P.ACCUM:
+                    self._accumulate(channel, grads, buffer=a, v=b, shm=shm)
                 elif op == P.BYE:
                     channel.send_header(P.OK)
                     return
@@ -148,13 +154,7 @@ class ShardServer:
 
     def _push(self, channel: Channel, grads: list[torch.Tensor], *, fetched_version: int,
               buffer: int, shm: bool) -> None:
-        if shm:
-            if not 0 <= buffer < len(grads):
-                raise RuntimeError(f"push names gradient buffer {buffer}; there are {len(grads)}")
-            grad = grads[buffer]
-        else:
-            grad = grads[0]
-            channel.recv(grad)
+        grad = self._incoming_grad(channel, grads, buffer, shm)
         if self.rule is None:
             raise RuntimeError("push to a shard that applies no update rule (sandblaster)")
         with self.lock:
@@ -165,6 +165,35 @@ class ShardServer:
         with self._stats_lock:
             self.pushes += 1
         channel.send_header(P.OK, version, staleness)
+
+    def _vector(self, channel: Channel, *, op: int, v: int, src: int, alpha: float) -> None:
+        try:
+            with self.lock:
+                result = self.vectors.run(op, v, src, alpha)
+        except VectorError as exc:
+            log.warning("shard %d: %s", self.shard, exc)
+            channel.send_header(P.ERR, P.ERR_VECTOR)
+            return
+        channel.send_header(P.OK, float_bits(result))
+
+    def _accumulate(self, channel: Channel, grads: list[torch.Tensor], *, buffer: int, v: int,
+                    shm: bool) -> None:
+        grad = self._incoming_grad(channel, grads, buffer, shm)
+        with self.lock:
+            self.vectors.accumulate(v, grad)
+        with self._stats_lock:
+            self.pushes += 1
+        channel.send_header(P.OK)
+
+    def _incoming_grad(self, channel: Channel, grads: list[torch.Tensor], buffer: int,
+                       shm: bool) -> torch.Tensor:
+        """The pushed gradient: the client's shm buffer in place, or received over TCP."""
+        if not shm:
+            channel.recv(grads[0])
+            return grads[0]
+        if not 0 <= buffer < len(grads):
+            raise RuntimeError(f"push names gradient buffer {buffer}; there are {len(grads)}")
+        return grads[buffer]
 
     def _pull(self, channel: Channel, shm: bool) -> None:
         with self.lock:

@@ -73,6 +73,16 @@ class JobStore:
         store = dist.TCPStore(host, port, None, False, timeout=_td(timeout))
         return cls(store, token, port=port, timeout=timeout)
 
+    def clone(self) -> JobStore:
+        """A second connection to the same store, for another thread.
+
+        One connection serves one request at a time, and a blocking `wait_json`
+        holds it: a thread that waits must not share its connection with threads
+        that need the store meanwhile.
+        """
+        return JobStore(self.raw.underlying_store.clone(), self.token, port=self.port,
+                        timeout=self.timeout)
+
     def close(self) -> None:
         """Drop this handle's references; a hosted store stops serving once none remain."""
         self.raw = None  # type: ignore[assignment]
@@ -105,6 +115,19 @@ class JobStore:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"timed out waiting for {what or key!r}")
             time.sleep(self.POLL_SECONDS)
+
+    def wait_json(self, key: str, timeout: float) -> Any:
+        """Block until key is set, woken by the store (no polling); return its JSON value.
+
+        For latency-sensitive hand-offs (Sandblaster's work hand-out). Holds this
+        connection while it waits (see `clone`). Raises TimeoutError after `timeout`
+        seconds.
+        """
+        try:
+            self.raw.wait([key], _td(timeout))
+        except dist.DistStoreError:
+            raise TimeoutError(f"timed out waiting for {key!r}") from None
+        return json.loads(self.raw.get(key))
 
     def add(self, key: str, amount: int) -> int:
         """Atomically add to a counter and return its new value."""

@@ -1,0 +1,260 @@
+"""Sandblaster L-BFGS, the coordinator side (DistBelief, Dean et al. 2012, section 4.2).
+
+The coordinator runs batch L-BFGS (`algorithms.lbfgs`) whose vectors (the
+parameters, gradients, search direction and the (s, y) history) live in the
+parameter shards: it sends them small commands (`ps.vectors`) and gets scalars
+back. Each gradient evaluation is a batch over all the training data, cut into
+many portions (`algorithms.portions`) handed out to the workers as they become
+free; near the end, idle workers get backup copies of the portions still
+outstanding and the first answer wins. The workers add their winning gradients
+straight into a shard vector (`algorithms.sandblaster_worker`), so no gradient
+moves through the coordinator either.
+
+Everything the coordinator hears arrives on one store stream, ``sb/results``:
+the workers' results and pushes, and "lost" notes from a watchdog thread that
+checks the workers' liveness. A lost worker's unfinished portions are handed
+out again; if it died in the middle of sending gradients (some shards may
+hold them, others not), the evaluation starts over into a fresh vector.
+
+Example (inside the coordinator, once the shards hold the initial parameters)::
+
+    stats = drive(SandblasterJob(store, cfg, ps, metrics, progress, is_lost, evaluate_test,
+                                 start_time, watch))
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from distbelief.algorithms.lbfgs import LBFGS, LBFGSSettings
+from distbelief.algorithms.portions import Portions, wants_push
+from distbelief.algorithms.sandblaster_worker import RESULTS, message_key
+from distbelief.config import JobConfig
+from distbelief.ps.client import PSClient
+from distbelief.ps.vectors import PARAMS, RemoteVectors
+from distbelief.runtime.store import JobStore
+
+
+class SandblasterFailed(RuntimeError):
+    """The batch cannot be computed (every worker lost, no answer in time, a NaN loss)."""
+
+
+@dataclass
+class SandblasterJob:
+    """What the driver needs from the coordinator."""
+
+    store: JobStore
+    config: JobConfig
+    ps: PSClient
+    write_event: Callable[[dict], None]      # into metrics.jsonl
+    show: Callable[[int, float, float], None]  # (iterations done, loss, samples/s)
+    is_lost: Callable[[int], bool]           # has worker w died?
+    on_iteration: Callable[[int], None]      # after iteration k (periodic test evaluation)
+    start_time: float
+
+
+class _Restart(Exception):
+    """A worker died while sending gradients: the batch's gradient vector is unreliable."""
+
+
+class PortionEvaluator:
+    """`evaluate(g)` for `LBFGS`: the loss and gradient over all portions, at the shards'
+    current parameters, with the gradient left in shard vector g. Blocks."""
+
+    def __init__(self, job: SandblasterJob, space: RemoteVectors):
+        cfg = job.config
+        self.job, self.space, self.store = job, space, job.store
+        self.inbox = job.store.clone()  # blocks in wait_json; the watchdog uses job.store
+        self.portions, self.backups = cfg.sandblaster.portions, cfg.sandblaster.backups
+        self.push_every, self.timeout = cfg.sandblaster.push_every, cfg.cluster.timeout
+        self.alive = set(range(cfg.cluster.replicas))
+        self.lost: list[int] = []
+        self.busy: set[int] = set()             # workers computing a portion (maybe a stale one)
+        self.in_flight: dict[int, list[int]] = {}  # worker -> portions it is sending right now
+        self.sent = [0] * cfg.cluster.replicas  # messages sent to each worker
+        self.read = 0                           # results consumed from the stream
+        self.evaluation = 0
+        self.stats = {"evaluations": 0, "portions_computed": 0, "backups_issued": 0,
+                      "answers_discarded": 0, "portions_reissued": 0, "restarts": 0,
+                      "samples": 0}
+
+    def __call__(self, g: int) -> float:
+        target = g
+        try:
+            while True:
+                try:
+                    loss = self._evaluate_into(target)
+                    break
+                except _Restart:
+                    self.stats["restarts"] += 1
+                    if target == g:
+                        target = self.space.new()
+            if target != g:
+                self.space.copy(g, target)
+        finally:
+            if target != g:
+                self.space.free(target)
+        self.stats["evaluations"] += 1
+        return loss
+
+    # ---- one batch ---------------------------------------------------------
+
+    def _evaluate_into(self, vector: int) -> float:
+        self.evaluation += 1
+        e = self.evaluation
+        self.space.zero(vector)
+        work = Portions(self.portions, backups=self.backups)
+        unpushed: dict[int, set[int]] = {w: set() for w in self.alive}
+        asked_to_push: set[int] = set()
+        pushed: set[int] = set()
+        loss = 0.0
+        for w in sorted(self.alive - self.busy):
+            self._give(w, work, e, vector)
+        while not (work.complete and len(pushed) == self.portions and not self.in_flight):
+            m = self._next()
+            w = m.get("worker")
+            if m["kind"] == "result":
+                self.busy.discard(w)
+                self.stats["portions_computed"] += 1
+                if m["eval"] == e and w in self.alive:
+                    work.finished(w, m["portion"], accepted=m["accepted"])
+                    if m["accepted"]:
+                        loss += m["loss"]
+                        self.stats["samples"] += m["samples"]
+                        unpushed[w].add(m["portion"])
+                    else:
+                        self.stats["answers_discarded"] += 1
+                else:  # a backup's original (or vice versa) from an earlier batch
+                    self.stats["answers_discarded"] += 1
+            elif m["kind"] == "pushing":
+                self.in_flight[w] = m["portions"]
+            elif m["kind"] == "pushed":
+                self.in_flight.pop(w, None)
+                asked_to_push.discard(w)
+                if m["eval"] == e:
+                    pushed.update(m["portions"])
+                    unpushed[w].difference_update(m["portions"])
+            elif m["kind"] == "lost":
+                self._lose(w, work, unpushed)
+            for w in sorted(self.alive):
+                if w not in self.busy:
+                    self._give(w, work, e, vector)
+                if w not in asked_to_push and wants_push(len(unpushed[w]), self.push_every,
+                                                         work.unassigned):
+                    self._send(w, {"do": "push", "eval": e, "vector": vector})
+                    asked_to_push.add(w)
+        self.stats["backups_issued"] += work.backups_issued
+        if not math.isfinite(loss):
+            raise SandblasterFailed(f"the training loss is {loss} at L-BFGS evaluation {e}: "
+                                    "lower --lr or check the data")
+        return loss
+
+    def _give(self, w: int, work: Portions, e: int, vector: int) -> None:
+        task = work.next_for(w)
+        if task is not None:
+            self._send(w, {"do": "portion", "eval": e, "portion": task.portion,
+                           "generation": task.generation, "vector": vector})
+            self.busy.add(w)
+
+    def _lose(self, w: int, work: Portions, unpushed: dict[int, set[int]]) -> None:
+        if w not in self.alive:
+            return
+        self.alive.discard(w)
+        self.busy.discard(w)
+        self.lost.append(w)
+        self.job.write_event({"event": "replica_lost", "time": time.time() - self.job.start_time,
+                              "replica": w, "step": self.evaluation})
+        if not self.alive:
+            raise SandblasterFailed(f"all {len(self.sent)} workers were lost")
+        if self.in_flight.pop(w, None):  # some shards may have added its gradient, others not
+            raise _Restart()
+        self.stats["portions_reissued"] += len(work.lost(w, unpushed.pop(w, set())))
+
+    # ---- messages ----------------------------------------------------------
+
+    def _send(self, w: int, message: dict) -> None:
+        self.store.set_json(message_key(w, self.sent[w]), message)
+        self.sent[w] += 1
+
+    def _next(self) -> dict[str, Any]:
+        try:
+            m = self.inbox.wait_json(f"{RESULTS}/{self.read}", timeout=self.timeout)
+        except TimeoutError:
+            raise SandblasterFailed(f"no worker answered for {self.timeout:.0f} s") from None
+        self.read += 1
+        return m
+
+    def stop_workers(self) -> None:
+        for w in sorted(self.alive):
+            self._send(w, {"do": "stop"})
+
+
+class _Watchdog:
+    """Appends {"kind": "lost"} to the results stream when a worker dies. Context manager."""
+
+    def __init__(self, job: SandblasterJob, period: float = 0.2):
+        self.job, self.period = job, period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sandblaster-watchdog",
+                                        daemon=True)
+
+    def _run(self) -> None:
+        reported: set[int] = set()
+        while not self._stop.wait(self.period):
+            for w in range(self.job.config.cluster.replicas):
+                if w not in reported and self.job.is_lost(w):
+                    reported.add(w)
+                    self.job.store.append(RESULTS, {"kind": "lost", "worker": w})
+
+    def __enter__(self) -> _Watchdog:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def drive(job: SandblasterJob) -> dict:
+    """Run the L-BFGS iterations; returns the run's statistics. Blocks."""
+    cfg = job.config
+    b = cfg.sandblaster
+    settings = LBFGSSettings(lr=cfg.optimizer.lr, history=b.history, line_search=b.line_search,
+                             tolerance_grad=b.tolerance_grad, tolerance_change=b.tolerance_change)
+    space = RemoteVectors(job.ps)
+    evaluator = PortionEvaluator(job, space)
+    iterations, converged, last_loss = 0, None, None
+    began = time.perf_counter()
+    try:
+        with _Watchdog(job), LBFGS(space, PARAMS, evaluator, settings) as optimizer:
+            for k in range(cfg.train.steps):
+                samples_before, since = evaluator.stats["samples"], time.perf_counter()
+                it = optimizer.step()
+                if it.converged in ("gradient", "direction"):  # it did not move
+                    converged = it.converged
+                    break
+                iterations, last_loss = k + 1, it.loss
+                elapsed = max(time.perf_counter() - since, 1e-9)
+                samples = evaluator.stats["samples"] - samples_before
+                job.write_event({
+                    "event": "train", "time": time.time() - job.start_time, "replica": None,
+                    "step": k + 1, "total_steps": cfg.train.steps, "loss": it.loss,
+                    "samples": samples, "samples_per_second": samples / elapsed,
+                    "evaluations": it.evaluations, "step_length": it.step,
+                    "seconds": elapsed, "workers": len(evaluator.alive)})
+                job.show(k + 1, it.loss, samples / elapsed)
+                job.on_iteration(k + 1)
+                if it.converged:
+                    converged = it.converged
+                    break
+    finally:
+        evaluator.stop_workers()
+    wall = time.perf_counter() - began
+    return {"iterations": iterations, "converged": converged, "final_loss": last_loss,
+            "seconds_per_iteration": wall / iterations if iterations else None,
+            "lost_workers": sorted(evaluator.lost), "vector_operations": space.ops,
+            **evaluator.stats}

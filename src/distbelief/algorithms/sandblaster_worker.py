@@ -1,0 +1,169 @@
+"""Sandblaster L-BFGS, the worker side (DistBelief, Dean et al. 2012, section 4.2).
+
+A worker computes the gradient of the training loss over the portions of the
+data the coordinator hands it, one at a time. It fetches the parameters from
+the shards at the start of each batch (each gradient evaluation), claims every
+answer in the store (the first answer for a portion wins, so a backup copy and
+its original are never both counted), keeps the winning gradients in one
+accumulator, and sends the accumulator to the shards when the coordinator says
+so (every few portions, and when the batch is nearly done). The shards add it
+into the vector the coordinator named; they apply no update rule.
+
+Two threads: this one reads the coordinator's messages and sends gradients
+(so a push is never stuck behind a slow portion); one compute thread works
+through the portions in order. The loss of a portion is its summed
+cross-entropy divided by the training-set size, so the portions of a batch add
+up to the mean loss and its gradient.
+
+Messages from the coordinator, in order, at ``sb/worker{w}/{n}``:
+    {"do": "portion", "eval": e, "portion": p, "generation": g, "vector": v}
+    {"do": "push", "eval": e, "vector": v}
+    {"do": "stop"}
+Reports, on the store stream ``sb/results``:
+    {"kind": "result", "worker", "eval", "portion", "accepted", "loss", "samples", "seconds"}
+    {"kind": "pushing" | "pushed", "worker", "eval", "portions": [...]}
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+import torch.nn.functional as F
+
+from distbelief.algorithms.portions import portion_bounds
+from distbelief.algorithms.slowdown import Slowdown
+from distbelief.data.datasets import load_dataset
+from distbelief.model.flat import FlatModel
+from distbelief.model.zoo import build_model
+from distbelief.ps.client import PSClient
+from distbelief.ps.layout import Layout
+from distbelief.runtime.role import RoleContext
+
+RESULTS = "sb/results"
+
+
+def message_key(worker: int, index: int) -> str:
+    return f"sb/worker{worker}/{index}"
+
+
+def claim_key(evaluation: int, portion: int, generation: int) -> str:
+    return f"sb/claim/{evaluation}/{portion}/{generation}"
+
+
+def run_worker(ctx: RoleContext) -> None:
+    cfg, w = ctx.config, ctx.ident
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.cluster.replicas))
+    data = load_dataset(cfg.data.dataset, seed=cfg.train.seed, num_samples=cfg.data.num_samples)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model.name, data.input_shape, data.num_classes)
+    ctx.store.get_json("job/ready", what="the coordinator to initialise the shards")
+    layout = Layout.from_json(ctx.job["layout"])
+    with PSClient(ctx.store, layout, f"worker{w}", transport=cfg.cluster.transport,
+                  timeout=cfg.cluster.timeout, grad_buffers=1) as ps:
+        _Worker(ctx, ps, model, data).run()
+    ctx.store.set_json(f"done/replica{w}", True)
+
+
+class _Worker:
+    def __init__(self, ctx: RoleContext, ps: PSClient, model, data):
+        self.ctx, self.ps, self.model = ctx, ps, model
+        self.inbox = ctx.store.clone()  # this thread blocks on it; the compute thread reports
+        self.w = ctx.ident
+        self.timeout = ctx.config.cluster.timeout
+        self.x, self.y = data.x_train, data.y_train
+        self.portions = ctx.config.sandblaster.portions
+        self.flat = FlatModel(model, grads=1)  # backward() writes here, a private buffer
+        self.acc = ps.grad_buffers[0]          # winning gradients; the shards read it on shm
+        self.acc.zero_()
+        self.acc_eval: int | None = None
+        self.acc_portions: list[int] = []
+        self.lock = threading.Lock()           # guards acc, acc_eval, acc_portions
+        self.fetched: int | None = None        # the evaluation whose parameters are loaded
+        self.slow = Slowdown.for_worker(ctx.config, self.w)
+
+    def run(self) -> None:
+        """Follow the coordinator's messages until it says stop. Blocks."""
+        pending: list[Future] = []
+        index = 0
+        with ThreadPoolExecutor(1, thread_name_prefix=f"worker{self.w}-compute") as compute:
+            while True:
+                message = self._next_message(index, pending)
+                index += 1
+                if message["do"] == "portion":
+                    pending.append(compute.submit(self._compute, message))
+                elif message["do"] == "push":
+                    self._push(message["eval"], message["vector"])
+                elif message["do"] == "stop":
+                    break
+                else:
+                    raise ValueError(f"unknown message from the coordinator: {message}")
+                pending = _reraise_failures(pending)
+            for future in pending:
+                future.result(self.timeout)
+
+    def _next_message(self, index: int, pending: list[Future]) -> dict:
+        """Wait for message `index`, surfacing a failed portion and noticing a stopped job."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                return self.inbox.wait_json(message_key(self.w, index), timeout=1.0)
+            except TimeoutError:
+                _reraise_failures(pending)
+                if self.ctx.stopping():
+                    return {"do": "stop"}
+                if time.monotonic() > deadline and not pending:
+                    raise TimeoutError(f"worker {self.w}: no word from the coordinator for "
+                                       f"{self.timeout:.0f} s") from None
+
+    def _compute(self, task: dict) -> None:
+        evaluation, portion = task["eval"], task["portion"]
+        if self.fetched != evaluation:  # a new batch: fetch the parameters it is computed at
+            self.ps.pull(self.flat.params).wait(self.timeout)
+            self.fetched = evaluation
+        start, stop = portion_bounds(len(self.x), self.portions, portion)
+        began = time.perf_counter()
+        self.flat.grads[0].zero_()
+        with self.slow.compute():
+            loss = F.cross_entropy(self.model(self.x[start:stop]), self.y[start:stop],
+                                   reduction="sum") / len(self.x)
+            loss.backward()
+        loss = loss.detach()
+        accepted = self.ctx.store.add(claim_key(evaluation, portion, task["generation"]), 1) == 1
+        if accepted:
+            with self.lock:
+                if self.acc_eval != evaluation:  # whatever is left belongs to an abandoned batch
+                    self.acc.zero_()
+                    self.acc_portions = []
+                    self.acc_eval = evaluation
+                self.acc.add_(self.flat.grads[0])
+                self.acc_portions.append(portion)
+        self.ctx.store.append(RESULTS, {
+            "kind": "result", "worker": self.w, "eval": evaluation, "portion": portion,
+            "accepted": accepted, "loss": loss.item(), "samples": stop - start,
+            "seconds": time.perf_counter() - began})
+
+    def _push(self, evaluation: int, vector: int) -> None:
+        """Send the accumulated winning gradients of `evaluation` into the shards' `vector`."""
+        with self.lock:
+            portions = self.acc_portions if self.acc_eval == evaluation else []
+            if portions:
+                self.ctx.store.append(RESULTS, {"kind": "pushing", "worker": self.w,
+                                                "eval": evaluation, "portions": portions})
+                self.ps.accumulate(0, vector).wait(self.timeout)
+            if self.acc_eval is None or self.acc_eval <= evaluation:  # sent, or abandoned
+                self.acc.zero_()
+                self.acc_portions = []
+        self.ctx.store.append(RESULTS, {"kind": "pushed", "worker": self.w, "eval": evaluation,
+                                        "portions": portions})
+
+
+def _reraise_failures(pending: list[Future]) -> list[Future]:
+    """Raise the first failed portion's exception (with its traceback); drop finished ones."""
+    for future in pending:
+        if future.done():
+            future.result()
+    return [f for f in pending if not f.done()]
