@@ -6,6 +6,10 @@ late and a dead peer breaks only its own channels (its pending `recv` raises
 `ChannelClosed`). Small fixed-size int64 *headers* carry commands and version
 numbers; tensors follow when the transport is TCP.
 
+`Group` is a gloo process group of any size over the same store, for the
+collectives of synchronous training (all-reduce); a dead member makes the
+others' pending collective raise `ChannelClosed`.
+
 `SharedTensor` maps a file under /dev/shm into both processes, so peers on one
 host exchange parameters and gradients with one memory copy while only the
 headers travel over the channel.
@@ -79,6 +83,56 @@ class Channel:
             work.wait()
         except RuntimeError as exc:
             raise ChannelClosed(f"channel {self.name}: {_short(exc)}") from None
+
+
+class Group:
+    """A gloo process group of `size` members, for collectives (synchronous training).
+
+    Every member calls ``Group(store, name, rank, size, timeout)`` with the same
+    name and size and its own rank in 0..size-1; the constructor blocks until
+    all have joined (or timeout). A collective blocks until every member has
+    entered it; when a member dies or stays away longer than the timeout, the
+    others get `ChannelClosed` instead of hanging. One group must be used by
+    one thread at a time. Members in one process need a store client each: a
+    c10d client serialises its requests, so joins through one would block.
+
+    Example::
+
+        group = Group(store.raw, "pg/sync", rank=r, size=R, timeout=30)
+        try:
+            group.all_reduce_sum(buf)     # buf now holds the sum over the R members
+        finally:
+            group.close()
+    """
+
+    def __init__(self, store: dist.Store, name: str, rank: int, size: int, timeout: float):
+        if not 0 <= rank < size:
+            raise ValueError(f"group {name}: rank {rank} is not in 0..{size - 1}")
+        self.name, self.rank, self.size = name, rank, size
+        try:
+            self._pg = dist.ProcessGroupGloo(dist.PrefixStore(name, store), rank, size,
+                                             datetime.timedelta(seconds=timeout))
+        except RuntimeError as exc:
+            raise ChannelClosed(f"group {name}: not every member joined ({_short(exc)})") from None
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> None:
+        """Replace `tensor` (contiguous) with the element-wise sum over all members. Blocks."""
+        if self._pg is None:
+            raise ChannelClosed(f"group {self.name} is closed")
+        options = dist.AllreduceOptions()
+        options.reduceOp = dist.ReduceOp.SUM
+        try:
+            self._pg.allreduce([tensor], options).wait()
+        except RuntimeError as exc:
+            detail = _short(exc).split(". This is typically")[0]  # drop gloo's boilerplate
+            raise ChannelClosed(f"group {self.name}: a member went away or stopped answering "
+                                f"({detail})") from None
+
+    def close(self) -> None:
+        """Release the group's connections; the group cannot be used afterwards."""
+        pg, self._pg = self._pg, None
+        if pg is not None:
+            pg.shutdown()
 
 
 class SharedTensor:

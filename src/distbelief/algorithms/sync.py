@@ -1,0 +1,332 @@
+"""Synchronous data-parallel training (map-reduce), with Project Adam's quorum.
+
+Every replica keeps a full copy of the parameters and of the update rule's
+state (`ps.rules.make_rule`, the code the shards run). At each step it computes
+the gradient of its own batch, the replicas all-reduce ``[sum of per-sample
+gradients..., sum of losses, samples, contributors]`` over one `Group`, and
+each applies the same rule to the same mean gradient, so the copies stay
+identical: R replicas with batch b take the steps of one process with batch
+R*b (the concatenation of their batches).
+
+With ``--sync-fraction F`` < 1 a step completes once the fastest
+k = ceil(F*R) replicas delivered (Chilimbi et al., OSDI 2014). Each replica
+computes in a background thread on a private copy of the model; a finished
+computation draws an arrival number from the store counter
+``sync/<step>/arrived`` and the k-th sets ``sync/<step>/quorum``. Every main
+thread waits for the quorum, then contributes its gradient if it arrived among
+the first k, else zeros; the all-reduce also counts the samples that came in.
+A replica still computing when the quorum forms keeps computing; that result
+is stale and dropped, and the replica starts afresh on the current parameters
+at the first step it is idle. The k replicas of a quorum are idle at the next
+step, so every step gets at least k arrivals. With k = R there is no thread.
+
+Replica 0 writes the parameters into the shards before each "train" event and
+at the end, so the coordinator's evaluations and checkpoint see the model.
+Reports through the store stream ``events`` like Downpour, with ``dropped``:
+this replica's gradients dropped since its last report.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+import torch.nn.functional as F
+
+from distbelief.algorithms.schedule import steps_per_replica
+from distbelief.algorithms.slowdown import Slowdown
+from distbelief.data.datasets import BatchStream, load_dataset, replica_indices
+from distbelief.model.flat import FlatModel
+from distbelief.model.zoo import build_model
+from distbelief.ps.client import PSClient
+from distbelief.ps.layout import Layout
+from distbelief.ps.rules import make_rule
+from distbelief.runtime.channel import Group
+from distbelief.runtime.role import RoleContext
+from distbelief.runtime.store import JobStore
+
+GROUP = "pg/sync"
+EXTRA = 3  # entries after the gradient in the all-reduced vector: loss sum, samples, contributors
+QUORUM_POLL_SECONDS = 0.002
+
+
+def quorum_size(fraction: float, replicas: int) -> int:
+    """Replicas a step waits for: ceil(fraction * replicas), at least 1.
+
+    >>> [quorum_size(f, 4) for f in (0.25, 0.5, 0.75, 0.9, 1.0)]
+    [1, 2, 3, 4, 4]
+    """
+    return min(replicas, max(1, math.ceil(fraction * replicas - 1e-9)))
+
+
+def run_replica(ctx: RoleContext) -> None:
+    cfg, r, replicas = ctx.config, ctx.ident, ctx.config.cluster.replicas
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // replicas))
+    data = load_dataset(cfg.data.dataset, seed=cfg.train.seed, num_samples=cfg.data.num_samples)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model.name, data.input_shape, data.num_classes)
+    indices = replica_indices(len(data.x_train), r, replicas, cfg.train.seed)
+    stream = BatchStream(data.x_train, data.y_train, indices, cfg.data.batch_size,
+                         seed=cfg.train.seed * 1000 + r)
+    total = steps_per_replica(steps=cfg.train.steps, epochs=cfg.train.resolved_epochs,
+                              train_samples=len(data.x_train), replicas=replicas,
+                              batch_size=cfg.data.batch_size)
+    # built before the job is ready: the first torch.optim takes a second to import
+    trainer = _Trainer(ctx, model, stream, total)
+    ctx.store.get_json("job/ready", what="the coordinator to initialise the shards")
+    layout = Layout.from_json(ctx.job["layout"])
+    with PSClient(ctx.store, layout, f"replica{r}", transport=cfg.cluster.transport,
+                  timeout=cfg.cluster.timeout, grad_buffers=0) as ps:
+        ps.pull(trainer.params).wait(cfg.cluster.timeout)  # every replica starts from here
+        group = Group(ctx.store.raw, GROUP, r, replicas, cfg.cluster.timeout)
+        try:
+            ctx.store.append("events", {"event": "replica_joined", "time": _now(ctx),
+                                        "replica": r})
+            dropped = trainer.run(ps, group)
+        finally:
+            group.close()
+    ctx.store.set_json(f"done/replica{r}", {"steps": total, "dropped": dropped})
+
+
+class _Trainer:
+    """One replica's synchronous loop. Owns the parameters, the rule and the reduce buffer."""
+
+    def __init__(self, ctx: RoleContext, model, stream: BatchStream, total: int):
+        cfg = ctx.config
+        self.ctx, self.stream, self.total = ctx, stream, total
+        self.timeout = cfg.cluster.timeout
+        self.quorum = quorum_size(cfg.sync.fraction, cfg.cluster.replicas)
+        self.threaded = self.quorum < cfg.cluster.replicas
+        numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.buf = torch.zeros(numel + EXTRA)
+        self.grad = self.buf[:numel]
+        slow = Slowdown.for_worker(cfg, ctx.ident)
+        if self.threaded:  # the thread computes on its own copy while the step goes on
+            self.compute = _Gradient(model, torch.zeros(numel), slow)
+            self.params = self.compute.flat.params.clone()
+        else:  # the model is the parameters, and backward() writes into the reduce buffer
+            self.compute = _Gradient(model, self.grad, slow)
+            self.params = self.compute.flat.params
+        self.rule = make_rule(cfg.optimizer, self.params)
+        self.report: _Reporter | None = None
+        self.ps: PSClient | None = None
+        self.group: Group | None = None
+
+    def run(self, ps: PSClient, group: Group) -> int:
+        """Train every step; returns how many of this replica's gradients were dropped."""
+        self.ps, self.group = ps, group
+        self.report = _Reporter(self.ctx, self.total)
+        if not self.threaded:
+            for step in range(self.total):
+                xb, yb = self.stream.next()
+                loss = self.compute(xb, yb)
+                self.buf[-EXTRA:] = torch.tensor([loss, len(yb), 1.0])
+                self._reduce_and_apply(step, len(yb))
+                self._maybe_report(step)
+        else:
+            with _Background(self.compute, self.ctx.store, self.quorum,
+                             f"replica{self.ctx.ident}-gradient") as worker:
+                for step in range(self.total):
+                    self._quorum_step(step, worker)
+                    self._maybe_report(step)
+                self.report.drop(worker.finish(self.timeout))
+        self._publish()
+        self.report.log(self.total - 1)
+        return self.report.dropped_total
+
+    def _quorum_step(self, step: int, worker: _Background) -> None:
+        if worker.busy and worker.done:
+            self.report.drop(worker.take_stale())
+        if not worker.busy:  # start on the current parameters
+            worker.start(step, self.params, *self.stream.next())
+        _wait_for_quorum(self.ctx, step, worker, self.quorum, self.timeout)
+        result = worker.take(step, self.timeout)
+        if result is None:  # late or still computing: this step goes on without it
+            self.buf.zero_()
+            samples = 0
+        else:
+            grad, loss, samples = result
+            self.grad.copy_(grad)
+            self.buf[-EXTRA:] = torch.tensor([loss, samples, 1.0])
+        self._reduce_and_apply(step, samples)
+
+    def _reduce_and_apply(self, step: int, own_samples: int) -> None:
+        self.group.all_reduce_sum(self.buf)
+        loss_sum, samples, contributors = self.buf[-EXTRA:].tolist()
+        if round(contributors) != self.quorum:
+            raise RuntimeError(f"replica {self.ctx.ident}: step {step + 1} combined "
+                               f"{contributors:g} gradients, expected {self.quorum} (a bug in "
+                               "the quorum protocol)")
+        loss = loss_sum / samples
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"replica {self.ctx.ident}: the training loss is {loss} at "
+                                     f"step {step + 1}; lower --lr or check the data")
+        self.rule.apply(self.grad.div_(samples))  # the mean over every sample of the step
+        self.report.step(loss, own_samples)
+
+    def _maybe_report(self, step: int) -> None:
+        # the last step's report waits until a computation still running was collected
+        if (step + 1) % self.report.every == 0 and step < self.total - 1:
+            self._publish()
+            self.report.log(step)
+
+    def _publish(self) -> None:
+        """Replica 0 writes the synchronous model into the shards (for evaluation, checkpoint)."""
+        if self.ctx.ident == 0:
+            self.ps.set(self.params).wait(self.timeout)
+
+
+class _Gradient:
+    """The summed-loss gradient of one batch on `model`, written into `grad` (a flat vector).
+
+    Summed rather than averaged, so that gradients of batches of any sizes add up
+    and one division by all their samples gives the mean of the combined batch.
+    """
+
+    def __init__(self, model, grad: torch.Tensor, slow: Slowdown):
+        self.flat = FlatModel(model, grads=[grad])
+        self.slow = slow
+
+    @property
+    def grad(self) -> torch.Tensor:
+        return self.flat.grads[0]
+
+    def __call__(self, xb: torch.Tensor, yb: torch.Tensor) -> float:
+        self.grad.zero_()
+        with self.slow.compute():
+            loss = F.cross_entropy(self.flat.model(xb), yb, reduction="sum")
+            loss.backward()
+        return loss.item()
+
+
+class _Background:
+    """Computes one gradient at a time in a background thread, then takes an arrival number.
+
+    Used by the main thread only (not thread-safe itself); the lock orders the
+    thread's arrival against the main thread's `take`, so a gradient counted
+    among the first k of its step is always contributed. Context manager: the
+    thread is joined on exit (waiting for a computation still running).
+    """
+
+    def __init__(self, compute: _Gradient, store: JobStore, quorum: int, name: str):
+        self.compute, self.store, self.quorum = compute, store, quorum
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+        self._lock = threading.Lock()
+        self._future: Future | None = None
+        self._arrival: tuple[int, int] | None = None  # (step, arrival number), set by the thread
+
+    @property
+    def busy(self) -> bool:
+        """A computation was started and its result not yet taken."""
+        return self._future is not None
+
+    @property
+    def done(self) -> bool:
+        return self._future is not None and self._future.done()
+
+    def start(self, step: int, params: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> None:
+        self.compute.flat.params.copy_(params)  # safe: the thread is idle
+        self._arrival = None
+        self._future = self._pool.submit(self._run, step, xb, yb)
+
+    def _run(self, step: int, xb: torch.Tensor, yb: torch.Tensor) -> tuple[float, int]:
+        loss = self.compute(xb, yb)
+        with self._lock:
+            arrival = self.store.add(f"sync/{step}/arrived", 1)
+            if arrival == self.quorum:
+                self.store.set_json(f"sync/{step}/quorum", True)
+            self._arrival = (step, arrival)
+        return loss, len(yb)
+
+    def raise_if_failed(self) -> None:
+        if self.done and self._future.exception() is not None:
+            self._future.result()  # re-raises with the thread's traceback
+
+    def take(self, step: int, timeout: float) -> tuple[torch.Tensor, float, int] | None:
+        """After step's quorum formed: (grad, loss sum, samples) if this replica is in it, else None."""
+        with self._lock:
+            arrival = self._arrival
+        if arrival is None or arrival[0] != step or arrival[1] > self.quorum:
+            return None
+        loss, samples = self._future.result(timeout)
+        self._future = None
+        return self.compute.grad, loss, samples
+
+    def take_stale(self) -> int:
+        """Collect a finished computation that missed its quorum; returns 1 (one dropped)."""
+        self._future.result()
+        self._future = None
+        return 1
+
+    def finish(self, timeout: float) -> int:
+        """Wait for a computation still running (it is dropped); returns how many were dropped."""
+        if self._future is None:
+            return 0
+        self._future.result(timeout)
+        self._future = None
+        return 1
+
+    def __enter__(self) -> _Background:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _wait_for_quorum(ctx: RoleContext, step: int, worker: _Background, quorum: int,
+                     timeout: float) -> None:
+    """Block until `quorum` replicas delivered step's gradient (or the timeout passes)."""
+    key = f"sync/{step}/quorum"
+    deadline = time.monotonic() + timeout
+    while not ctx.store.has(key):
+        worker.raise_if_failed()
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"replica {ctx.ident}: fewer than {quorum} of the {ctx.config.cluster.replicas} "
+                f"replicas delivered the gradient of step {step + 1} within {timeout:g} s "
+                "(--timeout); a replica may have died")
+        time.sleep(QUORUM_POLL_SECONDS)
+
+
+def _now(ctx: RoleContext) -> float:
+    return time.time() - ctx.job["start_time"]
+
+
+class _Reporter:
+    """Collects loss, samples and dropped gradients; one "train" event every log_every steps.
+
+    The loss is that of the steps' combined batches (the same on every replica);
+    samples count this replica's gradients that went into a step.
+    """
+
+    def __init__(self, ctx: RoleContext, total: int):
+        self.ctx, self.total = ctx, total
+        self.every = ctx.config.train.log_every
+        self.losses: list[float] = []
+        self.samples = 0
+        self.dropped = 0  # since the last report
+        self.dropped_total = 0
+        self.since = time.perf_counter()
+
+    def step(self, loss: float, samples: int) -> None:
+        self.losses.append(loss)
+        self.samples += samples
+
+    def drop(self, count: int) -> None:
+        self.dropped += count
+        self.dropped_total += count
+
+    def log(self, step: int) -> None:
+        elapsed = max(time.perf_counter() - self.since, 1e-9)
+        self.ctx.store.append("events", {
+            "event": "train", "time": _now(self.ctx), "replica": self.ctx.ident,
+            "step": step + 1, "total_steps": self.total,
+            "loss": sum(self.losses) / len(self.losses), "samples": self.samples,
+            "samples_per_second": self.samples / elapsed, "staleness": None, "versions": [],
+            "dropped": self.dropped})
+        self.losses, self.samples, self.dropped = [], 0, 0
+        self.since = time.perf_counter()
