@@ -1,8 +1,15 @@
 """Shared pytest fixtures."""
 
+import json
+import os
+import signal
+import subprocess
+
 import numpy as np
 import pytest
 import torch
+
+from _cluster import CLI
 
 
 @pytest.fixture(autouse=True)
@@ -10,3 +17,28 @@ def _seed() -> None:
     """Seed torch and numpy (seed 0) before every test so results are reproducible."""
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+@pytest.fixture
+def cli_job(tmp_path):
+    """Start `distbelief train` in tmp_path; always kill it and its roles (run dir "run") by PID."""
+    started: list[subprocess.Popen] = []
+
+    def start(*args: str) -> subprocess.Popen:
+        proc = subprocess.Popen([*CLI, "train", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        run_dir = tmp_path / "run"
+        pids = []
+        if (run_dir / "cluster.json").exists():
+            pids = [r["pid"] for r in json.loads((run_dir / "cluster.json").read_text())["roles"]]
+        for pid in [proc.pid, *pids]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, TypeError):
+                pass
+        proc.wait(10)

@@ -6,8 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ import torch
 import distbelief
 from distbelief.metrics.log import read_metrics
 
-CLI = [sys.executable, "-m", "distbelief.cli"]
+from _cluster import CLI, alive, wait_until
 
 
 def test_downpour_on_digits_reaches_95_percent(tmp_path):
@@ -86,52 +84,6 @@ def test_user_model_factory_and_npz_data(tmp_path):
     assert summary["test_accuracy"] >= 0.9
 
 
-@pytest.fixture
-def cli_job(tmp_path):
-    """Start `distbelief train` as a subprocess; always kill it and its roles by PID."""
-    started: list[subprocess.Popen] = []
-
-    def start(*args: str) -> subprocess.Popen:
-        proc = subprocess.Popen([*CLI, "train", *args], cwd=tmp_path, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        run_dir = tmp_path / "run"
-        pids = []
-        if (run_dir / "cluster.json").exists():
-            pids = [r["pid"] for r in json.loads((run_dir / "cluster.json").read_text())["roles"]]
-        for pid in [proc.pid, *pids]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, TypeError):
-                pass
-        proc.wait(10)
-
-
-def _wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie still answers kill(0); read its state
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
-
-
 def test_killed_replica_job_completes_and_says_so(tmp_path, cli_job):
     run_dir = tmp_path / "run"
     proc = cli_job("--dataset", "digits", "--model", "mlp", "--replicas", "3", "--shards", "2",
@@ -147,7 +99,7 @@ def test_killed_replica_job_completes_and_says_so(tmp_path, cli_job):
         roles = json.loads((run_dir / "cluster.json").read_text())["roles"]
         return next(r["pid"] for r in roles if r["kind"] == "replica" and r["id"] == 1)
 
-    pid = _wait_until(victim_pid, 90, "replica 1 to train")
+    pid = wait_until(victim_pid, 90, "replica 1 to train")
     os.kill(pid, signal.SIGKILL)
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err
@@ -162,7 +114,7 @@ def test_killed_replica_job_completes_and_says_so(tmp_path, cli_job):
     assert done[0] == done[2] == 1500 and done[1] < 1500
     # no role process is left behind
     roles = json.loads((run_dir / "cluster.json").read_text())["roles"]
-    assert not [r for r in roles if r["kind"] != "coordinator" and _alive(r["pid"])]
+    assert not [r for r in roles if r["kind"] != "coordinator" and alive(r["pid"])]
 
 
 def test_plot_compares_runs(tmp_path):
@@ -189,7 +141,7 @@ def test_local_job_listens_on_loopback_only(tmp_path):
                              "--run-dir", str(run_dir), "--quiet"], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_until(lambda: (run_dir / "cluster.json").exists(), 90, "the job to start")
+        wait_until(lambda: (run_dir / "cluster.json").exists(), 90, "the job to start")
         roles = json.loads((run_dir / "cluster.json").read_text())["roles"]
         listening = []
         for pid in {r["pid"] for r in roles}:
@@ -201,7 +153,7 @@ def test_local_job_listens_on_loopback_only(tmp_path):
         assert job_files, "the job's tensors live in /dev/shm"
         proc.terminate()  # SIGTERM: the command reaps its roles and removes its files
         assert proc.wait(30) == 143
-        assert not [r for r in roles if r["kind"] != "coordinator" and _alive(r["pid"])]
+        assert not [r for r in roles if r["kind"] != "coordinator" and alive(r["pid"])]
         assert not job_files & set(Path("/dev/shm").glob("distbelief-*"))
     finally:
         proc.kill()

@@ -17,6 +17,9 @@ perturbation of the loss moves no iteration's loss by more than 2e-7.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +116,73 @@ def test_losses_equal_torch_lbfgs_fixed_step(tmp_path, noisy_digits):
     # no line search: exactly one gradient evaluation per iteration, plus the first point
     assert summary["sandblaster"]["evaluations"] == ITERATIONS + 1
     assert summary["sandblaster"]["portions_computed"] >= 7 * (ITERATIONS + 1)
+
+
+def test_backups_beat_a_slow_worker_and_keep_the_maths(tmp_path, noisy_digits):
+    """Worker 2 is 20x slower: idle workers take backup copies of its portions, the first
+    answer wins, the late ones are discarded and counted, and the losses are unchanged."""
+    expected = reference_losses(noisy_digits, "strong_wolfe", lr=1.0, history=10)
+    summary, train = run_lbfgs(tmp_path, "run", noisy_digits, shards=2, replicas=3,
+                               portions=12, slow_worker="2:20")
+    assert [e["loss"] for e in train] == pytest.approx(expected, rel=1e-5)
+    stats = summary["sandblaster"]
+    assert stats["backups_issued"] > 0 and stats["answers_discarded"] > 0
+    # every discarded answer was computed: computed = accepted + discarded
+    accepted = 12 * stats["evaluations"]
+    assert stats["portions_computed"] == accepted + stats["answers_discarded"]
+
+
+def test_killed_worker_loses_little_and_the_maths_holds(tmp_path, noisy_digits, cli_job):
+    """SIGKILL worker 1 mid-run: its unfinished portions are handed out again, the job
+    ends normally on the others, and every iteration still equals torch.optim.LBFGS."""
+    from _cluster import alive, role_pid, wait_until  # not at the top: this file is also
+    # loaded by the jobs as the model factory's module, where tests/ is not importable
+
+    iterations = 60
+    run_dir = tmp_path / "run"
+    proc = cli_job("--algorithm", "sandblaster", "--dataset", noisy_digits,
+                   "--model", f"{HERE}:logistic_regression", "--seed", str(SEED),
+                   "--replicas", "3", "--shards", "2", "--portions", "12",
+                   "--line-search", "none", "--lr", "0.5", "--history", "4",
+                   "--steps", str(iterations), "--tolerance-grad", "0",
+                   "--tolerance-change", "0", "--run-dir", str(run_dir), "--quiet")
+
+    def started_iterating():
+        if not (run_dir / "metrics.jsonl").exists():
+            return None
+        if not any(e["event"] == "train" for e in read_metrics(run_dir / "metrics.jsonl")):
+            return None
+        return role_pid(run_dir, "replica", 1)
+
+    victim = wait_until(started_iterating, 90, "the first L-BFGS iteration", poll=0.02)
+    os.kill(victim, signal.SIGKILL)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["lost_replicas"] == [1]
+    assert summary["sandblaster"]["iterations"] == iterations
+    events = read_metrics(run_dir / "metrics.jsonl")
+    lost = next(i for i, e in enumerate(events) if e["event"] == "replica_lost")
+    assert events[lost]["replica"] == 1
+    assert sum(e["event"] == "train" for e in events[lost:]) > iterations // 2  # killed early
+    losses = [e["loss"] for e in events if e["event"] == "train"]
+    data = load_dataset(noisy_digits, seed=SEED)
+    torch.manual_seed(SEED)
+    model = logistic_regression(data.input_shape, data.num_classes)
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=1, history_size=4,
+                            tolerance_grad=0.0, tolerance_change=0.0)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(data.x_train), data.y_train)
+        loss.backward()
+        return loss
+
+    expected = []
+    for _ in range(iterations):
+        opt.step(closure)
+        with torch.no_grad():
+            expected.append(F.cross_entropy(model(data.x_train), data.y_train).item())
+    assert losses == pytest.approx(expected, rel=1e-5)
+    roles = json.loads((run_dir / "cluster.json").read_text())["roles"]
+    assert not [r for r in roles if r["kind"] != "coordinator" and alive(r["pid"])]
