@@ -145,6 +145,7 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
             exit_codes = {}
             if local:
                 local.wait_exit("shard", 10)
+                local.wait_exit("replica", 10)  # their interpreters may take a moment to end
                 exit_codes = {f"{c.role}{c.ident}": c.process.poll() for c in local.children}
         summary = _summary(cfg, job, watch, steps, test_loss, test_acc, shard_stats, layout,
                            run_dir, data, exit_codes)

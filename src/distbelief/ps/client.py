@@ -103,7 +103,9 @@ class ShardConnection:
         if not self.shm:
             self.channel.send(grad.contiguous())
         op, *_ = self.channel.recv_header()
-        _expect_ok(op, self.shard, "accumulate")
+        if op != P.OK:
+            raise RuntimeError(f"shard {self.shard} refused to accumulate into vector {vector}; "
+                               "see the shard's log")
 
     def vector(self, op: int, v: int, src: int, alpha: float) -> float:
         """Run one vector operation on the shard (see ps/vectors.py); its scalar result."""
@@ -149,6 +151,7 @@ class PSClient:
         self._pools = [ThreadPoolExecutor(1, thread_name_prefix=f"{client}-shard{s}")
                        for s in range(layout.shards)]
         self._conns: list[ShardConnection | None] = [None] * layout.shards
+        self._closed = False
         self.fetched_versions = [0] * layout.shards
         self._grad_shm: list[SharedTensor] = []
         self._grad_names: list[str] = []
@@ -230,7 +233,12 @@ class PSClient:
                        for s, (a, b) in enumerate(self.layout.ranges)])
 
     def close(self) -> None:
-        """Say goodbye to every shard still reachable, then stop the worker threads."""
+        """Say goodbye to every shard still reachable, then stop the worker threads.
+
+        Idempotent: a second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             futures = [pool.submit(conn.close) for pool, conn in zip(self._pools, self._conns)
                        if conn is not None]

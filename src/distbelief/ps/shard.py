@@ -155,8 +155,10 @@ class ShardServer:
     def _push(self, channel: Channel, grads: list[torch.Tensor], *, fetched_version: int,
               buffer: int, shm: bool) -> None:
         grad = self._incoming_grad(channel, grads, buffer, shm)
-        if self.rule is None:
-            raise RuntimeError("push to a shard that applies no update rule (sandblaster)")
+        if self.rule is None:  # Sandblaster's shards: gradients arrive through ACCUM
+            log.warning("shard %d: push refused: this shard applies no update rule", self.shard)
+            channel.send_header(P.ERR, P.ERR_NO_RULE)
+            return
         with self.lock:
             staleness = self.version - fetched_version
             self.rule.apply(grad)
@@ -179,8 +181,13 @@ class ShardServer:
     def _accumulate(self, channel: Channel, grads: list[torch.Tensor], *, buffer: int, v: int,
                     shm: bool) -> None:
         grad = self._incoming_grad(channel, grads, buffer, shm)
-        with self.lock:
-            self.vectors.accumulate(v, grad)
+        try:
+            with self.lock:
+                self.vectors.accumulate(v, grad)
+        except VectorError as exc:
+            log.warning("shard %d: %s", self.shard, exc)
+            channel.send_header(P.ERR, P.ERR_VECTOR)
+            return
         with self._stats_lock:
             self.pushes += 1
         channel.send_header(P.OK)

@@ -32,6 +32,7 @@ Example (driver)::
 
 from __future__ import annotations
 
+import math
 import struct
 
 import torch
@@ -120,6 +121,7 @@ class RemoteVectors:
         self.ps = ps
         self.timeout = timeout if timeout is not None else ps.timeout
         self._free: list[int] = []
+        self._live: set[int] = set()
         self._next = PARAMS + 1
         self.ops = 0
 
@@ -132,10 +134,14 @@ class RemoteVectors:
         if v == self._next:
             self._next += 1
         self._run(ZERO, v)
+        self._live.add(v)
         return v
 
     def free(self, v: int) -> None:
+        if v not in self._live:  # a double free would hand one number to two vectors
+            raise ValueError(f"vector {v} was not made by new() or is already freed")
         self._run(FREE, v)
+        self._live.discard(v)
         self._free.append(v)
 
     def zero(self, v: int) -> None:
@@ -154,7 +160,8 @@ class RemoteVectors:
         return sum(self._run(DOT, a, b))
 
     def norm_inf(self, v: int) -> float:
-        return max(self._run(NORM_INF, v))
+        maxima = self._run(NORM_INF, v)
+        return math.nan if any(math.isnan(m) for m in maxima) else max(maxima)
 
     def norm_1(self, v: int) -> float:
         return sum(self._run(NORM_1, v))

@@ -62,10 +62,10 @@ class Channel:
         self._header = torch.zeros(HEADER_LEN, dtype=torch.int64)
 
     def send(self, tensor: torch.Tensor) -> None:
-        self._wait(self._pg.send([tensor], self.peer, 0))
+        self._wait(lambda: self._pg.send([tensor], self.peer, 0))
 
     def recv(self, tensor: torch.Tensor) -> None:
-        self._wait(self._pg.recv([tensor], self.peer, 0))
+        self._wait(lambda: self._pg.recv([tensor], self.peer, 0))
 
     def send_header(self, *values: int) -> None:
         if len(values) > HEADER_LEN:
@@ -78,9 +78,10 @@ class Channel:
         self.recv(self._header)
         return self._header.tolist()
 
-    def _wait(self, work) -> None:
+    def _wait(self, start) -> None:
+        # a peer that already hung up fails the call itself, not only the wait
         try:
-            work.wait()
+            start().wait()
         except RuntimeError as exc:
             raise ChannelClosed(f"channel {self.name}: {_short(exc)}") from None
 
