@@ -36,3 +36,28 @@ def test_ps_bandwidth_quick_reports_every_configuration() -> None:
     assert isinstance(report["met"], bool)
     assert report["machine"]["cpus"] >= 1
     assert report["timing"]["runs"] >= 1
+
+
+def test_stragglers_quick_reports_both_algorithms() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "stragglers.py"), "--quick", "--workers", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+
+    assert report["benchmark"] == "stragglers" and report["workers"] == 2
+    blaster, sync = report["sandblaster"], report["sync"]
+    for name in ("dynamic_slow", "static_slow", "dynamic", "static"):
+        assert blaster[name]["seconds_per_iteration"] > 0
+        assert blaster[name]["iterations_timed"] >= 1
+    assert blaster["static_slow"]["portions"] == 2 and not blaster["static_slow"]["backups"]
+    assert blaster["dynamic_slow"]["portions"] == 16 and blaster["dynamic_slow"]["backups"]
+    assert blaster["dynamic_slow"]["slow_worker"] == "1:4" and blaster["dynamic"]["slow_worker"] is None
+    assert blaster["speedup_dynamic_vs_static_with_slow_worker"] == (
+        blaster["static_slow"]["seconds_per_iteration"]
+        / blaster["dynamic_slow"]["seconds_per_iteration"])
+    for name in ("fraction_0.75_slow", "fraction_1_slow", "fraction_0.75", "fraction_1"):
+        assert sync[name]["seconds_per_step"] > 0
+    assert sync["fraction_1_slow"]["late_gradients_dropped"] == 0
+    assert isinstance(blaster["met"], bool) and isinstance(sync["met"], bool)
+    assert blaster["target"] == sync["target"] == 2.0

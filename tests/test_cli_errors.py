@@ -84,6 +84,22 @@ CASES = [
     ("model-width", ["--model", "bad_model.py:make"], ["width 7", "10 classes"]),
     ("run-dir-holds-a-run", ["--run-dir", "used"], ["'used'", "already holds a run",
                                                     "--run-dir"]),
+    ("sync-fraction-zero", ["--algorithm", "sync", "--sync-fraction", "0"],
+     ["--sync-fraction", "got 0.0", "(0, 1]"]),
+    ("sync-fraction-above-one", ["--algorithm", "sync", "--sync-fraction", "1.5"],
+     ["--sync-fraction", "got 1.5"]),
+    ("sync-fraction-for-downpour", ["--sync-fraction", "0.75"],
+     ["--sync-fraction", "means nothing for --algorithm downpour"]),
+    ("portions-below-workers", ["--algorithm", "sandblaster", "--replicas", "3", "--portions", "2"],
+     ["--portions 2", "3 workers"]),
+    ("lbfgs-with-a-rule", ["--algorithm", "sandblaster", "--rule", "adagrad"],
+     ["--rule 'adagrad'", "means nothing for --algorithm sandblaster"]),
+    ("lbfgs-with-epochs", ["--algorithm", "sandblaster", "--epochs", "2"],
+     ["--epochs", "--steps"]),
+    ("unknown-line-search", ["--algorithm", "sandblaster", "--line-search", "armijo"],
+     ["--line-search", "'armijo'"]),
+    ("slow-worker-malformed", ["--slow-worker", "fast"], ["--slow-worker 'fast'", "ID:FACTOR"]),
+    ("slow-worker-unknown-replica", ["--slow-worker", "7:4"], ["replica 7", "0..1"]),
 ]
 
 

@@ -56,6 +56,8 @@ def run_label(run_dir: Path) -> str:
         ("shards", "S={}"),
         ("n_fetch", "fetch={}"),
         ("n_push", "push={}"),
+        ("sync_fraction", "F={:g}"),
+        ("portions", "P={}"),
         ("rule", "{}"),
         ("lr", "lr={:g}"),
     ):
