@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
-from distbelief.algorithms.lbfgs import LBFGS, LBFGSSettings, TensorSpace, _cubic_minimum
+from distbelief.algorithms.lbfgs import LBFGS, LBFGSSettings, _cubic_minimum
+from distbelief.algorithms.vector_space import TensorSpace
 from distbelief.errors import UserError
 
 ITERATIONS = 20

@@ -4,7 +4,7 @@ In Sandblaster (DistBelief, Dean et al. 2012, section 4.2) the parameters, the
 gradient and the L-BFGS history (s, y pairs) live in the parameter shards; the
 coordinator keeps only scalars and asks the shards for vector arithmetic. So
 `LBFGS` sees vectors only as integer handles of a `VectorSpace`, one call per
-vector operation. `TensorSpace` is the in-process space (the local reference).
+vector operation. `vector_space.TensorSpace` is the in-process space (the local reference).
 
 One `LBFGS.step()` is one iteration of ``torch.optim.LBFGS(max_iter=1)``: the
 same two-loop recursion, curvature check, H_diag, first step ``min(1, 1/|g|_1)
@@ -43,10 +43,11 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Protocol
+from typing import Callable, NamedTuple
 
 import torch
 
+from distbelief.algorithms.vector_space import VectorSpace
 from distbelief.errors import UserError
 
 Scalar = float | torch.Tensor  # a step length: a float until derived from a vector
@@ -60,63 +61,6 @@ _BRACKET_TOLERANCE = 1e-9
 # A pair with y.s at or below this would spoil the inverse-Hessian estimate, so
 # it is not stored (torch's curvature check).
 _MIN_CURVATURE = 1e-10
-
-
-class VectorSpace(Protocol):
-    """Vectors held elsewhere; handles are ints. All ops block until done."""
-
-    def new(self) -> int: ...  # allocate a vector (contents unspecified), return its handle
-    def free(self, v: int) -> None: ...
-    def copy(self, dst: int, src: int) -> None: ...  # dst = src
-    def scale(self, v: int, alpha: float) -> None: ...  # v *= alpha
-    def axpy(self, alpha: float, x: int, y: int) -> None: ...  # y += alpha * x
-    def dot(self, a: int, b: int) -> float: ...
-    def norm_inf(self, v: int) -> float: ...  # max |v_i|
-    def norm_1(self, v: int) -> float: ...  # sum |v_i|
-
-
-class TensorSpace:
-    """A `VectorSpace` of in-process torch tensors of length `n` (float32 by default).
-
-    Each operation is the torch operation `torch.optim.LBFGS` uses for the same
-    step, so `LBFGS` over this space follows torch's vector arithmetic.
-    """
-
-    def __init__(self, n: int, dtype: torch.dtype = torch.float32) -> None:
-        self.n, self.dtype = n, dtype
-        self._vectors: dict[int, torch.Tensor] = {}
-        self._next = 0
-
-    def tensor(self, v: int) -> torch.Tensor:
-        """The tensor behind handle `v` (a live view: writes change the vector)."""
-        return self._vectors[v]
-
-    def new(self) -> int:
-        v, self._next = self._next, self._next + 1
-        self._vectors[v] = torch.empty(self.n, dtype=self.dtype)
-        return v
-
-    def free(self, v: int) -> None:
-        del self._vectors[v]
-
-    def copy(self, dst: int, src: int) -> None:
-        self._vectors[dst].copy_(self._vectors[src])
-
-    def scale(self, v: int, alpha: float) -> None:
-        self._vectors[v].mul_(alpha)
-
-    def axpy(self, alpha: float, x: int, y: int) -> None:
-        self._vectors[y].add_(self._vectors[x], alpha=alpha)
-
-    def dot(self, a: int, b: int) -> float:
-        return float(torch.dot(self._vectors[a], self._vectors[b]))
-
-    def norm_inf(self, v: int) -> float:
-        return float(self._vectors[v].abs().max())
-
-    def norm_1(self, v: int) -> float:
-        # abs().sum() rather than vector_norm: the same summation as torch's first step
-        return float(self._vectors[v].abs().sum())
 
 
 @dataclass(kw_only=True)
