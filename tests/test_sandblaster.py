@@ -56,9 +56,9 @@ def noisy_digits(tmp_path_factory) -> str:
     return str(path)
 
 
-def reference_losses(dataset: str, line_search: str | None, lr: float, history: int
-                     ) -> list[float]:
-    """f(x_k) after each of ITERATIONS torch.optim.LBFGS iterations (max_iter=1 per step)."""
+def reference_losses(dataset: str, line_search: str | None, lr: float, history: int,
+                     iterations: int = ITERATIONS) -> list[float]:
+    """f(x_k) after each of `iterations` torch.optim.LBFGS iterations (max_iter=1 per step)."""
     data = load_dataset(dataset, seed=SEED)
     torch.manual_seed(SEED)
     model = logistic_regression(data.input_shape, data.num_classes)
@@ -74,7 +74,7 @@ def reference_losses(dataset: str, line_search: str | None, lr: float, history: 
         return loss
 
     losses = []
-    for _ in range(ITERATIONS):
+    for _ in range(iterations):
         opt.step(closure)
         with torch.no_grad():
             losses.append(F.cross_entropy(model(data.x_train), data.y_train).item())
@@ -166,23 +166,7 @@ def test_killed_worker_loses_little_and_the_maths_holds(tmp_path, noisy_digits, 
     assert events[lost]["replica"] == 1
     assert sum(e["event"] == "train" for e in events[lost:]) > iterations // 2  # killed early
     losses = [e["loss"] for e in events if e["event"] == "train"]
-    data = load_dataset(noisy_digits, seed=SEED)
-    torch.manual_seed(SEED)
-    model = logistic_regression(data.input_shape, data.num_classes)
-    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=1, history_size=4,
-                            tolerance_grad=0.0, tolerance_change=0.0)
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(data.x_train), data.y_train)
-        loss.backward()
-        return loss
-
-    expected = []
-    for _ in range(iterations):
-        opt.step(closure)
-        with torch.no_grad():
-            expected.append(F.cross_entropy(model(data.x_train), data.y_train).item())
+    expected = reference_losses(noisy_digits, None, lr=0.5, history=4, iterations=iterations)
     assert losses == pytest.approx(expected, rel=1e-5)
     roles = json.loads((run_dir / "cluster.json").read_text())["roles"]
     assert not [r for r in roles if r["kind"] != "coordinator" and alive(r["pid"])]

@@ -25,12 +25,11 @@ import torch
 
 from distbelief.algorithms.schedule import steps_per_replica
 from distbelief.config import JobConfig
-from distbelief.data.datasets import load_dataset
 from distbelief.errors import UserError
 from distbelief.metrics.log import MetricsLog, Progress
 from distbelief.model.evaluate import evaluate
 from distbelief.model.flat import flatten_parameters, load_flat
-from distbelief.model.zoo import build_model, check_model
+from distbelief.model.zoo import check_model, load_data_and_model
 from distbelief.ps.client import PSClient
 from distbelief.ps.layout import Layout
 from distbelief.runtime.channel import remove_job_files
@@ -75,9 +74,7 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
     """
     cfg = cfg.validate().resolved()
     run_dir = _choose_run_dir(cfg)
-    data = load_dataset(cfg.data.dataset, seed=cfg.train.seed, num_samples=cfg.data.num_samples)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model.name, data.input_shape, data.num_classes)
+    data, model = load_data_and_model(cfg)
     check_model(model, data.input_shape, data.num_classes)
     initial = flatten_parameters(model)
     layout = Layout.balanced(initial.numel(), cfg.cluster.shards)

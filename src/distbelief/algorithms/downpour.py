@@ -25,9 +25,9 @@ import torch.nn.functional as F
 
 from distbelief.algorithms.schedule import fetch_before, push_after, steps_per_replica
 from distbelief.algorithms.slowdown import Slowdown
-from distbelief.data.datasets import BatchStream, load_dataset, replica_indices
+from distbelief.data.datasets import BatchStream, replica_indices
 from distbelief.model.flat import FlatModel
-from distbelief.model.zoo import build_model
+from distbelief.model.zoo import load_data_and_model
 from distbelief.ps.client import PSClient
 from distbelief.ps.layout import Layout
 from distbelief.runtime.role import RoleContext
@@ -36,9 +36,7 @@ from distbelief.runtime.role import RoleContext
 def run_replica(ctx: RoleContext) -> None:
     cfg, r = ctx.config, ctx.ident
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.cluster.replicas))
-    data = load_dataset(cfg.data.dataset, seed=cfg.train.seed, num_samples=cfg.data.num_samples)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model.name, data.input_shape, data.num_classes)
+    data, model = load_data_and_model(cfg)
     indices = replica_indices(len(data.x_train), r, cfg.cluster.replicas, cfg.train.seed)
     stream = BatchStream(data.x_train, data.y_train, indices, cfg.data.batch_size,
                          seed=cfg.train.seed * 1000 + r)

@@ -36,9 +36,8 @@ import torch.nn.functional as F
 
 from distbelief.algorithms.portions import portion_bounds
 from distbelief.algorithms.slowdown import Slowdown
-from distbelief.data.datasets import load_dataset
 from distbelief.model.flat import FlatModel
-from distbelief.model.zoo import build_model
+from distbelief.model.zoo import load_data_and_model
 from distbelief.ps.client import PSClient
 from distbelief.ps.layout import Layout
 from distbelief.runtime.role import RoleContext
@@ -57,9 +56,7 @@ def claim_key(evaluation: int, portion: int, generation: int) -> str:
 def run_worker(ctx: RoleContext) -> None:
     cfg, w = ctx.config, ctx.ident
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.cluster.replicas))
-    data = load_dataset(cfg.data.dataset, seed=cfg.train.seed, num_samples=cfg.data.num_samples)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model.name, data.input_shape, data.num_classes)
+    data, model = load_data_and_model(cfg)
     ctx.store.get_json("job/ready", what="the coordinator to initialise the shards")
     layout = Layout.from_json(ctx.job["layout"])
     with PSClient(ctx.store, layout, f"worker{w}", transport=cfg.cluster.transport,
