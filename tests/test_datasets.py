@@ -182,3 +182,25 @@ def test_batch_stream_small_partition_uses_it_whole():
     assert sorted(yb.tolist()) == [1, 4, 7] and torch.equal(xb, x[yb])
     stream.next()
     assert stream.epoch == 1
+
+
+def test_speech_shape_classes_and_determinism():
+    import time
+
+    start = time.perf_counter()
+    ds = load_dataset("speech", seed=2)
+    elapsed = time.perf_counter() - start
+    assert ds.input_shape == (440,) and ds.num_classes == 8192
+    assert len(ds.x_train) + len(ds.x_test) == 4096
+    assert ds.x_train.dtype == torch.float32 and ds.y_train.dtype == torch.int64
+    assert 0 <= int(ds.y_train.min()) and int(ds.y_train.max()) < 8192
+    assert len(torch.unique(ds.y_train)) > 1000  # not collapsed onto a few classes
+    again = load_dataset("speech", seed=2)
+    assert torch.equal(ds.x_train, again.x_train) and torch.equal(ds.y_test, again.y_test)
+    assert not torch.equal(ds.y_train, load_dataset("speech", seed=3).y_train)
+    assert elapsed < 5.0  # cheap enough to regenerate in every process (about 0.3 s)
+
+
+def test_speech_small_keeps_8192_classes():
+    ds = load_dataset("speech", seed=0, num_samples=10)
+    assert ds.num_classes == 8192 and len(ds.x_train) == 8 and ds.x_train.shape[1:] == (440,)

@@ -128,3 +128,54 @@ def test_check_model_restores_training_mode():
     model.train()
     check_model(model, (4,), 3)
     assert model.training
+
+
+def test_speech_is_flat_and_about_42m_parameters():
+    model = build_model("speech", (440,), 8192)
+    kinds = [type(m) for m in model]
+    assert kinds == [nn.Flatten] + [nn.Linear, nn.Sigmoid] * 4 + [nn.Linear]
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [
+        (440, 2560), (2560, 2560), (2560, 2560), (2560, 2560), (2560, 8192)
+    ]
+    assert 41_000_000 < sum(p.numel() for p in model.parameters()) < 43_000_000
+    assert model(torch.randn(3, 440)).shape == (3, 8192)
+
+
+def test_speech_flattens_any_shape():
+    model = build_model("speech", (1, 8, 8), 10)
+    check_model(model, (1, 8, 8), 10)
+
+
+@pytest.mark.parametrize("shape", [(1, 40), (3, 17), (1, 8, 8), (3, 12, 16), (2, 1, 1)])
+def test_lcnn_output_shapes(shape):
+    model = build_model("lcnn", shape, 7)
+    assert model(torch.randn(5, *shape)).shape == (5, 7)
+    check_model(model, shape, 7)
+
+
+def test_lcnn_layers_and_parameter_counts():
+    from distbelief.model.locally_connected import LocallyConnected1d, LocallyConnected2d
+
+    model1d = build_model("lcnn", (1, 40), 10)
+    first, second = model1d[0], model1d[2]
+    assert isinstance(first, LocallyConnected1d) and isinstance(second, LocallyConnected1d)
+    assert (first.output_length, second.output_length) == (20, 10)
+    assert [type(m) for m in model1d][4:] == [nn.Flatten, nn.Linear, nn.ReLU, nn.Linear]
+    assert model1d[5].in_features == 32 * 10
+    # position-specific weights: 20*16*(1*5) + 16*20, 10*32*(16*3) + 32*10, then the dense head
+    expected = (1600 + 320) + (15360 + 320) + (320 * 128 + 128) + (128 * 10 + 10)
+    assert sum(p.numel() for p in model1d.parameters()) == expected
+
+    model2d = build_model("lcnn", (1, 8, 8), 10)
+    assert isinstance(model2d[0], LocallyConnected2d) and isinstance(model2d[2], LocallyConnected2d)
+    assert (model2d[0].output_size, model2d[2].output_size) == ((8, 8), (4, 4))
+    assert model2d[5].in_features == 32 * 4 * 4
+    expected = (64 * 16 * 9 + 16 * 64) + (16 * 32 * 144 + 32 * 16) + (512 * 128 + 128) + (128 * 10 + 10)
+    assert sum(p.numel() for p in model2d.parameters()) == expected
+
+
+def test_lcnn_on_flat_input_raises():
+    with pytest.raises(UserError, match="use --model mlp") as info:
+        build_model("lcnn", (64,), 10)
+    assert "lcnn needs (C, L) or (C, H, W)" in str(info.value)
