@@ -14,8 +14,8 @@ import threading
 from typing import Sequence
 
 from distbelief.config import (ALGORITHMS, DEFAULT_EPOCHS, DEFAULT_ITERATIONS, DEFAULT_LBFGS_LR,
-                               DEFAULT_LR, DEFAULT_RULE, LINE_SEARCHES, PORTIONS_PER_WORKER, RULES,
-                               TRANSPORTS, default_of)
+                               DEFAULT_LR, DEFAULT_RULE, LINE_SEARCHES, MICRO_BATCHES_PER_STAGE,
+                               PORTIONS_PER_WORKER, RULES, SPLITS, TRANSPORTS, default_of)
 from distbelief.errors import UserError
 
 # option -> (type, help); the default shown is read from the config dataclasses
@@ -36,7 +36,18 @@ TRAIN_OPTIONS: dict[str, tuple[type, str]] = {
     "dataset": (str, "digits, mnist1d, synthetic, PATH.npz (arrays x, y) or MODULE:FUNCTION"),
     "num_samples": (int, "samples to generate for mnist1d/synthetic; "
                          "for other datasets, a cap on the training samples"),
-    "model": (str, "mlp, cnn, or MODULE:FACTORY (or FILE.py:FACTORY) returning an nn.Module"),
+    "model": (str, "mlp, cnn, lcnn (locally connected), speech (DistBelief's speech model, "
+                   "42M parameters), or MODULE:FACTORY (or FILE.py:FACTORY) returning an "
+                   "nn.Module"),
+    "partitions": (int, "processes per replica, each holding part of the model (model "
+                        "parallelism; downpour). Worth it when one replica's compute is the "
+                        "bottleneck and each partition gets its own cores"),
+    "split": (str, "how a replica is cut: layers (contiguous layers of an nn.Sequential "
+                   "per partition, pipelined) or units (each Linear by output units, each "
+                   "locally connected layer spatially)"),
+    "balance": (str, "--split layers: layers per partition, e.g. 3,2"),
+    "micro_batches": (int, "--split layers: micro-batches per batch in the pipeline; more "
+                           "fill the pipeline better, fewer keep each matmul larger"),
     "warm_start_steps": (int, "replica 0 trains alone for W steps before the others join"),
     "seed": (int, "seed of initialisation, data split and shuffling"),
     "run_dir": (str, "where config, metrics, checkpoint and plots go"),
@@ -60,7 +71,7 @@ TRAIN_OPTIONS: dict[str, tuple[type, str]] = {
     "tolerance_change": (float, "sandblaster: stop when loss or step change less than this"),
 }
 CHOICES = {"algorithm": ALGORITHMS, "rule": RULES, "transport": TRANSPORTS,
-           "line_search": LINE_SEARCHES}
+           "line_search": LINE_SEARCHES, "split": SPLITS}
 # what a None default means, shown in --help instead of "None"
 UNSET_DEFAULTS = {
     "steps": f"unset, --epochs decides; sandblaster {DEFAULT_ITERATIONS}",
@@ -71,6 +82,8 @@ UNSET_DEFAULTS = {
     "epochs": f"{DEFAULT_EPOCHS:g} when --steps is not given",
     "num_samples": "the dataset's own size",
     "run_dir": "runs/<algorithm>-<time>",
+    "balance": "balanced by measured compute time and parameter bytes",
+    "micro_batches": f"{MICRO_BATCHES_PER_STAGE} per partition, at most the batch size",
 }
 
 

@@ -53,6 +53,8 @@ from distbelief.errors import UserError
 ALGORITHMS = ("downpour", "sync", "sandblaster")
 RULES = ("sgd", "momentum", "adagrad", "adam")
 LINE_SEARCHES = ("strong_wolfe", "none")
+SPLITS = ("layers", "units")
+MICRO_BATCHES_PER_STAGE = 4  # pipeline micro-batches per partition when --micro-batches is unset
 DEFAULT_RULE, DEFAULT_LR, DEFAULT_LBFGS_LR = "adagrad", 0.02, 1.0
 DEFAULT_ITERATIONS = 50  # L-BFGS iterations when --steps is not given
 PORTIONS_PER_WORKER = 8  # Sandblaster's default number of portions per worker
@@ -151,7 +153,15 @@ class DataConfig:
 @dataclass(kw_only=True)
 class ModelConfig:
     name: str = "cnn"
-    """mlp, cnn, or MODULE:FACTORY returning an nn.Module."""
+    """mlp, cnn, lcnn, speech, or MODULE:FACTORY returning an nn.Module."""
+    partitions: int = 1
+    """Processes per model replica (model parallelism); each holds part of the model."""
+    split: str = "layers"
+    """How a replica is cut: layers (contiguous layers per partition, pipelined) or units (every Linear by output units, every locally connected layer spatially)."""
+    balance: str | None = None
+    """Layers per partition for split = layers, e.g. "3,2" (default: balanced by measured compute time and parameter bytes)."""
+    micro_batches: int | None = None
+    """Micro-batches a batch is cut into for the pipeline (split = layers; default 4 per partition, at most the batch size)."""
 
 
 @dataclass(kw_only=True)
@@ -287,7 +297,37 @@ class JobConfig:
                             "leave it out for the dataset's own size")
         self._validate_cluster_extras()
         self._validate_sync_and_sandblaster()
+        self._validate_partitions()
         return self
+
+    def _validate_partitions(self) -> None:
+        m, k = self.model, self.model.partitions
+        _at_least("--partitions", k, 1, "use 1 for unpartitioned replicas")
+        _choice("split", m.split, SPLITS, "--split")
+        if k > 1 and self.algorithm != "downpour":
+            raise UserError(f"--partitions {k} works with --algorithm downpour only: "
+                            f"{self.algorithm} runs unpartitioned replicas; use --partitions 1 "
+                            "or --algorithm downpour")
+        if k > self.cluster.shards:
+            raise UserError(f"--shards {self.cluster.shards} is fewer than --partitions {k}: "
+                            "shards are laid out by partition, so give at least one shard per "
+                            f"partition (--shards {k})")
+        if m.balance is not None:
+            from distbelief.model.balance import parse_balance
+
+            parse_balance(m.balance)
+            if k == 1 or m.split != "layers":
+                raise UserError(f"--balance {m.balance} applies to --split layers with "
+                                "--partitions of 2 or more: leave it out or use them")
+        if m.micro_batches is not None:
+            _at_least("--micro-batches", m.micro_batches, 1, "use 1 for no pipelining")
+            if m.micro_batches > 1 and (k == 1 or m.split != "layers"):
+                raise UserError(f"--micro-batches {m.micro_batches} applies to --split layers "
+                                "with --partitions of 2 or more (the pipeline): leave it out")
+            if m.micro_batches > self.data.batch_size:
+                raise UserError(f"--micro-batches {m.micro_batches} is more than --batch-size "
+                                f"{self.data.batch_size}: each micro-batch needs at least one "
+                                "sample")
 
     def _validate_cluster_extras(self) -> None:
         spec = self.cluster.slow_worker
@@ -355,6 +395,12 @@ class JobConfig:
         else:
             opt["rule"] = opt["rule"] or DEFAULT_RULE
             opt["lr"] = DEFAULT_LR if opt["lr"] is None else opt["lr"]
+        model = data["model"]
+        if model["micro_batches"] is None:
+            pipelined = model["partitions"] > 1 and model["split"] == "layers"
+            model["micro_batches"] = (min(self.data.batch_size,
+                                          MICRO_BATCHES_PER_STAGE * model["partitions"])
+                                      if pipelined else 1)
         return JobConfig.from_dict(data, source="config")
 
 
@@ -447,7 +493,8 @@ OPTION_FIELDS = {
     "rule": "optimizer.rule", "lr": "optimizer.lr", "momentum": "optimizer.momentum",
     "weight_decay": "optimizer.weight_decay",
     "dataset": "data.dataset", "batch_size": "data.batch_size", "num_samples": "data.num_samples",
-    "model": "model.name",
+    "model": "model.name", "partitions": "model.partitions", "split": "model.split",
+    "balance": "model.balance", "micro_batches": "model.micro_batches",
     "steps": "train.steps", "epochs": "train.epochs", "seed": "train.seed",
     "eval_every": "train.eval_every", "log_every": "train.log_every", "run_dir": "train.run_dir",
 }

@@ -137,6 +137,9 @@ class ShardConnection:
 class PSClient:
     """Connections to every shard of a layout, each with its own worker thread.
 
+    A subset layout (`Layout.subset`, a model partition's own shards) connects to
+    those shards only; indices (versions, results) follow the layout's order.
+
     `grad_buffers` are flat gradient vectors owned by the client. When a shard
     is reached over shm they live in /dev/shm and the shard reads its range of
     them directly, so pushing one of them copies nothing: write (or let
@@ -156,12 +159,12 @@ class PSClient:
         self._grad_shm: list[SharedTensor] = []
         self._grad_names: list[str] = []
         try:
-            kinds = [resolve_transport(transport, store, s) for s in range(layout.shards)]
+            kinds = [resolve_transport(transport, store, s) for s in layout.shard_ids]
             self.grad_buffers = self._make_grad_buffers(store, grad_buffers, "shm" in kinds)
             files = {"grad_files": self._grad_names, "grad_numel": layout.numel}
-            Handle([pool.submit(self._connect, store, s, kinds[s],
-                                {**files, "offset": layout.ranges[s][0]})
-                    for s, pool in enumerate(self._pools)]).wait(timeout)
+            Handle([pool.submit(self._connect, store, i, kinds[i],
+                                {**files, "offset": layout.ranges[i][0]})
+                    for i, pool in enumerate(self._pools)]).wait(timeout)
         except BaseException:
             self._shutdown()
             raise
@@ -179,9 +182,10 @@ class PSClient:
                           for name in self._grad_names]
         return [g.tensor for g in self._grad_shm]
 
-    def _connect(self, store: JobStore, shard: int, transport: str, files: dict) -> None:
-        self._conns[shard] = ShardConnection(store, shard, self.layout.size(shard), self.client,
-                                             transport, self.timeout, files)
+    def _connect(self, store: JobStore, index: int, transport: str, files: dict) -> None:
+        self._conns[index] = ShardConnection(store, self.layout.shard_ids[index],
+                                             self.layout.size(index), self.client, transport,
+                                             self.timeout, files)
 
     def pull(self, flat: torch.Tensor) -> Handle:
         """Fetch every slice into `flat`; the handle gives each shard's version."""

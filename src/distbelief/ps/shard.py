@@ -54,6 +54,7 @@ class ShardServer:
         self.pushes = 0
         self.pulls = 0
         self.clients_lost: list[str] = []
+        self.clients: set[str] = set()  # every client that connected (partition isolation)
         self.errors: list[str] = []
         self._threads: list[threading.Thread] = []
         self._stats_lock = threading.Lock()
@@ -86,6 +87,7 @@ class ShardServer:
         with self._stats_lock:
             return {"shard": self.shard, "version": self.version, "pushes": self.pushes,
                     "pulls": self.pulls, "clients_lost": list(self.clients_lost),
+                    "clients": sorted(self.clients),
                     "errors": list(self.errors)}
 
     # ---- one client -------------------------------------------------------------
@@ -97,6 +99,8 @@ class ShardServer:
             grads = self._handshake(channel, request)
             if grads is None:
                 return
+            with self._stats_lock:
+                self.clients.add(client)
             shm = request.get("transport") == "shm"
             while True:
                 op, a, b, c, d, _ = channel.recv_header()

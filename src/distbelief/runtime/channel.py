@@ -129,11 +129,51 @@ class Group:
             raise ChannelClosed(f"group {self.name}: a member went away or stopped answering "
                                 f"({detail})") from None
 
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every member's `tensor` (all the same shape), in rank order. Blocks."""
+        pg = self._live()
+        out = [torch.empty_like(tensor) for _ in range(self.size)]
+        self._finish(pg.allgather([out], [tensor.contiguous()]))
+        return out
+
+    def send(self, tensor: torch.Tensor, dst: int, tag: int = 0) -> Pending:
+        """Start sending `tensor` (contiguous) to member `dst`; returns at once.
+
+        Do not change `tensor` until the returned handle's `wait()` returned."""
+        return Pending(self, self._live().send([tensor], dst, tag))
+
+    def recv(self, tensor: torch.Tensor, src: int, tag: int = 0) -> Pending:
+        """Start receiving into `tensor` (contiguous) from member `src`; returns at once."""
+        return Pending(self, self._live().recv([tensor], src, tag))
+
+    def _live(self):
+        if self._pg is None:
+            raise ChannelClosed(f"group {self.name} is closed")
+        return self._pg
+
+    def _finish(self, work) -> None:
+        try:
+            work.wait()
+        except RuntimeError as exc:
+            detail = _short(exc).split(". This is typically")[0]
+            raise ChannelClosed(f"group {self.name}: a member went away or stopped answering "
+                                f"({detail})") from None
+
     def close(self) -> None:
         """Release the group's connections; the group cannot be used afterwards."""
         pg, self._pg = self._pg, None
         if pg is not None:
             pg.shutdown()
+
+
+class Pending:
+    """A point-to-point transfer of a `Group` in flight; `wait()` blocks until it is done."""
+
+    def __init__(self, group: Group, work):
+        self._group, self._work = group, work
+
+    def wait(self) -> None:
+        self._group._finish(self._work)
 
 
 class SharedTensor:

@@ -1,0 +1,178 @@
+"""Pipeline execution of a layer-wise split: stage k holds contiguous layers.
+
+A batch is cut into M micro-batches. Stage k runs the operations
+`pipeline_schedule.stage_ops(M, K, k)` in order: a forward of micro-batch m
+receives its input from stage k-1 (stage 0 reads the data), keeps what
+backward needs, and sends its output to stage k+1; a backward receives the
+output's gradient from stage k+1 (the last stage starts from the loss) and
+sends the input's gradient to stage k-1. Only these activations and gradients
+travel. The parameter gradients accumulate over the micro-batches into
+whatever ``.grad`` the stage's parameters point at (the partition's push
+buffer), scaled so that their sum is the gradient of the whole batch's mean
+loss.
+
+A `Link` is one side of a boundary: a channel it receives on, and a channel it
+sends on through its own thread, so a stage never waits for its neighbour to
+take a tensor (the order of operations can then never deadlock) and sending
+overlaps compute.
+
+Example (stage k of K, inside its process)::
+
+    with Link(recv=fwd_in, send=bwd_out, name="b0") as prev, Link(...) as nxt:
+        stage = PipelineStage(module, k, K, micro_batches=8, prev=prev, next=nxt)
+        loss = stage.train_step(x, y)   # a float on the last stage, None elsewhere
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distbelief.model.pipeline_schedule import stage_ops
+from distbelief.runtime.channel import HEADER_LEN, Channel, ChannelClosed
+
+MAX_DIMS = HEADER_LEN - 1  # the header carries ndim and the sizes
+
+
+class Link:
+    """Receives tensors on one channel; sends on another from a background thread.
+
+    `send` returns at once (the tensor is detached and must not change
+    afterwards); `recv` blocks until a tensor arrives. Tensors are float32 with up
+    to five dimensions; a header with the shape goes first. The first failure
+    of the sending thread is raised by the next `send`, `recv` or `close`.
+    Context manager: the sending thread always stops (after what it was given).
+    """
+
+    def __init__(self, recv: Channel | None, send: Channel | None, name: str):
+        self.name = name
+        self._in, self._out = recv, send
+        self.bytes_sent = 0
+        self._queue: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._sender, name=f"link-{name}", daemon=True)
+        self._thread.start()
+
+    def send(self, tensor: torch.Tensor) -> None:
+        self._raise()
+        if tensor.dim() > MAX_DIMS:
+            raise ValueError(f"{self.name}: a tensor crossing a partition boundary may have at "
+                             f"most {MAX_DIMS} dimensions, got shape {tuple(tensor.shape)}")
+        tensor = tensor.detach().float().contiguous()
+        self.bytes_sent += tensor.numel() * tensor.element_size()
+        self._queue.put(tensor)
+
+    def recv(self) -> torch.Tensor:
+        self._raise()
+        ndim, *dims = self._in.recv_header()
+        out = torch.empty(dims[:ndim])
+        self._in.recv(out)
+        return out
+
+    def _sender(self) -> None:
+        while True:
+            tensor = self._queue.get()
+            if tensor is None:
+                return
+            try:
+                self._out.send_header(tensor.dim(), *tensor.shape)
+                self._out.send(tensor)
+            except BaseException as exc:  # surfaces in the stage's thread, see _raise
+                self._error = exc
+                return
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise ChannelClosed(f"pipeline link {self.name}: {self._error}")
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._raise()
+
+    def __enter__(self) -> Link:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.close()
+        else:  # already failing: stop the thread, keep the first error
+            self._queue.put(None)
+            self._thread.join(5)
+
+
+class PipelineStage:
+    """Stage `stage` of `stages`: runs its part of the pipeline schedule for each batch.
+
+    `prev` is the link to stage-1 (None on the first stage), `next` to stage+1
+    (None on the last). Used by one thread.
+    """
+
+    def __init__(self, module: nn.Module, stage: int, stages: int, *, micro_batches: int,
+                 prev: Link | None, next: Link | None, kind: str = "1f1b"):
+        self.module, self.stage, self.stages = module, stage, stages
+        self.prev, self.next = prev, next
+        self.micro_batches, self.kind = micro_batches, kind
+        self.first, self.last = stage == 0, stage == stages - 1
+
+    @property
+    def reports_loss(self) -> bool:
+        return self.last
+
+    def train_step(self, x: torch.Tensor | None, y: torch.Tensor | None) -> float | None:
+        """Forward and backward of one batch; the batch's mean loss on the last stage.
+
+        `x` is needed on the first stage and `y` on the last (others may pass None).
+        """
+        m_count = self.micro_batches
+        inputs = torch.tensor_split(x, m_count) if self.first else None
+        if self.last:
+            labels = torch.tensor_split(y, m_count)
+            total = len(y)
+        stash: dict[int, tuple] = {}
+        loss_sum = 0.0
+        for op, m in stage_ops(m_count, self.stages, self.stage, self.kind):
+            if op == "F":
+                inp = inputs[m] if self.first else self.prev.recv().requires_grad_()
+                out = self.module(inp)
+                if self.last:
+                    # summed over the micro-batches this is the batch's mean loss
+                    out = F.cross_entropy(out, labels[m], reduction="sum") / total
+                    loss_sum += out.item()
+                else:
+                    self.next.send(out)
+                stash[m] = (inp, out)
+            else:
+                inp, out = stash.pop(m)
+                if self.last:
+                    out.backward()
+                else:
+                    out.backward(self.next.recv())
+                if not self.first:
+                    self.prev.send(inp.grad)
+        return loss_sum if self.last else None
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """Forward only, micro-batch by micro-batch; the logits on the last stage."""
+        if self.first:
+            chunks = torch.tensor_split(x, min(self.micro_batches, len(x)))
+            count = len(chunks)
+            if not self.last:
+                self.next.send(torch.tensor([float(count)]))
+        else:
+            count = int(self.prev.recv().item())
+            if not self.last:
+                self.next.send(torch.tensor([float(count)]))
+        outs = []
+        for m in range(count):
+            out = self.module(chunks[m] if self.first else self.prev.recv())
+            if self.last:
+                outs.append(out)
+            else:
+                self.next.send(out)
+        return torch.cat(outs) if self.last else None
