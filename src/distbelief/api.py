@@ -42,13 +42,14 @@ def train(config: JobConfig | dict | str | Path | None = None, *, show_progress:
 
     env = EnvRole.detect()
     if env is not None:
-        role, ident = env.role(cfg.cluster.shards, cfg.cluster.replicas)
+        role, ident, part = env.role(cfg.cluster.shards, cfg.cluster.replicas,
+                                     cfg.model.partitions)
         if role != "coordinator":
             from distbelief.runtime.role import run_role
             from distbelief.runtime.store import JobStore
             store = JobStore.connect(env.master_addr, env.master_port, env.token,
                                      timeout=cfg.cluster.timeout)
-            run_role(store, role, ident)
+            run_role(store, role, ident, part)
             return None
     return run_job(cfg, show_progress=show_progress, env=env)
 

@@ -29,11 +29,13 @@ from distbelief.errors import UserError
 from distbelief.metrics.log import MetricsLog, Progress
 from distbelief.model.evaluate import evaluate
 from distbelief.model.flat import flatten_parameters, load_flat
+from distbelief.model.partition import plan_partitions
 from distbelief.model.zoo import check_model, load_data_and_model
 from distbelief.ps.client import PSClient
 from distbelief.ps.layout import Layout
 from distbelief.runtime.channel import remove_job_files
 from distbelief.runtime.launch import EnvRole, LocalCluster, log_tail
+from distbelief.runtime.role import member_name
 from distbelief.runtime.store import JobStore, new_token
 
 LOST_AFTER = 10.0  # seconds without a heartbeat before a role counts as lost
@@ -76,8 +78,18 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
     run_dir = _choose_run_dir(cfg)
     data, model = load_data_and_model(cfg)
     check_model(model, data.input_shape, data.num_classes)
+    m = cfg.model
+    plan = plan_partitions(model, partitions=m.partitions, split=m.split, balance=m.balance,
+                           micro_batches=m.micro_batches,
+                           sample=data.x_train[: cfg.data.batch_size])
+    perm = plan.permutation(model)  # shard order -> the whole model's parameter order
     initial = flatten_parameters(model)
-    layout = Layout.balanced(initial.numel(), cfg.cluster.shards)
+    if perm is not None:
+        initial = initial[perm]
+    if plan.partitions > 1:
+        layout, groups = Layout.by_partition(plan.part_numels(model), cfg.cluster.shards)
+    else:
+        layout, groups = Layout.balanced(initial.numel(), cfg.cluster.shards), None
     steps = steps_per_replica(steps=cfg.train.steps, epochs=cfg.train.resolved_epochs,
                               train_samples=len(data.x_train), replicas=cfg.cluster.replicas,
                               batch_size=cfg.data.batch_size)
@@ -97,7 +109,8 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
         raise
     (run_dir / "config.toml").write_text(cfg.to_toml())
     job = {"config": cfg.to_dict(), "layout": layout.to_json(), "start_time": time.time(),
-           "steps": steps, "input_shape": list(data.input_shape), "num_classes": data.num_classes}
+           "steps": steps, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
+           "partition": {**plan.to_json(), "shards": groups}}
     store.set_json("job", job)
     sandblaster = cfg.algorithm == "sandblaster"
     progress = Progress(steps if sandblaster else steps * cfg.cluster.replicas,
@@ -114,14 +127,15 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
                 for s in range(cfg.cluster.shards):
                     local.spawn("shard", s)
                 for r in range(cfg.cluster.replicas):
-                    local.spawn("replica", r)
+                    for part in _parts(cfg):
+                        local.spawn("replica", r, part=part)
             wait_for_keys(store, [f"shard{s}/up" for s in range(cfg.cluster.shards)], local,
                           cfg, "the parameter shards to start")
             ps = PSClient(store, layout, "coordinator", transport=cfg.cluster.transport,
                           timeout=cfg.cluster.timeout, grad_buffers=0)
             ps.set(initial).wait(cfg.cluster.timeout)
             store.set_json("job/ready", True)
-            wait_for_keys(store, [f"members/replica/{r}" for r in range(cfg.cluster.replicas)],
+            wait_for_keys(store, [f"members/replica/{m}" for m in _members(cfg)],
                           local, cfg, "the replicas to start")
             _write_cluster(run_dir, store, cfg, host)
             if sandblaster:
@@ -129,8 +143,8 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
                                            data, job["start_time"])
             else:
                 watch = _watch(cfg, store, local, metrics, progress, ps, model, data,
-                               job["start_time"])
-            test_loss, test_acc = _evaluate_current(ps, model, data, cfg.cluster.timeout)
+                               job["start_time"], perm)
+            test_loss, test_acc = _evaluate_current(ps, model, data, cfg.cluster.timeout, perm)
             metrics.write({"event": "eval", "time": time.time() - job["start_time"],
                            "step": watch.leading_step, "test_loss": test_loss,
                            "test_accuracy": test_acc, "final": True})
@@ -143,9 +157,12 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
             if local:
                 local.wait_exit("shard", 10)
                 local.wait_exit("replica", 10)  # their interpreters may take a moment to end
-                exit_codes = {f"{c.role}{c.ident}": c.process.poll() for c in local.children}
+                exit_codes = {c.log_path.stem: c.process.poll() for c in local.children}
         summary = _summary(cfg, job, watch, steps, test_loss, test_acc, shard_stats, layout,
                            run_dir, data, exit_codes)
+        if plan.partitions > 1:
+            summary["partition"] = {**job["partition"],
+                                    "shard_clients": [s.get("clients") for s in shard_stats]}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         from distbelief.metrics.plot import plot_run
         plot_run(run_dir)
@@ -163,7 +180,8 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
 
 
 def _watch(cfg: JobConfig, store: JobStore, local: LocalCluster | None, metrics: MetricsLog,
-           progress: Progress, ps: PSClient, model, data, start_time: float) -> _Watch:
+           progress: Progress, ps: PSClient, model, data, start_time: float,
+           perm: torch.Tensor | None) -> _Watch:
     """Follow the replicas until each is done or lost; evaluate on the way."""
     watch = _Watch(cfg.cluster.replicas)
     read = 0
@@ -184,10 +202,11 @@ def _watch(cfg: JobConfig, store: JobStore, local: LocalCluster | None, metrics:
         for r in range(cfg.cluster.replicas):
             if r in watch.done or r in watch.lost:
                 continue
-            if store.has(f"done/replica{r}"):
+            if _replica_done(store, cfg, r):
                 watch.done.add(r)
             # done is read again: a replica may set it and exit between the two checks
-            elif _is_lost(store, local, "replica", r) and not store.has(f"done/replica{r}"):
+            elif (_is_lost(store, local, "replica", r, cfg.model.partitions)
+                  and not _replica_done(store, cfg, r)):
                 watch.lost.add(r)
                 metrics.write({"event": "replica_lost", "time": time.time() - start_time,
                                "replica": r, "step": watch.steps.get(r, 0)})
@@ -208,7 +227,7 @@ def _watch(cfg: JobConfig, store: JobStore, local: LocalCluster | None, metrics:
         if time.monotonic() - watch.last_event > cfg.cluster.timeout:
             raise JobFailed(f"no replica reported progress for {cfg.cluster.timeout:.0f} s")
         if next_eval is not None and watch.leading_step >= next_eval:
-            loss, acc = _evaluate_current(ps, model, data, cfg.cluster.timeout)
+            loss, acc = _evaluate_current(ps, model, data, cfg.cluster.timeout, perm)
             metrics.write({"event": "eval", "time": time.time() - start_time,
                            "step": watch.leading_step, "test_loss": loss, "test_accuracy": acc})
             progress.message(f"step {watch.leading_step}: test accuracy {acc:.4f}")
@@ -263,10 +282,17 @@ def _drive_sandblaster(cfg: JobConfig, store: JobStore, local: LocalCluster | No
     return watch
 
 
-def _evaluate_current(ps: PSClient, model, data, timeout: float) -> tuple[float, float]:
-    """Pull the shards' current parameters into `model`; (test loss, accuracy) on all of it."""
+def _evaluate_current(ps: PSClient, model, data, timeout: float,
+                      perm: torch.Tensor | None = None) -> tuple[float, float]:
+    """Pull the shards' current parameters into `model`; (test loss, accuracy) on all of it.
+
+    `perm`: where each shard position sits in the whole model's parameters (units split)."""
     current = torch.empty(ps.layout.numel)
     ps.pull(current).wait(timeout)
+    if perm is not None:
+        whole = torch.empty_like(current)
+        whole[perm] = current
+        current = whole
     load_flat(model, current)
     return evaluate(model, data.x_test, data.y_test)
 
@@ -281,13 +307,31 @@ def _show(progress: Progress, watch: _Watch, force: bool = False) -> None:
                     staleness=sum(stale) / len(stale) if stale else None, force=force)
 
 
-def _is_lost(store: JobStore, local: LocalCluster | None, role: str, ident: int) -> bool:
+def _parts(cfg: JobConfig) -> list[int | None]:
+    """The partitions of each replica: [None] when replicas are not partitioned."""
+    return [None] if cfg.model.partitions == 1 else list(range(cfg.model.partitions))
+
+
+def _members(cfg: JobConfig, replicas: range | None = None) -> list[str]:
+    """Store names of the replica processes ("0", or "0.0", "0.1", ... when partitioned)."""
+    return [member_name(r, part) for r in (replicas or range(cfg.cluster.replicas))
+            for part in _parts(cfg)]
+
+
+def _replica_done(store: JobStore, cfg: JobConfig, r: int) -> bool:
+    return all(store.has(f"done/replica{m}") for m in _members(cfg, range(r, r + 1)))
+
+
+def _is_lost(store: JobStore, local: LocalCluster | None, role: str, ident: int,
+             partitions: int = 1) -> bool:
+    """A role process (any partition of a replica) exited or stopped beating."""
     if local is not None:
-        for child in local.children:
-            if child.role == role and child.ident == ident:
-                return child.process.poll() is not None
-    beat = store.try_get_json(f"heartbeat/{role}/{ident}")
-    return beat is not None and time.time() - beat > LOST_AFTER
+        mine = [c for c in local.children if c.role == role and c.ident == ident]
+        if mine:
+            return any(c.process.poll() is not None for c in mine)
+    names = [str(ident)] if partitions == 1 else [f"{ident}.{k}" for k in range(partitions)]
+    beats = [store.try_get_json(f"heartbeat/{role}/{n}") for n in names]
+    return any(b is not None and time.time() - b > LOST_AFTER for b in beats)
 
 
 def _exit_detail(local: LocalCluster | None, role: str, ident: int) -> str:
@@ -296,7 +340,8 @@ def _exit_detail(local: LocalCluster | None, role: str, ident: int) -> str:
     for child in local.children:
         if child.role == role and child.ident == ident and child.process.returncode is not None:
             tail = log_tail(child.log_path)
-            return (f" (pid {child.pid}, exit code {child.process.returncode}"
+            which = f"partition {child.part}, " if child.part is not None else ""
+            return (f" ({which}pid {child.pid}, exit code {child.process.returncode}"
                     f"{'; log: ' + tail if tail else ''}; full log: {child.log_path})")
     return ""
 
@@ -360,11 +405,12 @@ def _create_run_dir(run_dir: Path) -> None:
 def _write_cluster(run_dir: Path, store: JobStore, cfg: JobConfig, host: str) -> None:
     roles = [{"kind": "coordinator", "id": 0, "pid": os.getpid(), "host": socket.gethostname(),
               "address": host, "port": store.port}]
-    for kind, count in (("shard", cfg.cluster.shards), ("replica", cfg.cluster.replicas)):
-        for ident in range(count):
-            info = store.get_json(f"members/{kind}/{ident}") or {}
-            roles.append({"kind": kind, "id": ident, "pid": info.get("pid"),
-                          "host": info.get("host"), "port": None})
+    members = [("shard", str(s)) for s in range(cfg.cluster.shards)]
+    members += [("replica", m) for m in _members(cfg)]
+    for kind, name in members:
+        info = store.get_json(f"members/{kind}/{name}") or {}
+        roles.append({"kind": kind, "id": info.get("id"), "part": info.get("part"),
+                      "pid": info.get("pid"), "host": info.get("host"), "port": None})
     (run_dir / "cluster.json").write_text(json.dumps({"roles": roles}, indent=2) + "\n")
 
 

@@ -10,6 +10,12 @@ so it computes the next steps while the last push is still being applied.
 With ``warm_start_steps = W``, replica 0 trains alone for W steps, then sets
 ``warm/done`` and the other replicas join (they wait for that key).
 
+With ``--partitions K`` a replica is K processes, each running this loop on its
+partition of the model (`model.partition`): it pulls from and pushes to only the
+shards that hold its own parameters (DistBelief's figure 2), and the forward
+and backward passes exchange boundary activations and gradients with the other
+partitions. The partitions follow the same schedule, so they stay in step.
+
 Reports to the coordinator through the store stream ``events``: a "train" event
 every `log_every` steps and a "replica_done" event at the end.
 """
@@ -21,12 +27,12 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
 
 from distbelief.algorithms.schedule import fetch_before, push_after, steps_per_replica
 from distbelief.algorithms.slowdown import Slowdown
 from distbelief.data.datasets import BatchStream, replica_indices
 from distbelief.model.flat import FlatModel
+from distbelief.model.partition import PartitionPlan, open_partition
 from distbelief.model.zoo import load_data_and_model
 from distbelief.ps.client import PSClient
 from distbelief.ps.layout import Layout
@@ -35,8 +41,13 @@ from distbelief.runtime.role import RoleContext
 
 def run_replica(ctx: RoleContext) -> None:
     cfg, r = ctx.config, ctx.ident
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.cluster.replicas))
+    processes = cfg.cluster.replicas * cfg.model.partitions
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
     data, model = load_data_and_model(cfg)
+    plan = PartitionPlan.from_json(ctx.job["partition"])
+    part = ctx.part or 0
+    module = plan.part_module(model, part)
+    del model  # a partition keeps only its own layers
     indices = replica_indices(len(data.x_train), r, cfg.cluster.replicas, cfg.train.seed)
     stream = BatchStream(data.x_train, data.y_train, indices, cfg.data.batch_size,
                          seed=cfg.train.seed * 1000 + r)
@@ -48,23 +59,35 @@ def run_replica(ctx: RoleContext) -> None:
     if r > 0 and cfg.downpour.warm_start_steps > 0 and not _wait_for_warm_start(ctx):
         return
     layout = Layout.from_json(ctx.job["layout"])
-    with PSClient(ctx.store, layout, f"replica{r}", transport=cfg.cluster.transport,
-                  timeout=cfg.cluster.timeout) as ps:
-        ctx.store.append("events", {"event": "replica_joined", "time": _now(ctx), "replica": r})
-        for grad in ps.grad_buffers:
-            grad.zero_()
-        flat = FlatModel(model, grads=ps.grad_buffers)  # backward() writes where shards read
-        _train(ctx, ps, flat, model, stream, total)
+    name = f"replica{r}"
+    if ctx.part is not None:  # only the shards that hold this partition's parameters
+        layout = layout.subset(ctx.job["partition"]["shards"][part])
+        name = f"replica{r}.part{part}"
+    peers = ctx.store.clone()  # the partition's channels join through their own connection
+    try:
+        with PSClient(ctx.store, layout, name, transport=cfg.cluster.transport,
+                      timeout=cfg.cluster.timeout) as ps, \
+                open_partition(plan, module, part, store=peers.raw, name=f"replica{r}",
+                               timeout=cfg.cluster.timeout) as runner:
+            if runner.reports_loss:
+                ctx.store.append("events", {"event": "replica_joined", "time": _now(ctx),
+                                            "replica": r})
+            for grad in ps.grad_buffers:
+                grad.zero_()
+            flat = FlatModel(module, grads=ps.grad_buffers)  # backward() writes where shards read
+            _train(ctx, ps, flat, runner, stream, total)
+    finally:
+        peers.close()
     if r == 0:  # a warm start longer than the run must not leave the others waiting
         ctx.store.set_json("warm/done", True)
-    ctx.store.set_json(f"done/replica{r}", {"steps": total})
+    ctx.store.set_json(f"done/replica{ctx.member}", {"steps": total})
 
 
-def _train(ctx: RoleContext, ps: PSClient, flat: FlatModel, model, stream: BatchStream,
+def _train(ctx: RoleContext, ps: PSClient, flat: FlatModel, runner, stream: BatchStream,
            total: int) -> None:
     cfg, r = ctx.config, ctx.ident
     n_fetch, n_push, timeout = cfg.downpour.n_fetch, cfg.downpour.n_push, cfg.cluster.timeout
-    report = _Reporter(ctx, total)
+    report = _Reporter(ctx, total, enabled=runner.reports_loss)
     slow = Slowdown.for_worker(cfg, r)
     pending = [None, None]  # the push handle still reading each gradient buffer
     buf = 0
@@ -76,9 +99,8 @@ def _train(ctx: RoleContext, ps: PSClient, flat: FlatModel, model, stream: Batch
             window_versions = list(ps.fetched_versions)
         xb, yb = stream.next()
         with slow.compute():
-            loss = F.cross_entropy(model(xb), yb)
-            loss.backward()
-        report.step(loss.item(), len(yb))
+            loss = runner.train_step(xb, yb)
+        report.step(loss, len(yb))
         if push_after(step, n_push, total):
             pending[buf] = ps.push(buf, versions=window_versions)
             window_versions = None
@@ -113,8 +135,9 @@ def _now(ctx: RoleContext) -> float:
 class _Reporter:
     """Collects loss, throughput and staleness; sends one "train" event every log_every steps."""
 
-    def __init__(self, ctx: RoleContext, total: int):
-        self.ctx, self.total = ctx, total
+    def __init__(self, ctx: RoleContext, total: int, enabled: bool = True):
+        """`enabled`: False on the partitions of a replica that do not see the loss."""
+        self.ctx, self.total, self.enabled = ctx, total, enabled
         self.every = ctx.config.train.log_every
         self.losses: list[float] = []
         self.staleness: list[int] = []
@@ -122,7 +145,9 @@ class _Reporter:
         self.since = time.perf_counter()
         self.last_step = -1
 
-    def step(self, loss: float, samples: int) -> None:
+    def step(self, loss: float | None, samples: int) -> None:
+        if not self.enabled:
+            return
         if not math.isfinite(loss):
             raise FloatingPointError(f"replica {self.ctx.ident}: the training loss is {loss}; "
                                      "lower --lr or check the data")
@@ -133,7 +158,7 @@ class _Reporter:
         self.staleness.extend(s for _, s in acks)
 
     def maybe_log(self, step: int, versions: list[int], force: bool = False) -> None:
-        if not force and (step + 1) % self.every != 0:
+        if not self.enabled or (not force and (step + 1) % self.every != 0):
             return
         if step == self.last_step or not self.losses:
             return

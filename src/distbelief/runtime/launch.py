@@ -9,7 +9,8 @@ Many hosts: every host runs the same ``distbelief train ...`` command with the
 standard variables set by torchrun, SLURM or by hand (`EnvRole.detect`). Rank 0
 is the coordinator and hosts the store at MASTER_ADDR:MASTER_PORT (unless
 torchrun's agent already hosts one there), ranks 1..S are the shards and ranks
-S+1..S+R the replicas; WORLD_SIZE must be 1 + S + R.
+S+1.. the replicas (K consecutive ranks per replica with --partitions K);
+WORLD_SIZE must be 1 + S + R*K.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Child:
     ident: int
     process: subprocess.Popen
     log_path: Path
+    part: int | None = None
 
     @property
     def pid(self) -> int:
@@ -59,19 +61,23 @@ class LocalCluster:
     def __exit__(self, *exc) -> None:
         self.shutdown()
 
-    def spawn(self, role: str, ident: int, extra_env: dict[str, str] | None = None) -> Child:
+    def spawn(self, role: str, ident: int, extra_env: dict[str, str] | None = None,
+              part: int | None = None) -> Child:
+        """Start one role process (`part`: its partition of a model-parallel replica)."""
         # children see the coordinator's import path (as multiprocessing's spawn does), so a
         # model or data factory importable here is importable in every role
         path = os.pathsep.join(p for p in sys.path if p)
         env = {**os.environ, **self.env, "DISTBELIEF_ROLE": role, "DISTBELIEF_ID": str(ident),
                "DISTBELIEF_PARENT_PID": str(os.getpid()), "PYTHONPATH": path,
+               **({"DISTBELIEF_PART": str(part)} if part is not None else {}),
                **(extra_env or {})}
-        log_path = self.log_dir / f"{role}{ident}.log"
+        log_path = self.log_dir / (f"{role}{ident}.log" if part is None
+                                   else f"{role}{ident}.part{part}.log")
         with open(log_path, "ab") as log:
             process = subprocess.Popen([sys.executable, "-m", "distbelief.runtime.role"],
                                        env=env, stdout=log, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL)
-        child = Child(role, ident, process, log_path)
+        child = Child(role, ident, process, log_path, part)
         self.children.append(child)
         return child
 
@@ -157,16 +163,20 @@ class EnvRole:
         run_id = os.environ.get("TORCHELASTIC_RUN_ID", os.environ.get("SLURM_JOB_ID", "job"))
         return f"env-{run_id}-{self.master_port}"
 
-    def role(self, shards: int, replicas: int) -> tuple[str, int]:
-        """(role, id) for this rank: 0 coordinator, then shards, then replicas."""
-        expected = 1 + shards + replicas
+    def role(self, shards: int, replicas: int,
+             partitions: int = 1) -> tuple[str, int, int | None]:
+        """(role, id, partition) for this rank: 0 coordinator, then shards, then replicas
+        (replica r's partitions k = 0..K-1 one after another; partition None when K = 1)."""
+        expected = 1 + shards + replicas * partitions
         if self.world_size != expected:
+            per = f" x {partitions} partitions" if partitions > 1 else ""
             raise UserError(
                 f"WORLD_SIZE={self.world_size} but the job needs 1 coordinator + {shards} shards "
-                f"+ {replicas} replicas = {expected} processes: start {expected} processes or "
-                "change --shards/--replicas")
+                f"+ {replicas} replicas{per} = {expected} processes: start {expected} processes "
+                "or change --shards/--replicas/--partitions")
         if self.rank == 0:
-            return "coordinator", 0
+            return "coordinator", 0, None
         if self.rank <= shards:
-            return "shard", self.rank - 1
-        return "replica", self.rank - 1 - shards
+            return "shard", self.rank - 1, None
+        r, k = divmod(self.rank - 1 - shards, partitions)
+        return "replica", r, (k if partitions > 1 else None)

@@ -2,7 +2,7 @@
 
 Started by the local launcher as ``python -m distbelief.runtime.role`` with
 DISTBELIEF_STORE (host:port), DISTBELIEF_TOKEN, DISTBELIEF_ROLE and DISTBELIEF_ID
-in the environment, or called in-process (`run_role`) when roles are started
+(and DISTBELIEF_PART for a partition of a model-parallel replica) in the environment, or called in-process (`run_role`) when roles are started
 one per host. The job's resolved config and layout come from the store.
 """
 
@@ -31,9 +31,20 @@ class RoleContext:
     job: dict
     role: str
     ident: int
+    part: int | None = None
+    """This process's partition of a model-parallel replica (None: not partitioned)."""
+
+    @property
+    def member(self) -> str:
+        """The name this process is known by in the store: "3", or "3.1" for partition 1."""
+        return member_name(self.ident, self.part)
 
     def stopping(self) -> bool:
         return self.store.has("job/stop")
+
+
+def member_name(ident: int, part: int | None) -> str:
+    return str(ident) if part is None else f"{ident}.{part}"
 
 
 class Heartbeat:
@@ -43,7 +54,7 @@ class Heartbeat:
     limit. Context manager: the thread always stops on exit.
     """
 
-    def __init__(self, store: JobStore, role: str, ident: int, period: float = 1.0):
+    def __init__(self, store: JobStore, role: str, ident: int | str, period: float = 1.0):
         self._store, self._key, self._period = store, f"heartbeat/{role}/{ident}", period
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
@@ -65,14 +76,14 @@ class Heartbeat:
         self._thread.join(5)
 
 
-def run_role(store: JobStore, role: str, ident: int) -> None:
+def run_role(store: JobStore, role: str, ident: int, part: int | None = None) -> None:
     """Register, then run `role` until it finishes. Blocks."""
     job = store.get_json("job", what="the job description from the coordinator")
     config = JobConfig.from_dict(job["config"])
-    store.register(role, ident, {"kind": role, "id": ident, "pid": os.getpid(),
-                                 "host": socket.gethostname()})
-    ctx = RoleContext(store, config, job, role, ident)
-    with Heartbeat(store, role, ident):
+    ctx = RoleContext(store, config, job, role, ident, part)
+    store.register(role, ctx.member, {"kind": role, "id": ident, "part": part,
+                                      "pid": os.getpid(), "host": socket.gethostname()})
+    with Heartbeat(store, role, ctx.member):
         if role == "shard":
             from distbelief.ps.serve import run_shard
             run_shard(ctx)
@@ -114,9 +125,10 @@ def main() -> int:
     _die_with_parent()
     host, port = os.environ["DISTBELIEF_STORE"].rsplit(":", 1)
     role, ident = os.environ["DISTBELIEF_ROLE"], int(os.environ["DISTBELIEF_ID"])
+    part = os.environ.get("DISTBELIEF_PART")
     timeout = float(os.environ.get("DISTBELIEF_TIMEOUT", "120"))
     store = JobStore.connect(host, int(port), os.environ["DISTBELIEF_TOKEN"], timeout=timeout)
-    run_role(store, role, ident)
+    run_role(store, role, ident, int(part) if part else None)
     return 0
 
 

@@ -158,7 +158,7 @@ class JobStore:
 
     # ---- membership -----------------------------------------------------------
 
-    def register(self, role: str, ident: int, info: dict[str, Any]) -> None:
+    def register(self, role: str, ident: int | str, info: dict[str, Any]) -> None:
         """Announce a role process (kind, id, pid, host, ...) to the coordinator."""
         self.set_json(f"members/{role}/{ident}", info)
 
