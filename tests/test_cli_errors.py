@@ -100,6 +100,23 @@ CASES = [
      ["--line-search", "'armijo'"]),
     ("slow-worker-malformed", ["--slow-worker", "fast"], ["--slow-worker 'fast'", "ID:FACTOR"]),
     ("slow-worker-unknown-replica", ["--slow-worker", "7:4"], ["replica 7", "0..1"]),
+    ("balance-wrong-sum", ["--partitions", "2", "--balance", "2,2"],
+     ["--balance 2,2", "sums to 4", "6 layers"]),
+    ("balance-malformed", ["--partitions", "2", "--balance", "three,two"],
+     ["--balance", "'three,two'", "3,2"]),
+    ("balance-without-partitions", ["--balance", "3,3"], ["--balance 3,3", "--partitions"]),
+    ("more-partitions-than-layers", ["--partitions", "7", "--shards", "7"],
+     ["--partitions 7", "6 layers"]),
+    ("model-cannot-split-by-units", ["--model", "cnn", "--partitions", "2", "--split", "units"],
+     ["Conv2d", "cannot be split by units", "--split layers"]),
+    ("partitions-with-sync", ["--algorithm", "sync", "--partitions", "2"],
+     ["--partitions 2", "downpour"]),
+    ("fewer-shards-than-partitions", ["--partitions", "3", "--shards", "2"],
+     ["--shards 2", "--partitions 3"]),
+    ("micro-batches-without-pipeline", ["--micro-batches", "4"],
+     ["--micro-batches 4", "--split layers"]),
+    ("micro-batches-above-batch", ["--partitions", "2", "--micro-batches", "80",
+                                   "--batch-size", "64"], ["--micro-batches 80", "--batch-size 64"]),
 ]
 
 
