@@ -59,6 +59,7 @@ TRAIN_OPTIONS: dict[str, tuple[type, str]] = {
     "timeout": (float, "seconds any single wait may block before the job fails"),
     "slow_worker": (str, "ID:FACTOR makes replica ID FACTOR times slower (it sleeps in "
                          "proportion to its compute), for tests and benchmarks"),
+    "threads": (int, "torch threads of each replica (or partition) process"),
     "sync_fraction": (float, "sync: a step completes once this fraction of the replicas "
                              "reported; late gradients are dropped and counted"),
     "portions": (int, "sandblaster: pieces the data is cut into per gradient evaluation, "
@@ -79,6 +80,7 @@ UNSET_DEFAULTS = {
     "lr": f"{DEFAULT_LR:g}; {DEFAULT_LBFGS_LR:g} for sandblaster",
     "portions": f"{PORTIONS_PER_WORKER} per worker",
     "slow_worker": "none",
+    "threads": "this host's cores shared among the replica processes",
     "epochs": f"{DEFAULT_EPOCHS:g} when --steps is not given",
     "num_samples": "the dataset's own size",
     "run_dir": "runs/<algorithm>-<time>",

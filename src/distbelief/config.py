@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,14 @@ class ClusterConfig:
     """Seconds any single wait (connect, pull, push, join) may block before the job fails."""
     slow_worker: str | None = None
     """ID:FACTOR makes replica (worker) ID FACTOR times slower by sleeping in proportion to its compute (tests, benchmarks)."""
+    threads: int | None = None
+    """Torch threads of each replica (or partition) process; default: this host's cores shared among them."""
+
+    def threads_per_process(self, processes: int) -> int:
+        """The compute threads one of `processes` replica processes on this host should use."""
+        if self.threads is not None:
+            return self.threads
+        return max(1, (os.cpu_count() or 1) // processes)
 
     @property
     def slowdown(self) -> tuple[int, float] | None:
@@ -255,6 +264,8 @@ class JobConfig:
         _choice("transport", c.transport, TRANSPORTS, "--transport")
         _at_least("--replicas", c.replicas, 1, "give at least one model replica")
         _at_least("--shards", c.shards, 1, "give at least one parameter shard")
+        if c.threads is not None:
+            _at_least("--threads", c.threads, 1, "leave it out to share this host's cores")
         _at_least("--n-fetch", d.n_fetch, 1, "fetch at least every step (1) or less often (>1)")
         _at_least("--n-push", d.n_push, 1, "push at least every step (1) or less often (>1)")
         _at_least("--warm-start-steps", d.warm_start_steps, 0, "use 0 to start all replicas together")
@@ -482,7 +493,7 @@ OPTION_FIELDS = {
     "algorithm": "algorithm",
     "replicas": "cluster.replicas", "shards": "cluster.shards", "port": "cluster.port",
     "host": "cluster.host", "transport": "cluster.transport", "timeout": "cluster.timeout",
-    "slow_worker": "cluster.slow_worker",
+    "slow_worker": "cluster.slow_worker", "threads": "cluster.threads",
     "n_fetch": "downpour.n_fetch", "n_push": "downpour.n_push",
     "warm_start_steps": "downpour.warm_start_steps",
     "sync_fraction": "sync.fraction",

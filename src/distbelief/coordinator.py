@@ -161,8 +161,11 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
         summary = _summary(cfg, job, watch, steps, test_loss, test_acc, shard_stats, layout,
                            run_dir, data, exit_codes)
         if plan.partitions > 1:
+            done = [store.try_get_json(f"done/replica{m}") or {} for m in _members(cfg)]
             summary["partition"] = {**job["partition"],
-                                    "shard_clients": [s.get("clients") for s in shard_stats]}
+                                    "shard_clients": [s.get("clients") for s in shard_stats],
+                                    "boundary_bytes": sum(d.get("boundary_bytes", 0)
+                                                          for d in done)}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         from distbelief.metrics.plot import plot_run
         plot_run(run_dir)

@@ -23,7 +23,6 @@ every `log_every` steps and a "replica_done" event at the end.
 from __future__ import annotations
 
 import math
-import os
 import time
 
 import torch
@@ -42,7 +41,7 @@ from distbelief.runtime.role import RoleContext
 def run_replica(ctx: RoleContext) -> None:
     cfg, r = ctx.config, ctx.ident
     processes = cfg.cluster.replicas * cfg.model.partitions
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
+    torch.set_num_threads(cfg.cluster.threads_per_process(processes))
     data, model = load_data_and_model(cfg)
     plan = PartitionPlan.from_json(ctx.job["partition"])
     part = ctx.part or 0
@@ -76,11 +75,13 @@ def run_replica(ctx: RoleContext) -> None:
                 grad.zero_()
             flat = FlatModel(module, grads=ps.grad_buffers)  # backward() writes where shards read
             _train(ctx, ps, flat, runner, stream, total)
+            boundary_bytes = runner.bytes_sent
     finally:
         peers.close()
     if r == 0:  # a warm start longer than the run must not leave the others waiting
         ctx.store.set_json("warm/done", True)
-    ctx.store.set_json(f"done/replica{ctx.member}", {"steps": total})
+    ctx.store.set_json(f"done/replica{ctx.member}", {"steps": total,
+                                                     "boundary_bytes": boundary_bytes})
 
 
 def _train(ctx: RoleContext, ps: PSClient, flat: FlatModel, runner, stream: BatchStream,

@@ -26,7 +26,6 @@ Reports, on the store stream ``sb/results``:
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -55,7 +54,7 @@ def claim_key(evaluation: int, portion: int, generation: int) -> str:
 
 def run_worker(ctx: RoleContext) -> None:
     cfg, w = ctx.config, ctx.ident
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.cluster.replicas))
+    torch.set_num_threads(cfg.cluster.threads_per_process(cfg.cluster.replicas))
     data, model = load_data_and_model(cfg)
     ctx.store.get_json("job/ready", what="the coordinator to initialise the shards")
     layout = Layout.from_json(ctx.job["layout"])

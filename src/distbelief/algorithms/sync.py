@@ -29,7 +29,6 @@ this replica's gradients dropped since its last report.
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -65,7 +64,7 @@ def quorum_size(fraction: float, replicas: int) -> int:
 
 def run_replica(ctx: RoleContext) -> None:
     cfg, r, replicas = ctx.config, ctx.ident, ctx.config.cluster.replicas
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // replicas))
+    torch.set_num_threads(cfg.cluster.threads_per_process(replicas))
     data, model = load_data_and_model(cfg)
     indices = replica_indices(len(data.x_train), r, replicas, cfg.train.seed)
     stream = BatchStream(data.x_train, data.y_train, indices, cfg.data.batch_size,
