@@ -1,4 +1,4 @@
-"""The `distbelief` command: train, plot.
+"""The `distbelief` command: train, predict, plot.
 
 User errors print one line ``distbelief: error: ...`` and exit with code 2;
 a job that fails exits with code 1; Ctrl-C exits with 130. Every child process
@@ -124,6 +124,31 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"{help_} (default: {default})")
     train.add_argument("--quiet", action="store_true", help="no progress display")
 
+    pred = sub.add_parser(
+        "predict", help="run a trained model (whole or partitioned) over an .npz of inputs",
+        description="Predict with the model of a finished run. With --partitions K the model "
+                    "is cut as in training (--split layers: contiguous layers, pipelined in "
+                    "micro-batches; --split units: a block of every Linear and locally "
+                    "connected layer per process) and run by K processes on this host; only "
+                    "boundary activations travel between them. Writes logits, predictions "
+                    "and, when the input has labels y, accuracy.")
+    pred.add_argument("run_dir", help="the run directory a train command printed")
+    pred.add_argument("--input", required=True, help=".npz file with inputs x (and labels y)")
+    pred.add_argument("-o", "--output", required=True, help=".npz file to write")
+    pred.add_argument("--partitions", type=int, default=1, metavar="K",
+                      help="processes the model is cut across (default: 1)")
+    pred.add_argument("--split", choices=SPLITS, default="layers",
+                      help="layers or units (default: layers)")
+    pred.add_argument("--balance", default=None,
+                      help="--split layers: layers per partition, e.g. 3,2 (default: balanced "
+                           "by measured compute time and parameter bytes)")
+    pred.add_argument("--micro-batches", type=int, default=None, metavar="M",
+                      help="--split layers: micro-batches per batch (default: 4 per partition)")
+    pred.add_argument("--batch-size", type=int, default=256, metavar="B",
+                      help="samples per batch (default: 256)")
+    pred.add_argument("--timeout", type=float, default=120.0,
+                      help="seconds the whole prediction may take (default: 120)")
+
     plot = sub.add_parser("plot", help="draw one or more runs' curves on one figure")
     plot.add_argument("run_dirs", nargs="+", help="run directories to compare")
     plot.add_argument("-o", "--output", required=True, help="image file to write (.png, .pdf, .svg)")
@@ -150,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _train(args)
         if args.command == "plot":
             return _plot(args)
+        if args.command == "predict":
+            return _predict(args)
         raise UserError(f"unknown command {args.command!r}")
     except UserError as exc:
         print(f"distbelief: error: {exc}", file=sys.stderr)
@@ -179,6 +206,24 @@ def _train(args: argparse.Namespace) -> int:
           f"samples; {summary['samples_per_second']:,.0f} samples/s; "
           f"{summary['wall_seconds']:.1f} s" + (f"; {lost} replica(s) lost" if lost else ""))
     print(f"run directory: {summary['run_dir']}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from distbelief.inference import predict
+
+    try:
+        result = predict(args.run_dir, args.input, args.output, partitions=args.partitions,
+                         split=args.split, balance=args.balance,
+                         micro_batches=args.micro_batches, batch_size=args.batch_size,
+                         timeout=args.timeout)
+    except RuntimeError as exc:
+        print(f"distbelief: prediction failed: {exc}", file=sys.stderr)
+        return 1
+    accuracy = result["accuracy"]
+    print(f"wrote {result['output']}: {result['samples']} predictions by "
+          f"{result['partitions']} partition(s) in {result['seconds']:.2f} s"
+          + (f"; accuracy {accuracy:.4f}" if accuracy is not None else ""))
     return 0
 
 

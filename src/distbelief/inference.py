@@ -1,0 +1,185 @@
+"""Inference with a trained model, whole or partitioned across K processes.
+
+``distbelief predict RUN_DIR --input X.npz -o OUT.npz --partitions K`` rebuilds
+the run's model from its config and checkpoint, cuts it as asked (the same
+`plan_partitions` as training: ``--split layers`` pipelines micro-batches
+through contiguous layers, ``--split units`` gives each process a block of every
+Linear and locally connected layer), starts one process per partition on this
+host, and streams the input through them batch by batch. Only the activations
+at the partition boundaries travel between the processes.
+
+The output file holds ``logits`` (float32, N x classes) and ``predictions``
+(int64, N); when the input has labels ``y``, also ``accuracy``. The partitioned
+result equals the whole model's (tests/test_predict.py).
+
+Example::
+
+    summary = predict("runs/downpour-...", "test.npz", "out.npz", partitions=2)
+    summary["accuracy"]        # None when the input has no labels
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distbelief.errors import UserError
+
+DONE_KEY = "predict/done"
+
+
+def predict(run_dir: str | Path, input_path: str | Path, output_path: str | Path, *,
+            partitions: int = 1, split: str = "layers", balance: str | None = None,
+            micro_batches: int | None = None, batch_size: int = 256,
+            timeout: float = 120.0) -> dict:
+    """Predict every sample of `input_path` (npz with ``x``, optional ``y``); write
+    `output_path`. Blocks; every process it started is gone when it returns.
+
+    Raises:
+        UserError: a missing or unfinished run, an input of the wrong shape, bad options.
+        RuntimeError: a partition process failed (the message holds its log's tail).
+    """
+    from distbelief.api import load_model
+    from distbelief.config import SPLITS
+    from distbelief.model.partition import plan_partitions
+
+    if partitions < 1:
+        raise UserError(f"--partitions must be >= 1, got {partitions}: use 1 for the whole model")
+    if split not in SPLITS:
+        raise UserError(f"--split {split!r} is not one of {', '.join(SPLITS)}: pick one of those")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}: try 256")
+    model = load_model(run_dir)
+    model.eval()
+    x, y = _read_input(Path(input_path), tuple(json.loads(
+        (Path(run_dir) / "summary.json").read_text())["model"]["input_shape"]))
+    output_path = Path(output_path)
+    if not output_path.parent.is_dir():
+        raise UserError(f"cannot write {str(output_path)!r}: its directory does not exist")
+    micro = micro_batches or (min(batch_size, 4 * partitions) if split == "layers" else 1)
+    plan = plan_partitions(model, partitions=partitions, split=split, balance=balance,
+                           micro_batches=micro, sample=x[:batch_size])
+    start = time.perf_counter()
+    if plan.partitions == 1:
+        with torch.no_grad():
+            logits = torch.cat([model(xb) for xb in torch.split(x, batch_size)])
+        boundary = 0
+    else:
+        logits, boundary = _run_partitioned(run_dir, input_path, plan, batch_size, timeout)
+    seconds = time.perf_counter() - start
+    predictions = logits.argmax(1)
+    out = {"logits": logits.numpy().astype(np.float32), "predictions": predictions.numpy()}
+    accuracy = None
+    if y is not None:
+        accuracy = float((predictions == y).float().mean())
+        out["accuracy"] = np.float64(accuracy)
+    tmp = output_path.with_name(output_path.name + ".tmp.npz")
+    np.savez(tmp, **out)
+    os.replace(tmp, output_path)
+    return {"samples": len(x), "accuracy": accuracy, "partitions": plan.partitions,
+            "split": plan.split, "balance": list(plan.balance) if plan.balance else None,
+            "seconds": seconds, "boundary_bytes": boundary, "output": str(output_path)}
+
+
+def _read_input(path: Path, input_shape: tuple[int, ...]) -> tuple[torch.Tensor,
+                                                                   torch.Tensor | None]:
+    if not path.is_file():
+        raise UserError(f"input file {str(path)!r} does not exist: give an .npz with an array x")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {k: archive[k] for k in archive.files}
+    except (OSError, ValueError) as exc:
+        raise UserError(f"input file {str(path)!r} is not an .npz archive ({exc}): write it "
+                        "with numpy.savez(path, x=..., y=...)") from None
+    if "x" not in arrays:
+        raise UserError(f"input file {str(path)!r} has no array 'x' (it has "
+                        f"{', '.join(arrays) or 'none'}): save the inputs as x")
+    x = torch.as_tensor(arrays["x"]).float()
+    if tuple(x.shape[1:]) != input_shape or len(x) == 0:
+        raise UserError(f"input x has shape {tuple(x.shape)}, but the model takes samples of "
+                        f"shape {input_shape}: give x of shape (N, {', '.join(map(str, input_shape))})")
+    y = None
+    if "y" in arrays:
+        y = torch.as_tensor(arrays["y"]).long().reshape(-1)
+        if len(y) != len(x):
+            raise UserError(f"input y has {len(y)} labels for {len(x)} samples: give one label "
+                            "per sample, or leave y out")
+    return x, y
+
+
+def _run_partitioned(run_dir, input_path, plan, batch_size: int,
+                     timeout: float) -> tuple[torch.Tensor, int]:
+    """Start one process per partition, stream the input through them; (logits, bytes)."""
+    from distbelief.config import load_config
+    from distbelief.coordinator import role_env
+    from distbelief.runtime.launch import LocalCluster, log_tail
+    from distbelief.runtime.store import JobStore, new_token
+
+    cfg = load_config(Path(run_dir) / "config.toml")
+    store = JobStore.host("127.0.0.1", 0, new_token(), timeout=timeout)
+    try:
+        with tempfile.TemporaryDirectory(prefix="distbelief-predict-") as tmp:
+            out_path = Path(tmp) / "logits.pt"
+            store.set_json("job", {"config": cfg.to_dict(), "predict": {
+                "run_dir": str(Path(run_dir).resolve()), "input": str(Path(input_path).resolve()),
+                "plan": plan.to_json(), "batch_size": batch_size, "output": str(out_path)}})
+            env = {**role_env(store, cfg), "DISTBELIEF_STORE": f"127.0.0.1:{store.port}"}
+            with LocalCluster(Path(tmp) / "logs", env) as cluster:
+                for k in range(plan.partitions):
+                    cluster.spawn("predictor", 0, part=k)
+                deadline = time.monotonic() + timeout
+                while not cluster.wait_exit("predictor", 0.2):
+                    failed = [c for c in cluster.exited() if c.process.returncode != 0]
+                    if failed:
+                        c = failed[0]
+                        raise RuntimeError(f"partition {c.part} failed (exit code "
+                                           f"{c.process.returncode}): {log_tail(c.log_path)}")
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"prediction did not finish within {timeout:.0f} s")
+                failed = [c for c in cluster.children if c.process.returncode != 0]
+                if failed:
+                    c = failed[0]
+                    raise RuntimeError(f"partition {c.part} failed (exit code "
+                                       f"{c.process.returncode}): {log_tail(c.log_path)}")
+            done = store.get_json(DONE_KEY, timeout=5)
+            return torch.load(out_path, weights_only=True), int(done["boundary_bytes"])
+    finally:
+        store.close()
+
+
+def run_partition(ctx) -> None:
+    """The `predictor` role: partition ctx.part of the model, over every batch of the input."""
+    from distbelief.api import load_model
+    from distbelief.model.partition import PartitionPlan, open_partition
+
+    spec = ctx.job["predict"]
+    plan = PartitionPlan.from_json(spec["plan"])
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // plan.partitions))
+    model = load_model(spec["run_dir"])
+    model.eval()
+    with np.load(spec["input"], allow_pickle=False) as archive:
+        x = torch.as_tensor(archive["x"]).float()
+    part = plan.part_module(model, ctx.part)
+    outputs = []
+    peers = ctx.store.clone()
+    try:
+        with open_partition(plan, part, ctx.part, store=peers.raw, name="predict",
+                            timeout=ctx.config.cluster.timeout) as runner:
+            for xb in torch.split(x, spec["batch_size"]):
+                logits = runner.predict(xb)
+                if logits is not None:
+                    outputs.append(logits)
+            sent = runner.bytes_sent
+    finally:
+        peers.close()
+    ctx.store.add("predict/boundary_bytes", sent)
+    if ctx.part == plan.loss_partition:  # the partition that ends the model has the logits
+        torch.save(torch.cat(outputs), spec["output"])
+    if ctx.store.add("predict/finished", 1) == plan.partitions:
+        ctx.store.set_json(DONE_KEY, {"boundary_bytes": ctx.store.add("predict/boundary_bytes", 0)})
