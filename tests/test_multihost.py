@@ -67,6 +67,36 @@ def test_roles_from_rank_variables_without_torchrun(tmp_path):
                 p.wait(10)
 
 
+def test_partitioned_replicas_from_rank_variables(tmp_path):
+    """--partitions 2: ranks 1..S are shards, then each replica's two partitions in turn."""
+    port = _free_port()
+    run_dir = tmp_path / "run"
+    args = ["train", "--dataset", "digits", "--model", "mlp", "--replicas", "1", "--shards", "2",
+            "--partitions", "2", "--steps", "60", "--quiet", "--run-dir", str(run_dir)]
+    procs = []
+    try:
+        for rank in range(5):
+            env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "5",
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                   "DISTBELIEF_TOKEN": "test-secret"}
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "distbelief.cli", *args], cwd=tmp_path, env=env,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        outputs = [p.communicate(timeout=240) for p in procs]
+        assert [p.returncode for p in procs] == [0] * 5, [o[1][-500:] for o in outputs]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["partition"]["shard_clients"] == [
+            ["coordinator", "replica0.part0"], ["coordinator", "replica0.part1"]]
+        roles = json.loads((run_dir / "cluster.json").read_text())["roles"]
+        assert sorted((r["kind"], r["id"], r["part"]) for r in roles if r["kind"] == "replica") \
+            == [("replica", 0, 0), ("replica", 0, 1)]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+
+
 def test_wrong_world_size_is_a_user_error(tmp_path):
     env = {**os.environ, "RANK": "1", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(_free_port())}
