@@ -108,7 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "all-reduce (sync) or Sandblaster L-BFGS (sandblaster). Options "
                     "override the TOML file. Under torchrun/SLURM (RANK, WORLD_SIZE, "
                     "MASTER_ADDR, MASTER_PORT set) each process runs one role: rank 0 the "
-                    "coordinator, then the shards, then the replicas.")
+                    "coordinator, then the shards, then the replicas (K ranks each with "
+                    "--partitions K).",
+        epilog="Model parallelism (downpour): --partitions K makes each replica K "
+               "processes that exchange only boundary activations and gradients and pull/"
+               "push only their own shards (give --shards >= K). --split layers pipelines "
+               "contiguous layers in --micro-batches M pieces (idle fraction (K-1)/(M+K-1); "
+               "2-4 per partition is a good start), balanced by measured time and parameter "
+               "bytes or by --balance; --split units cuts each Linear by output units and "
+               "each locally connected layer spatially. Pays when a replica's compute is "
+               "the bottleneck and each partition has its own cores (--threads). Example: "
+               "distbelief train --model lcnn --partitions 2 --split units --shards 4 "
+               "--epochs 1")
     train.add_argument("config", nargs="?", help="TOML config file (optional)")
     for name, (type_, help_) in TRAIN_OPTIONS.items():
         default = default_of(name)
