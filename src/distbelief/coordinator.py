@@ -330,8 +330,10 @@ def _is_lost(store: JobStore, local: LocalCluster | None, role: str, ident: int,
     """A role process (any partition of a replica) exited or stopped beating."""
     if local is not None:
         mine = [c for c in local.children if c.role == role and c.ident == ident]
-        if mine:
-            return any(c.process.poll() is not None for c in mine)
+        if mine:  # a partition that finished its steps may exit before its siblings
+            return any(c.process.poll() is not None and not (
+                role == "replica" and store.has(f"done/replica{member_name(ident, c.part)}"))
+                for c in mine)
     names = [str(ident)] if partitions == 1 else [f"{ident}.{k}" for k in range(partitions)]
     beats = [store.try_get_json(f"heartbeat/{role}/{n}") for n in names]
     return any(b is not None and time.time() - b > LOST_AFTER for b in beats)
