@@ -61,3 +61,30 @@ def test_stragglers_quick_reports_both_algorithms() -> None:
     assert sync["fraction_1_slow"]["late_gradients_dropped"] == 0
     assert isinstance(blaster["met"], bool) and isinstance(sync["met"], bool)
     assert blaster["target"] == sync["target"] == 2.0
+
+
+def test_model_parallel_quick_reports_both_partitionings() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "model_parallel.py"), "--quick"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+
+    assert report["benchmark"] == "model_parallel" and report["quick"]
+    assert report["settings"]["threads"] == 1 and report["settings"]["micro_batches"] == [2]
+    assert [(r["partitions"], r["micro_batches"]) for r in report["runs"]] == [(1, None), (2, 2)]
+    assert report["k1"]["samples_per_second"] > 0
+    assert report["k2"]["samples_per_second"] > 0
+    assert report["k2"]["balance"] == [9, 1]
+    assert report["speedup"] > 0
+    assert report["speedup"] == report["k2"]["samples_per_second"] / report["k1"]["samples_per_second"]
+    assert report["target"] == 1.6 and isinstance(report["target_met"], bool)
+
+    boundary = report["boundary"]
+    assert boundary["cut_activation_bytes_per_sample"] == 2560 * 4
+    assert boundary["whole_model_activation_bytes_per_sample"] == (440 + 8 * 2560 + 8192) * 4
+    # only the cut's activation and its gradient travel, far less than all the activations
+    assert 0 < boundary["bytes_per_sample"] < boundary["whole_model_activation_bytes_per_sample"] / 4
+    assert boundary["bytes_per_sample"] == boundary["expected_bytes_per_sample"] == 2 * 2560 * 4
+    for stage in report["compute"]["stages"].values():
+        assert stage["predicted_speedup"] > 0
