@@ -15,6 +15,7 @@ from typing import Sequence
 
 from distbelief.config import (ALGORITHMS, DEFAULT_EPOCHS, DEFAULT_ITERATIONS, DEFAULT_LBFGS_LR,
                                DEFAULT_LR, DEFAULT_RULE, LINE_SEARCHES, MICRO_BATCHES_PER_STAGE,
+                               ON_NONFINITE,
                                PORTIONS_PER_WORKER, RULES, SPLITS, TRANSPORTS, default_of)
 from distbelief.errors import UserError
 
@@ -59,6 +60,8 @@ TRAIN_OPTIONS: dict[str, tuple[type, str]] = {
     "timeout": (float, "seconds any single wait may block before the job fails"),
     "slow_worker": (str, "ID:FACTOR makes replica ID FACTOR times slower (it sleeps in "
                          "proportion to its compute), for tests and benchmarks"),
+    "on_nonfinite": (str, "a NaN/inf gradient or loss: skip (the shards refuse it, it is "
+                          "counted, training goes on) or stop (the job ends with an error)"),
     "threads": (int, "torch threads of each replica (or partition) process"),
     "sync_fraction": (float, "sync: a step completes once this fraction of the replicas "
                              "reported; late gradients are dropped and counted"),
@@ -72,7 +75,7 @@ TRAIN_OPTIONS: dict[str, tuple[type, str]] = {
     "tolerance_change": (float, "sandblaster: stop when loss or step change less than this"),
 }
 CHOICES = {"algorithm": ALGORITHMS, "rule": RULES, "transport": TRANSPORTS,
-           "line_search": LINE_SEARCHES, "split": SPLITS}
+           "line_search": LINE_SEARCHES, "split": SPLITS, "on_nonfinite": ON_NONFINITE}
 # what a None default means, shown in --help instead of "None"
 UNSET_DEFAULTS = {
     "steps": f"unset, --epochs decides; sandblaster {DEFAULT_ITERATIONS}",

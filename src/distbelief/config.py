@@ -55,6 +55,7 @@ ALGORITHMS = ("downpour", "sync", "sandblaster")
 RULES = ("sgd", "momentum", "adagrad", "adam")
 LINE_SEARCHES = ("strong_wolfe", "none")
 SPLITS = ("layers", "units")
+ON_NONFINITE = ("skip", "stop")
 MICRO_BATCHES_PER_STAGE = 4  # pipeline micro-batches per partition when --micro-batches is unset
 DEFAULT_RULE, DEFAULT_LR, DEFAULT_LBFGS_LR = "adagrad", 0.02, 1.0
 DEFAULT_ITERATIONS = 50  # L-BFGS iterations when --steps is not given
@@ -187,6 +188,8 @@ class TrainConfig:
     """Replicas report loss and staleness every this many steps."""
     run_dir: str | None = None
     """Directory for config, metrics, checkpoint and plots; default runs/<algorithm>-<time>."""
+    on_nonfinite: str = "skip"
+    """A gradient (or loss) with NaN/inf: skip (refuse it, count it, go on) or stop (end the job with a clear error)."""
 
     @property
     def resolved_epochs(self) -> float | None:
@@ -262,6 +265,7 @@ class JobConfig:
         if o.rule is not None:
             _choice("rule", o.rule, RULES, "--rule")
         _choice("transport", c.transport, TRANSPORTS, "--transport")
+        _choice("on_nonfinite", t.on_nonfinite, ON_NONFINITE, "--on-nonfinite")
         _at_least("--replicas", c.replicas, 1, "give at least one model replica")
         _at_least("--shards", c.shards, 1, "give at least one parameter shard")
         if c.threads is not None:
@@ -508,6 +512,7 @@ OPTION_FIELDS = {
     "balance": "model.balance", "micro_batches": "model.micro_batches",
     "steps": "train.steps", "epochs": "train.epochs", "seed": "train.seed",
     "eval_every": "train.eval_every", "log_every": "train.log_every", "run_dir": "train.run_dir",
+    "on_nonfinite": "train.on_nonfinite",
 }
 
 

@@ -57,6 +57,7 @@ class _Watch:
     last: dict[int, dict] = field(default_factory=dict)
     samples: int = 0
     dropped: int = 0  # late gradients a synchronous step did not wait for
+    nonfinite: int = 0  # NaN/inf losses or steps the replicas reported
     last_event: float = field(default_factory=time.monotonic)
     extra: dict = field(default_factory=dict)  # the algorithm's own statistics
 
@@ -200,6 +201,11 @@ def _watch(cfg: JobConfig, store: JobStore, local: LocalCluster | None, metrics:
                 watch.last[event["replica"]] = event
                 watch.samples += event["samples"]
                 watch.dropped += event.get("dropped") or 0
+                if event.get("nonfinite") and not watch.nonfinite:
+                    progress.message(f"replica {event['replica']}: a NaN/inf loss or gradient "
+                                     "was skipped (--on-nonfinite skip); lower --lr if this "
+                                     "repeats")
+                watch.nonfinite += event.get("nonfinite") or 0
         if events:
             _show(progress, watch)
         for r in range(cfg.cluster.replicas):
@@ -220,6 +226,13 @@ def _watch(cfg: JobConfig, store: JobStore, local: LocalCluster | None, metrics:
                                     "synchronous training cannot go on without it")
                 if r == 0 and not store.has("warm/done"):
                     store.set_json("warm/done", True)  # do not leave the others waiting
+        bad = store.try_get_json("job/nonfinite")
+        if bad is not None:
+            raise JobFailed(f"{bad['client']} produced a non-finite "
+                            f"{'loss' if 'loss' in bad else 'gradient'}"
+                            f"{' (refused by shard %d)' % bad['shard'] if 'shard' in bad else ''}"
+                            " and --on-nonfinite stop ends the job: lower --lr or check the "
+                            "data, or use --on-nonfinite skip to drop such steps and go on")
         for s in range(cfg.cluster.shards):
             if _is_lost(store, local, "shard", s):
                 raise JobFailed(f"parameter shard {s} died{_exit_detail(local, 'shard', s)}; "
@@ -446,6 +459,8 @@ def _summary(cfg: JobConfig, job: dict, watch: _Watch, steps: int, test_loss: fl
         "test_samples": len(data.y_test), "replicas_lost": len(watch.lost), "lost_replicas": sorted(watch.lost),
         "mean_staleness": sum(stale) / len(stale) if stale else None,
         "late_gradients_dropped": watch.dropped,
+        "nonfinite_skipped": watch.nonfinite,
+        "nonfinite_refused": [s.get("nonfinite") for s in shard_stats],
         "shard_versions": [s.get("version") for s in shard_stats],
         "shard_pushes": [s.get("pushes") for s in shard_stats],
         "exit_codes": exit_codes,

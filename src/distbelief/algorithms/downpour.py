@@ -142,6 +142,7 @@ class _Reporter:
         self.every = ctx.config.train.log_every
         self.losses: list[float] = []
         self.staleness: list[int] = []
+        self.nonfinite = 0  # non-finite losses and refused pushes since the last event
         self.samples = 0
         self.since = time.perf_counter()
         self.last_step = -1
@@ -149,29 +150,36 @@ class _Reporter:
     def step(self, loss: float | None, samples: int) -> None:
         if not self.enabled:
             return
-        if not math.isfinite(loss):
+        self.samples += samples
+        if math.isfinite(loss):
+            self.losses.append(loss)
+            return
+        self.nonfinite += 1
+        if self.ctx.config.train.on_nonfinite == "stop":
+            self.ctx.store.set_json("job/nonfinite", {"client": f"replica{self.ctx.ident}",
+                                                      "loss": str(loss)})
             raise FloatingPointError(f"replica {self.ctx.ident}: the training loss is {loss}; "
                                      "lower --lr or check the data")
-        self.losses.append(loss)
-        self.samples += samples
 
-    def acks(self, acks: list[tuple[int, int]]) -> None:
-        self.staleness.extend(s for _, s in acks)
+    def acks(self, acks: list[tuple[int, int | None]]) -> None:
+        """Record the shards' answers; staleness None: a push refused as non-finite."""
+        self.staleness.extend(s for _, s in acks if s is not None)
 
     def maybe_log(self, step: int, versions: list[int], force: bool = False) -> None:
         if not self.enabled or (not force and (step + 1) % self.every != 0):
             return
-        if step == self.last_step or not self.losses:
+        if step == self.last_step or not (self.losses or self.nonfinite):
             return
         elapsed = max(time.perf_counter() - self.since, 1e-9)
         event = {"event": "train", "time": _now(self.ctx), "replica": self.ctx.ident,
                  "step": step + 1, "total_steps": self.total,
-                 "loss": sum(self.losses) / len(self.losses), "samples": self.samples,
+                 "loss": sum(self.losses) / len(self.losses) if self.losses else math.nan,
+                 "nonfinite": self.nonfinite, "samples": self.samples,
                  "samples_per_second": self.samples / elapsed,
                  "staleness": (sum(self.staleness) / len(self.staleness)
                                if self.staleness else None),
                  "versions": list(versions)}
         self.ctx.store.append("events", event)
-        self.losses, self.staleness, self.samples = [], [], 0
+        self.losses, self.staleness, self.samples, self.nonfinite = [], [], 0, 0
         self.since = time.perf_counter()
         self.last_step = step

@@ -159,9 +159,16 @@ class _Trainer:
                                f"{contributors:g} gradients, expected {self.quorum} (a bug in "
                                "the quorum protocol)")
         loss = loss_sum / samples
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"replica {self.ctx.ident}: the training loss is {loss} at "
-                                     f"step {step + 1}; lower --lr or check the data")
+        if not (math.isfinite(loss) and bool(torch.isfinite(self.grad).all())):
+            # every replica sees the same sum, so every replica skips (or stops) alike
+            if self.ctx.config.train.on_nonfinite == "stop":
+                self.ctx.store.set_json("job/nonfinite", {"client": f"replica{self.ctx.ident}",
+                                                          "loss": str(loss)})
+                raise FloatingPointError(f"replica {self.ctx.ident}: the training loss is "
+                                         f"{loss} at step {step + 1}; lower --lr or check the "
+                                         "data")
+            self.report.skip_nonfinite(own_samples)
+            return
         self.rule.apply(self.grad.div_(samples))  # the mean over every sample of the step
         self.report.step(loss, own_samples)
 
@@ -307,10 +314,15 @@ class _Reporter:
         self.samples = 0
         self.dropped = 0  # since the last report
         self.dropped_total = 0
+        self.nonfinite = 0  # steps skipped since the last report: NaN/inf in loss or gradient
         self.since = time.perf_counter()
 
     def step(self, loss: float, samples: int) -> None:
         self.losses.append(loss)
+        self.samples += samples
+
+    def skip_nonfinite(self, samples: int) -> None:
+        self.nonfinite += 1
         self.samples += samples
 
     def drop(self, count: int) -> None:
@@ -322,8 +334,9 @@ class _Reporter:
         self.ctx.store.append("events", {
             "event": "train", "time": _now(self.ctx), "replica": self.ctx.ident,
             "step": step + 1, "total_steps": self.total,
-            "loss": sum(self.losses) / len(self.losses), "samples": self.samples,
+            "loss": sum(self.losses) / len(self.losses) if self.losses else math.nan,
+            "samples": self.samples,
             "samples_per_second": self.samples / elapsed, "staleness": None, "versions": [],
-            "dropped": self.dropped})
-        self.losses, self.samples, self.dropped = [], 0, 0
+            "dropped": self.dropped, "nonfinite": self.nonfinite})
+        self.losses, self.samples, self.dropped, self.nonfinite = [], 0, 0, 0
         self.since = time.perf_counter()

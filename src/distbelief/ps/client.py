@@ -84,16 +84,24 @@ class ShardConnection:
             self.channel.recv(out)
         return version
 
-    def push_from(self, grad: torch.Tensor, buffer: int, fetched_version: int) -> tuple[int, int]:
-        """Push a gradient slice; returns (new version, staleness).
+    def push_from(self, grad: torch.Tensor, buffer: int,
+                  fetched_version: int) -> tuple[int, int | None]:
+        """Push a gradient slice; returns (new version, staleness), staleness None when the
+        shard refused the gradient as non-finite (it counts it; training goes on).
 
         On shm the slice must already be in the client's gradient buffer `buffer`
         (the shard reads it there); on gloo `grad` is sent.
         """
-        self.channel.send_header(P.PUSH, fetched_version, buffer)
+        self.channel.send_header(P.PUSH, fetched_version, buffer, grad.numel(),
+                                 P.dtype_code(grad.dtype))
         if not self.shm:
             self.channel.send(grad.contiguous())
         op, version, staleness, *_ = self.channel.recv_header()
+        if op == P.ERR and version == P.ERR_NONFINITE:
+            return staleness, None
+        if op == P.ERR and version == P.ERR_SHAPE:
+            raise RuntimeError(f"shard {self.shard} refused the push: it takes {staleness} "
+                               f"float32 values, the push had {grad.numel()} {grad.dtype}")
         _expect_ok(op, self.shard, "push")
         return version, staleness
 

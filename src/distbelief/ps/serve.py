@@ -22,7 +22,8 @@ def run_shard(ctx: RoleContext) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.config.cluster.shards))
     layout = Layout.from_json(ctx.job["layout"])
     server = ShardServer(ctx.store, shard=ctx.ident, numel=layout.size(ctx.ident),
-                         rule_cfg=ctx.config.optimizer, timeout=ctx.config.cluster.timeout)
+                         rule_cfg=ctx.config.optimizer, timeout=ctx.config.cluster.timeout,
+                         on_nonfinite=ctx.config.train.on_nonfinite)
     ctx.store.set_json(f"shard{ctx.ident}/up", True)
     try:
         server.serve(stop=ctx.stopping)

@@ -38,7 +38,7 @@ class ShardServer:
     """Holds one slice; applies pushes with its rule; serves pulls. See module doc."""
 
     def __init__(self, store: JobStore, *, shard: int, numel: int, rule_cfg: OptimizerConfig,
-                 timeout: float):
+                 timeout: float, on_nonfinite: str = "skip"):
         self.store = store
         self.shard = shard
         self.numel = numel
@@ -54,6 +54,8 @@ class ShardServer:
         self.pushes = 0
         self.pulls = 0
         self.clients_lost: list[str] = []
+        self.on_nonfinite = on_nonfinite
+        self.nonfinite = 0  # pushes refused because they held NaN or inf
         self.clients: set[str] = set()  # every client that connected (partition isolation)
         self.errors: list[str] = []
         self._threads: list[threading.Thread] = []
@@ -87,7 +89,7 @@ class ShardServer:
         with self._stats_lock:
             return {"shard": self.shard, "version": self.version, "pushes": self.pushes,
                     "pulls": self.pulls, "clients_lost": list(self.clients_lost),
-                    "clients": sorted(self.clients),
+                    "clients": sorted(self.clients), "nonfinite": self.nonfinite,
                     "errors": list(self.errors)}
 
     # ---- one client -------------------------------------------------------------
@@ -105,7 +107,10 @@ class ShardServer:
             while True:
                 op, a, b, c, d, _ = channel.recv_header()
                 if op == P.PUSH:
-                    self._push(channel, grads, fetched_version=a, buffer=b, shm=shm)
+                    if not self._push(channel, grads, client, fetched_version=a, buffer=b,
+                                      numel=c, dtype=d, shm=shm):
+                        channel.close()  # the peer's pending send fails instead of hanging
+                        return
                 elif op == P.PULL:
                     self._pull(channel, shm=shm)
                 elif op == P.SET:
@@ -156,13 +161,35 @@ class ShardServer:
                              create=False).tensor[offset: offset + self.numel]
                 for name in names]
 
-    def _push(self, channel: Channel, grads: list[torch.Tensor], *, fetched_version: int,
-              buffer: int, shm: bool) -> None:
+    def _push(self, channel: Channel, grads: list[torch.Tensor], client: str, *,
+              fetched_version: int, buffer: int, numel: int, dtype: int, shm: bool) -> bool:
+        """Apply one push; False when the connection must end (a malformed push)."""
+        if numel != self.numel or dtype != P.DTYPES["float32"]:
+            message = (f"refused a push from {client}: {numel} {P.dtype_name(dtype)} values, "
+                       f"but this shard takes {self.numel} float32")
+            log.error("shard %d: %s", self.shard, message)
+            with self._stats_lock:
+                self.errors.append(message)
+            # over TCP the payload is already on its way: take it (when its size is sane) so
+            # the connection stays in step, else end the connection
+            drained = shm or self._drain(channel, numel, dtype)
+            channel.send_header(P.ERR, P.ERR_SHAPE, self.numel)
+            return drained
         grad = self._incoming_grad(channel, grads, buffer, shm)
         if self.rule is None:  # Sandblaster's shards: gradients arrive through ACCUM
             log.warning("shard %d: push refused: this shard applies no update rule", self.shard)
             channel.send_header(P.ERR, P.ERR_NO_RULE)
-            return
+            return True
+        if not bool(torch.isfinite(grad).all()):
+            with self._stats_lock:
+                self.nonfinite += 1
+                first = self.nonfinite == 1
+            if first:
+                log.warning("shard %d: refused a non-finite gradient from %s", self.shard, client)
+            if self.on_nonfinite == "stop":
+                self.store.set_json("job/nonfinite", {"shard": self.shard, "client": client})
+            channel.send_header(P.ERR, P.ERR_NONFINITE, self.version)
+            return True
         with self.lock:
             staleness = self.version - fetched_version
             self.rule.apply(grad)
@@ -171,6 +198,15 @@ class ShardServer:
         with self._stats_lock:
             self.pushes += 1
         channel.send_header(P.OK, version, staleness)
+        return True
+
+    def _drain(self, channel: Channel, numel: int, dtype: int) -> bool:
+        """Receive and discard a refused payload; False when it is too big or of no known dtype."""
+        torch_dtype = P.torch_dtype(dtype)
+        if torch_dtype is None or not 0 < numel <= 4 * self.numel + 1024:
+            return False
+        channel.recv(torch.empty(numel, dtype=torch_dtype))
+        return True
 
     def _vector(self, channel: Channel, *, op: int, v: int, src: int, alpha: float) -> None:
         try:
