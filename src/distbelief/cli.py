@@ -60,6 +60,8 @@ TRAIN_OPTIONS: dict[str, tuple[type, str]] = {
     "timeout": (float, "seconds any single wait may block before the job fails"),
     "slow_worker": (str, "ID:FACTOR makes replica ID FACTOR times slower (it sleeps in "
                          "proportion to its compute), for tests and benchmarks"),
+    "checkpoint_every": (str, "write a checkpoint every N steps of the leading replica (200) "
+                              "or every N seconds (60s); resume with --resume RUN_DIR"),
     "on_nonfinite": (str, "a NaN/inf gradient or loss: skip (the shards refuse it, it is "
                           "counted, training goes on) or stop (the job ends with an error)"),
     "threads": (int, "torch threads of each replica (or partition) process"),
@@ -84,6 +86,7 @@ UNSET_DEFAULTS = {
     "portions": f"{PORTIONS_PER_WORKER} per worker",
     "slow_worker": "none",
     "threads": "this host's cores shared among the replica processes",
+    "checkpoint_every": "no checkpoints",
     "epochs": f"{DEFAULT_EPOCHS:g} when --steps is not given",
     "num_samples": "the dataset's own size",
     "run_dir": "runs/<algorithm>-<time>",
@@ -137,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                            choices=CHOICES.get(name), metavar=name.upper(),
                            help=f"{help_} (default: {default})")
     train.add_argument("--quiet", action="store_true", help="no progress display")
+    train.add_argument("--resume", metavar="RUN_DIR", default=None,
+                       help="continue the run in RUN_DIR from its last complete checkpoint, "
+                            "with its own config (see --checkpoint-every)")
 
     pred = sub.add_parser(
         "predict", help="run a trained model (whole or partitioned) over an .npz of inputs",
@@ -209,7 +215,8 @@ def _train(args: argparse.Namespace) -> int:
 
     options = {name: getattr(args, name) for name in TRAIN_OPTIONS}
     try:
-        summary = train(args.config, show_progress=not args.quiet, **options)
+        summary = train(args.config, show_progress=not args.quiet, resume=args.resume,
+                        **options)
     except JobFailed as exc:
         print(f"distbelief: job failed: {exc}", file=sys.stderr)
         return 1

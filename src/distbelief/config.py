@@ -188,6 +188,8 @@ class TrainConfig:
     """Replicas report loss and staleness every this many steps."""
     run_dir: str | None = None
     """Directory for config, metrics, checkpoint and plots; default runs/<algorithm>-<time>."""
+    checkpoint_every: str | None = None
+    """Write a checkpoint every N steps of the leading replica ("200") or every N seconds ("60s"); `--resume RUN_DIR` continues from the last one."""
     on_nonfinite: str = "skip"
     """A gradient (or loss) with NaN/inf: skip (refuse it, count it, go on) or stop (end the job with a clear error)."""
 
@@ -266,6 +268,10 @@ class JobConfig:
             _choice("rule", o.rule, RULES, "--rule")
         _choice("transport", c.transport, TRANSPORTS, "--transport")
         _choice("on_nonfinite", t.on_nonfinite, ON_NONFINITE, "--on-nonfinite")
+        if t.checkpoint_every is not None:
+            from distbelief.checkpoint import parse_every
+
+            parse_every(t.checkpoint_every)
         _at_least("--replicas", c.replicas, 1, "give at least one model replica")
         _at_least("--shards", c.shards, 1, "give at least one parameter shard")
         if c.threads is not None:
@@ -512,7 +518,7 @@ OPTION_FIELDS = {
     "balance": "model.balance", "micro_batches": "model.micro_batches",
     "steps": "train.steps", "epochs": "train.epochs", "seed": "train.seed",
     "eval_every": "train.eval_every", "log_every": "train.log_every", "run_dir": "train.run_dir",
-    "on_nonfinite": "train.on_nonfinite",
+    "on_nonfinite": "train.on_nonfinite", "checkpoint_every": "train.checkpoint_every",
 }
 
 
@@ -526,6 +532,7 @@ ONLY_FOR: dict[str, tuple[str, ...]] = {
        if f.name != "lr"},
     "data.batch_size": _RULE_USERS,  # Sandblaster's batch is all of the data, cut in portions
     "train.epochs": _RULE_USERS,     # Sandblaster counts L-BFGS iterations (--steps)
+    "train.checkpoint_every": _RULE_USERS,  # L-BFGS state lives in the coordinator
 }
 
 _FOREIGN_FIX = {

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from distbelief.algorithms.schedule import steps_per_replica
+from distbelief.checkpoint import CheckpointDriver, read_manifest
 from distbelief.config import JobConfig
 from distbelief.errors import UserError
 from distbelief.metrics.log import MetricsLog, Progress
@@ -70,13 +71,21 @@ class _Watch:
         return max(self.steps.values(), default=0)
 
 
-def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None = None) -> dict:
+def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None = None,
+            resume: str | Path | None = None) -> dict:
     """Run a whole job and return its summary. Blocks until the job ends.
 
-    Raises UserError for bad input and JobFailed when the job cannot finish.
+    `resume`: a run directory whose last complete checkpoint the job continues from
+    (`cfg` is then that run's config). Raises UserError for bad input and JobFailed
+    when the job cannot finish.
     """
     cfg = cfg.validate().resolved()
-    run_dir = _choose_run_dir(cfg)
+    manifest = None
+    if resume is not None:
+        run_dir = Path(resume)
+        manifest = read_manifest(run_dir)
+    else:
+        run_dir = _choose_run_dir(cfg)
     data, model = load_data_and_model(cfg)
     check_model(model, data.input_shape, data.num_classes)
     m = cfg.model
@@ -108,10 +117,12 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
     except BaseException:
         store.close()
         raise
-    (run_dir / "config.toml").write_text(cfg.to_toml())
+    if manifest is None:
+        (run_dir / "config.toml").write_text(cfg.to_toml())
     job = {"config": cfg.to_dict(), "layout": layout.to_json(), "start_time": time.time(),
            "steps": steps, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
-           "partition": {**plan.to_json(), "shards": groups}}
+           "partition": {**plan.to_json(), "shards": groups},
+           "run_dir": str(run_dir.resolve()), "resume": manifest}
     store.set_json("job", job)
     sandblaster = cfg.algorithm == "sandblaster"
     progress = Progress(steps if sandblaster else steps * cfg.cluster.replicas,
@@ -134,7 +145,8 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
                           cfg, "the parameter shards to start")
             ps = PSClient(store, layout, "coordinator", transport=cfg.cluster.transport,
                           timeout=cfg.cluster.timeout, grad_buffers=0)
-            ps.set(initial).wait(cfg.cluster.timeout)
+            if manifest is None:  # a resumed job's shards loaded their checkpoint
+                ps.set(initial).wait(cfg.cluster.timeout)
             store.set_json("job/ready", True)
             wait_for_keys(store, [f"members/replica/{m}" for m in _members(cfg)],
                           local, cfg, "the replicas to start")
@@ -143,8 +155,13 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
                 watch = _drive_sandblaster(cfg, store, local, metrics, progress, ps, model,
                                            data, job["start_time"])
             else:
+                driver = CheckpointDriver(
+                    store, run_dir, cfg.train.checkpoint_every, cfg.cluster.shards,
+                    cfg.cluster.timeout, start=manifest["checkpoint"] if manifest else 0,
+                    meta={"layout": layout.to_json(), "steps": steps},
+                    message=progress.message)
                 watch = _watch(cfg, store, local, metrics, progress, ps, model, data,
-                               job["start_time"], perm)
+                               job["start_time"], perm, driver, manifest)
             test_loss, test_acc = _evaluate_current(ps, model, data, cfg.cluster.timeout, perm)
             metrics.write({"event": "eval", "time": time.time() - job["start_time"],
                            "step": watch.leading_step, "test_loss": test_loss,
@@ -185,9 +202,26 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
 
 def _watch(cfg: JobConfig, store: JobStore, local: LocalCluster | None, metrics: MetricsLog,
            progress: Progress, ps: PSClient, model, data, start_time: float,
-           perm: torch.Tensor | None) -> _Watch:
-    """Follow the replicas until each is done or lost; evaluate on the way."""
+           perm: torch.Tensor | None, driver: CheckpointDriver, manifest: dict | None) -> _Watch:
+    """Follow the replicas until each is done or lost; evaluate and checkpoint on the way."""
     watch = _Watch(cfg.cluster.replicas)
+    if manifest is not None:  # the steps each replica had done at the checkpoint
+        for r in range(cfg.cluster.replicas):
+            watch.steps[r] = min(manifest["replica_steps"].get(m, 0)
+                                 for m in _members(cfg, range(r, r + 1)))
+
+    def waiting(number: int) -> list[str]:
+        return [m for m in _members(cfg) if int(m.split(".")[0]) not in watch.lost
+                and not store.has(f"ckpt/{number}/paused/{m}")
+                and not store.has(f"done/replica{m}")]
+
+    def steps_of(number: int) -> dict[str, int]:
+        steps = {}
+        for m in _members(cfg):
+            paused = store.try_get_json(f"ckpt/{number}/paused/{m}")
+            done = store.try_get_json(f"done/replica{m}")
+            steps[m] = (paused or done or {}).get("steps", watch.steps.get(int(m.split(".")[0]), 0))
+        return steps
     read = 0
     next_eval = cfg.train.eval_every or None
     while not watch.finished:
@@ -242,6 +276,11 @@ def _watch(cfg: JobConfig, store: JobStore, local: LocalCluster | None, metrics:
                             f"{_exit_detail(local, 'replica', 0)}")
         if time.monotonic() - watch.last_event > cfg.cluster.timeout:
             raise JobFailed(f"no replica reported progress for {cfg.cluster.timeout:.0f} s")
+        if driver.due(watch.leading_step):
+            written = driver.take(waiting, steps_of)
+            if written is not None:
+                metrics.write({"event": "checkpoint", "time": time.time() - start_time,
+                               "checkpoint": written["checkpoint"], "step": watch.leading_step})
         if next_eval is not None and watch.leading_step >= next_eval:
             loss, acc = _evaluate_current(ps, model, data, cfg.cluster.timeout, perm)
             metrics.write({"event": "eval", "time": time.time() - start_time,
@@ -478,4 +517,5 @@ def _summary(cfg: JobConfig, job: dict, watch: _Watch, steps: int, test_loss: fl
                    "portions": cfg.sandblaster.portions, "backups": cfg.sandblaster.backups,
                    "line_search": cfg.sandblaster.line_search},
         **({cfg.algorithm: watch.extra} if watch.extra else {}),
+        "resumed_from": (job["resume"] or {}).get("checkpoint"),
     }

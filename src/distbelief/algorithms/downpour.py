@@ -29,6 +29,7 @@ import torch
 
 from distbelief.algorithms.schedule import fetch_before, push_after, steps_per_replica
 from distbelief.algorithms.slowdown import Slowdown
+from distbelief.checkpoint import ReplicaGate
 from distbelief.data.datasets import BatchStream, replica_indices
 from distbelief.model.flat import FlatModel
 from distbelief.model.partition import PartitionPlan, open_partition
@@ -53,6 +54,9 @@ def run_replica(ctx: RoleContext) -> None:
     total = steps_per_replica(steps=cfg.train.steps, epochs=cfg.train.resolved_epochs,
                               train_samples=len(data.x_train), replicas=cfg.cluster.replicas,
                               batch_size=cfg.data.batch_size)
+    resume = ctx.job.get("resume")
+    start = resume["replica_steps"].get(ctx.member, 0) if resume else 0
+    stream.skip(start)  # the data position the checkpoint was taken at
     # the shards hold the initial parameters once the coordinator says the job is ready
     ctx.store.get_json("job/ready", what="the coordinator to initialise the shards")
     if r > 0 and cfg.downpour.warm_start_steps > 0 and not _wait_for_warm_start(ctx):
@@ -74,7 +78,7 @@ def run_replica(ctx: RoleContext) -> None:
             for grad in ps.grad_buffers:
                 grad.zero_()
             flat = FlatModel(module, grads=ps.grad_buffers)  # backward() writes where shards read
-            _train(ctx, ps, flat, runner, stream, total)
+            _train(ctx, ps, flat, runner, stream, start, total)
             boundary_bytes = runner.bytes_sent
     finally:
         peers.close()
@@ -85,16 +89,18 @@ def run_replica(ctx: RoleContext) -> None:
 
 
 def _train(ctx: RoleContext, ps: PSClient, flat: FlatModel, runner, stream: BatchStream,
-           total: int) -> None:
+           start: int, total: int) -> None:
     cfg, r = ctx.config, ctx.ident
+    gate = (ReplicaGate(ctx.store, ctx.member, cfg.cluster.timeout)
+            if cfg.train.checkpoint_every is not None else None)
     n_fetch, n_push, timeout = cfg.downpour.n_fetch, cfg.downpour.n_push, cfg.cluster.timeout
     report = _Reporter(ctx, total, enabled=runner.reports_loss)
     slow = Slowdown.for_worker(cfg, r)
     pending = [None, None]  # the push handle still reading each gradient buffer
     buf = 0
     window_versions = None
-    for step in range(total):
-        if fetch_before(step, n_fetch):
+    for step in range(start, total):
+        if fetch_before(step, n_fetch) or step == start:  # a resumed replica fetches first
             ps.pull(flat.params).wait(timeout)
         if window_versions is None:  # the versions this push window's gradients are computed on
             window_versions = list(ps.fetched_versions)
@@ -111,6 +117,13 @@ def _train(ctx: RoleContext, ps: PSClient, flat: FlatModel, runner, stream: Batc
                 pending[buf] = None
             flat.grads[buf].zero_()
             flat.bind_grads(buf)
+            number = gate.due() if gate is not None else None
+            if number is not None:  # a checkpoint: every push of ours applied, then pause
+                for other in range(2):
+                    if pending[other] is not None:
+                        report.acks(pending[other].wait(timeout))
+                        pending[other] = None
+                gate.pause(number, step + 1)
         report.maybe_log(step, ps.fetched_versions)
         if step == cfg.downpour.warm_start_steps - 1 and r == 0:
             ctx.store.set_json("warm/done", True)

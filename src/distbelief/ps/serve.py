@@ -2,7 +2,9 @@
 
 Publishes ``members/shard/<id>`` (by `run_role`), then ``shard<id>/up`` once its
 buffers exist, and ``stats/shard<id>`` (versions, pushes, lost clients) when the
-coordinator sets ``job/stop``.
+coordinator sets ``job/stop``. Writes its checkpoint file when the coordinator sets
+``ckpt/write`` (see `distbelief.checkpoint`), and starts from the manifest's set
+when the job resumes.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 
 import torch
 
+from distbelief.checkpoint import load_file, set_dir
 from distbelief.ps.layout import Layout
 from distbelief.ps.shard import ShardServer
 from distbelief.runtime.role import RoleContext
@@ -24,8 +27,24 @@ def run_shard(ctx: RoleContext) -> None:
     server = ShardServer(ctx.store, shard=ctx.ident, numel=layout.size(ctx.ident),
                          rule_cfg=ctx.config.optimizer, timeout=ctx.config.cluster.timeout,
                          on_nonfinite=ctx.config.train.on_nonfinite)
+    resume = ctx.job.get("resume")
+    if resume is not None:  # continue from the last complete checkpoint
+        server.restore(load_file(ctx.job["run_dir"], resume, f"shard{ctx.ident}.pt"))
     ctx.store.set_json(f"shard{ctx.ident}/up", True)
+    written = resume["checkpoint"] if resume else 0
+
+    def write_checkpoint() -> None:
+        """Write the set the coordinator asks for (see distbelief.checkpoint)."""
+        nonlocal written
+        number = ctx.store.try_get_json("ckpt/write") or 0
+        if number > written:
+            folder = set_dir(ctx.job["run_dir"], number)
+            folder.mkdir(parents=True, exist_ok=True)
+            info = server.save(folder / f"shard{ctx.ident}.pt")
+            ctx.store.set_json(f"ckpt/{number}/shard{ctx.ident}", info)
+            written = number
+
     try:
-        server.serve(stop=ctx.stopping)
+        server.serve(stop=ctx.stopping, tick=write_checkpoint)
     finally:
         ctx.store.set_json(f"stats/shard{ctx.ident}", server.stats())

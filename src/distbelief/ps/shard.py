@@ -17,6 +17,7 @@ Example (inside a shard process)::
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -63,11 +64,15 @@ class ShardServer:
 
     # ---- the accept loop ------------------------------------------------------
 
-    def serve(self, stop: Callable[[], bool], poll: float = 0.02) -> None:
-        """Accept connections until `stop()` is true. Blocks; always cleans up."""
+    def serve(self, stop: Callable[[], bool], poll: float = 0.02,
+              tick: Callable[[], None] | None = None) -> None:
+        """Accept connections until `stop()` is true, calling `tick()` (if given) between
+        polls, e.g. to write a requested checkpoint. Blocks; always cleans up."""
         seen = 0
         try:
             while not stop():
+                if tick is not None:
+                    tick()
                 count = self.store.add(P.conn_counter(self.shard), 0)
                 while seen < count:
                     seen += 1
@@ -84,6 +89,30 @@ class ShardServer:
             # that exits while gloo still closes a pair aborts
             for thread in self._threads:
                 thread.join(5)
+
+    def save(self, path) -> dict:
+        """Write this shard's slice, rule state and counts to `path` (atomically); returns
+        the counts written. A consistent snapshot: taken under the shard's lock."""
+        from distbelief.checkpoint import write_atomic
+
+        with self.lock:
+            state = {"params": self.params.clone(), "version": self.version,
+                     "pushes": self.pushes,
+                     "rule": copy.deepcopy(self.rule.state_dict()) if self.rule else None}
+        write_atomic(path, state)
+        return {"version": state["version"], "pushes": state["pushes"]}
+
+    def restore(self, state: dict) -> None:
+        """Continue from a state written by `save` (before serving anyone)."""
+        if state["params"].numel() != self.numel:
+            raise ValueError(f"checkpoint holds {state['params'].numel()} values, shard "
+                             f"{self.shard} {self.numel}")
+        with self.lock:
+            self.params.copy_(state["params"])
+            self.version = int(state["version"])
+            self.pushes = int(state["pushes"])
+            if self.rule is not None and state.get("rule") is not None:
+                self.rule.load_state_dict(state["rule"])
 
     def stats(self) -> dict:
         with self._stats_lock:
