@@ -6,7 +6,9 @@ One-replica Downpour with fetch = push = 1 is deterministic: every step's gradie
 is computed on the parameters after all earlier pushes. The shards checkpoint
 their slices and Adagrad state at a pause in which every push was applied; the
 replica resumes at the checkpoint's step with the data stream at the same
-position.
+position. Synchronous training is deterministic too: the replicas agree through
+their all-reduce on the step to pause at, and replica 0 checkpoints the
+parameters (into the shards) and the rule's state.
 """
 
 from __future__ import annotations
@@ -25,8 +27,14 @@ from distbelief.metrics.log import read_metrics
 
 from _cluster import alive, wait_until
 
-JOB = ["--dataset", "digits", "--model", "mlp", "--replicas", "1", "--shards", "2",
-       "--steps", "300", "--checkpoint-every", "60", "--log-every", "5", "--seed", "3"]
+COMMON = dict(dataset="digits", model="mlp", shards=2, steps=300, checkpoint_every="60",
+              log_every=5, seed=3)
+JOBS = {"downpour-1-replica": dict(algorithm="downpour", replicas=1),
+        "sync-2-replicas": dict(algorithm="sync", replicas=2)}
+
+
+def cli_args(options: dict) -> list[str]:
+    return [a for k, v in options.items() for a in ("--" + k.replace("_", "-"), str(v))]
 
 
 def final_params(run_dir) -> torch.Tensor:
@@ -34,13 +42,13 @@ def final_params(run_dir) -> torch.Tensor:
     return torch.cat([v.reshape(-1) for v in state.values()])
 
 
-def test_resumed_run_ends_with_the_uninterrupted_parameters(tmp_path, cli_job):
-    whole = distbelief.train(dataset="digits", model="mlp", replicas=1, shards=2, steps=300,
-                             checkpoint_every="60", log_every=5, seed=3,
-                             run_dir=str(tmp_path / "whole"))
+@pytest.mark.parametrize("job", list(JOBS.values()), ids=list(JOBS))
+def test_resumed_run_ends_with_the_uninterrupted_parameters(tmp_path, cli_job, job):
+    options = {**COMMON, **job}
+    whole = distbelief.train(**options, run_dir=str(tmp_path / "whole"))
     assert whole["steps"] == 300
     run_dir = tmp_path / "run"
-    proc = cli_job(*JOB, "--run-dir", str(run_dir), "--quiet")
+    proc = cli_job(*cli_args(options), "--run-dir", str(run_dir), "--quiet")
 
     def checkpointed():
         try:
@@ -64,7 +72,7 @@ def test_resumed_run_ends_with_the_uninterrupted_parameters(tmp_path, cli_job):
     assert again.returncode == 0, err
     resumed = json.loads((run_dir / "summary.json").read_text())
     assert resumed["resumed_from"] >= 2
-    assert resumed["total_steps"] == 300
+    assert resumed["total_steps"] == 300 * job["replicas"]
     torch.testing.assert_close(final_params(run_dir), final_params(tmp_path / "whole"),
                                rtol=0, atol=1e-6)
     assert resumed["test_accuracy"] == pytest.approx(whole["test_accuracy"])
