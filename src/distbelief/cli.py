@@ -65,6 +65,9 @@ TRAIN_OPTIONS: dict[str, tuple[type, str]] = {
     "on_nonfinite": (str, "a NaN/inf gradient or loss: skip (the shards refuse it, it is "
                           "counted, training goes on) or stop (the job ends with an error)"),
     "threads": (int, "torch threads of each replica (or partition) process"),
+    "restart_replicas": (bool, "start a replacement for a lost replica (downpour, local "
+                               "cluster): it pulls fresh parameters and takes over the lost "
+                               "one's remaining steps"),
     "sync_fraction": (float, "sync: a step completes once this fraction of the replicas "
                              "reported; late gradients are dropped and counted"),
     "portions": (int, "sandblaster: pieces the data is cut into per gradient evaluation, "

@@ -80,6 +80,8 @@ class ClusterConfig:
     """Seconds any single wait (connect, pull, push, join) may block before the job fails."""
     slow_worker: str | None = None
     """ID:FACTOR makes replica (worker) ID FACTOR times slower by sleeping in proportion to its compute (tests, benchmarks)."""
+    restart_replicas: bool = False
+    """Start a replacement for a lost replica (downpour, local cluster); it joins through the store, pulls fresh parameters and goes on with the lost one's remaining steps."""
     threads: int | None = None
     """Torch threads of each replica (or partition) process; default: this host's cores shared among them."""
 
@@ -504,6 +506,7 @@ OPTION_FIELDS = {
     "replicas": "cluster.replicas", "shards": "cluster.shards", "port": "cluster.port",
     "host": "cluster.host", "transport": "cluster.transport", "timeout": "cluster.timeout",
     "slow_worker": "cluster.slow_worker", "threads": "cluster.threads",
+    "restart_replicas": "cluster.restart_replicas",
     "n_fetch": "downpour.n_fetch", "n_push": "downpour.n_push",
     "warm_start_steps": "downpour.warm_start_steps",
     "sync_fraction": "sync.fraction",
@@ -533,6 +536,7 @@ ONLY_FOR: dict[str, tuple[str, ...]] = {
     "data.batch_size": _RULE_USERS,  # Sandblaster's batch is all of the data, cut in portions
     "train.epochs": _RULE_USERS,     # Sandblaster counts L-BFGS iterations (--steps)
     "train.checkpoint_every": _RULE_USERS,  # L-BFGS state lives in the coordinator
+    "cluster.restart_replicas": ("downpour",),  # sync's all-reduce group cannot take a newcomer
 }
 
 _FOREIGN_FIX = {

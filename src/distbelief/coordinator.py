@@ -58,6 +58,7 @@ class _Watch:
     last: dict[int, dict] = field(default_factory=dict)
     samples: int = 0
     dropped: int = 0  # late gradients a synchronous step did not wait for
+    restarts: dict[int, int] = field(default_factory=dict)  # replacements started, by replica
     nonfinite: int = 0  # NaN/inf losses or steps the replicas reported
     last_event: float = field(default_factory=time.monotonic)
     extra: dict = field(default_factory=dict)  # the algorithm's own statistics
@@ -250,6 +251,13 @@ def _watch(cfg: JobConfig, store: JobStore, local: LocalCluster | None, metrics:
             # done is read again: a replica may set it and exit between the two checks
             elif (_is_lost(store, local, "replica", r, cfg.model.partitions)
                   and not _replica_done(store, cfg, r)):
+                if _restart_replica(cfg, store, local, watch, r):
+                    metrics.write({"event": "replica_restarted", "time": time.time() - start_time,
+                                   "replica": r, "step": watch.steps.get(r, 0),
+                                   "restarts": watch.restarts[r]})
+                    progress.message(f"replica {r} was lost at step {watch.steps.get(r, 0)}; "
+                                     "a replacement takes over")
+                    continue
                 watch.lost.add(r)
                 metrics.write({"event": "replica_lost", "time": time.time() - start_time,
                                "replica": r, "step": watch.steps.get(r, 0)})
@@ -335,6 +343,31 @@ def _drive_sandblaster(cfg: JobConfig, store: JobStore, local: LocalCluster | No
         progress.message(f"L-BFGS converged ({watch.extra['converged']}) after "
                          f"{watch.extra['iterations']} iterations")
     return watch
+
+
+MAX_RESTARTS = 5  # replacements per replica: a replica that keeps dying has a real problem
+
+
+def _restart_replica(cfg: JobConfig, store: JobStore, local: LocalCluster | None, watch: _Watch,
+                     r: int) -> bool:
+    """Start a replacement for lost replica `r` (all its partitions); False when not allowed.
+
+    The replacement reads ``restart/replica<r>``: its generation (fresh channel names)
+    and the step to go on from (the lost one's last reported step).
+    """
+    if not cfg.cluster.restart_replicas or local is None:
+        return False
+    if watch.restarts.get(r, 0) >= MAX_RESTARTS:
+        return False
+    old = local.retire("replica", r)  # partitions of it that are still running go too
+    generation = watch.restarts.get(r, 0) + 1
+    store.set_json(f"restart/replica{r}", {"generation": generation,
+                                           "start": watch.steps.get(r, 0)})
+    for child in old:
+        store.set_json(f"heartbeat/replica/{member_name(r, child.part)}", time.time())
+        local.spawn("replica", r, part=child.part)
+    watch.restarts[r] = generation
+    return True
 
 
 def _evaluate_current(ps: PSClient, model, data, timeout: float,
@@ -498,6 +531,7 @@ def _summary(cfg: JobConfig, job: dict, watch: _Watch, steps: int, test_loss: fl
         "test_samples": len(data.y_test), "replicas_lost": len(watch.lost), "lost_replicas": sorted(watch.lost),
         "mean_staleness": sum(stale) / len(stale) if stale else None,
         "late_gradients_dropped": watch.dropped,
+        "replica_restarts": {str(r): n for r, n in sorted(watch.restarts.items())},
         "nonfinite_skipped": watch.nonfinite,
         "nonfinite_refused": [s.get("nonfinite") for s in shard_stats],
         "shard_versions": [s.get("version") for s in shard_stats],

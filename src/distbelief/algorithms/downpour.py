@@ -55,7 +55,10 @@ def run_replica(ctx: RoleContext) -> None:
                               train_samples=len(data.x_train), replicas=cfg.cluster.replicas,
                               batch_size=cfg.data.batch_size)
     resume = ctx.job.get("resume")
+    restart = ctx.store.try_get_json(f"restart/replica{r}")  # a replacement for a lost one
     start = resume["replica_steps"].get(ctx.member, 0) if resume else 0
+    if restart is not None:
+        start = max(start, restart["start"])
     stream.skip(start)  # the data position the checkpoint was taken at
     # the shards hold the initial parameters once the coordinator says the job is ready
     ctx.store.get_json("job/ready", what="the coordinator to initialise the shards")
@@ -70,7 +73,8 @@ def run_replica(ctx: RoleContext) -> None:
     try:
         with PSClient(ctx.store, layout, name, transport=cfg.cluster.transport,
                       timeout=cfg.cluster.timeout) as ps, \
-                open_partition(plan, module, part, store=peers.raw, name=f"replica{r}",
+                open_partition(plan, module, part, store=peers.raw,
+                               name=f"replica{r}.g{restart['generation'] if restart else 0}",
                                timeout=cfg.cluster.timeout) as runner:
             if runner.reports_loss:
                 ctx.store.append("events", {"event": "replica_joined", "time": _now(ctx),
