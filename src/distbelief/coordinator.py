@@ -59,6 +59,7 @@ class _Watch:
     samples: int = 0
     dropped: int = 0  # late gradients a synchronous step did not wait for
     restarts: dict[int, int] = field(default_factory=dict)  # replacements started, by replica
+    shards_lost: list[dict] = field(default_factory=list)  # shards restarted from a checkpoint
     nonfinite: int = 0  # NaN/inf losses or steps the replicas reported
     last_event: float = field(default_factory=time.monotonic)
     extra: dict = field(default_factory=dict)  # the algorithm's own statistics
@@ -277,8 +278,16 @@ def _watch(cfg: JobConfig, store: JobStore, local: LocalCluster | None, metrics:
                             "data, or use --on-nonfinite skip to drop such steps and go on")
         for s in range(cfg.cluster.shards):
             if _is_lost(store, local, "shard", s):
-                raise JobFailed(f"parameter shard {s} died{_exit_detail(local, 'shard', s)}; "
-                                "the job cannot continue without it")
+                detail = _exit_detail(local, "shard", s)
+                lost = _restart_shard(cfg, store, local, watch, s)
+                if lost is None:
+                    raise JobFailed(f"parameter shard {s} died{detail}; the job cannot continue "
+                                    "without it (with --checkpoint-every it is restarted from "
+                                    "its last checkpoint)")
+                metrics.write({"event": "shard_lost", "time": time.time() - start_time, **lost})
+                progress.message(f"parameter shard {s} was lost; restarted from checkpoint "
+                                 f"{lost['checkpoint']} (about {lost['updates_lost']} of its "
+                                 "updates lost)")
         if watch.lost and len(watch.lost) == cfg.cluster.replicas:
             raise JobFailed(f"all {cfg.cluster.replicas} replicas were lost"
                             f"{_exit_detail(local, 'replica', 0)}")
@@ -368,6 +377,29 @@ def _restart_replica(cfg: JobConfig, store: JobStore, local: LocalCluster | None
         local.spawn("replica", r, part=child.part)
     watch.restarts[r] = generation
     return True
+
+
+def _restart_shard(cfg: JobConfig, store: JobStore, local: LocalCluster | None, watch: _Watch,
+                   s: int) -> dict | None:
+    """Start a replacement for lost shard `s` from the last checkpoint; what was lost, or
+    None when there is no checkpoint (or no local launcher, or too many restarts)."""
+    if local is None or len([x for x in watch.shards_lost if x["shard"] == s]) >= MAX_RESTARTS:
+        return None
+    run_dir = Path(store.get_json("job")["run_dir"])
+    try:
+        manifest = read_manifest(run_dir)
+    except UserError:
+        return None
+    local.retire("shard", s)
+    at_loss = store.try_get_json(f"version/shard{s}") or 0
+    restored = manifest["shards"][s]["version"]
+    generation = 1 + len([x for x in watch.shards_lost if x["shard"] == s])
+    store.set_json(f"restart/shard{s}", {"generation": generation})
+    local.spawn("shard", s)
+    lost = {"shard": s, "checkpoint": manifest["checkpoint"], "version_at_loss": at_loss,
+            "restored_version": restored, "updates_lost": max(0, at_loss - restored)}
+    watch.shards_lost.append(lost)
+    return lost
 
 
 def _evaluate_current(ps: PSClient, model, data, timeout: float,
@@ -532,6 +564,7 @@ def _summary(cfg: JobConfig, job: dict, watch: _Watch, steps: int, test_loss: fl
         "mean_staleness": sum(stale) / len(stale) if stale else None,
         "late_gradients_dropped": watch.dropped,
         "replica_restarts": {str(r): n for r, n in sorted(watch.restarts.items())},
+        "shards_lost": watch.shards_lost,
         "nonfinite_skipped": watch.nonfinite,
         "nonfinite_refused": [s.get("nonfinite") for s in shard_stats],
         "shard_versions": [s.get("version") for s in shard_stats],

@@ -65,10 +65,12 @@ class ShardServer:
     # ---- the accept loop ------------------------------------------------------
 
     def serve(self, stop: Callable[[], bool], poll: float = 0.02,
-              tick: Callable[[], None] | None = None) -> None:
+              tick: Callable[[], None] | None = None, skip_tickets: int = 0) -> None:
         """Accept connections until `stop()` is true, calling `tick()` (if given) between
-        polls, e.g. to write a requested checkpoint. Blocks; always cleans up."""
-        seen = 0
+        polls, e.g. to write a requested checkpoint. A restarted shard skips the first
+        `skip_tickets` connection requests (made to its predecessor). Blocks; always
+        cleans up."""
+        seen = skip_tickets
         try:
             while not stop():
                 if tick is not None:
@@ -220,7 +222,8 @@ class ShardServer:
             channel.send_header(P.ERR, P.ERR_NONFINITE, self.version)
             return True
         with self.lock:
-            staleness = self.version - fetched_version
+            # clamped: after a restart from a checkpoint a client may hold newer versions
+            staleness = max(0, self.version - fetched_version)
             self.rule.apply(grad)
             self.version += 1
             version = self.version
