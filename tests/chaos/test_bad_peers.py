@@ -181,6 +181,8 @@ def test_nan_batches_are_skipped_and_counted(nan_model, tmp_path):
     assert summary["nonfinite_skipped"] == 20
     assert summary["nonfinite_refused"] == [20, 20]
     assert summary["shard_pushes"] == [180, 180]
+    # no lost update: the shards applied exactly the pushes the replicas saw acknowledged
+    assert summary["pushes_acked"] == 360
     assert summary["test_accuracy"] > 0.85
 
 

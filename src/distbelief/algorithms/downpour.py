@@ -82,18 +82,19 @@ def run_replica(ctx: RoleContext) -> None:
             for grad in ps.grad_buffers:
                 grad.zero_()
             flat = FlatModel(module, grads=ps.grad_buffers)  # backward() writes where shards read
-            _train(ctx, ps, flat, runner, stream, start, total)
+            acked = _train(ctx, ps, flat, runner, stream, start, total)
             boundary_bytes = runner.bytes_sent
     finally:
         peers.close()
     if r == 0:  # a warm start longer than the run must not leave the others waiting
         ctx.store.set_json("warm/done", True)
-    ctx.store.set_json(f"done/replica{ctx.member}", {"steps": total,
+    ctx.store.set_json(f"done/replica{ctx.member}", {"steps": total, "acked": acked,
                                                      "boundary_bytes": boundary_bytes})
 
 
 def _train(ctx: RoleContext, ps: PSClient, flat: FlatModel, runner, stream: BatchStream,
-           start: int, total: int) -> None:
+           start: int, total: int) -> int:
+    """Train steps start..total-1; returns how many pushes the shards acknowledged."""
     cfg, r = ctx.config, ctx.ident
     gate = (ReplicaGate(ctx.store, ctx.member, cfg.cluster.timeout)
             if cfg.train.checkpoint_every is not None else None)
@@ -135,6 +136,7 @@ def _train(ctx: RoleContext, ps: PSClient, flat: FlatModel, runner, stream: Batc
         if handle is not None:
             report.acks(handle.wait(timeout))
     report.maybe_log(total - 1, ps.fetched_versions, force=True)
+    return report.acked
 
 
 def _wait_for_warm_start(ctx: RoleContext) -> bool:
@@ -160,6 +162,7 @@ class _Reporter:
         self.losses: list[float] = []
         self.staleness: list[int] = []
         self.nonfinite = 0  # non-finite losses and refused pushes since the last event
+        self.acked = 0  # pushes a shard applied and acknowledged, over the whole run
         self.samples = 0
         self.since = time.perf_counter()
         self.last_step = -1
@@ -181,6 +184,7 @@ class _Reporter:
     def acks(self, acks: list[tuple[int, int | None]]) -> None:
         """Record the shards' answers; staleness None: a push refused as non-finite."""
         self.staleness.extend(s for _, s in acks if s is not None)
+        self.acked += sum(1 for _, s in acks if s is not None)
 
     def maybe_log(self, step: int, versions: list[int], force: bool = False) -> None:
         if not self.enabled or (not force and (step + 1) % self.every != 0):
