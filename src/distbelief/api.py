@@ -25,7 +25,7 @@ from distbelief.errors import UserError
 
 
 def train(config: JobConfig | dict | str | Path | None = None, *, show_progress: bool = False,
-          **options: Any) -> dict | None:
+          resume: str | Path | None = None, **options: Any) -> dict | None:
     """Run a job and return its summary (a dict, also written to RUN_DIR/summary.json).
 
     `config` is a JobConfig, a nested dict as in the TOML file, or a TOML path;
@@ -34,8 +34,22 @@ def train(config: JobConfig | dict | str | Path | None = None, *, show_progress:
     started as one role of a multi-host job (RANK/WORLD_SIZE set) and is not the
     coordinator, it runs that role and returns None.
 
+    `resume` continues the run in that directory from its last complete checkpoint,
+    with its own config (no other config or options may be given).
+
     Raises UserError for bad input and coordinator.JobFailed when the job cannot finish.
     """
+    if resume is not None:
+        given = sorted(k for k, v in options.items() if v is not None)
+        if config is not None or given:
+            raise UserError(f"--resume continues a run with its own config, but "
+                            f"{', '.join('--' + g.replace('_', '-') for g in given) or 'a config file'}"
+                            " was given too: leave the other options out")
+        saved = Path(resume) / "config.toml"
+        if not saved.is_file():
+            raise UserError(f"--resume {str(resume)!r}: not a run directory (no config.toml): "
+                            "give the directory a train run printed")
+        config = saved
     cfg = resolve_config(config, options)
     from distbelief.coordinator import run_job
     from distbelief.runtime.launch import EnvRole
@@ -51,7 +65,7 @@ def train(config: JobConfig | dict | str | Path | None = None, *, show_progress:
                                      timeout=cfg.cluster.timeout)
             run_role(store, role, ident, part)
             return None
-    return run_job(cfg, show_progress=show_progress, env=env)
+    return run_job(cfg, show_progress=show_progress, env=env, resume=resume)
 
 
 def resolve_config(config: JobConfig | dict | str | Path | None, options: dict[str, Any]

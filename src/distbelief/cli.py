@@ -15,6 +15,7 @@ from typing import Sequence
 
 from distbelief.config import (ALGORITHMS, DEFAULT_EPOCHS, DEFAULT_ITERATIONS, DEFAULT_LBFGS_LR,
                                DEFAULT_LR, DEFAULT_RULE, LINE_SEARCHES, MICRO_BATCHES_PER_STAGE,
+                               ON_NONFINITE,
                                PORTIONS_PER_WORKER, RULES, SPLITS, TRANSPORTS, default_of)
 from distbelief.errors import UserError
 
@@ -59,7 +60,14 @@ TRAIN_OPTIONS: dict[str, tuple[type, str]] = {
     "timeout": (float, "seconds any single wait may block before the job fails"),
     "slow_worker": (str, "ID:FACTOR makes replica ID FACTOR times slower (it sleeps in "
                          "proportion to its compute), for tests and benchmarks"),
+    "checkpoint_every": (str, "write a checkpoint every N steps of the leading replica (200) "
+                              "or every N seconds (60s); resume with --resume RUN_DIR"),
+    "on_nonfinite": (str, "a NaN/inf gradient or loss: skip (the shards refuse it, it is "
+                          "counted, training goes on) or stop (the job ends with an error)"),
     "threads": (int, "torch threads of each replica (or partition) process"),
+    "restart_replicas": (bool, "start a replacement for a lost replica (downpour, local "
+                               "cluster): it pulls fresh parameters and takes over the lost "
+                               "one's remaining steps"),
     "sync_fraction": (float, "sync: a step completes once this fraction of the replicas "
                              "reported; late gradients are dropped and counted"),
     "portions": (int, "sandblaster: pieces the data is cut into per gradient evaluation, "
@@ -72,7 +80,7 @@ TRAIN_OPTIONS: dict[str, tuple[type, str]] = {
     "tolerance_change": (float, "sandblaster: stop when loss or step change less than this"),
 }
 CHOICES = {"algorithm": ALGORITHMS, "rule": RULES, "transport": TRANSPORTS,
-           "line_search": LINE_SEARCHES, "split": SPLITS}
+           "line_search": LINE_SEARCHES, "split": SPLITS, "on_nonfinite": ON_NONFINITE}
 # what a None default means, shown in --help instead of "None"
 UNSET_DEFAULTS = {
     "steps": f"unset, --epochs decides; sandblaster {DEFAULT_ITERATIONS}",
@@ -81,6 +89,7 @@ UNSET_DEFAULTS = {
     "portions": f"{PORTIONS_PER_WORKER} per worker",
     "slow_worker": "none",
     "threads": "this host's cores shared among the replica processes",
+    "checkpoint_every": "no checkpoints",
     "epochs": f"{DEFAULT_EPOCHS:g} when --steps is not given",
     "num_samples": "the dataset's own size",
     "run_dir": "runs/<algorithm>-<time>",
@@ -134,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                            choices=CHOICES.get(name), metavar=name.upper(),
                            help=f"{help_} (default: {default})")
     train.add_argument("--quiet", action="store_true", help="no progress display")
+    train.add_argument("--resume", metavar="RUN_DIR", default=None,
+                       help="continue the run in RUN_DIR from its last complete checkpoint, "
+                            "with its own config (see --checkpoint-every)")
 
     pred = sub.add_parser(
         "predict", help="run a trained model (whole or partitioned) over an .npz of inputs",
@@ -206,7 +218,8 @@ def _train(args: argparse.Namespace) -> int:
 
     options = {name: getattr(args, name) for name in TRAIN_OPTIONS}
     try:
-        summary = train(args.config, show_progress=not args.quiet, **options)
+        summary = train(args.config, show_progress=not args.quiet, resume=args.resume,
+                        **options)
     except JobFailed as exc:
         print(f"distbelief: job failed: {exc}", file=sys.stderr)
         return 1

@@ -55,6 +55,7 @@ ALGORITHMS = ("downpour", "sync", "sandblaster")
 RULES = ("sgd", "momentum", "adagrad", "adam")
 LINE_SEARCHES = ("strong_wolfe", "none")
 SPLITS = ("layers", "units")
+ON_NONFINITE = ("skip", "stop")
 MICRO_BATCHES_PER_STAGE = 4  # pipeline micro-batches per partition when --micro-batches is unset
 DEFAULT_RULE, DEFAULT_LR, DEFAULT_LBFGS_LR = "adagrad", 0.02, 1.0
 DEFAULT_ITERATIONS = 50  # L-BFGS iterations when --steps is not given
@@ -79,6 +80,8 @@ class ClusterConfig:
     """Seconds any single wait (connect, pull, push, join) may block before the job fails."""
     slow_worker: str | None = None
     """ID:FACTOR makes replica (worker) ID FACTOR times slower by sleeping in proportion to its compute (tests, benchmarks)."""
+    restart_replicas: bool = False
+    """Start a replacement for a lost replica (downpour, local cluster); it joins through the store, pulls fresh parameters and goes on with the lost one's remaining steps."""
     threads: int | None = None
     """Torch threads of each replica (or partition) process; default: this host's cores shared among them."""
 
@@ -187,6 +190,10 @@ class TrainConfig:
     """Replicas report loss and staleness every this many steps."""
     run_dir: str | None = None
     """Directory for config, metrics, checkpoint and plots; default runs/<algorithm>-<time>."""
+    checkpoint_every: str | None = None
+    """Write a checkpoint every N steps of the leading replica ("200") or every N seconds ("60s"); `--resume RUN_DIR` continues from the last one."""
+    on_nonfinite: str = "skip"
+    """A gradient (or loss) with NaN/inf: skip (refuse it, count it, go on) or stop (end the job with a clear error)."""
 
     @property
     def resolved_epochs(self) -> float | None:
@@ -262,6 +269,11 @@ class JobConfig:
         if o.rule is not None:
             _choice("rule", o.rule, RULES, "--rule")
         _choice("transport", c.transport, TRANSPORTS, "--transport")
+        _choice("on_nonfinite", t.on_nonfinite, ON_NONFINITE, "--on-nonfinite")
+        if t.checkpoint_every is not None:
+            from distbelief.checkpoint import parse_every
+
+            parse_every(t.checkpoint_every)
         _at_least("--replicas", c.replicas, 1, "give at least one model replica")
         _at_least("--shards", c.shards, 1, "give at least one parameter shard")
         if c.threads is not None:
@@ -494,6 +506,7 @@ OPTION_FIELDS = {
     "replicas": "cluster.replicas", "shards": "cluster.shards", "port": "cluster.port",
     "host": "cluster.host", "transport": "cluster.transport", "timeout": "cluster.timeout",
     "slow_worker": "cluster.slow_worker", "threads": "cluster.threads",
+    "restart_replicas": "cluster.restart_replicas",
     "n_fetch": "downpour.n_fetch", "n_push": "downpour.n_push",
     "warm_start_steps": "downpour.warm_start_steps",
     "sync_fraction": "sync.fraction",
@@ -508,6 +521,7 @@ OPTION_FIELDS = {
     "balance": "model.balance", "micro_batches": "model.micro_batches",
     "steps": "train.steps", "epochs": "train.epochs", "seed": "train.seed",
     "eval_every": "train.eval_every", "log_every": "train.log_every", "run_dir": "train.run_dir",
+    "on_nonfinite": "train.on_nonfinite", "checkpoint_every": "train.checkpoint_every",
 }
 
 
@@ -521,6 +535,8 @@ ONLY_FOR: dict[str, tuple[str, ...]] = {
        if f.name != "lr"},
     "data.batch_size": _RULE_USERS,  # Sandblaster's batch is all of the data, cut in portions
     "train.epochs": _RULE_USERS,     # Sandblaster counts L-BFGS iterations (--steps)
+    "train.checkpoint_every": _RULE_USERS,  # L-BFGS state lives in the coordinator
+    "cluster.restart_replicas": ("downpour",),  # sync's all-reduce group cannot take a newcomer
 }
 
 _FOREIGN_FIX = {

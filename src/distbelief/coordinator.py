@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from distbelief.algorithms.schedule import steps_per_replica
+from distbelief.checkpoint import CheckpointDriver, read_manifest
 from distbelief.config import JobConfig
 from distbelief.errors import UserError
 from distbelief.metrics.log import MetricsLog, Progress
@@ -57,6 +58,9 @@ class _Watch:
     last: dict[int, dict] = field(default_factory=dict)
     samples: int = 0
     dropped: int = 0  # late gradients a synchronous step did not wait for
+    restarts: dict[int, int] = field(default_factory=dict)  # replacements started, by replica
+    shards_lost: list[dict] = field(default_factory=list)  # shards restarted from a checkpoint
+    nonfinite: int = 0  # NaN/inf losses or steps the replicas reported
     last_event: float = field(default_factory=time.monotonic)
     extra: dict = field(default_factory=dict)  # the algorithm's own statistics
 
@@ -69,13 +73,21 @@ class _Watch:
         return max(self.steps.values(), default=0)
 
 
-def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None = None) -> dict:
+def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None = None,
+            resume: str | Path | None = None) -> dict:
     """Run a whole job and return its summary. Blocks until the job ends.
 
-    Raises UserError for bad input and JobFailed when the job cannot finish.
+    `resume`: a run directory whose last complete checkpoint the job continues from
+    (`cfg` is then that run's config). Raises UserError for bad input and JobFailed
+    when the job cannot finish.
     """
     cfg = cfg.validate().resolved()
-    run_dir = _choose_run_dir(cfg)
+    manifest = None
+    if resume is not None:
+        run_dir = Path(resume)
+        manifest = read_manifest(run_dir)
+    else:
+        run_dir = _choose_run_dir(cfg)
     data, model = load_data_and_model(cfg)
     check_model(model, data.input_shape, data.num_classes)
     m = cfg.model
@@ -107,10 +119,12 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
     except BaseException:
         store.close()
         raise
-    (run_dir / "config.toml").write_text(cfg.to_toml())
+    if manifest is None:
+        (run_dir / "config.toml").write_text(cfg.to_toml())
     job = {"config": cfg.to_dict(), "layout": layout.to_json(), "start_time": time.time(),
            "steps": steps, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
-           "partition": {**plan.to_json(), "shards": groups}}
+           "partition": {**plan.to_json(), "shards": groups},
+           "run_dir": str(run_dir.resolve()), "resume": manifest}
     store.set_json("job", job)
     sandblaster = cfg.algorithm == "sandblaster"
     progress = Progress(steps if sandblaster else steps * cfg.cluster.replicas,
@@ -133,7 +147,8 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
                           cfg, "the parameter shards to start")
             ps = PSClient(store, layout, "coordinator", transport=cfg.cluster.transport,
                           timeout=cfg.cluster.timeout, grad_buffers=0)
-            ps.set(initial).wait(cfg.cluster.timeout)
+            if manifest is None:  # a resumed job's shards loaded their checkpoint
+                ps.set(initial).wait(cfg.cluster.timeout)
             store.set_json("job/ready", True)
             wait_for_keys(store, [f"members/replica/{m}" for m in _members(cfg)],
                           local, cfg, "the replicas to start")
@@ -142,8 +157,13 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
                 watch = _drive_sandblaster(cfg, store, local, metrics, progress, ps, model,
                                            data, job["start_time"])
             else:
+                driver = CheckpointDriver(
+                    store, run_dir, cfg.train.checkpoint_every, cfg.cluster.shards,
+                    cfg.cluster.timeout, start=manifest["checkpoint"] if manifest else 0,
+                    meta={"layout": layout.to_json(), "steps": steps},
+                    message=progress.message)
                 watch = _watch(cfg, store, local, metrics, progress, ps, model, data,
-                               job["start_time"], perm)
+                               job["start_time"], perm, driver, manifest)
             test_loss, test_acc = _evaluate_current(ps, model, data, cfg.cluster.timeout, perm)
             metrics.write({"event": "eval", "time": time.time() - job["start_time"],
                            "step": watch.leading_step, "test_loss": test_loss,
@@ -160,8 +180,9 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
                 exit_codes = {c.log_path.stem: c.process.poll() for c in local.children}
         summary = _summary(cfg, job, watch, steps, test_loss, test_acc, shard_stats, layout,
                            run_dir, data, exit_codes)
+        done = [store.try_get_json(f"done/replica{m}") or {} for m in _members(cfg)]
+        summary["pushes_acked"] = sum(d.get("acked", 0) for d in done)
         if plan.partitions > 1:
-            done = [store.try_get_json(f"done/replica{m}") or {} for m in _members(cfg)]
             summary["partition"] = {**job["partition"],
                                     "shard_clients": [s.get("clients") for s in shard_stats],
                                     "boundary_bytes": sum(d.get("boundary_bytes", 0)
@@ -184,9 +205,26 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
 
 def _watch(cfg: JobConfig, store: JobStore, local: LocalCluster | None, metrics: MetricsLog,
            progress: Progress, ps: PSClient, model, data, start_time: float,
-           perm: torch.Tensor | None) -> _Watch:
-    """Follow the replicas until each is done or lost; evaluate on the way."""
+           perm: torch.Tensor | None, driver: CheckpointDriver, manifest: dict | None) -> _Watch:
+    """Follow the replicas until each is done or lost; evaluate and checkpoint on the way."""
     watch = _Watch(cfg.cluster.replicas)
+    if manifest is not None:  # the steps each replica had done at the checkpoint
+        for r in range(cfg.cluster.replicas):
+            watch.steps[r] = min(manifest["replica_steps"].get(m, 0)
+                                 for m in _members(cfg, range(r, r + 1)))
+
+    def waiting(number: int) -> list[str]:
+        return [m for m in _members(cfg) if int(m.split(".")[0]) not in watch.lost
+                and not store.has(f"ckpt/{number}/paused/{m}")
+                and not store.has(f"done/replica{m}")]
+
+    def steps_of(number: int) -> dict[str, int]:
+        steps = {}
+        for m in _members(cfg):
+            paused = store.try_get_json(f"ckpt/{number}/paused/{m}")
+            done = store.try_get_json(f"done/replica{m}")
+            steps[m] = (paused or done or {}).get("steps", watch.steps.get(int(m.split(".")[0]), 0))
+        return steps
     read = 0
     next_eval = cfg.train.eval_every or None
     while not watch.finished:
@@ -200,6 +238,11 @@ def _watch(cfg: JobConfig, store: JobStore, local: LocalCluster | None, metrics:
                 watch.last[event["replica"]] = event
                 watch.samples += event["samples"]
                 watch.dropped += event.get("dropped") or 0
+                if event.get("nonfinite") and not watch.nonfinite:
+                    progress.message(f"replica {event['replica']}: a NaN/inf loss or gradient "
+                                     "was skipped (--on-nonfinite skip); lower --lr if this "
+                                     "repeats")
+                watch.nonfinite += event.get("nonfinite") or 0
         if events:
             _show(progress, watch)
         for r in range(cfg.cluster.replicas):
@@ -210,6 +253,13 @@ def _watch(cfg: JobConfig, store: JobStore, local: LocalCluster | None, metrics:
             # done is read again: a replica may set it and exit between the two checks
             elif (_is_lost(store, local, "replica", r, cfg.model.partitions)
                   and not _replica_done(store, cfg, r)):
+                if _restart_replica(cfg, store, local, watch, r):
+                    metrics.write({"event": "replica_restarted", "time": time.time() - start_time,
+                                   "replica": r, "step": watch.steps.get(r, 0),
+                                   "restarts": watch.restarts[r]})
+                    progress.message(f"replica {r} was lost at step {watch.steps.get(r, 0)}; "
+                                     "a replacement takes over")
+                    continue
                 watch.lost.add(r)
                 metrics.write({"event": "replica_lost", "time": time.time() - start_time,
                                "replica": r, "step": watch.steps.get(r, 0)})
@@ -220,15 +270,35 @@ def _watch(cfg: JobConfig, store: JobStore, local: LocalCluster | None, metrics:
                                     "synchronous training cannot go on without it")
                 if r == 0 and not store.has("warm/done"):
                     store.set_json("warm/done", True)  # do not leave the others waiting
+        bad = store.try_get_json("job/nonfinite")
+        if bad is not None:
+            raise JobFailed(f"{bad['client']} produced a non-finite "
+                            f"{'loss' if 'loss' in bad else 'gradient'}"
+                            f"{' (refused by shard %d)' % bad['shard'] if 'shard' in bad else ''}"
+                            " and --on-nonfinite stop ends the job: lower --lr or check the "
+                            "data, or use --on-nonfinite skip to drop such steps and go on")
         for s in range(cfg.cluster.shards):
             if _is_lost(store, local, "shard", s):
-                raise JobFailed(f"parameter shard {s} died{_exit_detail(local, 'shard', s)}; "
-                                "the job cannot continue without it")
+                detail = _exit_detail(local, "shard", s)
+                lost = _restart_shard(cfg, store, local, watch, s)
+                if lost is None:
+                    raise JobFailed(f"parameter shard {s} died{detail}; the job cannot continue "
+                                    "without it (with --checkpoint-every it is restarted from "
+                                    "its last checkpoint)")
+                metrics.write({"event": "shard_lost", "time": time.time() - start_time, **lost})
+                progress.message(f"parameter shard {s} was lost; restarted from checkpoint "
+                                 f"{lost['checkpoint']} (about {lost['updates_lost']} of its "
+                                 "updates lost)")
         if watch.lost and len(watch.lost) == cfg.cluster.replicas:
             raise JobFailed(f"all {cfg.cluster.replicas} replicas were lost"
                             f"{_exit_detail(local, 'replica', 0)}")
         if time.monotonic() - watch.last_event > cfg.cluster.timeout:
             raise JobFailed(f"no replica reported progress for {cfg.cluster.timeout:.0f} s")
+        if driver.due(watch.leading_step):
+            written = driver.take(waiting, steps_of)
+            if written is not None:
+                metrics.write({"event": "checkpoint", "time": time.time() - start_time,
+                               "checkpoint": written["checkpoint"], "step": watch.leading_step})
         if next_eval is not None and watch.leading_step >= next_eval:
             loss, acc = _evaluate_current(ps, model, data, cfg.cluster.timeout, perm)
             metrics.write({"event": "eval", "time": time.time() - start_time,
@@ -283,6 +353,54 @@ def _drive_sandblaster(cfg: JobConfig, store: JobStore, local: LocalCluster | No
         progress.message(f"L-BFGS converged ({watch.extra['converged']}) after "
                          f"{watch.extra['iterations']} iterations")
     return watch
+
+
+MAX_RESTARTS = 5  # replacements per replica: a replica that keeps dying has a real problem
+
+
+def _restart_replica(cfg: JobConfig, store: JobStore, local: LocalCluster | None, watch: _Watch,
+                     r: int) -> bool:
+    """Start a replacement for lost replica `r` (all its partitions); False when not allowed.
+
+    The replacement reads ``restart/replica<r>``: its generation (fresh channel names)
+    and the step to go on from (the lost one's last reported step).
+    """
+    if not cfg.cluster.restart_replicas or local is None:
+        return False
+    if watch.restarts.get(r, 0) >= MAX_RESTARTS:
+        return False
+    old = local.retire("replica", r)  # partitions of it that are still running go too
+    generation = watch.restarts.get(r, 0) + 1
+    store.set_json(f"restart/replica{r}", {"generation": generation,
+                                           "start": watch.steps.get(r, 0)})
+    for child in old:
+        store.set_json(f"heartbeat/replica/{member_name(r, child.part)}", time.time())
+        local.spawn("replica", r, part=child.part)
+    watch.restarts[r] = generation
+    return True
+
+
+def _restart_shard(cfg: JobConfig, store: JobStore, local: LocalCluster | None, watch: _Watch,
+                   s: int) -> dict | None:
+    """Start a replacement for lost shard `s` from the last checkpoint; what was lost, or
+    None when there is no checkpoint (or no local launcher, or too many restarts)."""
+    if local is None or len([x for x in watch.shards_lost if x["shard"] == s]) >= MAX_RESTARTS:
+        return None
+    run_dir = Path(store.get_json("job")["run_dir"])
+    try:
+        manifest = read_manifest(run_dir)
+    except UserError:
+        return None
+    local.retire("shard", s)
+    at_loss = store.try_get_json(f"version/shard{s}") or 0
+    restored = manifest["shards"][s]["version"]
+    generation = 1 + len([x for x in watch.shards_lost if x["shard"] == s])
+    store.set_json(f"restart/shard{s}", {"generation": generation})
+    local.spawn("shard", s)
+    lost = {"shard": s, "checkpoint": manifest["checkpoint"], "version_at_loss": at_loss,
+            "restored_version": restored, "updates_lost": max(0, at_loss - restored)}
+    watch.shards_lost.append(lost)
+    return lost
 
 
 def _evaluate_current(ps: PSClient, model, data, timeout: float,
@@ -448,6 +566,10 @@ def _summary(cfg: JobConfig, job: dict, watch: _Watch, steps: int, test_loss: fl
         "test_samples": len(data.y_test), "replicas_lost": len(watch.lost), "lost_replicas": sorted(watch.lost),
         "mean_staleness": sum(stale) / len(stale) if stale else None,
         "late_gradients_dropped": watch.dropped,
+        "replica_restarts": {str(r): n for r, n in sorted(watch.restarts.items())},
+        "shards_lost": watch.shards_lost,
+        "nonfinite_skipped": watch.nonfinite,
+        "nonfinite_refused": [s.get("nonfinite") for s in shard_stats],
         "shard_versions": [s.get("version") for s in shard_stats],
         "shard_pushes": [s.get("pushes") for s in shard_stats],
         "exit_codes": exit_codes,
@@ -465,4 +587,5 @@ def _summary(cfg: JobConfig, job: dict, watch: _Watch, steps: int, test_loss: fl
                    "portions": cfg.sandblaster.portions, "backups": cfg.sandblaster.backups,
                    "line_search": cfg.sandblaster.line_search},
         **({cfg.algorithm: watch.extra} if watch.extra else {}),
+        "resumed_from": (job["resume"] or {}).get("checkpoint"),
     }

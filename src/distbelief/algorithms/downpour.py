@@ -29,6 +29,7 @@ import torch
 
 from distbelief.algorithms.schedule import fetch_before, push_after, steps_per_replica
 from distbelief.algorithms.slowdown import Slowdown
+from distbelief.checkpoint import ReplicaGate
 from distbelief.data.datasets import BatchStream, replica_indices
 from distbelief.model.flat import FlatModel
 from distbelief.model.partition import PartitionPlan, open_partition
@@ -53,6 +54,12 @@ def run_replica(ctx: RoleContext) -> None:
     total = steps_per_replica(steps=cfg.train.steps, epochs=cfg.train.resolved_epochs,
                               train_samples=len(data.x_train), replicas=cfg.cluster.replicas,
                               batch_size=cfg.data.batch_size)
+    resume = ctx.job.get("resume")
+    restart = ctx.store.try_get_json(f"restart/replica{r}")  # a replacement for a lost one
+    start = resume["replica_steps"].get(ctx.member, 0) if resume else 0
+    if restart is not None:
+        start = max(start, restart["start"])
+    stream.skip(start)  # the data position the checkpoint was taken at
     # the shards hold the initial parameters once the coordinator says the job is ready
     ctx.store.get_json("job/ready", what="the coordinator to initialise the shards")
     if r > 0 and cfg.downpour.warm_start_steps > 0 and not _wait_for_warm_start(ctx):
@@ -66,7 +73,8 @@ def run_replica(ctx: RoleContext) -> None:
     try:
         with PSClient(ctx.store, layout, name, transport=cfg.cluster.transport,
                       timeout=cfg.cluster.timeout) as ps, \
-                open_partition(plan, module, part, store=peers.raw, name=f"replica{r}",
+                open_partition(plan, module, part, store=peers.raw,
+                               name=f"replica{r}.g{restart['generation'] if restart else 0}",
                                timeout=cfg.cluster.timeout) as runner:
             if runner.reports_loss:
                 ctx.store.append("events", {"event": "replica_joined", "time": _now(ctx),
@@ -74,27 +82,30 @@ def run_replica(ctx: RoleContext) -> None:
             for grad in ps.grad_buffers:
                 grad.zero_()
             flat = FlatModel(module, grads=ps.grad_buffers)  # backward() writes where shards read
-            _train(ctx, ps, flat, runner, stream, total)
+            acked = _train(ctx, ps, flat, runner, stream, start, total)
             boundary_bytes = runner.bytes_sent
     finally:
         peers.close()
     if r == 0:  # a warm start longer than the run must not leave the others waiting
         ctx.store.set_json("warm/done", True)
-    ctx.store.set_json(f"done/replica{ctx.member}", {"steps": total,
+    ctx.store.set_json(f"done/replica{ctx.member}", {"steps": total, "acked": acked,
                                                      "boundary_bytes": boundary_bytes})
 
 
 def _train(ctx: RoleContext, ps: PSClient, flat: FlatModel, runner, stream: BatchStream,
-           total: int) -> None:
+           start: int, total: int) -> int:
+    """Train steps start..total-1; returns how many pushes the shards acknowledged."""
     cfg, r = ctx.config, ctx.ident
+    gate = (ReplicaGate(ctx.store, ctx.member, cfg.cluster.timeout)
+            if cfg.train.checkpoint_every is not None else None)
     n_fetch, n_push, timeout = cfg.downpour.n_fetch, cfg.downpour.n_push, cfg.cluster.timeout
     report = _Reporter(ctx, total, enabled=runner.reports_loss)
     slow = Slowdown.for_worker(cfg, r)
     pending = [None, None]  # the push handle still reading each gradient buffer
     buf = 0
     window_versions = None
-    for step in range(total):
-        if fetch_before(step, n_fetch):
+    for step in range(start, total):
+        if fetch_before(step, n_fetch) or step == start:  # a resumed replica fetches first
             ps.pull(flat.params).wait(timeout)
         if window_versions is None:  # the versions this push window's gradients are computed on
             window_versions = list(ps.fetched_versions)
@@ -111,6 +122,13 @@ def _train(ctx: RoleContext, ps: PSClient, flat: FlatModel, runner, stream: Batc
                 pending[buf] = None
             flat.grads[buf].zero_()
             flat.bind_grads(buf)
+            number = gate.due() if gate is not None else None
+            if number is not None:  # a checkpoint: every push of ours applied, then pause
+                for other in range(2):
+                    if pending[other] is not None:
+                        report.acks(pending[other].wait(timeout))
+                        pending[other] = None
+                gate.pause(number, step + 1)
         report.maybe_log(step, ps.fetched_versions)
         if step == cfg.downpour.warm_start_steps - 1 and r == 0:
             ctx.store.set_json("warm/done", True)
@@ -118,6 +136,7 @@ def _train(ctx: RoleContext, ps: PSClient, flat: FlatModel, runner, stream: Batc
         if handle is not None:
             report.acks(handle.wait(timeout))
     report.maybe_log(total - 1, ps.fetched_versions, force=True)
+    return report.acked
 
 
 def _wait_for_warm_start(ctx: RoleContext) -> bool:
@@ -142,6 +161,8 @@ class _Reporter:
         self.every = ctx.config.train.log_every
         self.losses: list[float] = []
         self.staleness: list[int] = []
+        self.nonfinite = 0  # non-finite losses and refused pushes since the last event
+        self.acked = 0  # pushes a shard applied and acknowledged, over the whole run
         self.samples = 0
         self.since = time.perf_counter()
         self.last_step = -1
@@ -149,29 +170,37 @@ class _Reporter:
     def step(self, loss: float | None, samples: int) -> None:
         if not self.enabled:
             return
-        if not math.isfinite(loss):
+        self.samples += samples
+        if math.isfinite(loss):
+            self.losses.append(loss)
+            return
+        self.nonfinite += 1
+        if self.ctx.config.train.on_nonfinite == "stop":
+            self.ctx.store.set_json("job/nonfinite", {"client": f"replica{self.ctx.ident}",
+                                                      "loss": str(loss)})
             raise FloatingPointError(f"replica {self.ctx.ident}: the training loss is {loss}; "
                                      "lower --lr or check the data")
-        self.losses.append(loss)
-        self.samples += samples
 
-    def acks(self, acks: list[tuple[int, int]]) -> None:
-        self.staleness.extend(s for _, s in acks)
+    def acks(self, acks: list[tuple[int, int | None]]) -> None:
+        """Record the shards' answers; staleness None: a push refused as non-finite."""
+        self.staleness.extend(s for _, s in acks if s is not None)
+        self.acked += sum(1 for _, s in acks if s is not None)
 
     def maybe_log(self, step: int, versions: list[int], force: bool = False) -> None:
         if not self.enabled or (not force and (step + 1) % self.every != 0):
             return
-        if step == self.last_step or not self.losses:
+        if step == self.last_step or not (self.losses or self.nonfinite):
             return
         elapsed = max(time.perf_counter() - self.since, 1e-9)
         event = {"event": "train", "time": _now(self.ctx), "replica": self.ctx.ident,
                  "step": step + 1, "total_steps": self.total,
-                 "loss": sum(self.losses) / len(self.losses), "samples": self.samples,
+                 "loss": sum(self.losses) / len(self.losses) if self.losses else math.nan,
+                 "nonfinite": self.nonfinite, "samples": self.samples,
                  "samples_per_second": self.samples / elapsed,
                  "staleness": (sum(self.staleness) / len(self.staleness)
                                if self.staleness else None),
                  "versions": list(versions)}
         self.ctx.store.append("events", event)
-        self.losses, self.staleness, self.samples = [], [], 0
+        self.losses, self.staleness, self.samples, self.nonfinite = [], [], 0, 0
         self.since = time.perf_counter()
         self.last_step = step

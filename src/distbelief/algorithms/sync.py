@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from distbelief.algorithms.schedule import steps_per_replica
 from distbelief.algorithms.slowdown import Slowdown
+from distbelief.checkpoint import ReplicaGate, load_file, set_dir, write_atomic
 from distbelief.data.datasets import BatchStream, replica_indices
 from distbelief.model.flat import FlatModel
 from distbelief.model.zoo import load_data_and_model
@@ -49,7 +50,9 @@ from distbelief.runtime.role import RoleContext
 from distbelief.runtime.store import JobStore
 
 GROUP = "pg/sync"
-EXTRA = 3  # entries after the gradient in the all-reduced vector: loss sum, samples, contributors
+# entries after the gradient in the all-reduced vector: loss sum, samples, contributors, and
+# how many replicas saw a checkpoint request (so that all of them pause at the same step)
+EXTRA = 4
 QUORUM_POLL_SECONDS = 0.002
 
 
@@ -72,8 +75,13 @@ def run_replica(ctx: RoleContext) -> None:
     total = steps_per_replica(steps=cfg.train.steps, epochs=cfg.train.resolved_epochs,
                               train_samples=len(data.x_train), replicas=replicas,
                               batch_size=cfg.data.batch_size)
+    resume = ctx.job.get("resume")
+    start = resume["replica_steps"].get(ctx.member, 0) if resume else 0
+    stream.skip(start)  # the data position the checkpoint was taken at
     # built before the job is ready: the first torch.optim takes a second to import
-    trainer = _Trainer(ctx, model, stream, total)
+    trainer = _Trainer(ctx, model, stream, start, total)
+    if resume:  # the parameters come from the shards, the rule's state from the checkpoint
+        trainer.rule.load_state_dict(load_file(ctx.job["run_dir"], resume, "sync.pt")["rule"])
     ctx.store.get_json("job/ready", what="the coordinator to initialise the shards")
     layout = Layout.from_json(ctx.job["layout"])
     with PSClient(ctx.store, layout, f"replica{r}", transport=cfg.cluster.transport,
@@ -92,9 +100,11 @@ def run_replica(ctx: RoleContext) -> None:
 class _Trainer:
     """One replica's synchronous loop. Owns the parameters, the rule and the reduce buffer."""
 
-    def __init__(self, ctx: RoleContext, model, stream: BatchStream, total: int):
+    def __init__(self, ctx: RoleContext, model, stream: BatchStream, start: int, total: int):
         cfg = ctx.config
-        self.ctx, self.stream, self.total = ctx, stream, total
+        self.ctx, self.stream, self.start, self.total = ctx, stream, start, total
+        self.gate = (ReplicaGate(ctx.store, ctx.member, cfg.cluster.timeout)
+                     if cfg.train.checkpoint_every is not None else None)
         self.timeout = cfg.cluster.timeout
         self.quorum = quorum_size(cfg.sync.fraction, cfg.cluster.replicas)
         self.threaded = self.quorum < cfg.cluster.replicas
@@ -118,16 +128,16 @@ class _Trainer:
         self.ps, self.group = ps, group
         self.report = _Reporter(self.ctx, self.total)
         if not self.threaded:
-            for step in range(self.total):
+            for step in range(self.start, self.total):
                 xb, yb = self.stream.next()
                 loss = self.compute(xb, yb)
-                self.buf[-EXTRA:] = torch.tensor([loss, len(yb), 1.0])
+                self.buf[-EXTRA:] = torch.tensor([loss, len(yb), 1.0, self._saw_request()])
                 self._reduce_and_apply(step, len(yb))
                 self._maybe_report(step)
         else:
             with _Background(self.compute, self.ctx.store, self.quorum,
                              f"replica{self.ctx.ident}-gradient") as worker:
-                for step in range(self.total):
+                for step in range(self.start, self.total):
                     self._quorum_step(step, worker)
                     self._maybe_report(step)
                 self.report.drop(worker.finish(self.timeout))
@@ -144,24 +154,54 @@ class _Trainer:
         result = worker.take(step, self.timeout)
         if result is None:  # late or still computing: this step goes on without it
             self.buf.zero_()
+            self.buf[-1] = self._saw_request()
             samples = 0
         else:
             grad, loss, samples = result
             self.grad.copy_(grad)
-            self.buf[-EXTRA:] = torch.tensor([loss, samples, 1.0])
+            self.buf[-EXTRA:] = torch.tensor([loss, samples, 1.0, self._saw_request()])
         self._reduce_and_apply(step, samples)
 
     def _reduce_and_apply(self, step: int, own_samples: int) -> None:
         self.group.all_reduce_sum(self.buf)
-        loss_sum, samples, contributors = self.buf[-EXTRA:].tolist()
+        loss_sum, samples, contributors, requested = self.buf[-EXTRA:].tolist()
+        try:
+            self._apply(step, own_samples, loss_sum, samples, contributors)
+        finally:
+            if requested > 0:  # every replica saw the same sum: all pause after this step
+                self._checkpoint(step)
+
+    def _saw_request(self) -> float:
+        return 1.0 if self.gate is not None and self.gate.due() is not None else 0.0
+
+    def _checkpoint(self, step: int) -> None:
+        """Pause for the coordinator's checkpoint; replica 0 first writes the parameters into
+        the shards and the rule's state into the checkpoint set."""
+        number = self.ctx.store.get_json("ckpt/request", timeout=self.timeout)
+        if self.ctx.ident == 0:
+            self.ps.set(self.params).wait(self.timeout)
+            folder = set_dir(self.ctx.job["run_dir"], number)
+            folder.mkdir(parents=True, exist_ok=True)
+            write_atomic(folder / "sync.pt", {"rule": self.rule.state_dict()})
+        self.gate.pause(number, step + 1)
+
+    def _apply(self, step: int, own_samples: int, loss_sum: float, samples: float,
+               contributors: float) -> None:
         if round(contributors) != self.quorum:
             raise RuntimeError(f"replica {self.ctx.ident}: step {step + 1} combined "
                                f"{contributors:g} gradients, expected {self.quorum} (a bug in "
                                "the quorum protocol)")
         loss = loss_sum / samples
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"replica {self.ctx.ident}: the training loss is {loss} at "
-                                     f"step {step + 1}; lower --lr or check the data")
+        if not (math.isfinite(loss) and bool(torch.isfinite(self.grad).all())):
+            # every replica sees the same sum, so every replica skips (or stops) alike
+            if self.ctx.config.train.on_nonfinite == "stop":
+                self.ctx.store.set_json("job/nonfinite", {"client": f"replica{self.ctx.ident}",
+                                                          "loss": str(loss)})
+                raise FloatingPointError(f"replica {self.ctx.ident}: the training loss is "
+                                         f"{loss} at step {step + 1}; lower --lr or check the "
+                                         "data")
+            self.report.skip_nonfinite(own_samples)
+            return
         self.rule.apply(self.grad.div_(samples))  # the mean over every sample of the step
         self.report.step(loss, own_samples)
 
@@ -307,10 +347,15 @@ class _Reporter:
         self.samples = 0
         self.dropped = 0  # since the last report
         self.dropped_total = 0
+        self.nonfinite = 0  # steps skipped since the last report: NaN/inf in loss or gradient
         self.since = time.perf_counter()
 
     def step(self, loss: float, samples: int) -> None:
         self.losses.append(loss)
+        self.samples += samples
+
+    def skip_nonfinite(self, samples: int) -> None:
+        self.nonfinite += 1
         self.samples += samples
 
     def drop(self, count: int) -> None:
@@ -322,8 +367,9 @@ class _Reporter:
         self.ctx.store.append("events", {
             "event": "train", "time": _now(self.ctx), "replica": self.ctx.ident,
             "step": step + 1, "total_steps": self.total,
-            "loss": sum(self.losses) / len(self.losses), "samples": self.samples,
+            "loss": sum(self.losses) / len(self.losses) if self.losses else math.nan,
+            "samples": self.samples,
             "samples_per_second": self.samples / elapsed, "staleness": None, "versions": [],
-            "dropped": self.dropped})
-        self.losses, self.samples, self.dropped = [], 0, 0
+            "dropped": self.dropped, "nonfinite": self.nonfinite})
+        self.losses, self.samples, self.dropped, self.nonfinite = [], 0, 0, 0
         self.since = time.perf_counter()

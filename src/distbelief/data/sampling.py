@@ -70,6 +70,14 @@ class BatchStream:
         g = torch.Generator().manual_seed(mixed)
         return self.indices[torch.randperm(len(self.indices), generator=g)]
 
+    def skip(self, batches: int) -> None:
+        """Move on as if `next` had been called `batches` times (a resumed replica)."""
+        if batches <= 0:
+            return
+        self.epoch = (batches - 1) // self.steps_per_epoch
+        self._order = self._shuffled(self.epoch)
+        self._step = (batches - 1) % self.steps_per_epoch + 1
+
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the next ``(xb, yb)`` batch, starting a reshuffled epoch when one ends."""
         if self._step == self.steps_per_epoch:

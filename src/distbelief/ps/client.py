@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Sequence
 
@@ -84,16 +85,24 @@ class ShardConnection:
             self.channel.recv(out)
         return version
 
-    def push_from(self, grad: torch.Tensor, buffer: int, fetched_version: int) -> tuple[int, int]:
-        """Push a gradient slice; returns (new version, staleness).
+    def push_from(self, grad: torch.Tensor, buffer: int,
+                  fetched_version: int) -> tuple[int, int | None]:
+        """Push a gradient slice; returns (new version, staleness), staleness None when the
+        shard refused the gradient as non-finite (it counts it; training goes on).
 
         On shm the slice must already be in the client's gradient buffer `buffer`
         (the shard reads it there); on gloo `grad` is sent.
         """
-        self.channel.send_header(P.PUSH, fetched_version, buffer)
+        self.channel.send_header(P.PUSH, fetched_version, buffer, grad.numel(),
+                                 P.dtype_code(grad.dtype))
         if not self.shm:
             self.channel.send(grad.contiguous())
         op, version, staleness, *_ = self.channel.recv_header()
+        if op == P.ERR and version == P.ERR_NONFINITE:
+            return staleness, None
+        if op == P.ERR and version == P.ERR_SHAPE:
+            raise RuntimeError(f"shard {self.shard} refused the push: it takes {staleness} "
+                               f"float32 values, the push had {grad.numel()} {grad.dtype}")
         _expect_ok(op, self.shard, "push")
         return version, staleness
 
@@ -156,21 +165,19 @@ class PSClient:
         self._conns: list[ShardConnection | None] = [None] * layout.shards
         self._closed = False
         self.fetched_versions = [0] * layout.shards
+        self.reconnects = 0  # connections made again to a restarted shard
+        self._store = store
         self._grad_shm: list[SharedTensor] = []
         self._grad_names: list[str] = []
+        self._generations = [0] * layout.shards
         try:
-            kinds = [resolve_transport(transport, store, s) for s in layout.shard_ids]
-            self.grad_buffers = self._make_grad_buffers(store, grad_buffers, "shm" in kinds)
-            files = {"grad_files": self._grad_names, "grad_numel": layout.numel}
-            Handle([pool.submit(self._connect, store, i, kinds[i],
-                                {**files, "offset": layout.ranges[i][0]})
+            self._kinds = [resolve_transport(transport, store, s) for s in layout.shard_ids]
+            self.grad_buffers = self._make_grad_buffers(store, grad_buffers, "shm" in self._kinds)
+            Handle([pool.submit(self._connect, i)
                     for i, pool in enumerate(self._pools)]).wait(timeout)
         except BaseException:
             self._shutdown()
             raise
-        finally:
-            for shm in self._grad_shm:  # every shard has mapped them (or failed): drop the names
-                shm.unlink()
 
     def _make_grad_buffers(self, store: JobStore, count: int, shared: bool) -> list[torch.Tensor]:
         if not shared:
@@ -182,10 +189,39 @@ class PSClient:
                           for name in self._grad_names]
         return [g.tensor for g in self._grad_shm]
 
-    def _connect(self, store: JobStore, index: int, transport: str, files: dict) -> None:
-        self._conns[index] = ShardConnection(store, self.layout.shard_ids[index],
-                                             self.layout.size(index), self.client, transport,
-                                             self.timeout, files)
+    def _connect(self, index: int) -> None:
+        shard = self.layout.shard_ids[index]
+        self._generations[index] = self._store.try_get_json(f"shard{shard}/generation") or 0
+        files = {"grad_files": self._grad_names, "grad_numel": self.layout.numel,
+                 "offset": self.layout.ranges[index][0]}
+        self._conns[index] = ShardConnection(self._store, shard, self.layout.size(index),
+                                             self.client, self._kinds[index], self.timeout,
+                                             files)
+
+    def _run(self, index: int, op):
+        """`op(connection)` on shard `index`; when the shard went away and a restarted one
+        comes up (it restores its last checkpoint), connect to that and run `op` again."""
+        try:
+            return op(self._conns[index])
+        except ChannelClosed:
+            if not self._await_restart(index):
+                raise
+        self._connect(index)
+        self.reconnects += 1
+        return op(self._conns[index])
+
+    def _await_restart(self, index: int) -> bool:
+        """Wait (up to the timeout) for a newer generation of the shard; False if none came."""
+        shard = self.layout.shard_ids[index]
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            generation = self._store.try_get_json(f"shard{shard}/generation") or 0
+            if generation > self._generations[index]:
+                return True
+            if self._store.has("job/stop"):
+                return False
+            time.sleep(0.05)
+        return False
 
     def pull(self, flat: torch.Tensor) -> Handle:
         """Fetch every slice into `flat`; the handle gives each shard's version."""
@@ -193,7 +229,7 @@ class PSClient:
                        for s, (a, b) in enumerate(self.layout.ranges)])
 
     def _pull_one(self, shard: int, out: torch.Tensor) -> int:
-        version = self._conns[shard].pull_into(out)
+        version = self._run(shard, lambda conn: conn.pull_into(out))
         self.fetched_versions[shard] = version
         return version
 
@@ -209,8 +245,8 @@ class PSClient:
                              f"(the client has {len(self.grad_buffers)})")
         versions = list(self.fetched_versions if versions is None else versions)
         grad = self.grad_buffers[buffer]
-        return Handle([self._pools[s].submit(self._conns[s].push_from, grad[a:b], buffer,
-                                             versions[s])
+        return Handle([self._pools[s].submit(self._run, s, _call("push_from", grad[a:b], buffer,
+                                                                 versions[s]))
                        for s, (a, b) in enumerate(self.layout.ranges)])
 
     def accumulate(self, buffer: int, vector: int) -> Handle:
@@ -222,18 +258,18 @@ class PSClient:
             raise IndexError(f"gradient buffer {buffer} does not exist "
                              f"(the client has {len(self.grad_buffers)})")
         grad = self.grad_buffers[buffer]
-        return Handle([self._pools[s].submit(self._conns[s].accumulate_from, grad[a:b], buffer,
-                                             vector)
+        return Handle([self._pools[s].submit(self._run, s, _call("accumulate_from", grad[a:b],
+                                                                 buffer, vector))
                        for s, (a, b) in enumerate(self.layout.ranges)])
 
     def vector(self, op: int, v: int, src: int = 0, alpha: float = 0.0) -> Handle:
         """Run one vector operation on every shard; the handle gives each shard's scalar."""
-        return Handle([self._pools[s].submit(self._conns[s].vector, op, v, src, alpha)
+        return Handle([self._pools[s].submit(self._run, s, _call("vector", op, v, src, alpha))
                        for s in range(self.layout.shards)])
 
     def set(self, flat: torch.Tensor) -> Handle:
         """Overwrite every shard's slice with `flat`'s."""
-        return Handle([self._pools[s].submit(self._conns[s].set_from, flat[a:b])
+        return Handle([self._pools[s].submit(self._run, s, _call("set_from", flat[a:b]))
                        for s, (a, b) in enumerate(self.layout.ranges)])
 
     def close(self) -> None:
@@ -257,12 +293,20 @@ class PSClient:
     def _shutdown(self) -> None:
         for pool in self._pools:
             pool.shutdown(wait=True, cancel_futures=True)
+        # kept until now so that a restarted shard could map them again
+        for shm in self._grad_shm:
+            shm.unlink()
 
     def __enter__(self) -> PSClient:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _call(method: str, *args):
+    """A function calling `method` of a connection with `args`."""
+    return lambda conn: getattr(conn, method)(*args)
 
 
 def resolve_transport(transport: str, store: JobStore, shard: int) -> str:

@@ -6,7 +6,9 @@ shared-memory transport they are read and written in /dev/shm while the shard
 holds its lock, and the client says ``DONE`` when it has finished copying.
 
     HELLO transport numel   -> OK numel version      (then client: READY)
-    PUSH  fetched_version buffer [grad] -> OK version staleness
+    PUSH  fetched_version buffer numel dtype [grad] -> OK version staleness
+                            | ERR ERR_SHAPE numel (wrong size or dtype: the connection ends)
+                            | ERR ERR_NONFINITE   (NaN/inf: refused and counted)
     PULL                    -> OK version  [params] (shm: client copies, then DONE)
     SET                     -> OK  [params]          (shm: client copies, then DONE)
     VEC   op v src alpha    -> OK result | ERR ERR_VECTOR   (see ps/vectors.py)
@@ -31,7 +33,27 @@ OK, ERR = 100, 101
 TRANSPORT_GLOO, TRANSPORT_SHM = 0, 1
 TRANSPORT_IDS = {"gloo": TRANSPORT_GLOO, "shm": TRANSPORT_SHM}
 
-ERR_NUMEL, ERR_TRANSPORT, ERR_VECTOR, ERR_NO_RULE = 1, 2, 3, 4
+ERR_NUMEL, ERR_TRANSPORT, ERR_VECTOR, ERR_NO_RULE, ERR_SHAPE, ERR_NONFINITE = 1, 2, 3, 4, 5, 6
+
+# dtype codes carried in a PUSH header; a shard takes float32 only
+DTYPES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3, "int64": 4, "int32": 5,
+          "other": 99}
+
+
+def dtype_code(dtype) -> int:
+    return DTYPES.get(str(dtype).replace("torch.", ""), DTYPES["other"])
+
+
+def torch_dtype(code: int):
+    """The torch dtype of a code, or None (unknown)."""
+    import torch
+
+    name = dtype_name(code)
+    return getattr(torch, name, None) if name in DTYPES and name != "other" else None
+
+
+def dtype_name(code: int) -> str:
+    return next((name for name, c in DTYPES.items() if c == code), f"dtype {code}")
 
 
 def conn_counter(shard: int) -> str:

@@ -17,6 +17,7 @@ Example (inside a shard process)::
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -38,7 +39,7 @@ class ShardServer:
     """Holds one slice; applies pushes with its rule; serves pulls. See module doc."""
 
     def __init__(self, store: JobStore, *, shard: int, numel: int, rule_cfg: OptimizerConfig,
-                 timeout: float):
+                 timeout: float, on_nonfinite: str = "skip"):
         self.store = store
         self.shard = shard
         self.numel = numel
@@ -54,6 +55,8 @@ class ShardServer:
         self.pushes = 0
         self.pulls = 0
         self.clients_lost: list[str] = []
+        self.on_nonfinite = on_nonfinite
+        self.nonfinite = 0  # pushes refused because they held NaN or inf
         self.clients: set[str] = set()  # every client that connected (partition isolation)
         self.errors: list[str] = []
         self._threads: list[threading.Thread] = []
@@ -61,11 +64,17 @@ class ShardServer:
 
     # ---- the accept loop ------------------------------------------------------
 
-    def serve(self, stop: Callable[[], bool], poll: float = 0.02) -> None:
-        """Accept connections until `stop()` is true. Blocks; always cleans up."""
-        seen = 0
+    def serve(self, stop: Callable[[], bool], poll: float = 0.02,
+              tick: Callable[[], None] | None = None, skip_tickets: int = 0) -> None:
+        """Accept connections until `stop()` is true, calling `tick()` (if given) between
+        polls, e.g. to write a requested checkpoint. A restarted shard skips the first
+        `skip_tickets` connection requests (made to its predecessor). Blocks; always
+        cleans up."""
+        seen = skip_tickets
         try:
             while not stop():
+                if tick is not None:
+                    tick()
                 count = self.store.add(P.conn_counter(self.shard), 0)
                 while seen < count:
                     seen += 1
@@ -83,11 +92,35 @@ class ShardServer:
             for thread in self._threads:
                 thread.join(5)
 
+    def save(self, path) -> dict:
+        """Write this shard's slice, rule state and counts to `path` (atomically); returns
+        the counts written. A consistent snapshot: taken under the shard's lock."""
+        from distbelief.checkpoint import write_atomic
+
+        with self.lock:
+            state = {"params": self.params.clone(), "version": self.version,
+                     "pushes": self.pushes,
+                     "rule": copy.deepcopy(self.rule.state_dict()) if self.rule else None}
+        write_atomic(path, state)
+        return {"version": state["version"], "pushes": state["pushes"]}
+
+    def restore(self, state: dict) -> None:
+        """Continue from a state written by `save` (before serving anyone)."""
+        if state["params"].numel() != self.numel:
+            raise ValueError(f"checkpoint holds {state['params'].numel()} values, shard "
+                             f"{self.shard} {self.numel}")
+        with self.lock:
+            self.params.copy_(state["params"])
+            self.version = int(state["version"])
+            self.pushes = int(state["pushes"])
+            if self.rule is not None and state.get("rule") is not None:
+                self.rule.load_state_dict(state["rule"])
+
     def stats(self) -> dict:
         with self._stats_lock:
             return {"shard": self.shard, "version": self.version, "pushes": self.pushes,
                     "pulls": self.pulls, "clients_lost": list(self.clients_lost),
-                    "clients": sorted(self.clients),
+                    "clients": sorted(self.clients), "nonfinite": self.nonfinite,
                     "errors": list(self.errors)}
 
     # ---- one client -------------------------------------------------------------
@@ -105,7 +138,10 @@ class ShardServer:
             while True:
                 op, a, b, c, d, _ = channel.recv_header()
                 if op == P.PUSH:
-                    self._push(channel, grads, fetched_version=a, buffer=b, shm=shm)
+                    if not self._push(channel, grads, client, fetched_version=a, buffer=b,
+                                      numel=c, dtype=d, shm=shm):
+                        channel.close()  # the peer's pending send fails instead of hanging
+                        return
                 elif op == P.PULL:
                     self._pull(channel, shm=shm)
                 elif op == P.SET:
@@ -156,21 +192,53 @@ class ShardServer:
                              create=False).tensor[offset: offset + self.numel]
                 for name in names]
 
-    def _push(self, channel: Channel, grads: list[torch.Tensor], *, fetched_version: int,
-              buffer: int, shm: bool) -> None:
+    def _push(self, channel: Channel, grads: list[torch.Tensor], client: str, *,
+              fetched_version: int, buffer: int, numel: int, dtype: int, shm: bool) -> bool:
+        """Apply one push; False when the connection must end (a malformed push)."""
+        if numel != self.numel or dtype != P.DTYPES["float32"]:
+            message = (f"refused a push from {client}: {numel} {P.dtype_name(dtype)} values, "
+                       f"but this shard takes {self.numel} float32")
+            log.error("shard %d: %s", self.shard, message)
+            with self._stats_lock:
+                self.errors.append(message)
+            # over TCP the payload is already on its way: take it (when its size is sane) so
+            # the connection stays in step, else end the connection
+            drained = shm or self._drain(channel, numel, dtype)
+            channel.send_header(P.ERR, P.ERR_SHAPE, self.numel)
+            return drained
         grad = self._incoming_grad(channel, grads, buffer, shm)
         if self.rule is None:  # Sandblaster's shards: gradients arrive through ACCUM
             log.warning("shard %d: push refused: this shard applies no update rule", self.shard)
             channel.send_header(P.ERR, P.ERR_NO_RULE)
-            return
+            return True
+        if not bool(torch.isfinite(grad).all()):
+            with self._stats_lock:
+                self.nonfinite += 1
+                first = self.nonfinite == 1
+            if first:
+                log.warning("shard %d: refused a non-finite gradient from %s", self.shard, client)
+            if self.on_nonfinite == "stop":
+                self.store.set_json("job/nonfinite", {"shard": self.shard, "client": client})
+            channel.send_header(P.ERR, P.ERR_NONFINITE, self.version)
+            return True
         with self.lock:
-            staleness = self.version - fetched_version
+            # clamped: after a restart from a checkpoint a client may hold newer versions
+            staleness = max(0, self.version - fetched_version)
             self.rule.apply(grad)
             self.version += 1
             version = self.version
         with self._stats_lock:
             self.pushes += 1
         channel.send_header(P.OK, version, staleness)
+        return True
+
+    def _drain(self, channel: Channel, numel: int, dtype: int) -> bool:
+        """Receive and discard a refused payload; False when it is too big or of no known dtype."""
+        torch_dtype = P.torch_dtype(dtype)
+        if torch_dtype is None or not 0 < numel <= 4 * self.numel + 1024:
+            return False
+        channel.recv(torch.empty(numel, dtype=torch_dtype))
+        return True
 
     def _vector(self, channel: Channel, *, op: int, v: int, src: int, alpha: float) -> None:
         try:

@@ -78,6 +78,10 @@ class Channel:
         self.recv(self._header)
         return self._header.tolist()
 
+    def close(self) -> None:
+        """End the channel; the peer's pending and later calls fail with ChannelClosed."""
+        self._pg.shutdown()
+
     def _wait(self, start) -> None:
         # a peer that already hung up fails the call itself, not only the wait
         try:

@@ -53,6 +53,7 @@ class LocalCluster:
         self.log_dir = Path(log_dir)
         self.env = env
         self.children: list[Child] = []
+        self.retired: list[Child] = []  # replaced children, reaped
 
     def __enter__(self) -> LocalCluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -81,6 +82,18 @@ class LocalCluster:
         self.children.append(child)
         return child
 
+    def retire(self, role: str, ident: int) -> list[Child]:
+        """Kill (SIGKILL) and reap every child of (role, ident), and forget them for good:
+        a replacement is about to take their place. Returns them."""
+        gone = [c for c in self.children if c.role == role and c.ident == ident]
+        for child in gone:
+            if child.process.poll() is None:
+                _signal(child.process, signal.SIGKILL)
+            child.process.wait(10)
+        self.children = [c for c in self.children if c not in gone]
+        self.retired.extend(gone)
+        return gone
+
     def exited(self) -> list[Child]:
         """Children that have exited (returncode set), in spawn order."""
         return [c for c in self.children if c.process.poll() is not None]
@@ -98,7 +111,7 @@ class LocalCluster:
 
     def shutdown(self, grace: float = 5.0) -> None:
         """Terminate (then kill) every child still running, and reap them all."""
-        alive = [c for c in self.children if c.process.poll() is None]
+        alive = [c for c in self.children + self.retired if c.process.poll() is None]
         for child in alive:
             _signal(child.process, signal.SIGTERM)
         deadline = time.monotonic() + grace

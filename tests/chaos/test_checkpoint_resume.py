@@ -1,0 +1,101 @@
+"""Checkpoints that resume: kill the coordinator (and with it every role) mid-run, then
+``--resume`` the run directory; a deterministic job ends with exactly the parameters of
+the same job run without interruption.
+
+One-replica Downpour with fetch = push = 1 is deterministic: every step's gradient
+is computed on the parameters after all earlier pushes. The shards checkpoint
+their slices and Adagrad state at a pause in which every push was applied; the
+replica resumes at the checkpoint's step with the data stream at the same
+position. Synchronous training is deterministic too: the replicas agree through
+their all-reduce on the step to pause at, and replica 0 checkpoints the
+parameters (into the shards) and the rule's state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+import distbelief
+from distbelief.checkpoint import read_manifest, write_atomic
+from distbelief.errors import UserError
+from distbelief.metrics.log import read_metrics
+
+from _cluster import alive, wait_until
+
+COMMON = dict(dataset="digits", model="mlp", shards=2, steps=300, checkpoint_every="60",
+              log_every=5, seed=3)
+JOBS = {"downpour-1-replica": dict(algorithm="downpour", replicas=1),
+        "sync-2-replicas": dict(algorithm="sync", replicas=2)}
+
+
+def cli_args(options: dict) -> list[str]:
+    return [a for k, v in options.items() for a in ("--" + k.replace("_", "-"), str(v))]
+
+
+def final_params(run_dir) -> torch.Tensor:
+    state = torch.load(run_dir / "model.pt", weights_only=True)
+    return torch.cat([v.reshape(-1) for v in state.values()])
+
+
+@pytest.mark.parametrize("job", list(JOBS.values()), ids=list(JOBS))
+def test_resumed_run_ends_with_the_uninterrupted_parameters(tmp_path, cli_job, job):
+    options = {**COMMON, **job}
+    whole = distbelief.train(**options, run_dir=str(tmp_path / "whole"))
+    assert whole["steps"] == 300
+    run_dir = tmp_path / "run"
+    proc = cli_job(*cli_args(options), "--run-dir", str(run_dir), "--quiet")
+
+    def checkpointed():
+        try:
+            return read_manifest(run_dir)["replica_steps"]["0"] >= 120
+        except (UserError, KeyError, json.JSONDecodeError):
+            return False
+
+    wait_until(checkpointed, 120, "a checkpoint at step 120 or later")
+    roles = json.loads((run_dir / "cluster.json").read_text())["roles"]
+    os.kill(proc.pid, signal.SIGKILL)  # the coordinator: its children must follow it
+    proc.wait(30)
+    wait_until(lambda: not any(alive(r["pid"]) for r in roles if r["pid"]), 20,
+               "every role to die with the coordinator")
+    assert not (run_dir / "summary.json").exists()
+    at = read_manifest(run_dir)["replica_steps"]["0"]
+    assert 120 <= at < 300
+
+    # resumed from the command line (the fixture reaps it and its roles by PID too)
+    again = cli_job("--resume", str(run_dir), "--quiet")
+    out, err = again.communicate(timeout=180)
+    assert again.returncode == 0, err
+    resumed = json.loads((run_dir / "summary.json").read_text())
+    assert resumed["resumed_from"] >= 2
+    assert resumed["total_steps"] == 300 * job["replicas"]
+    torch.testing.assert_close(final_params(run_dir), final_params(tmp_path / "whole"),
+                               rtol=0, atol=1e-6)
+    assert resumed["test_accuracy"] == pytest.approx(whole["test_accuracy"])
+    # the metrics go on in the same file: the resumed steps follow the checkpoint's
+    steps = [e["step"] for e in read_metrics(run_dir / "metrics.jsonl") if e["event"] == "train"]
+    assert steps[-1] == 300 and any(at < s <= at + 5 for s in steps)
+
+
+def test_a_checkpoint_killed_mid_write_leaves_the_previous_one(tmp_path):
+    """A crash between the temporary file and the rename leaves the old file whole."""
+    path = tmp_path / "shard0.pt"
+    write_atomic(path, {"params": torch.ones(4)})
+    tmp = tmp_path / ".shard0.pt.tmp"
+    tmp.write_bytes(b"half a checkpoint")  # what a kill during the next write leaves behind
+    assert torch.equal(torch.load(path, weights_only=True)["params"], torch.ones(4))
+
+
+def test_resume_refuses_a_run_without_checkpoints_and_extra_options(tmp_path):
+    summary = distbelief.train(dataset="digits", model="mlp", replicas=1, shards=1, steps=10,
+                               run_dir=str(tmp_path / "run"))
+    with pytest.raises(UserError, match="no checkpoint.*--checkpoint-every"):
+        distbelief.train(resume=summary["run_dir"])
+    with pytest.raises(UserError, match="--resume continues a run with its own config.*--lr"):
+        distbelief.train(resume=summary["run_dir"], lr=0.1)
+    with pytest.raises(UserError, match="not a run directory"):
+        distbelief.train(resume=str(tmp_path / "nothing"))
