@@ -43,6 +43,7 @@ def run_partitions(plan: PartitionPlan, model: nn.Module, x: torch.Tensor, y: to
             with open_partition(plan, part, k, store=client, name="oracle",
                                 timeout=TIMEOUT) as run:
                 loss = run.train_step(x, y)
+                run.flush()
                 grads = torch.cat([p.grad.reshape(-1) for p in part.parameters()])
                 logits = run.predict(x)
                 results[k] = {"loss": loss, "grads": grads, "logits": logits,

@@ -114,6 +114,7 @@ def _train(ctx: RoleContext, ps: PSClient, flat: FlatModel, runner, stream: Batc
             loss = runner.train_step(xb, yb)
         report.step(loss, len(yb))
         if push_after(step, n_push, total):
+            runner.flush()  # a pipeline stage may still owe the window's weight gradients
             pending[buf] = ps.push(buf, versions=window_versions)
             window_versions = None
             buf ^= 1

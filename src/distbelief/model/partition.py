@@ -201,12 +201,19 @@ class WholeRunner:
     bytes_sent = 0
 
     def __init__(self, module: nn.Module):
+        from distbelief.model.deferred import DeferredWeights
+
         self.module = module
+        self.weights = DeferredWeights(module)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        loss = F.cross_entropy(self.module(x), y)
+        loss = F.cross_entropy(self.weights.forward(x), y)
         loss.backward()
+        self.weights.flush()  # one addmm_ per Linear, straight into .grad
         return loss.item()
+
+    def flush(self) -> None:
+        """The gradients are complete after `train_step`: nothing to do."""
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -235,6 +242,10 @@ class PipelineRunner:
 
     def train_step(self, x, y):
         return self.stage.train_step(x, y)
+
+    def flush(self) -> None:
+        """Complete the gradients of the last `train_step` (before a push)."""
+        self.stage.flush()
 
     def predict(self, x):
         return self.stage.predict(x)

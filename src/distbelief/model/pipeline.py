@@ -9,7 +9,10 @@ sends the input's gradient to stage k-1. Only these activations and gradients
 travel. The parameter gradients accumulate over the micro-batches into
 whatever ``.grad`` the stage's parameters point at (the partition's push
 buffer), scaled so that their sum is the gradient of the whole batch's mean
-loss.
+loss. The Linear layers' weight gradients are computed once per batch
+(`model.deferred`): after the last backward on every stage but the first,
+which does it after the next batch's first forward has left, off the critical
+path; `flush()` completes them before they are read or pushed.
 
 A `Link` is one side of a boundary: a channel it receives on, and a channel it
 sends on through its own thread, so a stage never waits for its neighbour to
@@ -32,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distbelief.model.deferred import DeferredWeights
 from distbelief.model.pipeline_schedule import stage_ops
 from distbelief.runtime.channel import HEADER_LEN, Channel, ChannelClosed
 
@@ -118,6 +122,12 @@ class PipelineStage:
         self.prev, self.next = prev, next
         self.micro_batches, self.kind = micro_batches, kind
         self.first, self.last = stage == 0, stage == stages - 1
+        self.weights = DeferredWeights(module)
+
+    def flush(self) -> None:
+        """Complete the parameter gradients (the Linear weights' are deferred, see
+        `model.deferred`). Call before reading or pushing them."""
+        self.weights.flush()
 
     @property
     def reports_loss(self) -> bool:
@@ -138,13 +148,17 @@ class PipelineStage:
         for op, m in stage_ops(m_count, self.stages, self.stage, self.kind):
             if op == "F":
                 inp = inputs[m] if self.first else self.prev.recv().requires_grad_()
-                out = self.module(inp)
+                out = self.weights.forward(inp)
                 if self.last:
                     # summed over the micro-batches this is the batch's mean loss
                     out = F.cross_entropy(out, labels[m], reduction="sum") / total
                     loss_sum += out.item()
                 else:
                     self.next.send(out)
+                    if m == 0:
+                        # the first stage's weight gradients of the last batch are done
+                        # here, while the next stage works on this micro-batch
+                        self.weights.flush()
                 stash[m] = (inp, out)
             else:
                 inp, out = stash.pop(m)
@@ -154,6 +168,8 @@ class PipelineStage:
                     out.backward(self.next.recv())
                 if not self.first:
                     self.prev.send(inp.grad)
+        if not self.first:  # the previous stage still has backward work: overlap with it
+            self.weights.flush()
         return loss_sum if self.last else None
 
     @torch.no_grad()
