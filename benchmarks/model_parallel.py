@@ -86,7 +86,7 @@ class Plan:
     threads: int = 1
 
 
-FULL = Plan(batch_size=512, steps=16, log_every=4, n_fetch=4, n_push=4, num_samples=None)
+FULL = Plan(batch_size=512, steps=24, log_every=4, n_fetch=8, n_push=8, num_samples=None)
 QUICK = Plan(batch_size=32, steps=4, log_every=2, n_fetch=2, n_push=2, num_samples=1024)
 
 

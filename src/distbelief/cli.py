@@ -14,7 +14,7 @@ import threading
 from typing import Sequence
 
 from distbelief.config import (ALGORITHMS, DEFAULT_EPOCHS, DEFAULT_ITERATIONS, DEFAULT_LBFGS_LR,
-                               DEFAULT_LR, DEFAULT_RULE, LINE_SEARCHES, MICRO_BATCHES_PER_STAGE,
+                               DEFAULT_LR, DEFAULT_RULE, LINE_SEARCHES,
                                ON_NONFINITE,
                                PORTIONS_PER_WORKER, RULES, SPLITS, TRANSPORTS, default_of)
 from distbelief.errors import UserError
@@ -94,7 +94,7 @@ UNSET_DEFAULTS = {
     "num_samples": "the dataset's own size",
     "run_dir": "runs/<algorithm>-<time>",
     "balance": "balanced by measured compute time and parameter bytes",
-    "micro_batches": f"{MICRO_BATCHES_PER_STAGE} per partition, at most the batch size",
+    "micro_batches": "one per partition, at most the batch size",
 }
 
 
@@ -123,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                "processes that exchange only boundary activations and gradients and pull/"
                "push only their own shards (give --shards >= K). --split layers pipelines "
                "contiguous layers in --micro-batches M pieces (idle fraction (K-1)/(M+K-1); "
-               "2-4 per partition is a good start), balanced by measured time and parameter "
+               "the deferred weight gradients fill the bubbles, so one per partition is a good "
+               "start on CPUs; more only while micro-batches stay large), balanced by measured "
+               "time and parameter "
                "bytes or by --balance; --split units cuts each Linear by output units and "
                "each locally connected layer spatially. Pays when a replica's compute is "
                "the bottleneck and each partition has its own cores (--threads). Example: "
@@ -166,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="--split layers: layers per partition, e.g. 3,2 (default: balanced "
                            "by measured compute time and parameter bytes)")
     pred.add_argument("--micro-batches", type=int, default=None, metavar="M",
-                      help="--split layers: micro-batches per batch (default: 4 per partition)")
+                      help="--split layers: micro-batches per batch (default: one per partition)")
     pred.add_argument("--batch-size", type=int, default=256, metavar="B",
                       help="samples per batch (default: 256)")
     pred.add_argument("--timeout", type=float, default=120.0,

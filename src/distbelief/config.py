@@ -56,7 +56,7 @@ RULES = ("sgd", "momentum", "adagrad", "adam")
 LINE_SEARCHES = ("strong_wolfe", "none")
 SPLITS = ("layers", "units")
 ON_NONFINITE = ("skip", "stop")
-MICRO_BATCHES_PER_STAGE = 4  # pipeline micro-batches per partition when --micro-batches is unset
+MICRO_BATCHES_PER_STAGE = 1  # pipeline micro-batches per partition when --micro-batches is unset
 DEFAULT_RULE, DEFAULT_LR, DEFAULT_LBFGS_LR = "adagrad", 0.02, 1.0
 DEFAULT_ITERATIONS = 50  # L-BFGS iterations when --steps is not given
 PORTIONS_PER_WORKER = 8  # Sandblaster's default number of portions per worker
@@ -173,7 +173,7 @@ class ModelConfig:
     balance: str | None = None
     """Layers per partition for split = layers, e.g. "3,2" (default: balanced by measured compute time and parameter bytes)."""
     micro_batches: int | None = None
-    """Micro-batches a batch is cut into for the pipeline (split = layers; default 4 per partition, at most the batch size)."""
+    """Micro-batches a batch is cut into for the pipeline (split = layers; default one per partition, at most the batch size)."""
 
 
 @dataclass(kw_only=True)

@@ -63,6 +63,7 @@ def predict(run_dir: str | Path, input_path: str | Path, output_path: str | Path
     if not output_path.parent.is_dir():
         raise UserError(f"cannot write {str(output_path)!r}: its directory does not exist")
     micro = micro_batches or (min(batch_size, 4 * partitions) if split == "layers" else 1)
+    # (inference has no backward pass: more micro-batches only fill the pipeline better)
     plan = plan_partitions(model, partitions=partitions, split=split, balance=balance,
                            micro_batches=micro, sample=x[:batch_size])
     start = time.perf_counter()

@@ -8,9 +8,10 @@ one page-faulted in), and M additions — on this CPU it made a stage's backward
 grow with M until the pipeline gained nothing. `DeferredWeights` instead
 keeps each micro-batch's layer input and output gradient in the backward pass
 (which then computes only the input gradient the previous layer needs), and
-`flush()` adds ``gy^T x`` over all of them into ``.grad`` with one ``addmm_``.
-That also takes the weight gradients off the pipeline's critical path: a stage
-flushes after it has sent its last input gradient, while its neighbour works.
+`flush()` adds ``gy^T x`` over all of them into ``.grad`` with one ``addmm_``
+per layer (`flush_one()` does one layer). That also takes the weight gradients
+off the pipeline's critical path: a stage computes them while it would
+otherwise wait for its neighbour (zero-bubble pipelines use the same freedom).
 
 The gradients are those of plain autograd up to the order of summation (see
 tests/test_partition_oracle.py). Layers other than nn.Linear use autograd as usual.
@@ -73,9 +74,22 @@ class DeferredWeights:
     def flush(self) -> None:
         """Add every kept micro-batch's weight and bias gradients into ``.grad``."""
         for layer in self.layers:
-            items = self.stashes.get(id(layer))
-            if not items:
-                continue
+            self._flush_layer(layer)
+
+    @torch.no_grad()
+    def flush_one(self) -> bool:
+        """Flush the layer with the most kept rows (one matrix product); False if none."""
+        waiting = [(sum(g.numel() for _, g in self.stashes[id(layer)]), i)
+                   for i, layer in enumerate(self.layers)
+                   if self.stashes.get(id(layer))]
+        if not waiting:
+            return False
+        self._flush_layer(self.layers[max(waiting)[1]])
+        return True
+
+    def _flush_layer(self, layer: nn.Module) -> None:
+        items = self.stashes.get(id(layer))
+        if items:
             x = torch.cat([a.reshape(-1, layer.in_features) for a, _ in items])
             gy = torch.cat([g.reshape(-1, layer.out_features) for _, g in items])
             items.clear()

@@ -288,11 +288,13 @@ def open_partition(plan: PartitionPlan, part_module: nn.Module, part: int, *, st
         if part > 0:  # boundary part-1: activations come in, gradients go back
             fwd = Channel(store, f"{prefix}/b{part - 1}/fwd", 1, timeout)
             bwd = Channel(store, f"{prefix}/b{part - 1}/bwd", 0, timeout)
-            prev = stack.enter_context(Link(recv=fwd, send=bwd, name=f"{name}/b{part - 1}"))
+            prev = stack.enter_context(Link(recv=fwd, send=bwd, name=f"{name}/b{part - 1}",
+                                            timeout=timeout))
         if part < plan.partitions - 1:
             fwd = Channel(store, f"{prefix}/b{part}/fwd", 0, timeout)
             bwd = Channel(store, f"{prefix}/b{part}/bwd", 1, timeout)
-            nxt = stack.enter_context(Link(recv=bwd, send=fwd, name=f"{name}/b{part}"))
+            nxt = stack.enter_context(Link(recv=bwd, send=fwd, name=f"{name}/b{part}",
+                                           timeout=timeout))
         stage = PipelineStage(part_module, part, plan.partitions,
                               micro_batches=plan.micro_batches, prev=prev, next=nxt)
         yield PipelineRunner(stage, [link for link in (prev, nxt) if link is not None])

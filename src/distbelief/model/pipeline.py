@@ -9,15 +9,14 @@ sends the input's gradient to stage k-1. Only these activations and gradients
 travel. The parameter gradients accumulate over the micro-batches into
 whatever ``.grad`` the stage's parameters point at (the partition's push
 buffer), scaled so that their sum is the gradient of the whole batch's mean
-loss. The Linear layers' weight gradients are computed once per batch
-(`model.deferred`): after the last backward on every stage but the first,
-which does it after the next batch's first forward has left, off the critical
-path; `flush()` completes them before they are read or pushed.
+loss. The Linear layers' weight gradients are deferred (`model.deferred`) and
+computed, a layer at a time, whenever the stage would otherwise wait for its
+neighbour; `flush()` completes them before they are read or pushed.
 
-A `Link` is one side of a boundary: a channel it receives on, and a channel it
-sends on through its own thread, so a stage never waits for its neighbour to
-take a tensor (the order of operations can then never deadlock) and sending
-overlaps compute.
+A `Link` is one side of a boundary: a channel it receives on and a channel it
+sends on, each served by its own thread, so a stage never waits for its
+neighbour to take a tensor (the order of operations can then never deadlock),
+sending overlaps compute, and the stage can see whether a tensor has arrived.
 
 Example (stage k of K, inside its process)::
 
@@ -43,23 +42,33 @@ MAX_DIMS = HEADER_LEN - 1  # the header carries ndim and the sizes
 
 
 class Link:
-    """Receives tensors on one channel; sends on another from a background thread.
+    """Sends on one channel and receives on another, each from a thread of its own.
 
     `send` returns at once (the tensor is detached and must not change
-    afterwards); `recv` blocks until a tensor arrives. Tensors are float32 with up
-    to five dimensions; a header with the shape goes first. The first failure
-    of the sending thread is raised by the next `send`, `recv` or `close`.
-    Context manager: the sending thread always stops (after what it was given).
+    afterwards); `recv` blocks until a tensor arrived, and `ready()` says
+    whether one has, so a stage can do other work (its deferred weight
+    gradients) instead of waiting. Tensors are float32 with up to five
+    dimensions; a header with the shape goes first. `close` sends a goodbye and
+    waits for the peer's, so neither side's threads outlive the link. The first
+    failure of either thread is raised by the next `send`, `recv` or `close`.
     """
 
-    def __init__(self, recv: Channel | None, send: Channel | None, name: str):
-        self.name = name
+    BYE = -1  # a header's ndim that ends the stream
+
+    def __init__(self, recv: Channel | None, send: Channel | None, name: str,
+                 timeout: float = 120.0):
+        self.name, self.timeout = name, timeout
         self._in, self._out = recv, send
         self.bytes_sent = 0
-        self._queue: queue.Queue = queue.Queue()
+        self._outgoing: queue.Queue = queue.Queue()
+        self._incoming: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._sender, name=f"link-{name}", daemon=True)
-        self._thread.start()
+        self._sender = threading.Thread(target=self._send_loop, name=f"link-{name}-send",
+                                        daemon=True)
+        self._receiver = threading.Thread(target=self._recv_loop, name=f"link-{name}-recv",
+                                          daemon=True)
+        self._sender.start()
+        self._receiver.start()
 
     def send(self, tensor: torch.Tensor) -> None:
         self._raise()
@@ -68,34 +77,56 @@ class Link:
                              f"most {MAX_DIMS} dimensions, got shape {tuple(tensor.shape)}")
         tensor = tensor.detach().float().contiguous()
         self.bytes_sent += tensor.numel() * tensor.element_size()
-        self._queue.put(tensor)
+        self._outgoing.put(tensor)
+
+    def ready(self) -> bool:
+        """A tensor (or a failure) is waiting: `recv` will not block."""
+        return not self._incoming.empty()
 
     def recv(self) -> torch.Tensor:
-        self._raise()
-        ndim, *dims = self._in.recv_header()
-        out = torch.empty(dims[:ndim])
-        self._in.recv(out)
-        return out
+        try:
+            item = self._incoming.get(timeout=self.timeout)
+        except queue.Empty:
+            raise ChannelClosed(f"pipeline link {self.name}: nothing arrived within "
+                                f"{self.timeout:.0f} s") from None
+        if isinstance(item, BaseException):
+            raise ChannelClosed(f"pipeline link {self.name}: {item}")
+        return item
 
-    def _sender(self) -> None:
+    def _send_loop(self) -> None:
         while True:
-            tensor = self._queue.get()
-            if tensor is None:
-                return
+            tensor = self._outgoing.get()
             try:
+                if tensor is None:
+                    self._out.send_header(self.BYE)
+                    return
                 self._out.send_header(tensor.dim(), *tensor.shape)
                 self._out.send(tensor)
             except BaseException as exc:  # surfaces in the stage's thread, see _raise
                 self._error = exc
                 return
 
+    def _recv_loop(self) -> None:
+        while True:
+            try:
+                ndim, *dims = self._in.recv_header()
+                if ndim == self.BYE:
+                    return
+                out = torch.empty(dims[:ndim])
+                self._in.recv(out)
+            except BaseException as exc:  # the stage's next recv raises it
+                self._incoming.put(exc)
+                return
+            self._incoming.put(out)
+
     def _raise(self) -> None:
         if self._error is not None:
             raise ChannelClosed(f"pipeline link {self.name}: {self._error}")
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+        self._outgoing.put(None)
+        self._sender.join(self.timeout)
+        self._receiver.join(self.timeout)
         self._raise()
 
     def __enter__(self) -> Link:
@@ -104,9 +135,9 @@ class Link:
     def __exit__(self, *exc) -> None:
         if exc[0] is None:
             self.close()
-        else:  # already failing: stop the thread, keep the first error
-            self._queue.put(None)
-            self._thread.join(5)
+        else:  # already failing: stop the sender, keep the first error; daemon threads
+            self._outgoing.put(None)
+            self._sender.join(5)
 
 
 class PipelineStage:
@@ -147,7 +178,7 @@ class PipelineStage:
         loss_sum = 0.0
         for op, m in stage_ops(m_count, self.stages, self.stage, self.kind):
             if op == "F":
-                inp = inputs[m] if self.first else self.prev.recv().requires_grad_()
+                inp = inputs[m] if self.first else self._recv(self.prev).requires_grad_()
                 out = self.weights.forward(inp)
                 if self.last:
                     # summed over the micro-batches this is the batch's mean loss
@@ -155,22 +186,23 @@ class PipelineStage:
                     loss_sum += out.item()
                 else:
                     self.next.send(out)
-                    if m == 0:
-                        # the first stage's weight gradients of the last batch are done
-                        # here, while the next stage works on this micro-batch
-                        self.weights.flush()
                 stash[m] = (inp, out)
             else:
                 inp, out = stash.pop(m)
                 if self.last:
                     out.backward()
                 else:
-                    out.backward(self.next.recv())
+                    out.backward(self._recv(self.next))
                 if not self.first:
                     self.prev.send(inp.grad)
-        if not self.first:  # the previous stage still has backward work: overlap with it
-            self.weights.flush()
         return loss_sum if self.last else None
+
+    def _recv(self, link: Link) -> torch.Tensor:
+        """The next tensor from `link`; while none has arrived, compute pending weight
+        gradients (the pipeline's bubbles do the work that would otherwise wait)."""
+        while not link.ready() and self.weights.flush_one():
+            pass
+        return link.recv()
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor | None) -> torch.Tensor | None:
@@ -181,12 +213,12 @@ class PipelineStage:
             if not self.last:
                 self.next.send(torch.tensor([float(count)]))
         else:
-            count = int(self.prev.recv().item())
+            count = int(self._recv(self.prev).item())
             if not self.last:
                 self.next.send(torch.tensor([float(count)]))
         outs = []
         for m in range(count):
-            out = self.module(chunks[m] if self.first else self.prev.recv())
+            out = self.module(chunks[m] if self.first else self._recv(self.prev))
             if self.last:
                 outs.append(out)
             else:
