@@ -180,7 +180,8 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
                 exit_codes = {c.log_path.stem: c.process.poll() for c in local.children}
         summary = _summary(cfg, job, watch, steps, test_loss, test_acc, shard_stats, layout,
                            run_dir, data, exit_codes)
-        done = [store.try_get_json(f"done/replica{m}") or {} for m in _members(cfg)]
+        done = [d if isinstance(d, dict) else {}  # a Sandblaster worker's is just True
+                for d in (store.try_get_json(f"done/replica{m}") for m in _members(cfg))]
         summary["pushes_acked"] = sum(d.get("acked", 0) for d in done)
         if plan.partitions > 1:
             summary["partition"] = {**job["partition"],
