@@ -79,7 +79,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="4 replicas, 2 shards, short")
     parser.add_argument("--replicas", type=int, default=16)
     parser.add_argument("--shards", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=2500, help="steps per replica")
+    parser.add_argument("--steps", type=int, default=600, help="steps per replica")
     parser.add_argument("--bound", type=float, default=540.0,
                         help="seconds the job may take before it counts as hung")
     args = parser.parse_args()

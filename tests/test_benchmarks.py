@@ -88,3 +88,18 @@ def test_model_parallel_quick_reports_both_partitionings() -> None:
     assert boundary["bytes_per_sample"] == boundary["expected_bytes_per_sample"] == 2 * 2560 * 4
     for stage in report["compute"]["stages"].values():
         assert stage["predicted_speedup"] > 0
+
+
+def test_soak_quick_finishes_without_lost_updates() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--quick"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["benchmark"] == "soak" and report["finished"] and not report["hung"]
+    assert report["total_steps"] == report["expected_steps"] == 4 * 300
+    # every push the replicas saw acknowledged was applied by a shard, and no other
+    assert report["pushes_applied_by_shards"] == report["pushes_acknowledged_to_replicas"] > 0
+    assert report["lost_updates"] == 0 and report["no_lost_update"]
+    # memory was sampled for every role: coordinator, 2 shards, 4 replicas
+    assert {"coordinator", "shard0", "shard1", "replica0", "replica3"} <= set(report["rss"])
+    assert all(r["warm_mb"] > 0 and r["end_mb"] > 0 for r in report["rss"].values())
