@@ -1,7 +1,8 @@
 """Downpour with model-parallel replicas, run as real processes.
 
 R = 2 replicas of K = 2 partitions on MNIST-1D must reach the accuracy of the
-same job with unpartitioned replicas (within 1 point), and every partition must
+same job with unpartitioned replicas (within 1 point; R = 1 runs are equal, the
+rest is asynchrony), and every partition must
 have talked only to the shards that hold its own parameters.
 """
 
@@ -16,8 +17,9 @@ import torch
 import distbelief
 from distbelief.metrics.log import read_metrics
 
-JOB = dict(dataset="mnist1d", num_samples=10_000, model="mlp", replicas=2, lr=0.01, epochs=6,
-           seed=0)
+# all of MNIST-1D's 10,000 test samples: two slightly different models' accuracies differ
+# by sampling noise of about sqrt(disagreement / n), 0.3 points here but 0.7 with 2,000
+JOB = dict(dataset="mnist1d", model="mlp", replicas=2, lr=0.01, steps=750, seed=0)
 
 
 def own_shards_only(summary: dict) -> None:
