@@ -10,3 +10,7 @@ to fix it, e.g.::
 
 class UserError(Exception):
     """A problem with the user's input (config, data, model, port): one line, exit code 2."""
+
+
+class JobFailed(RuntimeError):
+    """The job could not finish (a shard died, nothing progressed, every replica was lost)."""
