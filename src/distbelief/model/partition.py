@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from distbelief.errors import UserError
-from distbelief.model.flat import flatten_parameters
 
 
 @dataclass(frozen=True)
@@ -102,21 +101,6 @@ class PartitionPlan:
                                      self.part_module(indexed, k).parameters() if p.requires_grad])
                           for k in range(self.partitions)])
         return flat.long()
-
-    def to_partitioned(self, model: nn.Module) -> torch.Tensor:
-        """The model's parameters as the shards hold them (partition by partition)."""
-        whole = flatten_parameters(model)
-        perm = self.permutation(model)
-        return whole if perm is None else whole[perm]
-
-    def to_whole(self, flat: torch.Tensor, model: nn.Module) -> torch.Tensor:
-        """The shards' vector back in the whole model's `parameters()` order."""
-        perm = self.permutation(model)
-        if perm is None:
-            return flat
-        whole = torch.empty_like(flat)
-        whole[perm] = flat
-        return whole
 
 
 def plan_partitions(model: nn.Module, *, partitions: int, split: str, balance: str | None,

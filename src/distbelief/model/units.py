@@ -40,21 +40,12 @@ from torch import nn
 from distbelief.errors import UserError
 from distbelief.model.locally_connected import (LocallyConnected1d, LocallyConnected2d,
                                                 locally_connected_1d, locally_connected_2d)
+from distbelief.ps.layout import contiguous_ranges  # pure: the same cut as the shards'
+
 
 ELEMENTWISE = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.GELU, nn.ELU, nn.SiLU,
                nn.Softplus, nn.Identity, nn.Dropout)
 Ranges = list[tuple[int, int]]
-
-
-def split_ranges(n: int, parts: int) -> Ranges:
-    """[0, n) cut into `parts` contiguous ranges whose sizes differ by at most one."""
-    base, extra = divmod(n, parts)
-    ranges, start = [], 0
-    for k in range(parts):
-        end = start + base + (1 if k < extra else 0)
-        ranges.append((start, end))
-        start = end
-    return ranges
 
 
 class UnitComm:
@@ -346,4 +337,4 @@ def _blocks(n: int, parts: int, name: str, what: str) -> Ranges:
     if n < parts:
         raise UserError(f"{name} has {n} {what}, fewer than --partitions {parts}: use at "
                         f"most {n} partitions or --split layers")
-    return split_ranges(n, parts)
+    return contiguous_ranges(n, parts)

@@ -79,13 +79,7 @@ class Layout:
         if shards > numel:
             raise UserError(f"--shards {shards} is more than the model's {numel} parameters: "
                             f"use at most {numel} shards")
-        base, extra = divmod(numel, shards)
-        ranges, start = [], 0
-        for s in range(shards):
-            end = start + base + (1 if s < extra else 0)
-            ranges.append((start, end))
-            start = end
-        return cls(numel, tuple(ranges))
+        return cls(numel, tuple(contiguous_ranges(numel, shards)))
 
     @property
     def shards(self) -> int:
@@ -104,6 +98,17 @@ class Layout:
         ids = data.get("ids")
         return cls(int(data["numel"]), tuple((int(a), int(b)) for a, b in data["ranges"]),
                    tuple(int(i) for i in ids) if ids is not None else None)
+
+
+def contiguous_ranges(n: int, parts: int) -> list[tuple[int, int]]:
+    """[0, n) cut into `parts` contiguous ranges whose sizes differ by at most one."""
+    base, extra = divmod(n, parts)
+    ranges, start = [], 0
+    for k in range(parts):
+        end = start + base + (1 if k < extra else 0)
+        ranges.append((start, end))
+        start = end
+    return ranges
 
 
 def _proportional(sizes: list[int], total: int) -> list[int]:
