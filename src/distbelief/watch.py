@@ -28,7 +28,7 @@ from distbelief.runtime.launch import LocalCluster, log_tail
 from distbelief.runtime.role import member_name
 from distbelief.runtime.store import JobStore
 
-LOST_AFTER = 10.0  # seconds without a heartbeat before a role counts as lost
+LOST_AFTER = 6.0  # seconds without a heartbeat before a role counts as lost (beats come every 1 s)
 
 
 @dataclass
