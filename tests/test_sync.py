@@ -122,6 +122,8 @@ def test_a_quorum_drops_the_slow_replica_and_still_learns(tmp_path):
     assert samples[2] < samples[0] and samples[2] < samples[1], samples
     assert {e["step"] for e in train} == set(range(10, 151, 10))
     assert summary["test_accuracy"] >= 0.85
+    # the coordinator trims the quorum keys (2 per step) and the events it has read
+    assert summary["store_keys"] < 80, summary["store_keys"]
 
 
 # ---- Group -------------------------------------------------------------------------

@@ -230,6 +230,16 @@ class CheckpointDriver:
             write_manifest(self.run_dir, manifest)
             self.written.append({"checkpoint": number,
                                  "replica_steps": manifest["replica_steps"]})
+            self._forget(number - 1, steps_of)
             return manifest
         finally:
             store.set_json(f"ckpt/{number}/go", True)
+
+    def _forget(self, number: int, steps_of: Callable[[int], dict[str, int]]) -> None:
+        """Delete checkpoint `number`'s keys once every replica paused for the next one
+        (so all of them read this one's go; after an abandoned one they may not have)."""
+        if number < 1:
+            return
+        self.store.delete(f"ckpt/{number}/go",
+                          *(f"ckpt/{number}/shard{s}" for s in range(self.shards)),
+                          *(f"ckpt/{number}/paused/{m}" for m in steps_of(number)))

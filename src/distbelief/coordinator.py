@@ -140,6 +140,7 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
             ps = None
             store.set_json("job/stop", True)
             shard_stats = _collect_shard_stats(store, cfg.cluster.shards)
+            store_keys = store.raw.num_keys()  # per-step keys are trimmed: a bounded number
             exit_codes = {}
             if local:
                 local.wait_exit("shard", 10)
@@ -150,6 +151,7 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
         done = [d if isinstance(d, dict) else {}  # a Sandblaster worker's is just True
                 for d in (store.try_get_json(f"done/replica{m}") for m in replica_members(cfg))]
         summary["pushes_acked"] = sum(d.get("acked", 0) for d in done)
+        summary["store_keys"] = store_keys
         if plan.partitions > 1:
             summary["partition"] = {**job["partition"],
                                     "shard_clients": [s.get("clients") for s in shard_stats],

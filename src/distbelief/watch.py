@@ -79,10 +79,10 @@ def watch_replicas(cfg: JobConfig, store: JobStore, local: LocalCluster | None, 
             done = store.try_get_json(f"done/replica{m}")
             steps[m] = (paused or done or {}).get("steps", watch.steps.get(int(m.split(".")[0]), 0))
         return steps
-    read = 0
+    read = trimmed = 0
     next_eval = cfg.train.eval_every or None
     while not watch.finished:
-        events = store.read_stream("events", read)
+        events = store.read_stream("events", read, consume=True)
         read += len(events)
         for event in events:
             metrics.write(event)
@@ -148,6 +148,8 @@ def watch_replicas(cfg: JobConfig, store: JobStore, local: LocalCluster | None, 
                             f"{_exit_detail(local, 'replica', 0)}")
         if time.monotonic() - watch.last_event > cfg.cluster.timeout:
             raise JobFailed(f"no replica reported progress for {cfg.cluster.timeout:.0f} s")
+        if cfg.algorithm == "sync":
+            trimmed = _trim_sync_keys(store, watch, cfg.cluster.replicas, trimmed)
         if driver.due(watch.leading_step):
             written = driver.take(waiting, steps_of)
             if written is not None:
@@ -291,6 +293,22 @@ def replica_members(cfg: JobConfig, replicas: range | None = None) -> list[str]:
     """Store names of the replica processes ("0", or "0.0", "0.1", ... when partitioned)."""
     return [member_name(r, part) for r in (replicas or range(cfg.cluster.replicas))
             for part in parts(cfg)]
+
+
+def _trim_sync_keys(store: JobStore, watch: Watch, replicas: int, trimmed: int) -> int:
+    """Delete the quorum keys of steps every replica is past; returns the first step kept.
+
+    A replica that reported step X may still be finishing its gradient of step
+    X - 1 (one it was dropped from), which counts itself in at
+    ``sync/<X-1>/arrived``; no replica touches a step below the slowest one's
+    report minus 1, so those keys go.
+    """
+    if len(watch.steps) < replicas:
+        return trimmed
+    below = min(watch.steps.values()) - 2
+    for step in range(trimmed, below):
+        store.delete(f"sync/{step}/arrived", f"sync/{step}/quorum")
+    return max(trimmed, below)
 
 
 def _replica_done(store: JobStore, cfg: JobConfig, r: int) -> bool:

@@ -47,6 +47,9 @@ def test_resumed_run_ends_with_the_uninterrupted_parameters(tmp_path, cli_job, j
     options = {**COMMON, **job}
     whole = distbelief.train(**options, run_dir=str(tmp_path / "whole"))
     assert whole["steps"] == 300
+    # per-step keys (events, sync quorums, the paused/go keys of older checkpoints) are
+    # trimmed: untrimmed this job would leave well over 100
+    assert whole["store_keys"] < 70, whole["store_keys"]
     run_dir = tmp_path / "run"
     proc = cli_job(*cli_args(options), "--run-dir", str(run_dir), "--quiet")
 

@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 from distbelief.algorithms.lbfgs import LBFGS, LBFGSSettings
 from distbelief.algorithms.portions import Portions, wants_push
-from distbelief.algorithms.sandblaster_worker import RESULTS, message_key
+from distbelief.algorithms.sandblaster_worker import RESULTS, claim_key, message_key
 from distbelief.config import JobConfig
 from distbelief.ps.client import PSClient
 from distbelief.ps.vectors import PARAMS, RemoteVectors
@@ -77,6 +77,7 @@ class PortionEvaluator:
         self.in_flight: dict[int, list[int]] = {}  # worker -> portions it is sending right now
         self.sent = [0] * cfg.cluster.replicas  # messages sent to each worker
         self.read = 0                           # results consumed from the stream
+        self.copies: dict[str, int] = {}        # claim key -> copies handed out, unanswered
         self.evaluation = 0
         self.stats = {"evaluations": 0, "portions_computed": 0, "backups_issued": 0,
                       "answers_discarded": 0, "portions_reissued": 0, "restarts": 0,
@@ -119,6 +120,7 @@ class PortionEvaluator:
             w = m.get("worker")
             if m["kind"] == "result":
                 self.busy.discard(w)
+                self._answered(claim_key(m["eval"], m["portion"], m["generation"]))
                 self.stats["portions_computed"] += 1
                 if m["eval"] == e and w in self.alive:
                     work.finished(w, m["portion"], accepted=m["accepted"])
@@ -159,6 +161,16 @@ class PortionEvaluator:
             self._send(w, {"do": "portion", "eval": e, "portion": task.portion,
                            "generation": task.generation, "vector": vector})
             self.busy.add(w)
+            key = claim_key(e, task.portion, task.generation)
+            self.copies[key] = self.copies.get(key, 0) + 1
+
+    def _answered(self, key: str) -> None:
+        """One copy of a portion answered; once every copy handed out has, no one will
+        claim it again, so its claim key goes (a lost worker's copies keep theirs)."""
+        self.copies[key] -= 1
+        if not self.copies[key]:
+            del self.copies[key]
+            self.store.delete(key)
 
     def _lose(self, w: int, work: Portions, unpushed: dict[int, set[int]]) -> None:
         if w not in self.alive:
@@ -185,6 +197,7 @@ class PortionEvaluator:
             m = self.inbox.wait_json(f"{RESULTS}/{self.read}", timeout=self.timeout)
         except TimeoutError:
             raise SandblasterFailed(f"no worker answered for {self.timeout:.0f} s") from None
+        self.inbox.delete(f"{RESULTS}/{self.read}")  # the coordinator is the only reader
         self.read += 1
         return m
 

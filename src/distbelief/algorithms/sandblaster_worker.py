@@ -106,7 +106,9 @@ class _Worker:
         deadline = time.monotonic() + self.timeout
         while True:
             try:
-                return self.inbox.wait_json(message_key(self.w, index), timeout=1.0)
+                message = self.inbox.wait_json(message_key(self.w, index), timeout=1.0)
+                self.inbox.delete(message_key(self.w, index))  # this worker is its only reader
+                return message
             except TimeoutError:
                 _reraise_failures(pending)
                 if self.ctx.stopping():
@@ -139,7 +141,7 @@ class _Worker:
                 self.acc_portions.append(portion)
         self.ctx.store.append(RESULTS, {
             "kind": "result", "worker": self.w, "eval": evaluation, "portion": portion,
-            "accepted": accepted, "loss": loss.item(), "samples": stop - start,
+            "generation": task["generation"], "accepted": accepted, "loss": loss.item(), "samples": stop - start,
             "seconds": time.perf_counter() - began})
 
     def _push(self, evaluation: int, vector: int) -> None:

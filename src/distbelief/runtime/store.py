@@ -92,6 +92,11 @@ class JobStore:
     def set_json(self, key: str, value: Any) -> None:
         self.raw.set(key, json.dumps(value))
 
+    def delete(self, *keys: str) -> None:
+        """Remove keys that no one will read again (a missing key is fine)."""
+        for key in keys:
+            self.raw.delete_key(key)
+
     def has(self, key: str) -> bool:
         return self.raw.check([key])
 
@@ -141,11 +146,13 @@ class JobStore:
         self.set_json(f"{stream}/{index}", value)
         return index
 
-    def read_stream(self, stream: str, start: int) -> list[Any]:
+    def read_stream(self, stream: str, start: int, *, consume: bool = False) -> list[Any]:
         """Values of a stream from index `start` on that are already complete.
 
         An index whose value is not written yet (the appender is between its
         `add` and its `set`) ends the batch; the caller reads it next time.
+        `consume`: the caller is the stream's only reader, so the values read
+        are deleted from the store (a long job's store stays small).
         """
         count = self.add(f"{stream}/count", 0)
         out = []
@@ -154,6 +161,8 @@ class JobStore:
             if value is None:
                 break
             out.append(value)
+        if consume:
+            self.delete(*(f"{stream}/{index}" for index in range(start, start + len(out))))
         return out
 
     # ---- membership -----------------------------------------------------------
