@@ -141,6 +141,7 @@ def main() -> int:
         "total_steps": summary.get("total_steps"), "expected_steps": total,
         "samples_per_second": summary.get("samples_per_second"),
         "test_accuracy": summary.get("test_accuracy"),
+        "store_keys_at_end": summary.get("store_keys"),
         "rss": growth, "max_rss_growth": worst,
         "memory_flat": worst is not None and worst <= 1.10,
         "targets": {"memory_flat": "every role's resident memory at the end within 10% of "
