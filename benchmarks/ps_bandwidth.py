@@ -21,6 +21,11 @@ Measures, in one run:
   ``sgd``, the cheapest rule, so the number is about the transport, not the
   optimizer. The client process runs one torch thread, like memcpy and the shards.
 
+With ``--layouts ranges,chunks`` every configuration is also measured with
+Project Adam's chunk layout (``--chunk-bytes`` chunks hashed to the shards),
+side by side, and ``chunks_over_ranges`` gives the chunk layout's seconds per
+step over the range layout's for each (shards, transport).
+
 After timing, each cluster also checks that the transport is exact: three
 pushes of different constant gradients must move the pulled parameters by
 exactly their sum (``"exact": true``).
@@ -32,6 +37,7 @@ Example::
 
     python benchmarks/ps_bandwidth.py                      # 40 MB model, ~1 minute
     python benchmarks/ps_bandwidth.py --quick --size-mb 4  # smoke test, seconds
+    python benchmarks/ps_bandwidth.py --layouts ranges,chunks --chunk-bytes 1048576
 """
 
 from __future__ import annotations
@@ -136,9 +142,11 @@ def _seconds(fn: Callable[[], object]) -> float:
 # ---- a local cluster of shards ---------------------------------------------
 
 
-def job_config(shards: int, transport: str) -> JobConfig:
+def job_config(shards: int, transport: str, layout: str = "ranges",
+               chunk_bytes: int = 1 << 20) -> JobConfig:
+    chunks = {"shard_layout": layout, "chunk_bytes": chunk_bytes} if layout == "chunks" else {}
     return JobConfig(cluster=ClusterConfig(replicas=1, shards=shards, transport=transport,
-                                           timeout=TIMEOUT),
+                                           timeout=TIMEOUT, **chunks),
                      optimizer=OptimizerConfig(rule=RULE, lr=LR),
                      train=TrainConfig(steps=1)).validate()
 
@@ -180,13 +188,16 @@ def local_shards(cfg: JobConfig, layout: Layout, steps: int) -> Iterator[JobStor
 # ---- one measurement -------------------------------------------------------
 
 
-def measure(shards: int, transport: str, numel: int, timing: Timing, memcpy: Memcpy) -> dict:
-    """Time push+pull of the whole model through `shards` shards over `transport`.
+def measure(shards: int, transport: str, numel: int, timing: Timing, memcpy: Memcpy,
+            kind: str = "ranges", chunk_bytes: int = 1 << 20) -> dict:
+    """Time push+pull of the whole model through `shards` shards over `transport`, the
+    parameters cut into ranges or chunks (`kind`).
 
     `ratio_to_memcpy` is left to the caller (it needs every memcpy sample).
     """
-    cfg = job_config(shards, transport)
-    layout = Layout.balanced(numel, shards)
+    cfg = job_config(shards, transport, kind, chunk_bytes)
+    layout = (Layout.balanced(numel, shards) if kind == "ranges"
+              else Layout.chunked(numel, shards, chunk_bytes // 4))
     steps = timing.warmup_steps + timing.runs * timing.steps_per_run
     params = torch.empty(numel)
 
@@ -202,7 +213,8 @@ def measure(shards: int, transport: str, numel: int, timing: Timing, memcpy: Mem
         exact = _exact(ps, numel)
     moved = 2 * numel * 4  # one gradient pushed, one parameter vector pulled
     best = min(seconds for _, seconds in runs)
-    return {"shards": shards, "transport": transport, "seconds_per_step": best,
+    return {"shards": shards, "transport": transport, "layout": layout.describe(),
+            "seconds_per_step": best,
             "median_run_seconds_per_step": statistics.median(s for _, s in runs),
             "bytes_per_step": moved, "bytes_per_second": moved / best,
             "paired_ratio_to_memcpy": statistics.median(moved / s / bw for bw, s in runs),
@@ -228,6 +240,14 @@ def _exact(ps: PSClient, numel: int) -> bool:
     return wrong == 0
 
 
+def _chunks_over_ranges(results: list[dict]) -> list[dict]:
+    """Per (shards, transport): the chunk layout's seconds per step over the ranges'."""
+    by = {(r["shards"], r["transport"], r["layout"]["kind"]): r["seconds_per_step"]
+          for r in results}
+    return [{"shards": s, "transport": t, "ratio": by[s, t, "chunks"] / by[s, t, "ranges"]}
+            for s in SHARD_COUNTS for t in TRANSPORTS]
+
+
 # ---- command line ------------------------------------------------------------
 
 
@@ -237,9 +257,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="few steps and repeats, for a smoke test (numbers are rough)")
     parser.add_argument("--size-mb", type=float, default=40.0,
                         help="model size in MB (10**6 bytes) of float32 (default: 40)")
+    parser.add_argument("--layouts", default="ranges",
+                        help="shard layouts to measure side by side: ranges, chunks or "
+                             "ranges,chunks (default: ranges)")
+    parser.add_argument("--chunk-bytes", type=int, default=1 << 20,
+                        help="bytes per chunk for the chunks layout (default: 1048576)")
     args = parser.parse_args(argv)
     if not args.size_mb > 0:
         parser.error(f"--size-mb must be > 0, got {args.size_mb}")
+    args.layouts = args.layouts.split(",")
+    if not args.layouts or not set(args.layouts) <= {"ranges", "chunks"}:
+        parser.error(f"--layouts takes ranges, chunks or both, got {','.join(args.layouts)}")
+    if args.chunk_bytes < 4 or args.chunk_bytes % 4:
+        parser.error(f"--chunk-bytes must be a positive multiple of 4, got {args.chunk_bytes}")
     return args
 
 
@@ -255,23 +285,28 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for shards in SHARD_COUNTS:
         for transport in TRANSPORTS:
-            result = measure(shards, transport, numel, timing, memcpy)
-            log(f"  {shards} shard(s), {transport}: "
-                f"{result['seconds_per_step'] * 1e3:.1f} ms/step, "
-                f"{result['bytes_per_second'] / 1e9:.2f} GB/s, paired ratio "
-                f"{result['paired_ratio_to_memcpy']:.2f}, exact={result['exact']}")
-            results.append(result)
+            for kind in args.layouts:
+                result = measure(shards, transport, numel, timing, memcpy, kind,
+                                 args.chunk_bytes)
+                log(f"  {shards} shard(s), {transport}, {kind}: "
+                    f"{result['seconds_per_step'] * 1e3:.1f} ms/step, "
+                    f"{result['bytes_per_second'] / 1e9:.2f} GB/s, paired ratio "
+                    f"{result['paired_ratio_to_memcpy']:.2f}, exact={result['exact']}")
+                results.append(result)
     log(f"  memcpy: best {memcpy.best / 1e9:.2f} GB/s, "
         f"median {statistics.median(memcpy.samples) / 1e9:.2f} GB/s")
     for result in results:
         result["ratio_to_memcpy"] = result["bytes_per_second"] / memcpy.best
-    target = [r for r in results if r["transport"] == TARGET["transport"]]
+    target = [r for r in results if r["transport"] == TARGET["transport"]
+              and r["layout"]["kind"] == "ranges"]
     report = {
         "benchmark": "ps_bandwidth", "model_bytes": numel * 4, "quick": args.quick,
         "memcpy_bytes_per_second": memcpy.best,
         "memcpy_median_bytes_per_second": statistics.median(memcpy.samples),
         "rule": RULE, "lr": LR,
         "timing": timing.describe(), "results": results, "target": TARGET,
+        **({"chunks_over_ranges": _chunks_over_ranges(results)}
+           if set(args.layouts) == {"ranges", "chunks"} else {}),
         "met": all(r["ratio_to_memcpy"] >= TARGET["ratio_to_memcpy"] for r in target),
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
                     "client_threads": torch.get_num_threads(),

@@ -117,6 +117,10 @@ CASES = [
      ["--micro-batches 4", "--split layers"]),
     ("micro-batches-above-batch", ["--partitions", "2", "--micro-batches", "80",
                                    "--batch-size", "64"], ["--micro-batches 80", "--batch-size 64"]),
+    ("chunk-bytes-not-float32", ["--shard-layout", "chunks", "--chunk-bytes", "1022"],
+     ["--chunk-bytes", "multiple of 4", "got 1022"]),
+    ("chunks-fewer-than-shards", ["--shard-layout", "chunks", "--shards", "3"],
+     ["--chunk-bytes 1048576", "1 chunks", "3 shards", "--chunk-bytes 34828 or less"]),
 ]
 
 

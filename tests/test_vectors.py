@@ -176,15 +176,18 @@ def test_float_bits_patterns():
 
 
 @contextmanager
-def cluster(transport: str, n: int = N, timeout: float = TIMEOUT):
-    """S shards serving in threads of this process, and a PSClient ("driver") to them."""
+def cluster(transport: str, n: int = N, timeout: float = TIMEOUT, layout: Layout | None = None,
+            rule: OptimizerConfig | None = None):
+    """S shards serving in threads of this process, and a PSClient ("driver") to them
+    (`layout`: the shards of that layout instead, e.g. a chunk layout; `rule`: the
+    shards' update rule, default none)."""
     store = JobStore.host("127.0.0.1", 0, new_token(), timeout=timeout)
     stop = threading.Event()
     threads: list[threading.Thread] = []
     errors: list[BaseException] = []
     servers: list[ShardServer] = []
     ps = None
-    layout = Layout.balanced(n, SHARDS)
+    layout = layout or Layout.balanced(n, SHARDS)
 
     def serve(server: ShardServer) -> None:
         try:
@@ -193,12 +196,12 @@ def cluster(transport: str, n: int = N, timeout: float = TIMEOUT):
             errors.append(exc)
 
     try:
-        for s in range(SHARDS):
+        for s in range(layout.shards):
             # registered as a shard process would be (transport "auto" reads it)
             store.set_json(f"members/shard/{s}", {"host": socket.gethostname()})
             # a store client per shard: a channel's rendezvous blocks the client it uses
             server = ShardServer(store.clone(), shard=s, numel=layout.size(s),
-                                 rule_cfg=OptimizerConfig(), timeout=timeout)
+                                 rule_cfg=rule or OptimizerConfig(), timeout=timeout)
             servers.append(server)
             threads.append(threading.Thread(target=serve, args=(server,), daemon=True,
                                             name=f"test-shard{s}"))

@@ -17,6 +17,7 @@ from distbelief.config import (ALGORITHMS, DEFAULT_EPOCHS, DEFAULT_ITERATIONS, D
                                DEFAULT_LR, DEFAULT_RULE, LINE_SEARCHES,
                                ON_NONFINITE,
                                PORTIONS_PER_WORKER, RULES, SPLITS, TRANSPORTS, default_of)
+from distbelief.config import SHARD_LAYOUTS
 from distbelief.errors import UserError
 
 # option -> (type, help); the default shown is read from the config dataclasses
@@ -58,6 +59,10 @@ TRAIN_OPTIONS: dict[str, tuple[type, str]] = {
     "host": (str, "address the coordinator binds to"),
     "transport": (str, f"tensor transport replica<->shard: {', '.join(TRANSPORTS)}"),
     "timeout": (float, "seconds any single wait may block before the job fails"),
+    "shard_layout": (str, "how parameters are cut into shards: ranges (one contiguous range "
+                          "each) or chunks (Project Adam: --chunk-bytes pieces hashed to the "
+                          "shards, bytes balanced within 1.2x from 11 chunks per shard)"),
+    "chunk_bytes": (int, "--shard-layout chunks: bytes per chunk, a multiple of 4"),
     "slow_worker": (str, "ID:FACTOR makes replica ID FACTOR times slower (it sleeps in "
                          "proportion to its compute), for tests and benchmarks"),
     "checkpoint_every": (str, "write a checkpoint every N steps of the leading replica (200) "
@@ -81,6 +86,7 @@ TRAIN_OPTIONS: dict[str, tuple[type, str]] = {
 }
 CHOICES = {"algorithm": ALGORITHMS, "rule": RULES, "transport": TRANSPORTS,
            "line_search": LINE_SEARCHES, "split": SPLITS, "on_nonfinite": ON_NONFINITE}
+CHOICES["shard_layout"] = SHARD_LAYOUTS
 # what a None default means, shown in --help instead of "None"
 UNSET_DEFAULTS = {
     "steps": f"unset, --epochs decides; sandblaster {DEFAULT_ITERATIONS}",

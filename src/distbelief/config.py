@@ -61,6 +61,8 @@ DEFAULT_RULE, DEFAULT_LR, DEFAULT_LBFGS_LR = "adagrad", 0.02, 1.0
 DEFAULT_ITERATIONS = 50  # L-BFGS iterations when --steps is not given
 PORTIONS_PER_WORKER = 8  # Sandblaster's default number of portions per worker
 TRANSPORTS = ("auto", "shm", "gloo")
+SHARD_LAYOUTS = ("ranges", "chunks")
+DEFAULT_CHUNK_BYTES = 1 << 20  # Project Adam's ~1 MB chunks
 DEFAULT_EPOCHS = 4.0
 
 
@@ -84,6 +86,10 @@ class ClusterConfig:
     """Start a replacement for a lost replica (downpour, local cluster); it joins through the store, pulls fresh parameters and goes on with the lost one's remaining steps."""
     threads: int | None = None
     """Torch threads of each replica (or partition) process; default: this host's cores shared among them."""
+    shard_layout: str = "ranges"
+    """How parameters are cut into shards: ranges (one contiguous range per shard) or chunks (Project Adam: chunk_bytes pieces hashed to the shards with bounded loads)."""
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    """Bytes per chunk with shard_layout = chunks (a positive multiple of 4: float32)."""
 
     def threads_per_process(self, processes: int) -> int:
         """The compute threads one of `processes` replica processes on this host should use."""
@@ -319,6 +325,7 @@ class JobConfig:
             raise UserError(f"--num-samples must be >= 10, got {self.data.num_samples}: "
                             "leave it out for the dataset's own size")
         self._validate_cluster_extras()
+        self._validate_shard_layout()
         self._validate_sync_and_sandblaster()
         self._validate_partitions()
         return self
@@ -370,6 +377,16 @@ class JobConfig:
         if not 1 <= parsed[1] < math.inf:
             raise UserError(f"--slow-worker {spec!r}: the factor must be a finite number >= 1 "
                             "(how many times slower), e.g. 4")
+
+    def _validate_shard_layout(self) -> None:
+        c = self.cluster
+        _choice("shard_layout", c.shard_layout, SHARD_LAYOUTS, "--shard-layout")
+        if c.chunk_bytes < 4 or c.chunk_bytes % 4:
+            raise UserError(f"--chunk-bytes must be a positive multiple of 4 (float32), got "
+                            f"{c.chunk_bytes}: try {DEFAULT_CHUNK_BYTES} (1 MB, Project Adam's)")
+        if c.shard_layout == "ranges" and c.chunk_bytes != DEFAULT_CHUNK_BYTES:
+            raise UserError(f"--chunk-bytes {c.chunk_bytes} applies to --shard-layout chunks "
+                            "only: add --shard-layout chunks or leave --chunk-bytes out")
 
     def _validate_sync_and_sandblaster(self) -> None:
         f, b = self.sync.fraction, self.sandblaster
@@ -507,6 +524,7 @@ OPTION_FIELDS = {
     "host": "cluster.host", "transport": "cluster.transport", "timeout": "cluster.timeout",
     "slow_worker": "cluster.slow_worker", "threads": "cluster.threads",
     "restart_replicas": "cluster.restart_replicas",
+    "shard_layout": "cluster.shard_layout", "chunk_bytes": "cluster.chunk_bytes",
     "n_fetch": "downpour.n_fetch", "n_push": "downpour.n_push",
     "warm_start_steps": "downpour.warm_start_steps",
     "sync_fraction": "sync.fraction",

@@ -65,8 +65,12 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
     initial = flatten_parameters(model)
     if perm is not None:
         initial = initial[perm]
+    chunk = cfg.cluster.chunk_bytes // 4 if cfg.cluster.shard_layout == "chunks" else None
     if plan.partitions > 1:
-        layout, groups = Layout.by_partition(plan.part_numels(model), cfg.cluster.shards)
+        layout, groups = Layout.by_partition(plan.part_numels(model), cfg.cluster.shards,
+                                             chunk_numel=chunk)
+    elif chunk is not None:
+        layout, groups = Layout.chunked(initial.numel(), cfg.cluster.shards, chunk), None
     else:
         layout, groups = Layout.balanced(initial.numel(), cfg.cluster.shards), None
     steps = steps_per_replica(steps=cfg.train.steps, epochs=cfg.train.resolved_epochs,
@@ -278,4 +282,5 @@ def _summary(cfg: JobConfig, job: dict, watch: Watch, steps: int, test_loss: flo
                    "line_search": cfg.sandblaster.line_search},
         **({cfg.algorithm: watch.extra} if watch.extra else {}),
         "resumed_from": (job["resume"] or {}).get("checkpoint"),
+        "layout": layout.describe(),
     }

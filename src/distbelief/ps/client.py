@@ -12,6 +12,13 @@ the client's gradient buffer k in the background (on shm, the shards read it in
 place), so the caller must not touch those tensors until the handle is done
 (Downpour alternates two gradient buffers for this).
 
+Chunk layouts (`Layout.chunked`): a shard's slice is the concatenation of its
+segments of the flat vector. A pull copies each segment out of the slice into
+``flat[a:b]`` (on gloo through a staging buffer per connection); a push sends
+the segments concatenated (gloo) or names them so that the shard gathers them
+from the client's gradient buffer (shm). A shard holding one contiguous range
+takes the same path as before: no extra copy.
+
 Example::
 
     with PSClient(store, layout, "replica0", transport="shm", timeout=30) as ps:
@@ -26,7 +33,7 @@ import os
 import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 
@@ -35,6 +42,9 @@ from distbelief.ps import vectors as V
 from distbelief.ps.layout import Layout
 from distbelief.runtime.channel import Channel, ChannelClosed, SharedTensor, job_file
 from distbelief.runtime.store import JobStore
+
+Slice = Union[torch.Tensor, list]
+"""A shard's part of a flat vector: one view, or (chunk layout) the views of its segments."""
 
 
 class Handle:
@@ -72,20 +82,35 @@ class ShardConnection:
             self.params = SharedTensor(job_file(store.token, P.params_file(shard)), numel,
                                        torch.float32, create=False).tensor
         self.channel.send_header(P.READY)
+        self._staging: torch.Tensor | None = None  # gloo, chunk layouts: the slice in one piece
 
-    def pull_into(self, out: torch.Tensor) -> int:
-        """Copy the shard's slice into `out`; returns the slice's version."""
+    def _stage(self) -> torch.Tensor:
+        if self._staging is None:
+            self._staging = torch.empty(self.numel, dtype=torch.float32)
+        return self._staging
+
+    def _gather(self, pieces: Slice) -> torch.Tensor:
+        """`pieces` as one contiguous tensor (a tensor as it is; segments into staging)."""
+        if isinstance(pieces, torch.Tensor):
+            return pieces.contiguous()
+        return torch.cat(pieces, out=self._stage())
+
+    def pull_into(self, out: Slice) -> int:
+        """Copy the shard's slice into `out` (or its segments' views); returns its version."""
         self.channel.send_header(P.PULL)
         op, version, *_ = self.channel.recv_header()
         _expect_ok(op, self.shard, "pull")
         if self.shm:
-            out.copy_(self.params)
+            _scatter(self.params, out)
             self.channel.send_header(P.DONE)
-        else:
+        elif isinstance(out, torch.Tensor):
             self.channel.recv(out)
+        else:
+            self.channel.recv(self._stage())
+            _scatter(self._staging, out)
         return version
 
-    def push_from(self, grad: torch.Tensor, buffer: int,
+    def push_from(self, grad: Slice, buffer: int,
                   fetched_version: int) -> tuple[int, int | None]:
         """Push a gradient slice; returns (new version, staleness), staleness None when the
         shard refused the gradient as non-finite (it counts it; training goes on).
@@ -93,24 +118,24 @@ class ShardConnection:
         On shm the slice must already be in the client's gradient buffer `buffer`
         (the shard reads it there); on gloo `grad` is sent.
         """
-        self.channel.send_header(P.PUSH, fetched_version, buffer, grad.numel(),
-                                 P.dtype_code(grad.dtype))
+        numel, dtype = _numel(grad), _dtype(grad)
+        self.channel.send_header(P.PUSH, fetched_version, buffer, numel, P.dtype_code(dtype))
         if not self.shm:
-            self.channel.send(grad.contiguous())
+            self.channel.send(self._gather(grad))
         op, version, staleness, *_ = self.channel.recv_header()
         if op == P.ERR and version == P.ERR_NONFINITE:
             return staleness, None
         if op == P.ERR and version == P.ERR_SHAPE:
             raise RuntimeError(f"shard {self.shard} refused the push: it takes {staleness} "
-                               f"float32 values, the push had {grad.numel()} {grad.dtype}")
+                               f"float32 values, the push had {numel} {dtype}")
         _expect_ok(op, self.shard, "push")
         return version, staleness
 
-    def accumulate_from(self, grad: torch.Tensor, buffer: int, vector: int) -> None:
+    def accumulate_from(self, grad: Slice, buffer: int, vector: int) -> None:
         """Add a gradient slice into the shard's vector `vector` (no update rule)."""
         self.channel.send_header(P.ACCUM, buffer, vector)
         if not self.shm:
-            self.channel.send(grad.contiguous())
+            self.channel.send(self._gather(grad))
         op, *_ = self.channel.recv_header()
         if op != P.OK:
             raise RuntimeError(f"shard {self.shard} refused to accumulate into vector {vector}; "
@@ -126,16 +151,19 @@ class ShardConnection:
                                "see the shard's log")
         return V.bits_float(result)
 
-    def set_from(self, values: torch.Tensor) -> int:
+    def set_from(self, values: Slice) -> int:
         """Overwrite the shard's slice (initial values, warm start from a checkpoint)."""
         self.channel.send_header(P.SET)
         op, version, *_ = self.channel.recv_header()
         _expect_ok(op, self.shard, "set")
-        if self.shm:
+        if self.shm and isinstance(values, torch.Tensor):
             self.params.copy_(values)
             self.channel.send_header(P.DONE)
+        elif self.shm:
+            torch.cat(values, out=self.params)
+            self.channel.send_header(P.DONE)
         else:
-            self.channel.send(values.contiguous())
+            self.channel.send(self._gather(values))
         return version
 
     def close(self) -> None:
@@ -192,8 +220,10 @@ class PSClient:
     def _connect(self, index: int) -> None:
         shard = self.layout.shard_ids[index]
         self._generations[index] = self._store.try_get_json(f"shard{shard}/generation") or 0
-        files = {"grad_files": self._grad_names, "grad_numel": self.layout.numel,
-                 "offset": self.layout.ranges[index][0]}
+        segments = self.layout.segments(index)
+        where = ({"offset": segments[0][0]} if len(segments) == 1  # the shard maps one range
+                 else {"segments": [list(seg) for seg in segments]})
+        files = {"grad_files": self._grad_names, "grad_numel": self.layout.numel, **where}
         self._conns[index] = ShardConnection(self._store, shard, self.layout.size(index),
                                              self.client, self._kinds[index], self.timeout,
                                              files)
@@ -223,12 +253,20 @@ class PSClient:
             time.sleep(0.05)
         return False
 
+    def _slice(self, flat: torch.Tensor, shard: int) -> Slice:
+        """Shard `shard`'s part of `flat`: one view, or its segments' views (chunk layout)."""
+        segments = self.layout.segments(shard)
+        if len(segments) == 1:
+            a, b = segments[0]
+            return flat[a:b]
+        return [flat[a:b] for a, b in segments]
+
     def pull(self, flat: torch.Tensor) -> Handle:
         """Fetch every slice into `flat`; the handle gives each shard's version."""
-        return Handle([self._pools[s].submit(self._pull_one, s, flat[a:b])
-                       for s, (a, b) in enumerate(self.layout.ranges)])
+        return Handle([self._pools[s].submit(self._pull_one, s, self._slice(flat, s))
+                       for s in range(self.layout.shards)])
 
-    def _pull_one(self, shard: int, out: torch.Tensor) -> int:
+    def _pull_one(self, shard: int, out: Slice) -> int:
         version = self._run(shard, lambda conn: conn.pull_into(out))
         self.fetched_versions[shard] = version
         return version
@@ -245,9 +283,9 @@ class PSClient:
                              f"(the client has {len(self.grad_buffers)})")
         versions = list(self.fetched_versions if versions is None else versions)
         grad = self.grad_buffers[buffer]
-        return Handle([self._pools[s].submit(self._run, s, _call("push_from", grad[a:b], buffer,
-                                                                 versions[s]))
-                       for s, (a, b) in enumerate(self.layout.ranges)])
+        return Handle([self._pools[s].submit(self._run, s, _call("push_from", self._slice(grad, s),
+                                                                 buffer, versions[s]))
+                       for s in range(self.layout.shards)])
 
     def accumulate(self, buffer: int, vector: int) -> Handle:
         """Add gradient buffer `buffer` into every shard's vector `vector` (Sandblaster).
@@ -258,9 +296,10 @@ class PSClient:
             raise IndexError(f"gradient buffer {buffer} does not exist "
                              f"(the client has {len(self.grad_buffers)})")
         grad = self.grad_buffers[buffer]
-        return Handle([self._pools[s].submit(self._run, s, _call("accumulate_from", grad[a:b],
-                                                                 buffer, vector))
-                       for s, (a, b) in enumerate(self.layout.ranges)])
+        return Handle([self._pools[s].submit(self._run, s, _call("accumulate_from",
+                                                                 self._slice(grad, s), buffer,
+                                                                 vector))
+                       for s in range(self.layout.shards)])
 
     def vector(self, op: int, v: int, src: int = 0, alpha: float = 0.0) -> Handle:
         """Run one vector operation on every shard; the handle gives each shard's scalar."""
@@ -269,8 +308,8 @@ class PSClient:
 
     def set(self, flat: torch.Tensor) -> Handle:
         """Overwrite every shard's slice with `flat`'s."""
-        return Handle([self._pools[s].submit(self._run, s, _call("set_from", flat[a:b]))
-                       for s, (a, b) in enumerate(self.layout.ranges)])
+        return Handle([self._pools[s].submit(self._run, s, _call("set_from", self._slice(flat, s)))
+                       for s in range(self.layout.shards)])
 
     def close(self) -> None:
         """Say goodbye to every shard still reachable, then stop the worker threads.
@@ -302,6 +341,25 @@ class PSClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _scatter(src: torch.Tensor, out: Slice) -> None:
+    """Copy `src` into `out`: one tensor, or pieces that take its consecutive parts."""
+    if isinstance(out, torch.Tensor):
+        out.copy_(src)
+        return
+    start = 0
+    for piece in out:
+        piece.copy_(src[start: start + piece.numel()])
+        start += piece.numel()
+
+
+def _numel(part: Slice) -> int:
+    return part.numel() if isinstance(part, torch.Tensor) else sum(p.numel() for p in part)
+
+
+def _dtype(part: Slice) -> torch.dtype:
+    return part.dtype if isinstance(part, torch.Tensor) else part[0].dtype
 
 
 def _call(method: str, *args):

@@ -183,14 +183,29 @@ class ShardServer:
         channel.recv_header()  # READY
         return grads
 
-    def _map_client_grads(self, request: dict) -> list[torch.Tensor]:
-        """This shard's range of each of the client's gradient files."""
+    def _map_client_grads(self, request: dict) -> list:
+        """This shard's range of each of the client's gradient files (chunk layout: its
+        segments, gathered when a push is read)."""
+        if "segments" in request:
+            return self._map_client_segments(request)
         names, total, offset = request["grad_files"], int(request["grad_numel"]), int(request["offset"])
         if not all(P.valid_file_name(n) for n in names) or offset + self.numel > total:
             raise RuntimeError(f"bad gradient buffers in request {request}")
         return [SharedTensor(job_file(self.store.token, name), total, torch.float32,
                              create=False).tensor[offset: offset + self.numel]
                 for name in names]
+
+    def _map_client_segments(self, request: dict) -> list[Segments]:
+        names, total = request["grad_files"], int(request["grad_numel"])
+        segments = [(int(a), int(b)) for a, b in request["segments"]]
+        if (not all(P.valid_file_name(n) for n in names)
+                or not all(0 <= a < b <= total for a, b in segments)
+                or sum(b - a for a, b in segments) != self.numel):
+            raise RuntimeError(f"bad gradient buffers in request {request}")
+        gathered = torch.empty(self.numel, dtype=torch.float32)  # one per connection
+        views = [SharedTensor(job_file(self.store.token, name), total, torch.float32,
+                              create=False).tensor for name in names]
+        return [Segments([t[a:b] for a, b in segments], gathered) for t in views]
 
     def _push(self, channel: Channel, grads: list[torch.Tensor], client: str, *,
               fetched_version: int, buffer: int, numel: int, dtype: int, shm: bool) -> bool:
@@ -272,7 +287,8 @@ class ShardServer:
             return grads[0]
         if not 0 <= buffer < len(grads):
             raise RuntimeError(f"push names gradient buffer {buffer}; there are {len(grads)}")
-        return grads[buffer]
+        grad = grads[buffer]
+        return grad.gather() if isinstance(grad, Segments) else grad
 
     def _pull(self, channel: Channel, shm: bool) -> None:
         with self.lock:
@@ -291,3 +307,17 @@ class ShardServer:
                 channel.recv_header()
             else:
                 channel.recv(self.params)
+
+
+class Segments:
+    """A client's shm gradient buffer seen through a chunk layout's segments.
+
+    `gather()` concatenates them into `out`, a buffer the connection's Segments
+    share: one connection reads one push at a time, so one buffer is enough."""
+
+    def __init__(self, views: list[torch.Tensor], out: torch.Tensor):
+        self.views = views
+        self.out = out
+
+    def gather(self) -> torch.Tensor:
+        return torch.cat(self.views, out=self.out)
