@@ -6,7 +6,8 @@ parameters into them (or lets them load a checkpoint, with ``--resume``),
 starts the replicas, then watches them (`distbelief.watch`: metrics, progress,
 evaluations, checkpoints, lost and replaced roles). At the end it pulls the
 final parameters, evaluates them, and writes the checkpoint, ``summary.json``
-and ``curves.png``. Every child is reaped on the way out.
+and ``curves.png``. Every child is reaped on the way out. A hogwild job has no
+parameter server and goes its own way (`algorithms/hogwild.py`).
 """
 
 from __future__ import annotations

@@ -200,7 +200,9 @@ def _summary(cfg: JobConfig, job: dict, watch: Watch, done: list[dict], test_los
         "algorithm": "hogwild", "workers": workers, "steps": job["steps"],
         "total_steps": sum(watch.steps.values()), "wall_seconds": wall,
         "samples_per_second": watch.samples / wall if wall > 0 else 0.0,
-        "train_seconds": train_seconds,
+        "train_seconds": train_seconds, "train_samples": samples,
+        # CPU time the workers' processes used while training: independent of other load
+        "train_cpu_seconds": sum(d.get("cpu_seconds", 0.0) for d in done),
         "train_samples_per_second": samples / train_seconds if train_seconds else None,
         "final_loss": sum(e["loss"] for e in last) / len(last) if last else None,
         "test_loss": test_loss, "test_accuracy": test_acc, "test_samples": len(data.y_test),

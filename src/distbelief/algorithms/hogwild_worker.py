@@ -108,11 +108,11 @@ def run_worker(ctx: RoleContext) -> None:
                        what="the coordinator to start the workers")
     ctx.store.append("events", {"event": "replica_joined", "time": time.time() -
                                 ctx.job["start_time"], "replica": w})
-    start = time.time()
+    start, cpu = time.time(), time.process_time()
     applied = _train(ctx, flat, rule, stream, ctx.job["steps"])
     ctx.store.set_json(f"done/replica{w}", {
         "steps": ctx.job["steps"], "updates": applied, "start": start, "end": time.time(),
-        "samples": ctx.job["steps"] * stream.batch_size})
+        "cpu_seconds": time.process_time() - cpu, "samples": ctx.job["steps"] * stream.batch_size})
 
 
 def _train(ctx: RoleContext, flat: FlatModel, rule: LockFreeRule, stream: BatchStream,
