@@ -165,3 +165,18 @@ def test_cli_refusal_is_one_line(capsys, tmp_path):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--shards 3 means nothing" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_and_multi_host_are_refused_in_one_line(tmp_path, monkeypatch):
+    run_dir = tmp_path / "old"
+    run_dir.mkdir()
+    cfg = apply_options(JobConfig(), {"algorithm": "hogwild", "workers": 2}).validate()
+    (run_dir / "config.toml").write_text(cfg.resolved().to_toml())
+    with pytest.raises(UserError, match="hogwild runs write no checkpoints to resume from"):
+        distbelief.train(resume=str(run_dir))
+    for key, value in {"RANK": "0", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29999"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(UserError, match="runs on one host: start it without torchrun"):
+        distbelief.train(algorithm="hogwild", run_dir=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

@@ -48,6 +48,8 @@ from distbelief.runtime.role import RoleContext
 def run_replica(ctx: RoleContext) -> None:
     cfg, r = ctx.config, ctx.ident
     processes = cfg.cluster.replicas * cfg.model.partitions
+    # each of a replica's worker threads computes on its own share of the cores
+    processes *= cfg.downpour.replica_workers
     torch.set_num_threads(cfg.cluster.threads_per_process(processes))
     data, model = load_data_and_model(cfg)
     plan = PartitionPlan.from_json(ctx.job["partition"])
