@@ -131,6 +131,41 @@ def test_a_dying_worker_ends_the_job_naming_it(tmp_path):
                          run_dir=str(tmp_path / "run"))
 
 
+NAN_MODEL = """
+import os
+import torch
+
+class NanEvery10(torch.nn.Module):
+    calls = 0
+
+    def forward(self, x):
+        if os.environ.get("DISTBELIEF_ROLE") == "replica":
+            NanEvery10.calls += 1
+            if NanEvery10.calls % 10 == 5:
+                return x * float("nan")
+        return x
+
+def make(input_shape, num_classes):
+    return torch.nn.Sequential(torch.nn.Flatten(), NanEvery10(), torch.nn.Linear(64, num_classes))
+"""
+
+
+def test_nonfinite_steps_are_skipped_and_counted_or_stop_the_job(tmp_path):
+    (tmp_path / "nan.py").write_text(NAN_MODEL)
+    summary = distbelief.train(algorithm="hogwild", workers=2, dataset="digits",
+                               model=f"{tmp_path / 'nan.py'}:make", steps=40, lr=0.1,
+                               run_dir=str(tmp_path / "skip"))
+    # each worker's steps 5, 15, 25, 35 gave NaN: not applied, counted
+    assert summary["nonfinite_skipped"] == 8 and summary["worker_updates"] == [36, 36]
+    trained = distbelief.load_model(summary["run_dir"])
+    assert all(torch.isfinite(p).all() for p in trained.parameters())
+    with pytest.raises(JobFailed, match="replica[01] produced a non-finite loss and "
+                                        "--on-nonfinite stop ends the job"):
+        distbelief.train(algorithm="hogwild", workers=2, dataset="digits", steps=40,
+                         model=f"{tmp_path / 'nan.py'}:make", on_nonfinite="stop",
+                         run_dir=str(tmp_path / "stop"))
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(shards=3), "--shards 3 means nothing for --algorithm hogwild"),
     (dict(replicas=4), "--replicas 4 means nothing for --algorithm hogwild.*use --workers"),

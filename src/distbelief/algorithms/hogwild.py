@@ -144,6 +144,11 @@ def _watch(cfg: JobConfig, store: JobStore, local: LocalCluster, metrics: Metric
                 watch.nonfinite += event.get("nonfinite") or 0
         if events:
             _show(progress, watch)
+        bad = store.try_get_json("job/nonfinite")  # before the lost: the worker then exits
+        if bad is not None:
+            raise JobFailed(f"{bad['client']} produced a non-finite loss and --on-nonfinite "
+                            "stop ends the job: lower --lr or check the data, or use "
+                            "--on-nonfinite skip to drop such steps and go on")
         for w in set(range(workers)) - watch.done:
             if store.has(f"done/replica{w}"):
                 watch.done.add(w)
@@ -151,11 +156,6 @@ def _watch(cfg: JobConfig, store: JobStore, local: LocalCluster, metrics: Metric
                 raise JobFailed(f"hogwild worker {w} died at step {watch.steps.get(w, 0)}"
                                 f"{_exit_detail(local, 'replica', w)}; the job stops (its part "
                                 "of the data would go untrained): start the run again")
-        bad = store.try_get_json("job/nonfinite")
-        if bad is not None:
-            raise JobFailed(f"{bad['client']} produced a non-finite loss and --on-nonfinite "
-                            "stop ends the job: lower --lr or check the data, or use "
-                            "--on-nonfinite skip to drop such steps and go on")
         if time.monotonic() - watch.last_event > cfg.cluster.timeout:
             raise JobFailed(f"no hogwild worker reported progress for "
                             f"{cfg.cluster.timeout:.0f} s")
