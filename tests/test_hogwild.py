@@ -154,8 +154,9 @@ def test_nonfinite_steps_are_skipped_and_counted_or_stop_the_job(tmp_path):
     (tmp_path / "nan.py").write_text(NAN_MODEL)
     summary = distbelief.train(algorithm="hogwild", workers=2, dataset="digits",
                                model=f"{tmp_path / 'nan.py'}:make", steps=40, lr=0.1,
-                               run_dir=str(tmp_path / "skip"))
-    # each worker's steps 5, 15, 25, 35 gave NaN: not applied, counted
+                               rule="adagrad", run_dir=str(tmp_path / "skip"))
+    # each worker's steps 5, 15, 25, 35 gave NaN: not applied (neither to the parameters nor
+    # to Adagrad's shared sums), counted
     assert summary["nonfinite_skipped"] == 8 and summary["worker_updates"] == [36, 36]
     trained = distbelief.load_model(summary["run_dir"])
     assert all(torch.isfinite(p).all() for p in trained.parameters())
