@@ -103,3 +103,28 @@ def test_soak_quick_finishes_without_lost_updates() -> None:
     # memory was sampled for every role: coordinator, 2 shards, 4 replicas
     assert {"coordinator", "shard0", "shard1", "replica0", "replica3"} <= set(report["rss"])
     assert all(r["warm_mb"] > 0 and r["end_mb"] > 0 for r in report["rss"].values())
+
+
+def test_hogwild_quick_compares_one_and_two_workers() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hogwild.py"), "--quick"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["benchmark"] == "hogwild" and report["quick"] and report["repeats"] == 1
+    assert report["settings"]["threads"] == 1
+    for w in (1, 2):
+        run, = report[f"w{w}"]["runs"]
+        assert run["workers"] == w and run["threads_per_worker"] == 1
+        assert run["samples_per_second"] > 0 and 0 <= run["test_accuracy"] <= 1
+        assert run["samples_per_cpu_second"] > 0
+        assert run["updates"] == w * run["steps_per_worker"]
+    # the same samples for both: W = 2 takes half the steps per worker
+    assert report["same_samples"]
+    assert report["w1"]["runs"][0]["steps_per_worker"] == 2 * report["w2"]["runs"][0]["steps_per_worker"]
+    assert report["ratio"] == report["w2"]["samples_per_second"] / report["w1"]["samples_per_second"]
+    assert report["cpu_efficiency_w2_vs_w1"] > 0
+    points = 100 * (report["w2"]["test_accuracy"] - report["w1"]["test_accuracy"])
+    assert abs(report["accuracy_points_w2_minus_w1"] - points) < 1e-9
+    assert report["target"] == {"ratio": 1.6, "accuracy_points": 1.0}
+    assert isinstance(report["met"]["ratio"], bool) and isinstance(report["met"]["accuracy"], bool)
+    assert report["machine"]["cpus"] >= 1 and len(report["machine"]["load_before"]) == 3

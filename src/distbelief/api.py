@@ -55,6 +55,9 @@ def train(config: JobConfig | dict | str | Path | None = None, *, show_progress:
     from distbelief.runtime.launch import EnvRole
 
     env = EnvRole.detect()
+    if env is not None and cfg.algorithm == "hogwild":
+        from distbelief.algorithms.hogwild import MULTI_HOST
+        raise UserError(MULTI_HOST)
     if env is not None:
         role, ident, part = env.role(cfg.cluster.shards, cfg.cluster.replicas,
                                      cfg.model.partitions)

@@ -14,7 +14,7 @@ import threading
 from typing import Sequence
 
 from distbelief.config import (ALGORITHMS, DEFAULT_EPOCHS, DEFAULT_ITERATIONS, DEFAULT_LBFGS_LR,
-                               DEFAULT_LR, DEFAULT_RULE, LINE_SEARCHES,
+                               DEFAULT_HOGWILD_RULE, DEFAULT_LR, DEFAULT_RULE, LINE_SEARCHES,
                                ON_NONFINITE,
                                PORTIONS_PER_WORKER, RULES, SPLITS, TRANSPORTS, default_of)
 from distbelief.config import SHARD_LAYOUTS
@@ -51,6 +51,11 @@ TRAIN_OPTIONS: dict[str, tuple[type, str]] = {
     "micro_batches": (int, "--split layers: micro-batches per batch in the pipeline; more "
                            "fill the pipeline better, fewer keep each matmul larger"),
     "warm_start_steps": (int, "replica 0 trains alone for W steps before the others join"),
+    "replica_workers": (int, "downpour: threads per replica (Project Adam), each on its own "
+                             "batches, updating the replica's local copy lock-free with plain "
+                             "SGD between fetches; a step is one batch per thread"),
+    "workers": (int, "hogwild: processes on this host updating one shared parameter tensor "
+                     "without locks"),
     "seed": (int, "seed of initialisation, data split and shuffling"),
     "run_dir": (str, "where config, metrics, checkpoint and plots go"),
     "eval_every": (int, "evaluate the test split every K steps (0: only at the end)"),
@@ -90,7 +95,7 @@ CHOICES["shard_layout"] = SHARD_LAYOUTS
 # what a None default means, shown in --help instead of "None"
 UNSET_DEFAULTS = {
     "steps": f"unset, --epochs decides; sandblaster {DEFAULT_ITERATIONS}",
-    "rule": f"{DEFAULT_RULE}; none for sandblaster",
+    "rule": f"{DEFAULT_RULE}; {DEFAULT_HOGWILD_RULE} for hogwild; none for sandblaster",
     "lr": f"{DEFAULT_LR:g}; {DEFAULT_LBFGS_LR:g} for sandblaster",
     "portions": f"{PORTIONS_PER_WORKER} per worker",
     "slow_worker": "none",
@@ -120,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train a model on a local cluster of processes (or one role per host)",
         description="Train with Downpour SGD (R model replicas push gradients to and fetch "
                     "parameters from S parameter shards, each its own process), synchronous "
-                    "all-reduce (sync) or Sandblaster L-BFGS (sandblaster). Options "
+                    "all-reduce (sync), Sandblaster L-BFGS (sandblaster) or lock-free "
+                    "Hogwild! (W worker processes updating one shared tensor). Options "
                     "override the TOML file. Under torchrun/SLURM (RANK, WORLD_SIZE, "
                     "MASTER_ADDR, MASTER_PORT set) each process runs one role: rank 0 the "
                     "coordinator, then the shards, then the replicas (K ranks each with "

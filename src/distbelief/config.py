@@ -22,7 +22,7 @@ component::
     epochs = 4
 
 Sections that belong to one algorithm (``[downpour]``, ``[sync]``,
-``[sandblaster]``) and the options that mean nothing for the chosen algorithm
+``[sandblaster]``, ``[hogwild]``) and the options that mean nothing for the chosen algorithm
 (an update rule for L-BFGS, a fetch cadence for synchronous training) are
 refused when set to anything but their default, rather than silently ignored.
 
@@ -51,18 +51,20 @@ import tomli_w
 
 from distbelief.errors import UserError
 
-ALGORITHMS = ("downpour", "sync", "sandblaster")
+ALGORITHMS = ("downpour", "sync", "sandblaster", "hogwild")
 RULES = ("sgd", "momentum", "adagrad", "adam")
 LINE_SEARCHES = ("strong_wolfe", "none")
 SPLITS = ("layers", "units")
 ON_NONFINITE = ("skip", "stop")
 MICRO_BATCHES_PER_STAGE = 1  # pipeline micro-batches per partition when --micro-batches is unset
 DEFAULT_RULE, DEFAULT_LR, DEFAULT_LBFGS_LR = "adagrad", 0.02, 1.0
+DEFAULT_HOGWILD_RULE = "sgd"
 DEFAULT_ITERATIONS = 50  # L-BFGS iterations when --steps is not given
 PORTIONS_PER_WORKER = 8  # Sandblaster's default number of portions per worker
 TRANSPORTS = ("auto", "shm", "gloo")
 SHARD_LAYOUTS = ("ranges", "chunks")
 DEFAULT_CHUNK_BYTES = 1 << 20  # Project Adam's ~1 MB chunks
+HOGWILD_RULES = ("sgd", "momentum", "adagrad")  # elementwise, no shared step count
 DEFAULT_EPOCHS = 4.0
 
 
@@ -114,6 +116,8 @@ class DownpourConfig:
     """A replica pushes its accumulated gradient every n_push steps."""
     warm_start_steps: int = 0
     """Replica 0 trains alone for this many steps before the other replicas join."""
+    replica_workers: int = 1
+    """Threads of a replica (Project Adam): each takes its own batches, adds its gradient into the push buffer and applies it to the replica's local copy with plain SGD, lock-free; a step is one batch per thread."""
 
 
 @dataclass(kw_only=True)
@@ -138,6 +142,12 @@ class SandblasterConfig:
     """Stop when the largest gradient component is at most this."""
     tolerance_change: float = 1e-9
     """Stop when the loss or the step changes by less than this."""
+
+
+@dataclass(kw_only=True)
+class HogwildConfig:
+    workers: int = 2
+    """Processes on this host that update one shared parameter tensor without locks (Hogwild!)."""
 
 
 @dataclass(kw_only=True)
@@ -212,11 +222,12 @@ class TrainConfig:
 @dataclass(kw_only=True)
 class JobConfig:
     algorithm: str = "downpour"
-    """Training algorithm: downpour, sync or sandblaster."""
+    """Training algorithm: downpour, sync, sandblaster or hogwild."""
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     downpour: DownpourConfig = field(default_factory=DownpourConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     sandblaster: SandblasterConfig = field(default_factory=SandblasterConfig)
+    hogwild: HogwildConfig = field(default_factory=HogwildConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -328,7 +339,23 @@ class JobConfig:
         self._validate_shard_layout()
         self._validate_sync_and_sandblaster()
         self._validate_partitions()
+        self._validate_workers()
         return self
+
+    def _validate_workers(self) -> None:
+        """Hogwild's workers, and Downpour's threads per replica."""
+        _at_least("--workers", self.hogwild.workers, 1, "give at least one worker process")
+        t = self.downpour.replica_workers
+        _at_least("--replica-workers", t, 1, "use 1 for one gradient at a time per replica")
+        if t > 1 and self.model.partitions > 1:
+            raise UserError(f"--replica-workers {t} does not work with --partitions "
+                            f"{self.model.partitions}: the threads share one whole local copy; "
+                            "use --replica-workers 1 or --partitions 1")
+        rule = self.optimizer.rule
+        if self.algorithm == "hogwild" and rule is not None and rule not in HOGWILD_RULES:
+            raise UserError(f"--rule {rule} does not work with --algorithm hogwild: its bias "
+                            "correction needs one step count shared by every update, which "
+                            f"lock-free workers do not keep; use {', '.join(HOGWILD_RULES)}")
 
     def _validate_partitions(self) -> None:
         m, k = self.model, self.model.partitions
@@ -432,6 +459,9 @@ class JobConfig:
                 blaster["portions"] = PORTIONS_PER_WORKER * self.cluster.replicas
             if data["train"]["steps"] is None:
                 data["train"]["steps"] = DEFAULT_ITERATIONS
+        elif self.algorithm == "hogwild":  # Hogwild's maths is plain SGD
+            opt["rule"] = opt["rule"] or DEFAULT_HOGWILD_RULE
+            opt["lr"] = DEFAULT_LR if opt["lr"] is None else opt["lr"]
         else:
             opt["rule"] = opt["rule"] or DEFAULT_RULE
             opt["lr"] = DEFAULT_LR if opt["lr"] is None else opt["lr"]
@@ -527,6 +557,7 @@ OPTION_FIELDS = {
     "shard_layout": "cluster.shard_layout", "chunk_bytes": "cluster.chunk_bytes",
     "n_fetch": "downpour.n_fetch", "n_push": "downpour.n_push",
     "warm_start_steps": "downpour.warm_start_steps",
+    "replica_workers": "downpour.replica_workers", "workers": "hogwild.workers",
     "sync_fraction": "sync.fraction",
     "portions": "sandblaster.portions", "backups": "sandblaster.backups",
     "push_every": "sandblaster.push_every", "history": "sandblaster.history",
@@ -549,6 +580,7 @@ ONLY_FOR: dict[str, tuple[str, ...]] = {
     **{f"downpour.{f.name}": ("downpour",) for f in dataclasses.fields(DownpourConfig)},
     **{f"sync.{f.name}": ("sync",) for f in dataclasses.fields(SyncConfig)},
     **{f"sandblaster.{f.name}": ("sandblaster",) for f in dataclasses.fields(SandblasterConfig)},
+    **{f"hogwild.{f.name}": ("hogwild",) for f in dataclasses.fields(HogwildConfig)},
     **{f"optimizer.{f.name}": _RULE_USERS for f in dataclasses.fields(OptimizerConfig)
        if f.name != "lr"},
     "data.batch_size": _RULE_USERS,  # Sandblaster's batch is all of the data, cut in portions
@@ -556,10 +588,23 @@ ONLY_FOR: dict[str, tuple[str, ...]] = {
     "train.checkpoint_every": _RULE_USERS,  # L-BFGS state lives in the coordinator
     "cluster.restart_replicas": ("downpour",),  # sync's all-reduce group cannot take a newcomer
 }
+# Hogwild has no parameter server and no replicas: its workers share one tensor on this host
+_SERVED = ("downpour", "sync", "sandblaster")
+ONLY_FOR.update({
+    **{f"optimizer.{f.name}": (*_RULE_USERS, "hogwild") for f in dataclasses.fields(OptimizerConfig)
+       if f.name != "lr"},
+    "data.batch_size": (*_RULE_USERS, "hogwild"), "train.epochs": (*_RULE_USERS, "hogwild"),
+    "cluster.replicas": _SERVED, "cluster.shards": _SERVED, "cluster.transport": _SERVED,
+    "cluster.slow_worker": _SERVED, "cluster.shard_layout": _SERVED,
+    "cluster.chunk_bytes": _SERVED,
+})
 
 _FOREIGN_FIX = {
     "train.epochs": "leave it out and give --steps, the number of L-BFGS iterations",
     "data.batch_size": "leave it out; --portions sets how finely the data is cut",
+    "cluster.replicas": "use --workers W for the processes that share the parameters",
+    "cluster.shards": "the workers share one tensor in this host's memory; leave it out",
+    "cluster.transport": "the workers share one tensor in this host's memory; leave it out",
 }
 
 

@@ -6,7 +6,8 @@ parameters into them (or lets them load a checkpoint, with ``--resume``),
 starts the replicas, then watches them (`distbelief.watch`: metrics, progress,
 evaluations, checkpoints, lost and replaced roles). At the end it pulls the
 final parameters, evaluates them, and writes the checkpoint, ``summary.json``
-and ``curves.png``. Every child is reaped on the way out.
+and ``curves.png``. Every child is reaped on the way out. A hogwild job has no
+parameter server and goes its own way (`algorithms/hogwild.py`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
     when the job cannot finish.
     """
     cfg = cfg.validate().resolved()
+    if cfg.algorithm == "hogwild":  # no parameter server: one tensor in shared memory
+        from distbelief.algorithms.hogwild import run_hogwild_job
+        return run_hogwild_job(cfg, show_progress=show_progress, env=env, resume=resume)
     manifest = None
     if resume is not None:
         run_dir = Path(resume)
@@ -75,7 +79,7 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
         layout, groups = Layout.balanced(initial.numel(), cfg.cluster.shards), None
     steps = steps_per_replica(steps=cfg.train.steps, epochs=cfg.train.resolved_epochs,
                               train_samples=len(data.x_train), replicas=cfg.cluster.replicas,
-                              batch_size=cfg.data.batch_size)
+                              batch_size=cfg.data.batch_size * cfg.downpour.replica_workers)
     if env is None:
         host, port = cfg.cluster.host, cfg.cluster.port
         store = JobStore.host(host, port, new_token(), timeout=cfg.cluster.timeout)

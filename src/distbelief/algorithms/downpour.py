@@ -16,17 +16,23 @@ shards that hold its own parameters (DistBelief's figure 2), and the forward
 and backward passes exchange boundary activations and gradients with the other
 partitions. The partitions follow the same schedule, so they stay in step.
 
+With ``--replica-workers T`` > 1 a step is one batch per worker thread: T
+lock-free threads share the replica's local copy and update it with plain SGD
+between fetches (Project Adam; `algorithms/replica_workers.py`).
+
 Reports to the coordinator through the store stream ``events``: a "train" event
 every `log_every` steps and a "replica_done" event at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
 import torch
 
+from distbelief.algorithms.replica_workers import ReplicaWorkers
 from distbelief.algorithms.schedule import fetch_before, push_after, steps_per_replica
 from distbelief.algorithms.slowdown import Slowdown
 from distbelief.checkpoint import ReplicaGate
@@ -42,6 +48,8 @@ from distbelief.runtime.role import RoleContext
 def run_replica(ctx: RoleContext) -> None:
     cfg, r = ctx.config, ctx.ident
     processes = cfg.cluster.replicas * cfg.model.partitions
+    # each of a replica's worker threads computes on its own share of the cores
+    processes *= cfg.downpour.replica_workers
     torch.set_num_threads(cfg.cluster.threads_per_process(processes))
     data, model = load_data_and_model(cfg)
     plan = PartitionPlan.from_json(ctx.job["partition"])
@@ -51,15 +59,16 @@ def run_replica(ctx: RoleContext) -> None:
     indices = replica_indices(len(data.x_train), r, cfg.cluster.replicas, cfg.train.seed)
     stream = BatchStream(data.x_train, data.y_train, indices, cfg.data.batch_size,
                          seed=cfg.train.seed * 1000 + r)
+    threads = cfg.downpour.replica_workers  # a step takes one batch per worker thread
     total = steps_per_replica(steps=cfg.train.steps, epochs=cfg.train.resolved_epochs,
                               train_samples=len(data.x_train), replicas=cfg.cluster.replicas,
-                              batch_size=cfg.data.batch_size)
+                              batch_size=cfg.data.batch_size * threads)
     resume = ctx.job.get("resume")
     restart = ctx.store.try_get_json(f"restart/replica{r}")  # a replacement for a lost one
     start = resume["replica_steps"].get(ctx.member, 0) if resume else 0
     if restart is not None:
         start = max(start, restart["start"])
-    stream.skip(start)  # the data position the checkpoint was taken at
+    stream.skip(start * threads)  # the data position the checkpoint was taken at
     # the shards hold the initial parameters once the coordinator says the job is ready
     ctx.store.get_json("job/ready", what="the coordinator to initialise the shards")
     if r > 0 and cfg.downpour.warm_start_steps > 0 and not _wait_for_warm_start(ctx):
@@ -98,9 +107,22 @@ def _train(ctx: RoleContext, ps: PSClient, flat: FlatModel, runner, stream: Batc
     cfg, r = ctx.config, ctx.ident
     gate = (ReplicaGate(ctx.store, ctx.member, cfg.cluster.timeout)
             if cfg.train.checkpoint_every is not None else None)
-    n_fetch, n_push, timeout = cfg.downpour.n_fetch, cfg.downpour.n_push, cfg.cluster.timeout
     report = _Reporter(ctx, total, enabled=runner.reports_loss)
     slow = Slowdown.for_worker(cfg, r)
+    threads = cfg.downpour.replica_workers
+    with contextlib.ExitStack() as stack:
+        workers = (stack.enter_context(ReplicaWorkers(flat, threads, cfg.optimizer.lr,
+                                                      cfg.cluster.timeout))
+                   if threads > 1 else None)
+        return _steps(ctx, ps, flat, runner, stream, start, total, gate, report, slow, workers)
+
+
+def _steps(ctx: RoleContext, ps: PSClient, flat: FlatModel, runner, stream: BatchStream,
+           start: int, total: int, gate, report: _Reporter, slow: Slowdown,
+           workers: ReplicaWorkers | None) -> int:
+    """The step loop of `_train`; `workers`: the replica's threads (None: T = 1)."""
+    cfg, r = ctx.config, ctx.ident
+    n_fetch, n_push, timeout = cfg.downpour.n_fetch, cfg.downpour.n_push, cfg.cluster.timeout
     pending = [None, None]  # the push handle still reading each gradient buffer
     buf = 0
     window_versions = None
@@ -109,10 +131,15 @@ def _train(ctx: RoleContext, ps: PSClient, flat: FlatModel, runner, stream: Batc
             ps.pull(flat.params).wait(timeout)
         if window_versions is None:  # the versions this push window's gradients are computed on
             window_versions = list(ps.fetched_versions)
-        xb, yb = stream.next()
-        with slow.compute():
-            loss = runner.train_step(xb, yb)
-        report.step(loss, len(yb))
+        if workers is None:
+            xb, yb = stream.next()
+            with slow.compute():
+                loss = runner.train_step(xb, yb)
+            samples = len(yb)
+        else:  # T batches, the gradients summed into the push buffer
+            with slow.compute():
+                loss, samples = workers.step(stream, flat.grads[buf])
+        report.step(loss, samples)
         if push_after(step, n_push, total):
             runner.flush()  # a pipeline stage may still owe the window's weight gradients
             pending[buf] = ps.push(buf, versions=window_versions)

@@ -53,6 +53,7 @@ def run_label(run_dir: Path) -> str:
     for key, fmt in (
         ("algorithm", "{}"),
         ("replicas", "R={}"),
+        ("workers", "W={}"),
         ("shards", "S={}"),
         ("n_fetch", "fetch={}"),
         ("n_push", "push={}"),

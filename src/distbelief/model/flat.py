@@ -19,12 +19,18 @@ from torch import nn
 
 
 class FlatModel:
-    def __init__(self, model: nn.Module, grads: int | list[torch.Tensor] = 2):
+    def __init__(self, model: nn.Module, grads: int | list[torch.Tensor] = 2,
+                 params: torch.Tensor | None = None):
         """`grads`: how many gradient buffers to allocate, or the buffers themselves
-        (e.g. a `PSClient`'s, which the shards read in place)."""
+        (e.g. a `PSClient`'s, which the shards read in place). `params`: a flat tensor
+        to keep the parameters in (e.g. one shared between processes), used as it is:
+        its values replace the model's; default a copy of the model's."""
         self.model = model
         self.parameters = [p for p in model.parameters() if p.requires_grad]
-        self.params = flatten_parameters(model)
+        if params is not None and params.numel() != sum(p.numel() for p in self.parameters):
+            raise ValueError(f"the parameter buffer holds {params.numel()} values, the model "
+                             f"{sum(p.numel() for p in self.parameters)}")
+        self.params = flatten_parameters(model) if params is None else params
         self.numel = self.params.numel()
         if isinstance(grads, int):
             grads = [torch.zeros(self.numel, dtype=torch.float32) for _ in range(grads)]

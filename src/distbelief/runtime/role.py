@@ -107,6 +107,9 @@ def _replica_entry(algorithm: str):
     if algorithm == "sandblaster":
         from distbelief.algorithms.sandblaster_worker import run_worker
         return run_worker
+    if algorithm == "hogwild":
+        from distbelief.algorithms.hogwild_worker import run_worker
+        return run_worker
     raise ValueError(f"unknown algorithm {algorithm!r}")
 
 
