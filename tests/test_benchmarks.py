@@ -103,3 +103,21 @@ def test_soak_quick_finishes_without_lost_updates() -> None:
     # memory was sampled for every role: coordinator, 2 shards, 4 replicas
     assert {"coordinator", "shard0", "shard1", "replica0", "replica3"} <= set(report["rss"])
     assert all(r["warm_mb"] > 0 and r["end_mb"] > 0 for r in report["rss"].values())
+
+
+def test_data_serving_quick_reports_both_peers() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "data_serving.py"),
+                           "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["benchmark"] == "data_serving" and report["quick"]
+    calibration = report["calibration"]
+    assert calibration["gradient_seconds"] > 0 and calibration["warp_smooth"] >= 1
+    for peer in ("served", "inline"):
+        [run] = report[peer]["runs"]
+        assert run["samples_per_second"] > 0 and run["steps_timed"] == 20
+        assert report[peer]["median_samples_per_second"] == run["samples_per_second"]
+    assert report["ratio_served_to_inline"] == (report["served"]["median_samples_per_second"]
+                                                / report["inline"]["median_samples_per_second"])
+    assert report["target"] == {"ratio": 1.5, "cores": 2} and isinstance(report["met"], bool)
+    assert len(report["machine"]["load_before"]) == 3

@@ -147,9 +147,8 @@ def _crop_image(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:
 def _smooth(t: torch.Tensor, dim: int) -> torch.Tensor:
     """One pass of a [1, 2, 1]/4 filter along `dim`, edges replicated."""
     size = t.shape[dim]
-    left = torch.cat([t.narrow(dim, 0, 1), t.narrow(dim, 0, size - 1)], dim)
-    right = torch.cat([t.narrow(dim, 1, size - 1), t.narrow(dim, size - 1, 1)], dim)
-    return (left + t * 2.0 + right) * 0.25
+    padded = torch.cat([t.narrow(dim, 0, 1), t, t.narrow(dim, size - 1, 1)], dim)
+    return (padded.narrow(dim, 0, size) + padded.narrow(dim, 2, size) + t * 2.0) * 0.25
 
 
 def _field(shape: tuple[int, ...], dims: tuple[int, ...], passes: int,
