@@ -15,7 +15,10 @@ interleaved (their order alternating):
 Throughput is the replica's samples/s between its first and last "train"
 report (start-up is not counted), the ratio served / inline of the medians.
 Target: >= 1.5x on 2 cores (1 replica + 1 data server). Other processes on the
-machine depress it: the load average before and after is reported. Prints ONE
+machine depress it (the served peer needs both cores): the load average before
+and after is reported, and for each run the cores the machine's other
+processes kept busy meanwhile (busy CPU time from /proc/stat minus this
+process's and its children's). Prints ONE
 JSON document on stdout; progress goes to stderr.
 
 Example::
@@ -29,12 +32,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import torch
 import torch.nn.functional as F
 
@@ -51,6 +56,14 @@ WARP = 2.0
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(busy CPU-seconds of the whole machine, of this process and its reaped children)."""
+    t = psutil.cpu_times()
+    ours = sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
+    return t.user + t.nice + t.system + t.irq + t.softirq, ours
 
 
 def seconds_per_call(fn, repeats: int) -> float:
@@ -96,19 +109,25 @@ def calibrate(num_samples: int, batch: int, repeats: int) -> dict:
 def throughput(run_root: Path, name: str, *, servers: int, passes: int, steps: int,
                batch: int, num_samples: int) -> dict:
     run_dir = run_root / name
+    busy0, ours0 = cpu_seconds()
+    began = time.monotonic()
     summary = distbelief.train(
         {"augment": {"warp": WARP, "warp_smooth": passes}}, dataset="mnist1d", model="cnn",
         num_samples=num_samples, replicas=1, shards=1, threads=1, batch_size=batch,
         rule="adagrad", lr=0.02, steps=steps, log_every=10, data_servers=servers,
         run_dir=str(run_dir))
+    busy1, ours1 = cpu_seconds()
+    others = max(0.0, (busy1 - busy0) - (ours1 - ours0)) / (time.monotonic() - began)
     reports = [e for e in read_metrics(run_dir / "metrics.jsonl") if e["event"] == "train"]
     first, last = reports[0], reports[-1]
     samples = sum(e["samples"] for e in reports[1:])
     wait = summary["data"]["replica_wait_seconds"]["0"]
     result = {"samples_per_second": samples / (last["time"] - first["time"]),
               "steps_timed": last["step"] - first["step"],
-              "replica_wait_seconds": wait, "wall_seconds": summary["wall_seconds"]}
-    log(f"{name}: {result['samples_per_second']:.0f} samples/s, replica waited {wait:.2f} s")
+              "replica_wait_seconds": wait, "wall_seconds": summary["wall_seconds"],
+              "other_processes_cores": others}
+    log(f"{name}: {result['samples_per_second']:.0f} samples/s, replica waited {wait:.2f} s, "
+        f"other processes kept {others:.2f} cores busy")
     return result
 
 

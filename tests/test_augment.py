@@ -4,6 +4,9 @@ checks and the config's one-line refusals."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -173,3 +176,16 @@ def test_feed_is_the_batch_stream_at_any_step_then_augmented():
     assert torch.equal(yb, expected[5][1])
     assert torch.equal(xb, Augmenter(cfg.augment, SIGNAL)(expected[5][0],
                                                           augment_generator(4, 1, 5)))
+
+
+def test_distbelief_train_refuses_augmentation_that_does_not_fit_in_one_line(tmp_path):
+    """Checked against the data before any process starts: exit code 2, one line."""
+    (tmp_path / "job.toml").write_text("[augment]\nflip = true\n")
+    result = subprocess.run([sys.executable, "-m", "distbelief.cli", "train", "job.toml",
+                             "--dataset", "synthetic", "--num-samples", "100", "--model", "mlp",
+                             "--data-servers", "1", "--quiet"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith("distbelief: error: augment.flip applies to images (C, H, W)")
+    assert "(32,)" in line and not (tmp_path / "runs").exists()
