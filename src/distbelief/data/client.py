@@ -160,10 +160,11 @@ class _Stream:
         store.set_json(P.conn_key(server, ticket), {
             "client": f"replica{client.replica}", "replica": client.replica,
             "generation": generation, "start": client.step, "total": client.total})
-        name = lambda direction: P.channel_name(server, generation, ticket, direction)
-        self.down = Channel(store.raw, name("down"), 1, client.timeout)
+        down, up = (P.channel_name(server, generation, ticket, direction)
+                    for direction in ("down", "up"))
+        self.down = Channel(store.raw, down, 1, client.timeout)
         try:
-            self.up = Channel(store.raw, name("up"), 1, client.timeout)
+            self.up = Channel(store.raw, up, 1, client.timeout)
         except ChannelClosed:
             self.down.close()
             raise

@@ -12,7 +12,7 @@ has no data servers, else a `DataClient` streaming from them. Both count the
 seconds the replica spent waiting for (or making) its batches. Example::
 
     data, model = replica_data_and_model(ctx)     # data is None with data servers
-    with open_feed(ctx, data, start=0) as feed:
+    with open_feed(ctx, data, start=0, total=ctx.job["steps"]) as feed:
         xb, yb = feed.next()                      # the batch of step 0, then 1, ...
 """
 

@@ -35,6 +35,8 @@ from distbelief.runtime.store import JobStore
 
 log = logging.getLogger(__name__)
 
+REQUEST_SECONDS = 5.0  # the longest a ticket's request may take to appear
+
 
 class DataServer:
     """Serves replicas' batch streams until stopped. `serve` is called by one thread."""
@@ -72,12 +74,16 @@ class DataServer:
             self._publish()
 
     def _accept(self, ticket: int) -> None:
-        request = self.store.get_json(P.conn_key(self.ident, ticket), timeout=self.timeout,
-                                      what="a data connection request")
+        try:  # a client writes its request right after taking the ticket
+            request = self.store.get_json(P.conn_key(self.ident, ticket),
+                                          timeout=min(self.timeout, REQUEST_SECONDS))
+        except TimeoutError:  # it died in between: nobody to serve
+            log.warning("data connection request %d never came; skipped", ticket)
+            return
         if request.get("generation") != self.generation:
             return  # addressed to a predecessor (or a successor) of this process
         conn = _Connection(self, ticket, request)
-        self._connections.append(conn)
+        self._connections = [c for c in self._connections if c.alive] + [conn]
         conn.start()
 
     def count(self, replica: int) -> None:
@@ -122,15 +128,20 @@ class _Connection:
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def _run(self) -> None:
         s, req = self.server, self.request
-        name = lambda direction: P.channel_name(s.ident, s.generation, self.ticket, direction)
+        down_name, up_name = (P.channel_name(s.ident, s.generation, self.ticket, direction)
+                              for direction in ("down", "up"))
         down = up = reader = None
         # its own store connection: joining a channel holds one until the peer joins
         store = s.store.clone()
         try:
-            down = Channel(store.raw, name("down"), 0, s.timeout)
-            up = Channel(store.raw, name("up"), 0, s.timeout)
+            down = Channel(store.raw, down_name, 0, s.timeout)
+            up = Channel(store.raw, up_name, 0, s.timeout)
             reader = threading.Thread(target=self._read_credits, args=(up,), daemon=True,
                                       name=f"{self._thread.name}-credits")
             reader.start()
