@@ -128,3 +128,21 @@ def test_hogwild_quick_compares_one_and_two_workers() -> None:
     assert report["target"] == {"ratio": 1.6, "accuracy_points": 1.0}
     assert isinstance(report["met"]["ratio"], bool) and isinstance(report["met"]["accuracy"], bool)
     assert report["machine"]["cpus"] >= 1 and len(report["machine"]["load_before"]) == 3
+
+
+def test_data_serving_quick_reports_both_peers() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "data_serving.py"),
+                           "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["benchmark"] == "data_serving" and report["quick"]
+    calibration = report["calibration"]
+    assert calibration["gradient_seconds"] > 0 and calibration["warp_smooth"] >= 1
+    for peer in ("served", "inline"):
+        [run] = report[peer]["runs"]
+        assert run["samples_per_second"] > 0 and run["steps_timed"] == 20
+        assert report[peer]["median_samples_per_second"] == run["samples_per_second"]
+    assert report["ratio_served_to_inline"] == (report["served"]["median_samples_per_second"]
+                                                / report["inline"]["median_samples_per_second"])
+    assert report["target"] == {"ratio": 1.5, "cores": 2} and isinstance(report["met"], bool)
+    assert len(report["machine"]["load_before"]) == 3

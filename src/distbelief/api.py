@@ -58,6 +58,10 @@ def train(config: JobConfig | dict | str | Path | None = None, *, show_progress:
     if env is not None and cfg.algorithm == "hogwild":
         from distbelief.algorithms.hogwild import MULTI_HOST
         raise UserError(MULTI_HOST)
+    if env is not None and cfg.cluster.data_servers:
+        raise UserError(f"--data-servers {cfg.cluster.data_servers} needs the local launcher, "
+                        "but this process was started as one rank of a multi-host job: leave "
+                        "--data-servers out (augmentation still works inline)")
     if env is not None:
         role, ident, part = env.role(cfg.cluster.shards, cfg.cluster.replicas,
                                      cfg.model.partitions)

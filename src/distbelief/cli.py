@@ -78,6 +78,10 @@ TRAIN_OPTIONS: dict[str, tuple[type, str]] = {
     "restart_replicas": (bool, "start a replacement for a lost replica (downpour, local "
                                "cluster): it pulls fresh parameters and takes over the lost "
                                "one's remaining steps"),
+    "data_servers": (int, "data-serving processes that read, shuffle and augment the data "
+                          "(the [augment] table of the config) and stream ready batches to "
+                          "the replicas (Project Adam); 0: each replica loads its own data"),
+    "prefetch": (int, "with --data-servers: batches in flight to each replica"),
     "sync_fraction": (float, "sync: a step completes once this fraction of the replicas "
                              "reported; late gradients are dropped and counted"),
     "portions": (int, "sandblaster: pieces the data is cut into per gradient evaluation, "

@@ -20,6 +20,8 @@ component::
     name = "cnn"
     [train]
     epochs = 4
+    [augment]            # optional: random augmentation of every batch
+    shift = 3
 
 Sections that belong to one algorithm (``[downpour]``, ``[sync]``,
 ``[sandblaster]``, ``[hogwild]``) and the options that mean nothing for the chosen algorithm
@@ -92,6 +94,8 @@ class ClusterConfig:
     """How parameters are cut into shards: ranges (one contiguous range per shard) or chunks (Project Adam: chunk_bytes pieces hashed to the shards with bounded loads)."""
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     """Bytes per chunk with shard_layout = chunks (a positive multiple of 4: float32)."""
+    data_servers: int = 0
+    """Data-serving processes (Project Adam) that read, shuffle and augment the data and stream ready batches to the replicas; 0: each replica loads its data itself."""
 
     def threads_per_process(self, processes: int) -> int:
         """The compute threads one of `processes` replica processes on this host should use."""
@@ -176,6 +180,37 @@ class DataConfig:
     """Samples per replica step."""
     num_samples: int | None = None
     """Samples to generate for mnist1d/synthetic (None: the dataset's default)."""
+    prefetch: int = 4
+    """Batches a data server may have in flight to one replica (sent, not yet trained on); bounds their memory."""
+
+
+@dataclass(kw_only=True)
+class AugmentConfig:
+    """Random augmentation of each training batch, off by default (`distbelief.data.augment`).
+
+    Signals are samples of shape (L,) or (C, L); images (C, H, W). Every draw
+    comes from a generator seeded by (seed, replica, step), so a data server and
+    a replica augmenting inline produce the same batches.
+    """
+
+    shift: int = 0
+    """Signals and images: roll each sample by a random offset in -shift..shift (images: along H and W)."""
+    scale: float = 0.0
+    """Multiply each sample by a random factor in [1 - scale, 1 + scale]."""
+    noise: float = 0.0
+    """Add Gaussian noise with this standard deviation."""
+    flip: bool = False
+    """Images: flip each sample horizontally with probability 1/2."""
+    crop: int = 0
+    """Images: pad by this many zero pixels on every side, then crop back to H x W at a random offset."""
+    warp: float = 0.0
+    """Signals and images: elastic distortion; the largest displacement, in samples or pixels (Simard et al. 2003)."""
+    warp_smooth: int = 4
+    """Passes of a [1, 2, 1]/4 filter smoothing the random displacement field: more passes give smoother distortions and cost proportionally more."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.shift or self.scale or self.noise or self.flip or self.crop or self.warp)
 
 
 @dataclass(kw_only=True)
@@ -232,6 +267,7 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     # ---- conversion -------------------------------------------------------
 
@@ -340,6 +376,7 @@ class JobConfig:
         self._validate_sync_and_sandblaster()
         self._validate_partitions()
         self._validate_workers()
+        self._validate_data_serving()
         return self
 
     def _validate_workers(self) -> None:
@@ -356,6 +393,29 @@ class JobConfig:
             raise UserError(f"--rule {rule} does not work with --algorithm hogwild: its bias "
                             "correction needs one step count shared by every update, which "
                             f"lock-free workers do not keep; use {', '.join(HOGWILD_RULES)}")
+
+    def _validate_data_serving(self) -> None:
+        c, a = self.cluster, self.augment
+        _at_least("--data-servers", c.data_servers, 0, "use 0 to let each replica load its data")
+        _at_least("--prefetch", self.data.prefetch, 1, "let at least one batch be in flight")
+        if c.data_servers == 0 and self.data.prefetch != DataConfig().prefetch:
+            raise UserError(f"--prefetch {self.data.prefetch} applies to data servers only: "
+                            "add --data-servers 1 (or more) or leave --prefetch out")
+        if c.data_servers and self.model.partitions > 1:
+            raise UserError(f"--data-servers {c.data_servers} feeds unpartitioned replicas "
+                            f"only, but --partitions is {self.model.partitions}: use "
+                            "--partitions 1 or leave --data-servers out (augmentation still "
+                            "works inline)")
+        for name, value in (("shift", a.shift), ("crop", a.crop)):
+            _at_least(f"augment.{name}", value, 0, "give a number of samples or pixels, 0 for none")
+        if not 0 <= a.scale < 1:
+            raise UserError(f"augment.scale must be in [0, 1), got {a.scale}: the factor is "
+                            "drawn from [1 - scale, 1 + scale]; try 0.1")
+        for name, value in (("noise", a.noise), ("warp", a.warp)):
+            if not 0 <= value < math.inf:
+                raise UserError(f"augment.{name} must be a finite number >= 0, got {value}: "
+                                "use 0 for none")
+        _at_least("augment.warp_smooth", a.warp_smooth, 1, "try 4")
 
     def _validate_partitions(self) -> None:
         m, k = self.model, self.model.partitions
@@ -553,7 +613,7 @@ OPTION_FIELDS = {
     "replicas": "cluster.replicas", "shards": "cluster.shards", "port": "cluster.port",
     "host": "cluster.host", "transport": "cluster.transport", "timeout": "cluster.timeout",
     "slow_worker": "cluster.slow_worker", "threads": "cluster.threads",
-    "restart_replicas": "cluster.restart_replicas",
+    "restart_replicas": "cluster.restart_replicas", "data_servers": "cluster.data_servers",
     "shard_layout": "cluster.shard_layout", "chunk_bytes": "cluster.chunk_bytes",
     "n_fetch": "downpour.n_fetch", "n_push": "downpour.n_push",
     "warm_start_steps": "downpour.warm_start_steps",
@@ -566,6 +626,7 @@ OPTION_FIELDS = {
     "rule": "optimizer.rule", "lr": "optimizer.lr", "momentum": "optimizer.momentum",
     "weight_decay": "optimizer.weight_decay",
     "dataset": "data.dataset", "batch_size": "data.batch_size", "num_samples": "data.num_samples",
+    "prefetch": "data.prefetch",
     "model": "model.name", "partitions": "model.partitions", "split": "model.split",
     "balance": "model.balance", "micro_batches": "model.micro_batches",
     "steps": "train.steps", "epochs": "train.epochs", "seed": "train.seed",
@@ -587,6 +648,9 @@ ONLY_FOR: dict[str, tuple[str, ...]] = {
     "train.epochs": _RULE_USERS,     # Sandblaster counts L-BFGS iterations (--steps)
     "train.checkpoint_every": _RULE_USERS,  # L-BFGS state lives in the coordinator
     "cluster.restart_replicas": ("downpour",),  # sync's all-reduce group cannot take a newcomer
+    # Sandblaster's workers read portions of the data, not a stream of batches
+    "cluster.data_servers": _RULE_USERS, "data.prefetch": _RULE_USERS,
+    **{f"augment.{f.name}": _RULE_USERS for f in dataclasses.fields(AugmentConfig)},
 }
 # Hogwild has no parameter server and no replicas: its workers share one tensor on this host
 _SERVED = ("downpour", "sync", "sandblaster")

@@ -24,6 +24,8 @@ import torch
 from distbelief.algorithms.schedule import steps_per_replica
 from distbelief.checkpoint import CheckpointDriver, read_manifest
 from distbelief.config import JobConfig
+from distbelief.data.augment import Augmenter
+from distbelief.data.server import data_summary
 from distbelief.errors import JobFailed, UserError
 from distbelief.metrics.log import MetricsLog, Progress
 from distbelief.model.flat import flatten_parameters
@@ -61,6 +63,7 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
         run_dir = _choose_run_dir(cfg)
     data, model = load_data_and_model(cfg)
     check_model(model, data.input_shape, data.num_classes)
+    Augmenter(cfg.augment, data.input_shape)  # augmentation that does not fit: one line, now
     m = cfg.model
     plan = plan_partitions(model, partitions=m.partitions, split=m.split, balance=m.balance,
                            micro_batches=m.micro_batches,
@@ -118,6 +121,8 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
                 for r in range(cfg.cluster.replicas):
                     for part in parts(cfg):
                         local.spawn("replica", r, part=part)
+                for d in range(cfg.cluster.data_servers):
+                    local.spawn("dataserver", d)
             wait_for_keys(store, [f"shard{s}/up" for s in range(cfg.cluster.shards)], local,
                           cfg, "the parameter shards to start")
             ps = PSClient(store, layout, "coordinator", transport=cfg.cluster.transport,
@@ -127,6 +132,9 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
             store.set_json("job/ready", True)
             wait_for_keys(store, [f"members/replica/{m}" for m in replica_members(cfg)],
                           local, cfg, "the replicas to start")
+            wait_for_keys(store, [f"members/dataserver/{d}"
+                                  for d in range(cfg.cluster.data_servers)],
+                          local, cfg, "the data servers to start")
             _write_cluster(run_dir, store, cfg, host)
             if sandblaster:
                 watch = drive_sandblaster(cfg, store, local, metrics, progress, ps, model,
@@ -153,6 +161,7 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
             if local:
                 local.wait_exit("shard", 10)
                 local.wait_exit("replica", 10)  # their interpreters may take a moment to end
+                local.wait_exit("dataserver", 10)
                 exit_codes = {c.log_path.stem: c.process.poll() for c in local.children}
         summary = _summary(cfg, job, watch, steps, test_loss, test_acc, shard_stats, layout,
                            run_dir, data, exit_codes)
@@ -160,6 +169,8 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
                 for d in (store.try_get_json(f"done/replica{m}") for m in replica_members(cfg))]
         summary["pushes_acked"] = sum(d.get("acked", 0) for d in done)
         summary["store_keys"] = store_keys
+        summary["data"] = data_summary(store, cfg, dict(zip(replica_members(cfg), done)),
+                                       watch.dataservers_lost)
         if plan.partitions > 1:
             summary["partition"] = {**job["partition"],
                                     "shard_clients": [s.get("clients") for s in shard_stats],
@@ -228,6 +239,7 @@ def _write_cluster(run_dir: Path, store: JobStore, cfg: JobConfig, host: str) ->
               "address": host, "port": store.port}]
     members = [("shard", str(s)) for s in range(cfg.cluster.shards)]
     members += [("replica", m) for m in replica_members(cfg)]
+    members += [("dataserver", str(d)) for d in range(cfg.cluster.data_servers)]
     for kind, name in members:
         info = store.get_json(f"members/{kind}/{name}") or {}
         roles.append({"kind": kind, "id": info.get("id"), "part": info.get("part"),

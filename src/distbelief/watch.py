@@ -44,6 +44,7 @@ class Watch:
     dropped: int = 0  # late gradients a synchronous step did not wait for
     restarts: dict[int, int] = field(default_factory=dict)  # replacements started, by replica
     shards_lost: list[dict] = field(default_factory=list)  # shards restarted from a checkpoint
+    dataservers_lost: list[dict] = field(default_factory=list)  # data servers replaced
     nonfinite: int = 0  # NaN/inf losses or steps the replicas reported
     last_event: float = field(default_factory=time.monotonic)
     extra: dict = field(default_factory=dict)  # the algorithm's own statistics
@@ -143,6 +144,9 @@ def watch_replicas(cfg: JobConfig, store: JobStore, local: LocalCluster | None, 
                 progress.message(f"parameter shard {s} was lost; restarted from checkpoint "
                                  f"{lost['checkpoint']} (about {lost['updates_lost']} of its "
                                  "updates lost)")
+        for d in range(cfg.cluster.data_servers):
+            if _is_lost(store, local, "dataserver", d):
+                _replace_dataserver(store, local, watch, d, metrics, progress, start_time)
         if watch.lost and len(watch.lost) == cfg.cluster.replicas:
             raise JobFailed(f"all {cfg.cluster.replicas} replicas were lost"
                             f"{_exit_detail(local, 'replica', 0)}")
@@ -257,6 +261,27 @@ def _restart_shard(cfg: JobConfig, store: JobStore, local: LocalCluster | None, 
             "restored_version": restored, "updates_lost": max(0, at_loss - restored)}
     watch.shards_lost.append(lost)
     return lost
+
+
+def _replace_dataserver(store: JobStore, local: LocalCluster | None, watch: Watch, d: int,
+                        metrics: MetricsLog, progress: Progress, start_time: float) -> None:
+    """Start a replacement for lost data server `d` (its replicas fail over meanwhile); it
+    answers requests addressed to the next generation. JobFailed when that is not allowed."""
+    from distbelief.data.protocol import restart_key
+
+    detail = _exit_detail(local, "dataserver", d)
+    earlier = [x for x in watch.dataservers_lost if x["server"] == d]
+    if local is None or len(earlier) >= MAX_RESTARTS:
+        raise JobFailed(f"data server {d} died{detail}; it could not be replaced "
+                        f"({len(earlier)} replacements so far)")
+    local.retire("dataserver", d)
+    generation = len(earlier) + 1
+    store.set_json(restart_key(d), {"generation": generation})
+    local.spawn("dataserver", d)
+    lost = {"server": d, "generation": generation, "time": time.time() - start_time}
+    watch.dataservers_lost.append(lost)
+    metrics.write({"event": "dataserver_lost", **lost})
+    progress.message(f"data server {d} was lost{detail}; a replacement takes over")
 
 
 def evaluate_current(ps: PSClient, model, data, timeout: float,

@@ -33,13 +33,12 @@ import time
 import torch
 
 from distbelief.algorithms.replica_workers import ReplicaWorkers
-from distbelief.algorithms.schedule import fetch_before, push_after, steps_per_replica
+from distbelief.algorithms.schedule import fetch_before, push_after
 from distbelief.algorithms.slowdown import Slowdown
 from distbelief.checkpoint import ReplicaGate
-from distbelief.data.datasets import BatchStream, replica_indices
+from distbelief.data.feed import open_feed, replica_data_and_model
 from distbelief.model.flat import FlatModel
 from distbelief.model.partition import PartitionPlan, open_partition
-from distbelief.model.zoo import load_data_and_model
 from distbelief.ps.client import PSClient
 from distbelief.ps.layout import Layout
 from distbelief.runtime.role import RoleContext
@@ -51,24 +50,18 @@ def run_replica(ctx: RoleContext) -> None:
     # each of a replica's worker threads computes on its own share of the cores
     processes *= cfg.downpour.replica_workers
     torch.set_num_threads(cfg.cluster.threads_per_process(processes))
-    data, model = load_data_and_model(cfg)
+    data, model = replica_data_and_model(ctx)  # data None: data servers read it
     plan = PartitionPlan.from_json(ctx.job["partition"])
     part = ctx.part or 0
     module = plan.part_module(model, part)
     del model  # a partition keeps only its own layers
-    indices = replica_indices(len(data.x_train), r, cfg.cluster.replicas, cfg.train.seed)
-    stream = BatchStream(data.x_train, data.y_train, indices, cfg.data.batch_size,
-                         seed=cfg.train.seed * 1000 + r)
+    total = ctx.job["steps"]  # steps_per_replica, computed by the coordinator
     threads = cfg.downpour.replica_workers  # a step takes one batch per worker thread
-    total = steps_per_replica(steps=cfg.train.steps, epochs=cfg.train.resolved_epochs,
-                              train_samples=len(data.x_train), replicas=cfg.cluster.replicas,
-                              batch_size=cfg.data.batch_size * threads)
     resume = ctx.job.get("resume")
     restart = ctx.store.try_get_json(f"restart/replica{r}")  # a replacement for a lost one
     start = resume["replica_steps"].get(ctx.member, 0) if resume else 0
     if restart is not None:
         start = max(start, restart["start"])
-    stream.skip(start * threads)  # the data position the checkpoint was taken at
     # the shards hold the initial parameters once the coordinator says the job is ready
     ctx.store.get_json("job/ready", what="the coordinator to initialise the shards")
     if r > 0 and cfg.downpour.warm_start_steps > 0 and not _wait_for_warm_start(ctx):
@@ -84,25 +77,29 @@ def run_replica(ctx: RoleContext) -> None:
                       timeout=cfg.cluster.timeout) as ps, \
                 open_partition(plan, module, part, store=peers.raw,
                                name=f"replica{r}.g{restart['generation'] if restart else 0}",
-                               timeout=cfg.cluster.timeout) as runner:
+                               timeout=cfg.cluster.timeout) as runner, \
+                open_feed(ctx, data, start * threads, total * threads) as feed:  # batches, from
+            # the checkpoint's data position
             if runner.reports_loss:
                 ctx.store.append("events", {"event": "replica_joined", "time": _now(ctx),
                                             "replica": r})
             for grad in ps.grad_buffers:
                 grad.zero_()
             flat = FlatModel(module, grads=ps.grad_buffers)  # backward() writes where shards read
-            acked = _train(ctx, ps, flat, runner, stream, start, total)
+            acked = _train(ctx, ps, flat, runner, feed, start, total)
             boundary_bytes = runner.bytes_sent
+            data_stats = feed.stats()
     finally:
         peers.close()
     if r == 0:  # a warm start longer than the run must not leave the others waiting
         ctx.store.set_json("warm/done", True)
     ctx.store.set_json(f"done/replica{ctx.member}", {"steps": total, "acked": acked,
-                                                     "boundary_bytes": boundary_bytes})
+                                                     "boundary_bytes": boundary_bytes,
+                                                     **data_stats})
 
 
-def _train(ctx: RoleContext, ps: PSClient, flat: FlatModel, runner, stream: BatchStream,
-           start: int, total: int) -> int:
+def _train(ctx: RoleContext, ps: PSClient, flat: FlatModel, runner, feed, start: int,
+           total: int) -> int:
     """Train steps start..total-1; returns how many pushes the shards acknowledged."""
     cfg, r = ctx.config, ctx.ident
     gate = (ReplicaGate(ctx.store, ctx.member, cfg.cluster.timeout)
@@ -114,10 +111,10 @@ def _train(ctx: RoleContext, ps: PSClient, flat: FlatModel, runner, stream: Batc
         workers = (stack.enter_context(ReplicaWorkers(flat, threads, cfg.optimizer.lr,
                                                       cfg.cluster.timeout))
                    if threads > 1 else None)
-        return _steps(ctx, ps, flat, runner, stream, start, total, gate, report, slow, workers)
+        return _steps(ctx, ps, flat, runner, feed, start, total, gate, report, slow, workers)
 
 
-def _steps(ctx: RoleContext, ps: PSClient, flat: FlatModel, runner, stream: BatchStream,
+def _steps(ctx: RoleContext, ps: PSClient, flat: FlatModel, runner, feed,
            start: int, total: int, gate, report: _Reporter, slow: Slowdown,
            workers: ReplicaWorkers | None) -> int:
     """The step loop of `_train`; `workers`: the replica's threads (None: T = 1)."""
@@ -132,13 +129,13 @@ def _steps(ctx: RoleContext, ps: PSClient, flat: FlatModel, runner, stream: Batc
         if window_versions is None:  # the versions this push window's gradients are computed on
             window_versions = list(ps.fetched_versions)
         if workers is None:
-            xb, yb = stream.next()
+            xb, yb = feed.next()
             with slow.compute():
                 loss = runner.train_step(xb, yb)
             samples = len(yb)
         else:  # T batches, the gradients summed into the push buffer
             with slow.compute():
-                loss, samples = workers.step(stream, flat.grads[buf])
+                loss, samples = workers.step(feed, flat.grads[buf])
         report.step(loss, samples)
         if push_after(step, n_push, total):
             runner.flush()  # a pipeline stage may still owe the window's weight gradients

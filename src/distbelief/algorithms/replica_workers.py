@@ -19,7 +19,7 @@ per step straight into the push buffer and leaves its local copy alone.
 Example::
 
     with ReplicaWorkers(flat, threads=2, lr=0.02, timeout=60) as workers:
-        loss, samples = workers.step(stream, flat.grads[buf])   # batches 2s and 2s+1
+        loss, samples = workers.step(feed, flat.grads[buf])   # batches 2s and 2s+1
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
-from distbelief.data.datasets import BatchStream
 from distbelief.model.flat import FlatModel
 
 
@@ -47,9 +46,9 @@ class ReplicaWorkers:
         self._grads = [torch.zeros(flat.numel) for _ in range(threads)]  # each worker's own
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="replica-worker")
 
-    def step(self, stream: BatchStream, push: torch.Tensor) -> tuple[float, int]:
-        """One step: batch j of the next T goes to worker j. (mean loss, samples)."""
-        batches = [stream.next() for _ in range(self.threads)]  # the stream is not thread-safe
+    def step(self, feed, push: torch.Tensor) -> tuple[float, int]:
+        """One step: batch j of the feed's next T goes to worker j. (mean loss, samples)."""
+        batches = [feed.next() for _ in range(self.threads)]  # the feed is not thread-safe
         futures = [self._pool.submit(self._work, j, xb, yb, push)
                    for j, (xb, yb) in enumerate(batches)]
         losses = [f.result(self.timeout) for f in futures]

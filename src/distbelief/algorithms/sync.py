@@ -36,12 +36,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
-from distbelief.algorithms.schedule import steps_per_replica
 from distbelief.algorithms.slowdown import Slowdown
 from distbelief.checkpoint import ReplicaGate, load_file, set_dir, write_atomic
-from distbelief.data.datasets import BatchStream, replica_indices
+from distbelief.data.feed import open_feed, replica_data_and_model
 from distbelief.model.flat import FlatModel
-from distbelief.model.zoo import load_data_and_model
 from distbelief.ps.client import PSClient
 from distbelief.ps.layout import Layout
 from distbelief.ps.rules import make_rule
@@ -68,41 +66,38 @@ def quorum_size(fraction: float, replicas: int) -> int:
 def run_replica(ctx: RoleContext) -> None:
     cfg, r, replicas = ctx.config, ctx.ident, ctx.config.cluster.replicas
     torch.set_num_threads(cfg.cluster.threads_per_process(replicas))
-    data, model = load_data_and_model(cfg)
-    indices = replica_indices(len(data.x_train), r, replicas, cfg.train.seed)
-    stream = BatchStream(data.x_train, data.y_train, indices, cfg.data.batch_size,
-                         seed=cfg.train.seed * 1000 + r)
-    total = steps_per_replica(steps=cfg.train.steps, epochs=cfg.train.resolved_epochs,
-                              train_samples=len(data.x_train), replicas=replicas,
-                              batch_size=cfg.data.batch_size)
+    data, model = replica_data_and_model(ctx)  # data None: data servers read it
+    total = ctx.job["steps"]  # steps_per_replica, computed by the coordinator
     resume = ctx.job.get("resume")
     start = resume["replica_steps"].get(ctx.member, 0) if resume else 0
-    stream.skip(start)  # the data position the checkpoint was taken at
     # built before the job is ready: the first torch.optim takes a second to import
-    trainer = _Trainer(ctx, model, stream, start, total)
+    trainer = _Trainer(ctx, model, start, total)
     if resume:  # the parameters come from the shards, the rule's state from the checkpoint
         trainer.rule.load_state_dict(load_file(ctx.job["run_dir"], resume, "sync.pt")["rule"])
     ctx.store.get_json("job/ready", what="the coordinator to initialise the shards")
     layout = Layout.from_json(ctx.job["layout"])
     with PSClient(ctx.store, layout, f"replica{r}", transport=cfg.cluster.transport,
-                  timeout=cfg.cluster.timeout, grad_buffers=0) as ps:
+                  timeout=cfg.cluster.timeout, grad_buffers=0) as ps, \
+            open_feed(ctx, data, start, total) as feed:  # from the checkpoint's position
         ps.pull(trainer.params).wait(cfg.cluster.timeout)  # every replica starts from here
         group = Group(ctx.store.raw, GROUP, r, replicas, cfg.cluster.timeout)
         try:
             ctx.store.append("events", {"event": "replica_joined", "time": _now(ctx),
                                         "replica": r})
-            dropped = trainer.run(ps, group)
+            dropped = trainer.run(ps, group, feed)
         finally:
             group.close()
-    ctx.store.set_json(f"done/replica{r}", {"steps": total, "dropped": dropped})
+    ctx.store.set_json(f"done/replica{r}", {"steps": total, "dropped": dropped,
+                                            **feed.stats()})
 
 
 class _Trainer:
     """One replica's synchronous loop. Owns the parameters, the rule and the reduce buffer."""
 
-    def __init__(self, ctx: RoleContext, model, stream: BatchStream, start: int, total: int):
+    def __init__(self, ctx: RoleContext, model, start: int, total: int):
         cfg = ctx.config
-        self.ctx, self.stream, self.start, self.total = ctx, stream, start, total
+        self.ctx, self.start, self.total = ctx, start, total
+        self.feed = None  # the batches (`data.feed`), given to `run`
         self.gate = (ReplicaGate(ctx.store, ctx.member, cfg.cluster.timeout)
                      if cfg.train.checkpoint_every is not None else None)
         self.timeout = cfg.cluster.timeout
@@ -123,13 +118,13 @@ class _Trainer:
         self.ps: PSClient | None = None
         self.group: Group | None = None
 
-    def run(self, ps: PSClient, group: Group) -> int:
+    def run(self, ps: PSClient, group: Group, feed) -> int:
         """Train every step; returns how many of this replica's gradients were dropped."""
-        self.ps, self.group = ps, group
+        self.ps, self.group, self.feed = ps, group, feed
         self.report = _Reporter(self.ctx, self.total)
         if not self.threaded:
             for step in range(self.start, self.total):
-                xb, yb = self.stream.next()
+                xb, yb = self.feed.next()
                 loss = self.compute(xb, yb)
                 self.buf[-EXTRA:] = torch.tensor([loss, len(yb), 1.0, self._saw_request()])
                 self._reduce_and_apply(step, len(yb))
@@ -149,7 +144,7 @@ class _Trainer:
         if worker.busy and worker.done:
             self.report.drop(worker.take_stale())
         if not worker.busy:  # start on the current parameters
-            worker.start(step, self.params, *self.stream.next())
+            worker.start(step, self.params, *self.feed.next())
         _wait_for_quorum(self.ctx, step, worker, self.quorum, self.timeout)
         result = worker.take(step, self.timeout)
         if result is None:  # late or still computing: this step goes on without it

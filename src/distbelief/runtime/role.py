@@ -89,6 +89,9 @@ def run_role(store: JobStore, role: str, ident: int, part: int | None = None) ->
             run_shard(ctx)
         elif role == "replica":
             _replica_entry(config.algorithm)(ctx)
+        elif role == "dataserver":
+            from distbelief.data.server import run_data_server
+            run_data_server(ctx)
         elif role == "predictor":
             from distbelief.inference import run_partition
             run_partition(ctx)

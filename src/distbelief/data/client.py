@@ -1,0 +1,222 @@
+"""The replica side of the data servers: a prefetched stream of ready batches.
+
+`DataClient` connects replica r to data server r % D (the next one when that
+one is not up) through the store, grants it ``prefetch`` credits and receives
+batches in a background thread, so the next batch is usually there when the
+training loop asks for it. When its server dies or stops answering, the client
+connects to another live server or to the dead one's replacement (the
+coordinator starts one) and asks for the stream from the first step it has not
+received; the batches are a pure function of (seed, replica, step), so
+training sees exactly the same data. Every wait is bounded by `timeout`: when
+no server can serve, `next` raises `DataUnavailable` naming the data server.
+
+Blocking: `next` blocks until the batch is there (or the timeout); the client
+is used by one thread (the training loop). Example::
+
+    with DataClient(store, replica=0, servers=2, start=0, total=100, input_shape=(1, 40),
+                    prefetch=4, timeout=60) as client:
+        for step in range(100):
+            xb, yb = client.next()
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+import torch
+
+from distbelief.data import protocol as P
+from distbelief.runtime.channel import Channel, ChannelClosed
+from distbelief.runtime.store import JobStore
+
+log = logging.getLogger(__name__)
+
+FRESH_HEARTBEAT = 5.0  # seconds: a server that beat more recently counts as alive
+
+
+class DataUnavailable(RuntimeError):
+    """No data server could serve the replica's next batch within the timeout."""
+
+
+class DataClient:
+    """Replica `replica`'s batches, steps start..total-1, from the job's data servers."""
+
+    def __init__(self, store: JobStore, *, replica: int, servers: int, start: int, total: int,
+                 input_shape: tuple[int, ...], prefetch: int, timeout: float):
+        # its own store connection: joining a channel holds one until the server joins, and
+        # the replica's heartbeat and reports must not wait for that
+        self.store, self.replica, self.servers = store.clone(), replica, servers
+        self.step, self.total = start, total
+        self.input_shape, self.prefetch, self.timeout = tuple(input_shape), prefetch, timeout
+        self.wait_seconds = 0.0
+        self.failovers = 0  # connections lost and made again to another (or a new) server
+        self.served_by: dict[int, int] = {}  # batches received, by data server
+        self._conn: _Stream | None = None
+        self._failed: set[tuple[int, int]] = set()  # (server, generation) that broke
+        self._last_error = ""
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch of the next step. Blocks at most `timeout` seconds; raises
+        DataUnavailable naming the data server when none could serve it."""
+        if self.step >= self.total:
+            raise IndexError(f"replica {self.replica} asked for step {self.step + 1} of "
+                             f"{self.total}")
+        began = time.perf_counter()
+        deadline = time.monotonic() + self.timeout
+        try:
+            while True:
+                if self._conn is None:
+                    self._conn = self._connect(deadline)
+                item = self._conn.get(max(0.0, deadline - time.monotonic()))
+                if isinstance(item, tuple):
+                    return self._take(*item)
+                self._drop(item or f"sent nothing for {self.timeout:g} s (--timeout)")
+        finally:
+            self.wait_seconds += time.perf_counter() - began
+
+    def _take(self, step: int, xb: torch.Tensor, yb: torch.Tensor):
+        if step != self.step:
+            raise RuntimeError(f"data server {self._conn.server} sent step {step + 1} when "
+                               f"replica {self.replica} expected {self.step + 1} (a bug)")
+        self.step += 1
+        self.served_by[self._conn.server] = self.served_by.get(self._conn.server, 0) + 1
+        if self.step < self.total:
+            self._conn.grant(1)
+        else:
+            self._conn.finish()
+            self._conn = None
+        return xb, yb
+
+    def _drop(self, reason: str) -> None:
+        """The connection broke (or stalled): forget it and fail over."""
+        conn, self._conn = self._conn, None
+        self._failed.add((conn.server, conn.generation))
+        self._last_error = f"data server {conn.server} {reason}"
+        log.warning("replica %d: %s at step %d; connecting again", self.replica,
+                    self._last_error, self.step + 1)
+        conn.close()
+        self.failovers += 1
+
+    def _candidates(self) -> list[tuple[int, int]]:
+        """(server, generation) that look alive, the preferred one (r % D) first."""
+        found = []
+        for i in range(self.servers):
+            d = (self.replica + i) % self.servers
+            generation = self.store.try_get_json(P.generation_key(d))
+            beat = self.store.try_get_json(f"heartbeat/dataserver/{d}")
+            if (generation is None or (d, generation) in self._failed or beat is None
+                    or time.time() - beat > FRESH_HEARTBEAT):
+                continue
+            found.append((d, generation))
+        return found
+
+    def _connect(self, deadline: float) -> _Stream:
+        while time.monotonic() < deadline:
+            for d, generation in self._candidates():
+                try:
+                    return _Stream(self, d, generation)
+                except ChannelClosed as exc:
+                    self._failed.add((d, generation))
+                    self._last_error = f"data server {d} did not connect ({exc})"
+            time.sleep(0.05)
+        last = self._last_error or f"data server {self.replica % self.servers} never came up"
+        raise DataUnavailable(
+            f"replica {self.replica}: no data server could serve step {self.step + 1} within "
+            f"{self.timeout:g} s (--timeout); last: {last}; see its log "
+            f"(logs/dataserver<id>.log in the run directory)")
+
+    def stats(self) -> dict:
+        return {"data_seconds": self.wait_seconds, "data_failovers": self.failovers,
+                "data_served_by": {str(d): n for d, n in sorted(self.served_by.items())}}
+
+    def close(self) -> None:
+        """Say goodbye to the server (also when not every batch was taken) and disconnect."""
+        if self._conn is not None:
+            self._conn.finish()
+            self._conn = None
+        self.store.close()
+
+    def __enter__(self) -> DataClient:
+        if self.step < self.total:  # connect now: the first batches arrive while we set up
+            began = time.perf_counter()
+            self._conn = self._connect(time.monotonic() + self.timeout)
+            self.wait_seconds += time.perf_counter() - began
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Stream:
+    """One connection to one data server: credits go up, batches come down into a queue."""
+
+    def __init__(self, client: DataClient, server: int, generation: int):
+        self.server, self.generation = server, generation
+        store = client.store
+        ticket = store.add(P.conn_counter(server), 1)
+        store.set_json(P.conn_key(server, ticket), {
+            "client": f"replica{client.replica}", "replica": client.replica,
+            "generation": generation, "start": client.step, "total": client.total})
+        down, up = (P.channel_name(server, generation, ticket, direction)
+                    for direction in ("down", "up"))
+        self.down = Channel(store.raw, down, 1, client.timeout)
+        try:
+            self.up = Channel(store.raw, up, 1, client.timeout)
+        except ChannelClosed:
+            self.down.close()
+            raise
+        self.queue: queue.Queue = queue.Queue()  # at most `prefetch` batches, by the credits
+        self._thread = threading.Thread(target=self._receive,
+                                        args=(client.step, client.total, client.input_shape),
+                                        name=f"replica{client.replica}-data", daemon=True)
+        self._thread.start()
+        self.grant(client.prefetch)
+
+    def _receive(self, start: int, total: int, shape: tuple[int, ...]) -> None:
+        try:
+            for expected in range(start, total):
+                op, step, n, *_ = self.down.recv_header()
+                if op == P.END:
+                    self.queue.put("is shutting down")
+                    return
+                if op != P.BATCH:
+                    raise RuntimeError(f"data server {self.server} sent op {op}, not a batch")
+                xb = torch.empty((n, *shape))
+                yb = torch.empty(n, dtype=torch.int64)
+                self.down.recv(xb)
+                self.down.recv(yb)
+                self.queue.put((step, xb, yb))
+        except ChannelClosed as exc:
+            self.queue.put(f"stopped sending ({exc})")
+        except Exception as exc:  # reported to the training loop, which fails over
+            log.exception("data stream from data server %d failed", self.server)
+            self.queue.put(f"failed ({type(exc).__name__}: {exc})")
+
+    def get(self, timeout: float):
+        """A (step, x, y) batch, an error text, or None when nothing came within `timeout`."""
+        try:
+            return self.queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def grant(self, credits: int) -> None:
+        try:
+            self.up.send_header(P.CREDIT, credits)
+        except ChannelClosed:
+            pass  # the receiving thread reports the broken connection
+
+    def finish(self) -> None:
+        """Every batch arrived: say goodbye and release the channels."""
+        try:
+            self.up.send_header(P.BYE)
+        except ChannelClosed:
+            pass
+        self.close()
+
+    def close(self) -> None:
+        self.down.close()
+        self.up.close()
+        self._thread.join(5)
