@@ -79,7 +79,13 @@ class Channel:
         return self._header.tolist()
 
     def close(self) -> None:
-        """End the channel; the peer's pending and later calls fail with ChannelClosed."""
+        """End this side's use of the channel.
+
+        Shutting the process group down does not wake a `recv` already pending on
+        either side: a peer blocked in one waits until this process exits (its
+        connections close) or its own timeout. A protocol that needs a blocked peer
+        to stop must send it a message saying so (the data server sends END).
+        """
         self._pg.shutdown()
 
     def _wait(self, start) -> None:
