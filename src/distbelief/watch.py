@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -83,23 +84,7 @@ def watch_replicas(cfg: JobConfig, store: JobStore, local: LocalCluster | None, 
     read = trimmed = 0
     next_eval = cfg.train.eval_every or None
     while not watch.finished:
-        events = store.read_stream("events", read, consume=True)
-        read += len(events)
-        for event in events:
-            metrics.write(event)
-            watch.last_event = time.monotonic()
-            if event["event"] == "train":
-                watch.steps[event["replica"]] = event["step"]
-                watch.last[event["replica"]] = event
-                watch.samples += event["samples"]
-                watch.dropped += event.get("dropped") or 0
-                if event.get("nonfinite") and not watch.nonfinite:
-                    progress.message(f"replica {event['replica']}: a NaN/inf loss or gradient "
-                                     "was skipped (--on-nonfinite skip); lower --lr if this "
-                                     "repeats")
-                watch.nonfinite += event.get("nonfinite") or 0
-        if events:
-            _show(progress, watch)
+        read = follow_events(store, read, watch, metrics, progress)
         for r in range(cfg.cluster.replicas):
             if r in watch.done or r in watch.lost:
                 continue
@@ -159,13 +144,9 @@ def watch_replicas(cfg: JobConfig, store: JobStore, local: LocalCluster | None, 
             if written is not None:
                 metrics.write({"event": "checkpoint", "time": time.time() - start_time,
                                "checkpoint": written["checkpoint"], "step": watch.leading_step})
-        if next_eval is not None and watch.leading_step >= next_eval:
-            loss, acc = evaluate_current(ps, model, data, cfg.cluster.timeout, perm)
-            metrics.write({"event": "eval", "time": time.time() - start_time,
-                           "step": watch.leading_step, "test_loss": loss, "test_accuracy": acc})
-            progress.message(f"step {watch.leading_step}: test accuracy {acc:.4f}")
-            while next_eval <= watch.leading_step:
-                next_eval += cfg.train.eval_every
+        next_eval = maybe_evaluate(
+            next_eval, cfg.train.eval_every, watch, metrics, progress, start_time,
+            lambda: evaluate_current(ps, model, data, cfg.cluster.timeout, perm))
         time.sleep(0.05)
     _show(progress, watch, force=True)
     return watch
@@ -318,6 +299,46 @@ def replica_members(cfg: JobConfig, replicas: range | None = None) -> list[str]:
     """Store names of the replica processes ("0", or "0.0", "0.1", ... when partitioned)."""
     return [member_name(r, part) for r in (replicas or range(cfg.cluster.replicas))
             for part in parts(cfg)]
+
+
+def follow_events(store: JobStore, read: int, watch: Watch, metrics: MetricsLog,
+                  progress: Progress) -> int:
+    """Take the events that arrived since index `read` (the coordinator is their only
+    reader, so they are consumed): write them to the metrics, fold the "train" ones
+    into `watch`, refresh the progress line. Returns the next index to read."""
+    events = store.read_stream("events", read, consume=True)
+    for event in events:
+        metrics.write(event)
+        watch.last_event = time.monotonic()
+        if event["event"] == "train":
+            watch.steps[event["replica"]] = event["step"]
+            watch.last[event["replica"]] = event
+            watch.samples += event["samples"]
+            watch.dropped += event.get("dropped") or 0
+            if event.get("nonfinite") and not watch.nonfinite:
+                progress.message(f"replica {event['replica']}: a NaN/inf loss or gradient "
+                                 "was skipped (--on-nonfinite skip); lower --lr if this "
+                                 "repeats")
+            watch.nonfinite += event.get("nonfinite") or 0
+    if events:
+        _show(progress, watch)
+    return read + len(events)
+
+
+def maybe_evaluate(next_eval: int | None, every: int, watch: Watch, metrics: MetricsLog,
+                   progress: Progress, start_time: float,
+                   evaluate_now: Callable[[], tuple[float, float]]) -> int | None:
+    """Evaluate once the leading replica reached `next_eval` (None: only at the end);
+    returns the step of the next evaluation."""
+    if next_eval is None or watch.leading_step < next_eval:
+        return next_eval
+    loss, acc = evaluate_now()
+    metrics.write({"event": "eval", "time": time.time() - start_time,
+                   "step": watch.leading_step, "test_loss": loss, "test_accuracy": acc})
+    progress.message(f"step {watch.leading_step}: test accuracy {acc:.4f}")
+    while next_eval <= watch.leading_step:
+        next_eval += every
+    return next_eval
 
 
 def _trim_sync_keys(store: JobStore, watch: Watch, replicas: int, trimmed: int) -> int:

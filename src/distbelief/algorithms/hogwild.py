@@ -44,7 +44,8 @@ from distbelief.model.zoo import check_model, load_data_and_model
 from distbelief.runtime.channel import SharedTensor, job_file, remove_job_files
 from distbelief.runtime.launch import LocalCluster
 from distbelief.runtime.store import JobStore, new_token
-from distbelief.watch import Watch, _exit_detail, _is_lost, _show, wait_for_keys
+from distbelief.watch import (Watch, _exit_detail, _is_lost, _show, follow_events,
+                              maybe_evaluate, wait_for_keys)
 
 MULTI_HOST = ("--algorithm hogwild shares one tensor in this host's memory, so it runs on one "
               "host: start it without torchrun/SLURM (RANK and WORLD_SIZE unset)")
@@ -132,18 +133,7 @@ def _watch(cfg: JobConfig, store: JobStore, local: LocalCluster, metrics: Metric
     watch = Watch(workers)
     read, next_eval = 0, cfg.train.eval_every or None
     while not watch.finished:
-        events = store.read_stream("events", read, consume=True)
-        read += len(events)
-        for event in events:
-            metrics.write(event)
-            watch.last_event = time.monotonic()
-            if event["event"] == "train":
-                watch.steps[event["replica"]] = event["step"]
-                watch.last[event["replica"]] = event
-                watch.samples += event["samples"]
-                watch.nonfinite += event.get("nonfinite") or 0
-        if events:
-            _show(progress, watch)
+        read = follow_events(store, read, watch, metrics, progress)
         bad = store.try_get_json("job/nonfinite")  # before the lost: the worker then exits
         if bad is not None:
             raise JobFailed(f"{bad['client']} produced a non-finite loss and --on-nonfinite "
@@ -159,13 +149,8 @@ def _watch(cfg: JobConfig, store: JobStore, local: LocalCluster, metrics: Metric
         if time.monotonic() - watch.last_event > cfg.cluster.timeout:
             raise JobFailed(f"no hogwild worker reported progress for "
                             f"{cfg.cluster.timeout:.0f} s")
-        if next_eval is not None and watch.leading_step >= next_eval:
-            loss, acc = _evaluate(params, model, data)
-            metrics.write({"event": "eval", "time": time.time() - start_time,
-                           "step": watch.leading_step, "test_loss": loss, "test_accuracy": acc})
-            progress.message(f"step {watch.leading_step}: test accuracy {acc:.4f}")
-            while next_eval <= watch.leading_step:
-                next_eval += cfg.train.eval_every
+        next_eval = maybe_evaluate(next_eval, cfg.train.eval_every, watch, metrics, progress,
+                                   start_time, lambda: _evaluate(params, model, data))
         time.sleep(0.05)
     _show(progress, watch, force=True)
     return watch
