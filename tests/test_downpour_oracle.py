@@ -8,11 +8,10 @@ batches, whatever the number of shards (every rule is elementwise).
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import distbelief
-from distbelief.data.datasets import BatchStream, load_dataset, replica_indices
-from distbelief.model.zoo import build_model
+
+from _reference import one_process_parameters
 
 STEPS = 25
 SEED = 3
@@ -28,18 +27,7 @@ OPTIMIZERS = {
 def reference_parameters(rule: str, steps: int, batch_size: int) -> list[torch.Tensor]:
     """The same training in one process with torch.optim."""
     lr, make = OPTIMIZERS[rule]
-    data = load_dataset("digits", seed=SEED)
-    torch.manual_seed(SEED)
-    model = build_model("mlp", data.input_shape, data.num_classes)
-    indices = replica_indices(len(data.x_train), 0, 1, SEED)
-    stream = BatchStream(data.x_train, data.y_train, indices, batch_size, seed=SEED * 1000)
-    optimizer = make(model.parameters(), lr)
-    for _ in range(steps):
-        xb, yb = stream.next()
-        optimizer.zero_grad()
-        F.cross_entropy(model(xb), yb).backward()
-        optimizer.step()
-    return [p.detach().clone() for p in model.parameters()]
+    return one_process_parameters(lambda params: make(params, lr), steps, batch_size, SEED)
 
 
 @pytest.mark.parametrize("shards", [1, 3])

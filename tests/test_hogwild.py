@@ -8,17 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import distbelief
 from distbelief.algorithms.hogwild_worker import STATE_SLOTS, LockFreeRule, shared_views
 from distbelief.cli import main as cli_main
 from distbelief.config import JobConfig, OptimizerConfig, apply_options
-from distbelief.data.datasets import BatchStream, load_dataset, replica_indices
 from distbelief.errors import JobFailed, UserError
 from distbelief.metrics.log import read_metrics
-from distbelief.model.zoo import build_model
 from distbelief.runtime.channel import SHM_DIR
+
+from _reference import one_process_parameters
 
 STEPS, BATCH, SEED, LR = 30, 32, 4, 0.1
 
@@ -53,18 +52,8 @@ def test_lock_free_rules_follow_torch_optim(rule, weight_decay):
 
 def reference_sgd(steps: int) -> list[torch.Tensor]:
     """One process, torch.optim.SGD, on the batches of the single worker's stream."""
-    data = load_dataset("digits", seed=SEED)
-    torch.manual_seed(SEED)
-    model = build_model("mlp", data.input_shape, data.num_classes)
-    stream = BatchStream(data.x_train, data.y_train, replica_indices(len(data.x_train), 0, 1, SEED),
-                         BATCH, seed=SEED * 1000)
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    for _ in range(steps):
-        xb, yb = stream.next()
-        optimizer.zero_grad()
-        F.cross_entropy(model(xb), yb).backward()
-        optimizer.step()
-    return [p.detach().clone() for p in model.parameters()]
+    return one_process_parameters(lambda params: torch.optim.SGD(params, lr=LR), steps, BATCH,
+                                  SEED)
 
 
 def test_one_worker_is_exactly_single_process_sgd(tmp_path):
