@@ -3,13 +3,44 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 CLI = [sys.executable, "-m", "distbelief.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def rank_processes(args: list[str], world: int, cwd, token: str = "test-secret"):
+    """`distbelief` started once per rank with RANK/WORLD_SIZE/MASTER_* set, as torchrun
+    or SLURM would on many hosts (here all on 127.0.0.1); yields the processes (rank
+    order, stdout and stderr piped as text) and kills any still running on exit."""
+    port, procs = free_port(), []
+    try:
+        for rank in range(world):
+            env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world),
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                   "DISTBELIEF_TOKEN": token}
+            procs.append(subprocess.Popen([*CLI, *args], cwd=cwd, env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True))
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(10)
 
 
 def wait_until(predicate, timeout: float, what: str, poll: float = 0.1):

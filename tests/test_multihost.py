@@ -9,19 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from _cluster import free_port, rank_processes
+
 ARGS = ["train", "--dataset", "digits", "--model", "mlp", "--replicas", "2", "--shards", "1",
         "--steps", "150", "--quiet"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _check_run(run_dir: Path) -> None:
@@ -45,43 +40,20 @@ def test_torchrun_starts_one_role_per_rank(tmp_path):
 
 
 def test_roles_from_rank_variables_without_torchrun(tmp_path):
-    port = _free_port()
     run_dir = tmp_path / "run"
-    procs = []
-    try:
-        for rank in range(4):
-            env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "4",
-                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                   "DISTBELIEF_TOKEN": "test-secret"}
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "distbelief.cli", *ARGS, "--run-dir", str(run_dir)],
-                cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    with rank_processes([*ARGS, "--run-dir", str(run_dir)], 4, tmp_path) as procs:
         outputs = [p.communicate(timeout=240) for p in procs]
         assert [p.returncode for p in procs] == [0, 0, 0, 0], [o[1][-500:] for o in outputs]
         assert "test accuracy" in outputs[0][0]
         _check_run(run_dir)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(10)
 
 
 def test_partitioned_replicas_from_rank_variables(tmp_path):
     """--partitions 2: ranks 1..S are shards, then each replica's two partitions in turn."""
-    port = _free_port()
     run_dir = tmp_path / "run"
     args = ["train", "--dataset", "digits", "--model", "mlp", "--replicas", "1", "--shards", "2",
             "--partitions", "2", "--steps", "60", "--quiet", "--run-dir", str(run_dir)]
-    procs = []
-    try:
-        for rank in range(5):
-            env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "5",
-                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                   "DISTBELIEF_TOKEN": "test-secret"}
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "distbelief.cli", *args], cwd=tmp_path, env=env,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    with rank_processes(args, 5, tmp_path) as procs:
         outputs = [p.communicate(timeout=240) for p in procs]
         assert [p.returncode for p in procs] == [0] * 5, [o[1][-500:] for o in outputs]
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -90,16 +62,11 @@ def test_partitioned_replicas_from_rank_variables(tmp_path):
         roles = json.loads((run_dir / "cluster.json").read_text())["roles"]
         assert sorted((r["kind"], r["id"], r["part"]) for r in roles if r["kind"] == "replica") \
             == [("replica", 0, 0), ("replica", 0, 1)]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(10)
 
 
 def test_wrong_world_size_is_a_user_error(tmp_path):
     env = {**os.environ, "RANK": "1", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port())}
+           "MASTER_PORT": str(free_port())}
     result = subprocess.run([sys.executable, "-m", "distbelief.cli", *ARGS], cwd=tmp_path,
                             env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2

@@ -11,23 +11,15 @@ line naming the shard).
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from _cluster import rank_processes, wait_until
+
 DETECT_WITHIN = 10.0  # seconds: the bound the failure model promises
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _events(run_dir: Path) -> list[dict]:
@@ -37,45 +29,27 @@ def _events(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _wait_for(predicate, timeout: float, what: str) -> float:
-    """Poll until predicate() holds; the time.monotonic() it first held."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return time.monotonic()
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 @pytest.mark.timeout(150)
 def test_dead_replica_and_shard_on_other_hosts_are_reported_within_10_s(tmp_path):
-    port, run_dir = _free_port(), tmp_path / "run"
+    run_dir = tmp_path / "run"
     args = ["train", "--dataset", "digits", "--model", "mlp", "--replicas", "2",
             "--shards", "1", "--steps", "100000", "--quiet", "--run-dir", str(run_dir)]
-    procs = []
-    try:
-        for rank in range(4):
-            env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "4",
-                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                   "DISTBELIEF_TOKEN": "dead-peer-test"}
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "distbelief.cli", *args], cwd=tmp_path, env=env,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    with rank_processes(args, 4, tmp_path, token="dead-peer-test") as procs:
         coordinator, shard, replica1 = procs[0], procs[1], procs[3]
-        _wait_for(lambda: any(e["event"] == "train" and e["replica"] == 1
-                              for e in _events(run_dir)), 90, "replica 1 to train")
+        wait_until(lambda: any(e["event"] == "train" and e["replica"] == 1
+                               for e in _events(run_dir)), 90, "replica 1 to train")
 
         replica1.send_signal(signal.SIGKILL)
         killed = time.monotonic()
-        noticed = _wait_for(lambda: any(e["event"] == "replica_lost" and e["replica"] == 1
-                                        for e in _events(run_dir)),
-                            DETECT_WITHIN + 5, "the coordinator to report replica 1 lost")
-        assert noticed - killed <= DETECT_WITHIN
+        wait_until(lambda: any(e["event"] == "replica_lost" and e["replica"] == 1
+                               for e in _events(run_dir)),
+                   DETECT_WITHIN + 5, "the coordinator to report replica 1 lost", poll=0.05)
+        assert time.monotonic() - killed <= DETECT_WITHIN
         assert coordinator.poll() is None  # the others go on
         steps = max(e["step"] for e in _events(run_dir) if e["event"] == "train"
                     and e["replica"] == 0)
-        _wait_for(lambda: max(e["step"] for e in _events(run_dir) if e["event"] == "train"
-                              and e["replica"] == 0) > steps, 30, "replica 0 to go on")
+        wait_until(lambda: max(e["step"] for e in _events(run_dir) if e["event"] == "train"
+                               and e["replica"] == 0) > steps, 30, "replica 0 to go on")
 
         shard.send_signal(signal.SIGKILL)
         killed = time.monotonic()
@@ -86,8 +60,3 @@ def test_dead_replica_and_shard_on_other_hosts_are_reported_within_10_s(tmp_path
         assert lines, err[-2000:]
         assert "no heartbeat for 6 s" in lines[0]
         assert ended - killed <= DETECT_WITHIN, f"the shard's loss took {ended - killed:.1f} s"
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait(10)
