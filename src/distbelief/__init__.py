@@ -6,10 +6,22 @@ processes or one role per host. See `distbelief.train`, `distbelief.predict` and
 `distbelief train --help`.
 """
 
-from distbelief.api import load_model, train
 from distbelief.config import JobConfig
 from distbelief.errors import UserError
-from distbelief.inference import predict
 
 __all__ = ["JobConfig", "UserError", "load_model", "predict", "train"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # torch is imported on first use, so that `distbelief train` can start its role
+    # launcher (runtime/zygote.py) before its own imports, and the two overlap
+    if name in ("train", "load_model"):
+        from distbelief import api
+
+        return getattr(api, name)
+    if name == "predict":
+        from distbelief.inference import predict
+
+        return predict
+    raise AttributeError(f"module 'distbelief' has no attribute {name!r}")

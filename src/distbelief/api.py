@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from distbelief.config import JobConfig, apply_options, load_config
 from distbelief.errors import UserError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def train(config: JobConfig | dict | str | Path | None = None, *, show_progress: bool = False,
@@ -51,10 +51,14 @@ def train(config: JobConfig | dict | str | Path | None = None, *, show_progress:
                             "give the directory a train run printed")
         config = saved
     cfg = resolve_config(config, options)
-    from distbelief.coordinator import run_job
     from distbelief.runtime.launch import EnvRole
+    from distbelief.runtime.zygote import prestart
 
     env = EnvRole.detect()
+    if env is None:  # a local cluster: the role launcher's imports overlap with the job's
+        prestart()
+    from distbelief.coordinator import run_job
+
     if env is not None and cfg.algorithm == "hogwild":
         from distbelief.algorithms.hogwild import MULTI_HOST
         raise UserError(MULTI_HOST)
@@ -91,6 +95,8 @@ def resolve_config(config: JobConfig | dict | str | Path | None, options: dict[s
 def load_model(run_dir: str | Path) -> nn.Module:
     """The trained model of a finished run, rebuilt from its config and checkpoint."""
     import json
+
+    import torch
 
     from distbelief.coordinator import CHECKPOINT
     from distbelief.model.zoo import build_model

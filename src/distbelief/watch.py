@@ -148,6 +148,9 @@ def watch_replicas(cfg: JobConfig, store: JobStore, local: LocalCluster | None, 
             next_eval, cfg.train.eval_every, watch, metrics, progress, start_time,
             lambda: evaluate_current(ps, model, data, cfg.cluster.timeout, perm))
         time.sleep(0.05)
+    # a replica appends its last events before it says done: those that came after this
+    # loop's last read are still to be taken
+    follow_events(store, read, watch, metrics, progress)
     _show(progress, watch, force=True)
     return watch
 

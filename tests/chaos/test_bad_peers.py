@@ -20,6 +20,7 @@ import threading
 
 import pytest
 import torch
+from _cluster import wait_until
 
 import distbelief
 from distbelief.config import OptimizerConfig
@@ -27,7 +28,9 @@ from distbelief.coordinator import JobFailed
 from distbelief.ps.client import PSClient, ShardConnection
 from distbelief.ps.layout import Layout
 from distbelief.ps.shard import ShardServer
-from distbelief.runtime.channel import ChannelClosed, remove_job_files
+from distbelief.ps import protocol as P
+from distbelief.runtime.channel import ChannelClosed, job_file, remove_job_files
+from distbelief.runtime.local import LocalChannel
 from distbelief.runtime.store import JobStore, new_token
 
 TIMEOUT = 30.0
@@ -138,6 +141,23 @@ def test_a_process_without_the_token_reaches_nothing():
         finally:
             stranger.close()
         assert server.stats()["clients"] == [] and server.stats()["pushes"] == 0
+
+
+def test_a_local_client_without_the_token_is_refused_by_the_shard():
+    with one_shard() as (store, server):
+        good = client(store, "replica0", "shm")
+        before = params(good)
+        path = job_file(store.token, P.socket_file(0))  # the shard's socket, found on disk
+        stranger = LocalChannel.connect(path, "not-the-token", {"client": "stranger",
+                                                                "transport": "shm"}, TIMEOUT)
+        with pytest.raises(ChannelClosed):  # the shard ends the connection unanswered
+            stranger.send_header(P.HELLO, P.TRANSPORT_SHM, NUMEL)
+            stranger.recv_header()
+        wait_until(lambda: server.stats()["errors"], 10, "the shard to log the refusal")
+        assert "without the job's token" in server.stats()["errors"][0]
+        assert server.stats()["clients"] == ["replica0"] and server.stats()["pushes"] == 0
+        torch.testing.assert_close(params(good), before)
+        good.close()
 
 
 NAN_MODEL = """

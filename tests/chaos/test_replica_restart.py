@@ -18,13 +18,13 @@ from _cluster import alive, wait_until
 STEPS = 4000
 
 
-def replica_pid(coordinator: psutil.Process, r: int) -> int | None:
-    """The PID of the running process of replica `r`, a child of the coordinator."""
-    for child in coordinator.children():
+def replica_pid(coordinator: psutil.Process, run_dir, r: int) -> int | None:
+    """The PID of the running process of replica `r`: a process of the job writing its log."""
+    log = str(run_dir / "logs" / f"replica{r}.log")
+    for child in coordinator.children(recursive=True):
         try:
-            env = child.environ()
-            if (env.get("DISTBELIEF_ROLE"), env.get("DISTBELIEF_ID")) == ("replica", str(r)) \
-                    and child.status() != psutil.STATUS_ZOMBIE:
+            if child.status() != psutil.STATUS_ZOMBIE \
+                    and any(f.path == log for f in child.open_files()):
                 return child.pid
         except psutil.Error:
             continue
@@ -49,7 +49,7 @@ def test_three_replica_kills_are_replaced_and_the_job_finishes(tmp_path, cli_job
     since = 0.0
     for victim in (1, 2, 1):
         def ready():
-            pid = replica_pid(coordinator, victim)
+            pid = replica_pid(coordinator, run_dir, victim)
             return pid if pid not in killed and trained_since(run_dir, victim, since) else None
 
         pid = wait_until(ready, 120, f"replica {victim} (a fresh process) to train")

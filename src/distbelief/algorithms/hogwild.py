@@ -152,6 +152,9 @@ def _watch(cfg: JobConfig, store: JobStore, local: LocalCluster, metrics: Metric
         next_eval = maybe_evaluate(next_eval, cfg.train.eval_every, watch, metrics, progress,
                                    start_time, lambda: _evaluate(params, model, data))
         time.sleep(0.05)
+    # a replica appends its last events before it says done: those that came after this
+    # loop's last read are still to be taken
+    follow_events(store, read, watch, metrics, progress)
     _show(progress, watch, force=True)
     return watch
 

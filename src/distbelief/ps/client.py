@@ -41,6 +41,7 @@ from distbelief.ps import protocol as P
 from distbelief.ps import vectors as V
 from distbelief.ps.layout import Layout
 from distbelief.runtime.channel import Channel, ChannelClosed, SharedTensor, job_file
+from distbelief.runtime.local import LocalChannel
 from distbelief.runtime.store import JobStore
 
 Slice = Union[torch.Tensor, list]
@@ -69,10 +70,16 @@ class ShardConnection:
         self.shard = shard
         self.numel = numel
         self.shm = transport == "shm"
-        ticket = store.add(P.conn_counter(shard), 1)
-        store.set_json(P.conn_key(shard, ticket),
-                       {"client": client, "transport": transport, **(grad_files if self.shm else {})})
-        self.channel = Channel(store.raw, P.channel_name(shard, ticket), 1, timeout)
+        request = {"client": client, "transport": transport, **(grad_files if self.shm else {})}
+        if self.shm:  # headers over the shard's Unix socket (see runtime/local.py)
+            self.channel = LocalChannel.connect(job_file(store.token, P.socket_file(shard)),
+                                                store.token, request, timeout)
+        else:
+            ticket = store.add(P.conn_counter(shard), 1)
+            store.set_json(P.conn_key(shard, ticket), request)
+            # the rendezvous blocks its store connection until the shard joins: a connection
+            # of its own, so this process's other threads (heartbeat, other shards) go on
+            self.channel = Channel(store.clone().raw, P.channel_name(shard, ticket), 1, timeout)
         self.channel.send_header(P.HELLO, P.TRANSPORT_IDS[transport], numel)
         op, a, b, *_ = self.channel.recv_header()
         if op != P.OK:

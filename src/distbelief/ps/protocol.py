@@ -1,9 +1,10 @@
 """The shard <-> client wire protocol: int64 headers over a `Channel`.
 
 Every request is one header ``[op, a, b, c, d, e]``; every reply starts with
-``OK`` or ``ERR``. Tensors follow a header only on the TCP transport; on the
-shared-memory transport they are read and written in /dev/shm while the shard
-holds its lock, and the client says ``DONE`` when it has finished copying.
+``OK`` or ``ERR``. Tensors follow a header only on the TCP transport (a gloo
+`Channel`); on the shared-memory transport they are read and written in
+/dev/shm while the shard holds its lock, the client says ``DONE`` when it has
+finished copying, and the headers travel over a Unix socket (`LocalChannel`).
 
     HELLO transport numel   -> OK numel version      (then client: READY)
     PUSH  fetched_version buffer numel dtype [grad] -> OK version staleness
@@ -15,11 +16,13 @@ holds its lock, and the client says ``DONE`` when it has finished copying.
     ACCUM buffer v [grad]   -> OK                     (vector v += the gradient; no rule)
     BYE                     -> OK                     (the connection ends)
 
-Connection requests go through the store: a client takes a ticket from the
-counter ``shard{S}/conns`` and writes ``shard{S}/conn/{ticket}`` (a JSON object:
-client, transport, and for shm the names of the client's gradient files, their
-length and this shard's offset in them); both sides then open the channel
-``pg/shard{S}/conn{ticket}``.
+Connection requests (a JSON object: client, transport, and for shm the names
+of the client's gradient files, their length and this shard's offset in them)
+go, over gloo, through the store: a client takes a ticket from the counter
+``shard{S}/conns`` and writes ``shard{S}/conn/{ticket}``, and both sides open
+the channel ``pg/shard{S}/conn{ticket}``. Over shm the client connects to the
+shard's socket ``socket_file(S)`` in /dev/shm and sends the request there, with
+the job's token.
 
 Gradients on shm live in files the *client* creates, one per gradient buffer,
 each the whole flat vector; every shard maps them and reads only its own range,
@@ -66,6 +69,10 @@ def conn_key(shard: int, ticket: int) -> str:
 
 def channel_name(shard: int, ticket: int) -> str:
     return f"pg/shard{shard}/conn{ticket}"
+
+
+def socket_file(shard: int) -> str:
+    return f"shard{shard}.sock"
 
 
 def params_file(shard: int) -> str:

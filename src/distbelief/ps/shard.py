@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import threading
-import time
 from typing import Callable
 
 import torch
@@ -30,6 +30,7 @@ from distbelief.ps import protocol as P
 from distbelief.ps.rules import make_rule
 from distbelief.ps.vectors import ShardVectors, VectorError, bits_float, float_bits
 from distbelief.runtime.channel import Channel, ChannelClosed, SharedTensor, job_file
+from distbelief.runtime.local import LocalListener
 from distbelief.runtime.store import JobStore
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class ShardServer:
         self._params_shm = SharedTensor(job_file(store.token, P.params_file(shard)), numel,
                                         torch.float32, create=True)
         self.params = self._params_shm.tensor
+        # shm clients connect here; gloo clients through the store's connection requests
+        self._listener = LocalListener(job_file(store.token, P.socket_file(shard)), timeout)
         # Sandblaster's shards apply no rule: L-BFGS moves them through vector operations
         self.rule = make_rule(rule_cfg, self.params) if rule_cfg.rule is not None else None
         self.vectors = ShardVectors(self.params)
@@ -80,17 +83,33 @@ class ShardServer:
                     seen += 1
                     request = self.store.get_json(P.conn_key(self.shard, seen),
                                                   timeout=self.timeout, what="connection request")
-                    thread = threading.Thread(target=self._serve_client, args=(seen, request),
-                                              name=f"shard{self.shard}-conn{seen}", daemon=True)
-                    thread.start()
-                    self._threads.append(thread)
-                time.sleep(poll)
+                    self._start(f"conn{seen}", self._open_gloo, seen, request)
+                local = self._listener.accept(poll)  # waits up to `poll` for an shm client
+                if local is not None:
+                    self._start(f"local{len(self._threads)}", self._open_local, local)
         finally:
+            self._listener.close()
             self._params_shm.unlink()
             # let every connection thread finish tearing down its channel: a process
             # that exits while gloo still closes a pair aborts
             for thread in self._threads:
                 thread.join(5)
+
+    def _start(self, name: str, opener: Callable, *args) -> None:
+        """Serve one client in a thread of its own; `opener(*args)` -> (channel, request)."""
+        thread = threading.Thread(target=self._serve_client, args=(opener, args),
+                                  name=f"shard{self.shard}-{name}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _open_gloo(self, ticket: int, request: dict) -> tuple[Channel, dict]:
+        # the rendezvous blocks its store connection until the client joins: a connection of
+        # its own, so the accept loop and the other connection threads never wait behind it
+        store = self.store.clone()
+        return Channel(store.raw, P.channel_name(self.shard, ticket), 0, self.timeout), request
+
+    def _open_local(self, channel) -> tuple:
+        return channel, channel.read_request(self.store.token)
 
     def save(self, path) -> dict:
         """Write this shard's slice, rule state and counts to `path` (atomically); returns
@@ -125,10 +144,16 @@ class ShardServer:
 
     # ---- one client -------------------------------------------------------------
 
-    def _serve_client(self, ticket: int, request: dict) -> None:
+    def _serve_client(self, opener: Callable, args: tuple) -> None:
+        try:
+            channel, request = opener(*args)
+        except ChannelClosed as exc:  # never joined, or not one of the job's processes
+            log.warning("shard %d: refused a connection (%s)", self.shard, exc)
+            with self._stats_lock:
+                self.errors.append(f"refused a connection: {exc}")
+            return
         client = str(request.get("client"))
         try:
-            channel = Channel(self.store.raw, P.channel_name(self.shard, ticket), 0, self.timeout)
             grads = self._handshake(channel, request)
             if grads is None:
                 return
@@ -140,8 +165,7 @@ class ShardServer:
                 if op == P.PUSH:
                     if not self._push(channel, grads, client, fetched_version=a, buffer=b,
                                       numel=c, dtype=d, shm=shm):
-                        channel.close()  # the peer's pending send fails instead of hanging
-                        return
+                        return  # closed: the peer's pending send fails instead of hanging
                 elif op == P.PULL:
                     self._pull(channel, shm=shm)
                 elif op == P.SET:
@@ -163,6 +187,8 @@ class ShardServer:
             log.exception("shard %d: error serving %s", self.shard, client)
             with self._stats_lock:
                 self.errors.append(f"{client}: {exc}")
+        finally:
+            channel.close()  # the client's pending and later requests fail at once
 
     def _handshake(self, channel: Channel, request: dict) -> list[torch.Tensor] | None:
         """Agree on size and transport; returns this connection's gradient buffers."""
@@ -226,7 +252,7 @@ class ShardServer:
             log.warning("shard %d: push refused: this shard applies no update rule", self.shard)
             channel.send_header(P.ERR, P.ERR_NO_RULE)
             return True
-        if not bool(torch.isfinite(grad).all()):
+        if not all_finite(grad):
             with self._stats_lock:
                 self.nonfinite += 1
                 first = self.nonfinite == 1
@@ -307,6 +333,17 @@ class ShardServer:
                 channel.recv_header()
             else:
                 channel.recv(self.params)
+
+
+def all_finite(grad: torch.Tensor) -> bool:
+    """True when every value of `grad` is finite.
+
+    One read-only reduction instead of `isfinite(grad).all()`, which writes and
+    reads a mask as large as the gradient (and was the costliest part of a push):
+    a NaN or inf anywhere makes the sum NaN or inf. A sum that overflowed from
+    finite values alone is told apart element by element.
+    """
+    return math.isfinite(float(grad.sum())) or bool(torch.isfinite(grad).all())
 
 
 class Segments:

@@ -55,7 +55,9 @@ class Heartbeat:
     """
 
     def __init__(self, store: JobStore, role: str, ident: int | str, period: float = 1.0):
-        self._store, self._key, self._period = store, f"heartbeat/{role}/{ident}", period
+        # a connection of its own: a role's blocking store waits (a channel's rendezvous,
+        # Sandblaster's hand-out) hold theirs, and a heartbeat stuck behind one reads as death
+        self._store, self._key, self._period = store.clone(), f"heartbeat/{role}/{ident}", period
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 

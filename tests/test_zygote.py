@@ -1,0 +1,89 @@
+"""The zygote forks role processes that behave like fresh interpreters started by Popen."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import pytest
+
+from _cluster import alive, wait_until
+from distbelief.runtime.zygote import Zygote, zygote
+
+CHILD = "_zygote_child:main"
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie waits for init to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture
+def fresh():
+    z = Zygote()
+    try:
+        yield z
+    finally:
+        z.close()
+
+
+def test_child_gets_env_path_cwd_and_log_and_its_exit_code(fresh, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    log = tmp_path / "child.log"
+    child = fresh.spawn({"ZYGOTE_MARK": "hello", "ZYGOTE_EXIT": "3"}, log, entry=CHILD)
+    assert child.wait(30) == 3 and child.returncode == 3 and child.poll() == 3
+    text = log.read_text()
+    assert f"env=hello path_has_tests=True cwd={tmp_path}" in text
+    assert "to stderr" in text
+
+
+def test_exception_is_logged_with_traceback_and_exit_code_1(fresh, tmp_path):
+    log = tmp_path / "child.log"
+    child = fresh.spawn({}, log, entry="_zygote_child:fail")
+    assert child.wait(30) == 1
+    assert "ValueError: a bug in the role" in log.read_text()
+
+
+def test_wait_times_out_and_a_killed_child_reports_the_signal(fresh, tmp_path):
+    child = fresh.spawn({"ZYGOTE_SLEEP": "60"}, tmp_path / "child.log", entry=CHILD)
+    with pytest.raises(subprocess.TimeoutExpired):
+        child.wait(0.2)
+    assert child.poll() is None and alive(child.pid)
+    child.send_signal(signal.SIGKILL)
+    assert child.wait(30) == -signal.SIGKILL
+    child.send_signal(signal.SIGKILL)  # an ended child is not signalled again (as Popen)
+
+
+def test_children_die_with_the_zygote(tmp_path):
+    z = Zygote()
+    child = z.spawn({"ZYGOTE_SLEEP": "60"}, tmp_path / "child.log", entry=CHILD)
+    os.kill(z._process.pid, signal.SIGKILL)
+    z._process.wait(10)
+    assert child.wait(10) == -signal.SIGKILL  # told so once the zygote is gone
+    wait_until(lambda: not running(child.pid), 10, "the orphaned child to die (PDEATHSIG)")
+
+
+def test_shared_zygote_is_started_again_when_it_died(tmp_path):
+    first = zygote()
+    assert zygote() is first
+    os.kill(first._process.pid, signal.SIGKILL)
+    first._process.wait(10)
+    second = zygote()
+    assert second is not first and second.alive
+    assert second.spawn({}, tmp_path / "c.log", entry=CHILD).wait(30) == 0
+
+
+def test_role_process_is_named_after_its_role(fresh, tmp_path):
+    child = fresh.spawn({"ZYGOTE_SLEEP": "60", "DISTBELIEF_ROLE": "replica", "DISTBELIEF_ID": "3",
+                         "DISTBELIEF_PART": "1"}, tmp_path / "child.log", entry=CHILD)
+    try:
+        wait_until(lambda: open(f"/proc/{child.pid}/comm").read().strip() == "db-replica3.1",
+                   10, "the child to name itself")
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
