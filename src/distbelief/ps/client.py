@@ -40,7 +40,8 @@ import torch
 from distbelief.ps import protocol as P
 from distbelief.ps import vectors as V
 from distbelief.ps.layout import Layout
-from distbelief.runtime.channel import Channel, ChannelClosed, SharedTensor, job_file
+from distbelief.runtime.channel import (TENSOR_TAG, Channel, ChannelClosed, SharedTensor,
+                                        job_file)
 from distbelief.runtime.local import LocalChannel
 from distbelief.runtime.store import JobStore
 
@@ -104,16 +105,21 @@ class ShardConnection:
 
     def pull_into(self, out: Slice) -> int:
         """Copy the shard's slice into `out` (or its segments' views); returns its version."""
+        if self.shm:
+            self.channel.send_header(P.PULL)
+            op, version, *_ = self.channel.recv_header()
+            _expect_ok(op, self.shard, "pull")
+            _scatter(self.params, out)
+            self.channel.send_header(P.DONE)
+            return version
+        # the receive is posted before asking, so the parameters land straight in place
+        whole = isinstance(out, torch.Tensor) and out.is_contiguous()
+        posted = self.channel.post_recv(out if whole else self._stage())
         self.channel.send_header(P.PULL)
         op, version, *_ = self.channel.recv_header()
         _expect_ok(op, self.shard, "pull")
-        if self.shm:
-            _scatter(self.params, out)
-            self.channel.send_header(P.DONE)
-        elif isinstance(out, torch.Tensor):
-            self.channel.recv(out)
-        else:
-            self.channel.recv(self._stage())
+        posted.wait()
+        if not whole:
             _scatter(self._staging, out)
         return version
 
@@ -127,9 +133,7 @@ class ShardConnection:
         """
         numel, dtype = _numel(grad), _dtype(grad)
         self.channel.send_header(P.PUSH, fetched_version, buffer, numel, P.dtype_code(dtype))
-        if not self.shm:
-            self.channel.send(self._gather(grad))
-        op, version, staleness, *_ = self.channel.recv_header()
+        op, version, staleness, *_ = self._send_after_go(grad)
         if op == P.ERR and version == P.ERR_NONFINITE:
             return staleness, None
         if op == P.ERR and version == P.ERR_SHAPE:
@@ -138,12 +142,19 @@ class ShardConnection:
         _expect_ok(op, self.shard, "push")
         return version, staleness
 
+    def _send_after_go(self, grad: Slice) -> list[int]:
+        """Over TCP, send `grad` once the shard says GO (its receive is posted; any other
+        answer refuses it); the shard's answer to the request."""
+        reply = self.channel.recv_header()
+        if self.shm or reply[0] != P.GO:
+            return reply
+        self.channel.send(self._gather(grad), TENSOR_TAG)
+        return self.channel.recv_header()
+
     def accumulate_from(self, grad: Slice, buffer: int, vector: int) -> None:
         """Add a gradient slice into the shard's vector `vector` (no update rule)."""
         self.channel.send_header(P.ACCUM, buffer, vector)
-        if not self.shm:
-            self.channel.send(self._gather(grad))
-        op, *_ = self.channel.recv_header()
+        op, *_ = self._send_after_go(grad)
         if op != P.OK:
             raise RuntimeError(f"shard {self.shard} refused to accumulate into vector {vector}; "
                                "see the shard's log")
@@ -169,8 +180,8 @@ class ShardConnection:
         elif self.shm:
             torch.cat(values, out=self.params)
             self.channel.send_header(P.DONE)
-        else:
-            self.channel.send(self._gather(values))
+        else:  # the shard posted its receive before it answered
+            self.channel.send(self._gather(values), TENSOR_TAG)
         return version
 
     def close(self) -> None:

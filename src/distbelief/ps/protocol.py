@@ -7,14 +7,21 @@ Every request is one header ``[op, a, b, c, d, e]``; every reply starts with
 finished copying, and the headers travel over a Unix socket (`LocalChannel`).
 
     HELLO transport numel   -> OK numel version      (then client: READY)
-    PUSH  fetched_version buffer numel dtype [grad] -> OK version staleness
-                            | ERR ERR_SHAPE numel (wrong size or dtype: the connection ends)
+    PUSH  fetched_version buffer numel dtype -> [GO, then grad] OK version staleness
+                            | ERR ERR_SHAPE numel (wrong size or dtype: nothing is sent)
                             | ERR ERR_NONFINITE   (NaN/inf: refused and counted)
     PULL                    -> OK version  [params] (shm: client copies, then DONE)
     SET                     -> OK  [params]          (shm: client copies, then DONE)
     VEC   op v src alpha    -> OK result | ERR ERR_VECTOR   (see ps/vectors.py)
-    ACCUM buffer v [grad]   -> OK                     (vector v += the gradient; no rule)
+    ACCUM buffer v          -> [GO, then grad] OK     (vector v += the gradient; no rule)
     BYE                     -> OK                     (the connection ends)
+
+Over TCP a tensor travels on its own gloo tag (`TENSOR_TAG`) and always into a
+receive its side posted before the sender may send: the client posts the
+parameters' receive before it sends PULL; the shard posts the gradient's
+before it answers GO (a gradient is sent only after GO). gloo stages a message
+that arrives before its receive, which for a model-sized tensor costs about a
+quarter of the transfer.
 
 Connection requests (a JSON object: client, transport, and for shm the names
 of the client's gradient files, their length and this shard's offset in them)
@@ -30,7 +37,7 @@ so a replica's backward pass writes straight into what the shards read and a
 push moves no tensor at all: PUSH names the buffer.
 """
 
-HELLO, PUSH, PULL, SET, BYE, DONE, READY, VEC, ACCUM = 1, 2, 3, 4, 5, 6, 7, 8, 9
+HELLO, PUSH, PULL, SET, BYE, DONE, READY, VEC, ACCUM, GO = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
 OK, ERR = 100, 101
 
 TRANSPORT_GLOO, TRANSPORT_SHM = 0, 1
@@ -45,14 +52,6 @@ DTYPES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3, "int64": 4, "
 
 def dtype_code(dtype) -> int:
     return DTYPES.get(str(dtype).replace("torch.", ""), DTYPES["other"])
-
-
-def torch_dtype(code: int):
-    """The torch dtype of a code, or None (unknown)."""
-    import torch
-
-    name = dtype_name(code)
-    return getattr(torch, name, None) if name in DTYPES and name != "other" else None
 
 
 def dtype_name(code: int) -> str:

@@ -29,7 +29,8 @@ from distbelief.config import OptimizerConfig
 from distbelief.ps import protocol as P
 from distbelief.ps.rules import make_rule
 from distbelief.ps.vectors import ShardVectors, VectorError, bits_float, float_bits
-from distbelief.runtime.channel import Channel, ChannelClosed, SharedTensor, job_file
+from distbelief.runtime.channel import (TENSOR_TAG, Channel, ChannelClosed, SharedTensor,
+                                        job_file)
 from distbelief.runtime.local import LocalListener
 from distbelief.runtime.store import JobStore
 
@@ -163,9 +164,8 @@ class ShardServer:
             while True:
                 op, a, b, c, d, _ = channel.recv_header()
                 if op == P.PUSH:
-                    if not self._push(channel, grads, client, fetched_version=a, buffer=b,
-                                      numel=c, dtype=d, shm=shm):
-                        return  # closed: the peer's pending send fails instead of hanging
+                    self._push(channel, grads, client, fetched_version=a, buffer=b, numel=c,
+                               dtype=d, shm=shm)
                 elif op == P.PULL:
                     self._pull(channel, shm=shm)
                 elif op == P.SET:
@@ -234,24 +234,22 @@ class ShardServer:
         return [Segments([t[a:b] for a, b in segments], gathered) for t in views]
 
     def _push(self, channel: Channel, grads: list[torch.Tensor], client: str, *,
-              fetched_version: int, buffer: int, numel: int, dtype: int, shm: bool) -> bool:
-        """Apply one push; False when the connection must end (a malformed push)."""
+              fetched_version: int, buffer: int, numel: int, dtype: int, shm: bool) -> None:
+        """Apply one push (or refuse it, and say why)."""
         if numel != self.numel or dtype != P.DTYPES["float32"]:
             message = (f"refused a push from {client}: {numel} {P.dtype_name(dtype)} values, "
                        f"but this shard takes {self.numel} float32")
             log.error("shard %d: %s", self.shard, message)
             with self._stats_lock:
                 self.errors.append(message)
-            # over TCP the payload is already on its way: take it (when its size is sane) so
-            # the connection stays in step, else end the connection
-            drained = shm or self._drain(channel, numel, dtype)
+            # over TCP the payload waits for the go-ahead, so nothing is on its way
             channel.send_header(P.ERR, P.ERR_SHAPE, self.numel)
-            return drained
+            return
         grad = self._incoming_grad(channel, grads, buffer, shm)
         if self.rule is None:  # Sandblaster's shards: gradients arrive through ACCUM
             log.warning("shard %d: push refused: this shard applies no update rule", self.shard)
             channel.send_header(P.ERR, P.ERR_NO_RULE)
-            return True
+            return
         if not all_finite(grad):
             with self._stats_lock:
                 self.nonfinite += 1
@@ -261,7 +259,7 @@ class ShardServer:
             if self.on_nonfinite == "stop":
                 self.store.set_json("job/nonfinite", {"shard": self.shard, "client": client})
             channel.send_header(P.ERR, P.ERR_NONFINITE, self.version)
-            return True
+            return
         with self.lock:
             # clamped: after a restart from a checkpoint a client may hold newer versions
             staleness = max(0, self.version - fetched_version)
@@ -271,15 +269,6 @@ class ShardServer:
         with self._stats_lock:
             self.pushes += 1
         channel.send_header(P.OK, version, staleness)
-        return True
-
-    def _drain(self, channel: Channel, numel: int, dtype: int) -> bool:
-        """Receive and discard a refused payload; False when it is too big or of no known dtype."""
-        torch_dtype = P.torch_dtype(dtype)
-        if torch_dtype is None or not 0 < numel <= 4 * self.numel + 1024:
-            return False
-        channel.recv(torch.empty(numel, dtype=torch_dtype))
-        return True
 
     def _vector(self, channel: Channel, *, op: int, v: int, src: int, alpha: float) -> None:
         try:
@@ -307,9 +296,12 @@ class ShardServer:
 
     def _incoming_grad(self, channel: Channel, grads: list[torch.Tensor], buffer: int,
                        shm: bool) -> torch.Tensor:
-        """The pushed gradient: the client's shm buffer in place, or received over TCP."""
+        """The pushed gradient: the client's shm buffer in place, or received over TCP
+        (the receive posted before the go-ahead, so gloo need not stage it)."""
         if not shm:
-            channel.recv(grads[0])
+            posted = channel.post_recv(grads[0])
+            channel.send_header(P.GO)
+            posted.wait()
             return grads[0]
         if not 0 <= buffer < len(grads):
             raise RuntimeError(f"push names gradient buffer {buffer}; there are {len(grads)}")
@@ -321,18 +313,20 @@ class ShardServer:
             channel.send_header(P.OK, self.version)
             if shm:
                 channel.recv_header()  # DONE: the client has copied the slice
-            else:
-                channel.send(self.params)
+            else:  # into the receive the client posted before asking
+                channel.send(self.params, TENSOR_TAG)
         with self._stats_lock:
             self.pulls += 1
 
     def _set(self, channel: Channel, shm: bool) -> None:
         with self.lock:
-            channel.send_header(P.OK, self.version)
             if shm:
+                channel.send_header(P.OK, self.version)
                 channel.recv_header()
             else:
-                channel.recv(self.params)
+                posted = channel.post_recv(self.params)
+                channel.send_header(P.OK, self.version)
+                posted.wait()
 
 
 def all_finite(grad: torch.Tensor) -> bool:
