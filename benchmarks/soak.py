@@ -2,7 +2,7 @@
 
 Runs ``distbelief train`` with 16 Downpour replicas and 4 shards (MLP on digits)
 as a subprocess and, while it runs, samples the resident memory of every role
-process (found among the command's children by their DISTBELIEF_ROLE/ID). It
+process (found among the command's descendants by their names, db-<role><id>). It
 checks that
 
 * nothing deadlocks: the job ends by itself within the time bound;
@@ -43,12 +43,11 @@ def roles(process: psutil.Process) -> dict[str, psutil.Process]:
     found = {"coordinator": process}
     for child in process.children(recursive=True):
         try:
-            env = child.environ()
+            name = child.name()  # a role process names itself "db-<role><id>"
         except psutil.Error:
             continue
-        role, ident = env.get("DISTBELIEF_ROLE"), env.get("DISTBELIEF_ID")
-        if role and ident is not None:
-            found[f"{role}{ident}"] = child
+        if name.startswith("db-"):
+            found[name[3:]] = child
     return found
 
 
