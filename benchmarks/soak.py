@@ -55,9 +55,11 @@ def rss_mb(processes: dict[str, psutil.Process]) -> dict[str, float]:
     out = {}
     for name, proc in processes.items():
         try:
-            out[name] = proc.memory_info().rss / 2**20
+            rss = proc.memory_info().rss / 2**20
         except psutil.Error:
-            pass
+            continue
+        if rss > 0:  # 0: a role that just ended (a zombie until reaped) has no memory left
+            out[name] = rss
     return out
 
 
@@ -106,10 +108,11 @@ def main() -> int:
                 done = progress(run_dir, total)
                 if not warm and done >= 0.25:
                     warm = rss_mb(roles(coordinator))
+                    end = dict(warm)  # a short job may end before the next sample
                     print(f"warm-up memory taken at {done:.0%}", file=sys.stderr)
-                if warm and done < 0.97:
-                    end = rss_mb(roles(coordinator)) or end  # the last sample before the end
-                time.sleep(0.5)
+                elif warm and done < 0.97:
+                    end.update(rss_mb(roles(coordinator)))  # the last sample before the end
+                time.sleep(0.1)
         finally:
             if proc.poll() is None:
                 for p in [*roles(coordinator).values()]:

@@ -5,6 +5,12 @@ import os
 import signal
 import subprocess
 
+from distbelief.runtime.launch import QUICK_RESOLVER
+
+# this process hosts and joins many stores, each connection asking DNS for the name of
+# loopback: with a DNS server that sometimes drops a query, 1 s lost instead of 10
+os.environ.setdefault("RES_OPTIONS", QUICK_RESOLVER)
+
 import numpy as np
 import pytest
 import torch

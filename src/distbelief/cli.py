@@ -8,6 +8,7 @@ is gone when the command returns.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -205,6 +206,9 @@ def _on_sigterm(signum, frame) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from distbelief.runtime.launch import QUICK_RESOLVER
+
+    os.environ.setdefault("RES_OPTIONS", QUICK_RESOLVER)  # read at this process's first lookup
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:

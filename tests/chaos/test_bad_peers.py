@@ -1,8 +1,8 @@
 """Bad peers and bad data: a shard refuses what it must not apply, and goes on.
 
 - a push of the wrong size or dtype is refused with an error naming the sender
-  (the connection ends: over TCP its payload cannot be resynchronised), and the
-  shard keeps serving everyone else;
+  (before its payload moves: over TCP a gradient waits for the shard's GO, so
+  the connection stays in step), and the shard keeps serving everyone else;
 - a gradient holding NaN or inf is refused and counted; `--on-nonfinite stop`
   makes the shard flag the job instead;
 - a process without the job's token reaches none of the job's keys: its
@@ -97,7 +97,7 @@ def test_wrong_size_or_dtype_push_is_refused_naming_the_sender(transport, bad):
         assert acks == [(1, 0)]
         torch.testing.assert_close(params(good), before - 1.0)
         good.close()
-        intruder._shutdown()  # its connection was ended by the shard
+        intruder.close()  # the refusal left its connection in step: it says goodbye
 
 
 def test_non_finite_gradient_is_refused_and_counted(transport):

@@ -350,6 +350,9 @@ class PSClient:
     def _shutdown(self) -> None:
         for pool in self._pools:
             pool.shutdown(wait=True, cancel_futures=True)
+        for conn in self._conns:  # a shard's thread for a local connection ends at once
+            if conn is not None and conn.shm:
+                conn.channel.close()
         # kept until now so that a restarted shard could map them again
         for shm in self._grad_shm:
             shm.unlink()

@@ -27,6 +27,16 @@ from distbelief.errors import UserError
 from distbelief.runtime.zygote import ForkedProcess, zygote
 
 
+QUICK_RESOLVER = "timeout:1 attempts:1"
+"""glibc resolver options for the processes of a local job (unless RES_OPTIONS is set).
+
+Every c10d store connection looks up the name of the address it connects to
+(``getnameinfo``, for a log line), and for loopback reached over IPv6
+(``::ffff:127.0.0.1``) that goes to DNS. Where the DNS server is slow or
+unreachable — an offline cluster, a sandbox — each lookup that goes unanswered
+costs 5 s x 2 attempts by default; with these options at most 1 s."""
+
+
 @dataclass
 class Child:
     role: str
@@ -68,7 +78,8 @@ class LocalCluster:
         """Start one role process (`part`: its partition of a model-parallel replica)."""
         # children see the coordinator's import path (the zygote sets it), so a model or data
         # factory importable here is importable in every role
-        env = {**os.environ, **self.env, "DISTBELIEF_ROLE": role, "DISTBELIEF_ID": str(ident),
+        env = {"RES_OPTIONS": QUICK_RESOLVER, **os.environ, **self.env,
+               "DISTBELIEF_ROLE": role, "DISTBELIEF_ID": str(ident),
                **({"DISTBELIEF_PART": str(part)} if part is not None else {}),
                **(extra_env or {})}
         log_path = self.log_dir / (f"{role}{ident}.log" if part is None

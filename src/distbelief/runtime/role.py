@@ -55,16 +55,22 @@ class Heartbeat:
     """
 
     def __init__(self, store: JobStore, role: str, ident: int | str, period: float = 1.0):
-        # a connection of its own: a role's blocking store waits (a channel's rendezvous,
-        # Sandblaster's hand-out) hold theirs, and a heartbeat stuck behind one reads as death
-        self._store, self._key, self._period = store.clone(), f"heartbeat/{role}/{ident}", period
+        self._store, self._key, self._period = store, f"heartbeat/{role}/{ident}", period
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
     def _run(self) -> None:
+        try:
+            # a connection of its own, made here so that the role need not wait for it: a
+            # role's blocking store waits (a channel's rendezvous) hold theirs, and a
+            # heartbeat stuck behind one would read as death. Until the first beat the
+            # coordinator counts the role alive.
+            store = self._store.clone()
+        except Exception:  # the store is gone: the job is over
+            return
         while not self._stop.is_set():
             try:
-                self._store.set_json(self._key, time.time())
+                store.set_json(self._key, time.time())
             except Exception:  # the store is gone: the job is over
                 return
             self._stop.wait(self._period)
