@@ -236,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from distbelief.api import train
-    from distbelief.coordinator import JobFailed
+    from distbelief.errors import JobFailed
 
     options = {name: getattr(args, name) for name in TRAIN_OPTIONS}
     try:
