@@ -12,6 +12,8 @@ after 4 epochs it ended between 0.93 and 0.97; lr 0.04 made it worse (0.87).
   distbelief's replica r half of the data, in that replica's batch order;
 * ``downpour_f1`` / ``downpour_f4``: Downpour, 2 replicas, 2 shards,
   fetch = push = 1 (the demo) and fetch = push = 4;
+* ``downpour_r1``: Downpour, 1 replica, 1 shard, fetch = push = 1, whose
+  ``samples_per_second_vs_plain`` is its steady rate over the plain loop's;
 * ``sync``: ``--algorithm sync``, 2 replicas; ``hogwild``: ``--workers 2``.
 
 plain and ddp are this script as child processes (``--worker``) built from
@@ -112,6 +114,8 @@ PEERS = {p.name: p for p in (
                             "--n-fetch", "1", "--n-push", "1")),
     Peer("downpour_f4", 2, ("--algorithm", "downpour", "--replicas", "2", "--shards", "2",
                             "--n-fetch", "4", "--n-push", "4")),
+    Peer("downpour_r1", 1, ("--algorithm", "downpour", "--replicas", "1", "--shards", "1",
+                            "--n-fetch", "1", "--n-push", "1")),
     Peer("sync", 2, ("--algorithm", "sync", "--replicas", "2")),
     Peer("hogwild", 2, ("--algorithm", "hogwild", "--workers", "2")))}
 
@@ -244,7 +248,8 @@ def run_distbelief(peer: Peer, plan: Plan, seed: int, root: Path) -> dict:
     run_dir = root / "run"
     command = [*base, "train", *peer.options, "--dataset", plan.dataset, "--model", plan.model,
                "--batch-size", str(plan.batch_size), "--rule", plan.rule, "--lr", str(plan.lr),
-               "--epochs", str(plan.epochs), "--eval-every", str(plan.eval_every),
+               "--epochs", str(plan.epochs),
+               "--eval-every", str(plan.eval_every * 2 // peer.workers),  # the same samples
                "--log-every", str(LOG_EVERY), "--threads", "1", "--seed", str(seed),
                "--run-dir", str(run_dir), "--quiet"]
     if plan.num_samples is not None:
@@ -366,6 +371,10 @@ def summarise(runs: list[dict], plan: Plan, eval_seconds: float, load_before: li
         peers[name]["samples_per_second_vs_ddp"] = ratio(name, "steady_samples_per_second")
         peers[name]["time_to_target_vs_ddp"] = ratio(name, "time_to_target_seconds")
         peers[name]["time_to_target_training_vs_ddp"] = ratio(name, "time_to_target_training_seconds")
+    if "downpour_r1" in peers and "plain" in peers:  # one replica against the one-process loop
+        mine, plain = (peers[n]["steady_samples_per_second"] for n in ("downpour_r1", "plain"))
+        peers["downpour_r1"]["samples_per_second_vs_plain"] = (mine / plain if mine is not None
+                                                               and plain else None)
     test_samples = next((r["test_samples"] for r in runs if "error" not in r), None)
     return {
         "benchmark": "vs_ddp", "quick": quick, "repeats": plan.repeats,

@@ -335,7 +335,12 @@ def maybe_evaluate(next_eval: int | None, every: int, watch: Watch, metrics: Met
     returns the step of the next evaluation."""
     if next_eval is None or watch.leading_step < next_eval:
         return next_eval
-    loss, acc = evaluate_now()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the training roles go on meanwhile: take one core, not all
+    try:
+        loss, acc = evaluate_now()
+    finally:
+        torch.set_num_threads(threads)
     metrics.write({"event": "eval", "time": time.time() - start_time,
                    "step": watch.leading_step, "test_loss": loss, "test_accuracy": acc})
     progress.message(f"step {watch.leading_step}: test accuracy {acc:.4f}")

@@ -75,8 +75,12 @@ class LockFreeRule:
             self.state.mul_(cfg.momentum).add_(grad)
             params.add_(self.state, alpha=-cfg.lr)
         else:  # adagrad
-            self.state.addcmul_(grad, grad, value=1)
-            params.addcdiv_(grad, self.state.sqrt().add_(self.eps), value=-cfg.lr)
+            # the sum is made privately and divided by, then stored: the shared one may have
+            # lost this very addition to another worker's concurrent write, and dividing by
+            # it could then make a step far larger than lr (seen: a loss of 60,000)
+            total = torch.addcmul(self.state, grad, grad, value=1)
+            self.state.copy_(total)
+            params.addcdiv_(grad, total.sqrt_().add_(self.eps), value=-cfg.lr)
 
 
 def shared_views(tensor: torch.Tensor, numel: int, slots: int

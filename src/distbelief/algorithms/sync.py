@@ -43,6 +43,7 @@ from distbelief.model.flat import FlatModel
 from distbelief.ps.client import PSClient
 from distbelief.ps.layout import Layout
 from distbelief.ps.rules import make_rule
+from distbelief.ps.shard import all_finite
 from distbelief.runtime.channel import Group
 from distbelief.runtime.role import RoleContext
 from distbelief.runtime.store import JobStore
@@ -187,7 +188,7 @@ class _Trainer:
                                f"{contributors:g} gradients, expected {self.quorum} (a bug in "
                                "the quorum protocol)")
         loss = loss_sum / samples
-        if not (math.isfinite(loss) and bool(torch.isfinite(self.grad).all())):
+        if not (math.isfinite(loss) and all_finite(self.grad)):
             # every replica sees the same sum, so every replica skips (or stops) alike
             if self.ctx.config.train.on_nonfinite == "stop":
                 self.ctx.store.set_json("job/nonfinite", {"client": f"replica{self.ctx.ident}",
