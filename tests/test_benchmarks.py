@@ -13,12 +13,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_ps_bandwidth_quick_reports_every_configuration() -> None:
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "ps_bandwidth.py"), "--quick", "--size-mb", "4"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120)
+def run_quick(benchmark: str, *args: str, timeout: float) -> dict:
+    """Run benchmarks/<benchmark>.py with `args`; its report (stdout is the JSON and nothing
+    else)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{benchmark}.py"), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout)  # stdout is the JSON document and nothing else
+    return json.loads(proc.stdout)
+
+
+def test_ps_bandwidth_quick_reports_every_configuration() -> None:
+    report = run_quick("ps_bandwidth", "--quick", "--size-mb", "4", timeout=120)
 
     assert report["benchmark"] == "ps_bandwidth"
     assert report["model_bytes"] == 4_000_000
@@ -47,11 +52,7 @@ def test_ps_bandwidth_quick_reports_every_configuration() -> None:
 
 
 def test_stragglers_quick_reports_both_algorithms() -> None:
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "stragglers.py"), "--quick", "--workers", "2"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout)
+    report = run_quick("stragglers", "--quick", "--workers", "2", timeout=300)
 
     assert report["benchmark"] == "stragglers" and report["workers"] == 2
     blaster, sync = report["sandblaster"], report["sync"]
@@ -72,11 +73,7 @@ def test_stragglers_quick_reports_both_algorithms() -> None:
 
 
 def test_model_parallel_quick_reports_both_partitionings() -> None:
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "model_parallel.py"), "--quick"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout)
+    report = run_quick("model_parallel", "--quick", timeout=300)
 
     assert report["benchmark"] == "model_parallel" and report["quick"]
     assert report["settings"]["threads"] == 1 and report["settings"]["micro_batches"] == [2]
@@ -99,10 +96,7 @@ def test_model_parallel_quick_reports_both_partitionings() -> None:
 
 
 def test_soak_quick_finishes_without_lost_updates() -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--quick"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout)
+    report = run_quick("soak", "--quick", timeout=300)
     assert report["benchmark"] == "soak" and report["finished"] and not report["hung"]
     assert report["total_steps"] == report["expected_steps"] == 4 * 300
     # every push the replicas saw acknowledged was applied by a shard, and no other
@@ -114,10 +108,7 @@ def test_soak_quick_finishes_without_lost_updates() -> None:
 
 
 def test_hogwild_quick_compares_one_and_two_workers() -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hogwild.py"), "--quick"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout)
+    report = run_quick("hogwild", "--quick", timeout=300)
     assert report["benchmark"] == "hogwild" and report["quick"] and report["repeats"] == 1
     assert report["settings"]["threads"] == 1
     for w in (1, 2):
@@ -139,10 +130,7 @@ def test_hogwild_quick_compares_one_and_two_workers() -> None:
 
 
 def test_data_serving_quick_reports_both_peers() -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "data_serving.py"),
-                           "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout)
+    report = run_quick("data_serving", "--quick", timeout=300)
     assert report["benchmark"] == "data_serving" and report["quick"]
     calibration = report["calibration"]
     assert calibration["gradient_seconds"] > 0 and calibration["warp_smooth"] >= 1
@@ -157,10 +145,7 @@ def test_data_serving_quick_reports_both_peers() -> None:
 
 
 def test_vs_ddp_quick_reports_plain_ddp_and_downpour() -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vs_ddp.py"), "--quick"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout)
+    report = run_quick("vs_ddp", "--quick", timeout=180)
     assert report["benchmark"] == "vs_ddp" and report["quick"] and report["repeats"] == 1
     assert report["settings"]["threads_per_process"] == 1
     assert list(report["peers"]) == ["plain", "ddp", "downpour_f1"]
