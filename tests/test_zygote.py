@@ -9,6 +9,7 @@ import subprocess
 import pytest
 
 from _cluster import alive, wait_until
+from distbelief.errors import JobFailed
 from distbelief.runtime.zygote import Zygote, zygote
 
 CHILD = "_zygote_child:main"
@@ -87,3 +88,11 @@ def test_role_process_is_named_after_its_role(fresh, tmp_path):
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(10)
+
+
+def test_a_dead_launcher_fails_the_spawn_with_one_line(tmp_path):
+    z = Zygote()
+    os.kill(z._process.pid, signal.SIGKILL)
+    z._process.wait(10)
+    with pytest.raises(JobFailed, match="role launcher .* exited before starting a role"):
+        z.spawn({}, tmp_path / "c.log", entry=CHILD)

@@ -42,6 +42,8 @@ import threading
 import traceback
 from pathlib import Path
 
+from distbelief.errors import JobFailed
+
 PRELOAD = ("torch", "torch.distributed", "numpy", "distbelief.runtime.role",
            "distbelief.ps.serve", "distbelief.algorithms.downpour", "distbelief.algorithms.sync",
            "distbelief.algorithms.sandblaster_worker", "distbelief.algorithms.hogwild_worker",
@@ -116,10 +118,12 @@ class Zygote:
                 self._process.stdin.flush()
                 pid = self._pids.get(timeout=timeout)
             except (OSError, queue.Empty):
-                raise RuntimeError("the role launcher (zygote) did not answer: "
-                                   f"{'it exited' if not self.alive else 'timed out'}") from None
+                pid = None
         if pid is None:
-            raise RuntimeError("the role launcher (zygote) exited")
+            raise JobFailed(f"the role launcher (python -m distbelief.runtime.zygote) "
+                            f"{'exited' if not self.alive else 'did not answer'} before starting "
+                            "a role process; its error, if any, is printed above: run that "
+                            "command to see it again")
         return ForkedProcess(self, pid)
 
     def exit_code(self, pid: int) -> int | None:
