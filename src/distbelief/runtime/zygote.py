@@ -264,6 +264,16 @@ def _child(request: dict) -> int:
     return getattr(importlib.import_module(module), function)()
 
 
+def _warm_optimizers() -> None:
+    """Build one throwaway optimizer of each kind the roles use: the first construction
+    imports about 800 modules (torch._dynamo, sympy; a second or more), which every shard
+    and synchronous replica would otherwise import again. Starts no thread."""
+    import torch
+
+    for optimizer in (torch.optim.SGD, torch.optim.Adagrad, torch.optim.Adam):
+        optimizer([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+
+
 def _tell(message: dict) -> None:
     os.write(1, json.dumps(message).encode() + b"\n")  # one write: lines never interleave
 
@@ -273,6 +283,7 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
     for name in PRELOAD:
         importlib.import_module(name)
+    _warm_optimizers()
     _serve()
 
 
