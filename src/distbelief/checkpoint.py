@@ -198,33 +198,45 @@ class CheckpointDriver:
         return False
 
     def take(self, waiting: Callable[[int], list[str]],
-             steps_of: Callable[[int], dict[str, int]]) -> dict | None:
-        """Run the protocol once; the manifest written, or None when it was abandoned."""
+             steps_of: Callable[[int], dict[str, int]],
+             lost_shard: Callable[[], int | None] = lambda: None) -> dict | None:
+        """Run the protocol once; the manifest written, or None when it was abandoned.
+
+        `lost_shard()` names a shard that died, if any: the checkpoint is then abandoned
+        at once (a replica waiting for that shard to come back cannot pause, and the
+        shard is not restarted while the checkpoint waits)."""
         number = self.number + 1
         self.number = number
         self._last_time = time.monotonic()
         deadline = time.monotonic() + self.timeout
         store = self.store
         store.set_json("ckpt/request", number)
+
+        def abandoned(what: str) -> bool:
+            lost = lost_shard()
+            if lost is not None:
+                self.message(f"checkpoint {number} abandoned: shard {lost} was lost")
+            elif time.monotonic() > deadline:
+                self.message(f"checkpoint {number} abandoned: {what} within "
+                             f"{self.timeout:.0f} s")
+            else:
+                return False
+            return True
+
         try:
             while waiting(number):
-                if time.monotonic() > deadline:
-                    self.message(f"checkpoint {number} abandoned: replicas "
-                                 f"{', '.join(waiting(number))} did not pause within "
-                                 f"{self.timeout:.0f} s")
+                if abandoned(f"replicas {', '.join(waiting(number))} did not pause"):
                     return None
                 time.sleep(0.01)
             set_dir(self.run_dir, number).mkdir(parents=True, exist_ok=True)
             store.set_json("ckpt/write", number)
             shards = []
             for s in range(self.shards):
-                left = max(0.0, deadline - time.monotonic())
-                try:
-                    shards.append(store.get_json(f"ckpt/{number}/shard{s}", timeout=left))
-                except TimeoutError:
-                    self.message(f"checkpoint {number} abandoned: shard {s} did not write "
-                                 f"within {self.timeout:.0f} s")
-                    return None
+                while not store.has(f"ckpt/{number}/shard{s}"):
+                    if abandoned(f"shard {s} did not write"):
+                        return None
+                    time.sleep(0.01)
+                shards.append(store.try_get_json(f"ckpt/{number}/shard{s}"))
             manifest = {"checkpoint": number, "time": time.time(),
                         "replica_steps": steps_of(number), "shards": shards, **self.meta}
             write_manifest(self.run_dir, manifest)

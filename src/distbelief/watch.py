@@ -140,7 +140,8 @@ def watch_replicas(cfg: JobConfig, store: JobStore, local: LocalCluster | None, 
         if cfg.algorithm == "sync":
             trimmed = _trim_sync_keys(store, watch, cfg.cluster.replicas, trimmed)
         if driver.due(watch.leading_step):
-            written = driver.take(waiting, steps_of)
+            written = driver.take(waiting, steps_of, lambda: next(
+                (s for s in range(cfg.cluster.shards) if _is_lost(store, local, "shard", s)), None))
             if written is not None:
                 metrics.write({"event": "checkpoint", "time": time.time() - start_time,
                                "checkpoint": written["checkpoint"], "step": watch.leading_step})

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 from distbelief.checkpoint import read_manifest
 from distbelief.errors import UserError
@@ -45,3 +46,24 @@ def test_killed_shard_restarts_from_its_checkpoint_and_the_job_completes(tmp_pat
     events = read_metrics(run_dir / "metrics.jsonl")
     assert any(e["event"] == "shard_lost" and e["shard"] == 1 for e in events)
     assert not alive(victim)
+
+
+def test_a_checkpoint_under_way_is_abandoned_at_once_when_a_shard_dies(tmp_path):
+    """A replica blocked on a dead shard cannot pause, and the shard is restarted only once
+    the checkpoint ends: waiting for it out would stall the job for the whole timeout."""
+    from distbelief.checkpoint import CheckpointDriver
+    from distbelief.runtime.store import JobStore, new_token
+
+    store = JobStore.host("127.0.0.1", 0, new_token(), timeout=30)
+    messages: list[str] = []
+    try:
+        driver = CheckpointDriver(store, tmp_path, "10", shards=2, timeout=30, meta={},
+                                  message=messages.append)
+        began = time.monotonic()
+        written = driver.take(lambda number: ["1"], lambda number: {"0": 10, "1": 7},
+                              lost_shard=lambda: 1)
+        assert written is None and time.monotonic() - began < 5
+        assert messages == ["checkpoint 1 abandoned: shard 1 was lost"]
+        assert store.has("ckpt/1/go")  # the replicas that did pause go on
+    finally:
+        store.close()

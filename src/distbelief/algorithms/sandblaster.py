@@ -112,7 +112,9 @@ class PortionEvaluator:
         unpushed: dict[int, set[int]] = {w: set() for w in self.alive}
         asked_to_push: set[int] = set()
         pushed: set[int] = set()
-        loss = 0.0
+        # portion -> (loss, samples) of its accepted answer: a portion a lost worker answered
+        # but never pushed is computed again, and its new answer replaces the lost one's
+        answers: dict[int, tuple[float, int]] = {}
         for w in sorted(self.alive - self.busy):
             self._give(w, work, e, vector)
         while not (work.complete and len(pushed) == self.portions and not self.in_flight):
@@ -125,8 +127,7 @@ class PortionEvaluator:
                 if m["eval"] == e and w in self.alive:
                     work.finished(w, m["portion"], accepted=m["accepted"])
                     if m["accepted"]:
-                        loss += m["loss"]
-                        self.stats["samples"] += m["samples"]
+                        answers[m["portion"]] = (m["loss"], m["samples"])
                         unpushed[w].add(m["portion"])
                     else:
                         self.stats["answers_discarded"] += 1
@@ -150,6 +151,8 @@ class PortionEvaluator:
                     self._send(w, {"do": "push", "eval": e, "vector": vector})
                     asked_to_push.add(w)
         self.stats["backups_issued"] += work.backups_issued
+        self.stats["samples"] += sum(samples for _, samples in answers.values())
+        loss = sum(portion_loss for portion_loss, _ in answers.values())
         if not math.isfinite(loss):
             raise SandblasterFailed(f"the training loss is {loss} at L-BFGS evaluation {e}: "
                                     "lower --lr or check the data")
