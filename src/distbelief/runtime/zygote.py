@@ -59,17 +59,22 @@ class ForkedProcess:
 
     def __init__(self, zygote: Zygote, pid: int):
         self._zygote, self.pid = zygote, pid
+        self._code: int | None = None
 
     @property
     def returncode(self) -> int | None:
-        return self._zygote.exit_code(self.pid)
+        if self._code is None:  # kept once known, as Popen does: the pid may be reused
+            self._code = self._zygote.exit_code(self.pid)
+        return self._code
 
     def poll(self) -> int | None:
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
         """Block until the process ended; raises subprocess.TimeoutExpired after `timeout`."""
-        code = self._zygote.wait_exit(self.pid, timeout)
+        if self._code is None:
+            self._code = self._zygote.wait_exit(self.pid, timeout)
+        code = self._code
         if code is None:
             raise subprocess.TimeoutExpired(f"role process {self.pid}", timeout or 0)
         return code
@@ -151,6 +156,8 @@ class Zygote:
         for line in self._process.stdout:
             message = json.loads(line)
             if "pid" in message:
+                with self._changed:  # a reused pid: the exit on record was its predecessor's
+                    self._exits.pop(message["pid"], None)
                 self._pids.put(message["pid"])
             else:
                 with self._changed:
