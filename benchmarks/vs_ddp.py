@@ -178,6 +178,10 @@ def worker(spec: dict) -> None:
         if rank == 0 and (step % snap_every == 0 or step == steps):  # a copy; evaluated below
             snapshots.append((now(), step, parameters_to_vector(model.parameters()).clone()))
     if world > 1:
+        # both ranks done with every collective before either tears its pairs down: a rank
+        # that destroys the group while its peer still talks aborts the peer ("terminate
+        # called without an active exception", seen once)
+        dist.barrier()
         dist.destroy_process_group()
     evals = []
     for i, (seconds, step, params) in enumerate(snapshots):  # the clock is stopped now
