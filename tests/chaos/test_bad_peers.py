@@ -211,3 +211,19 @@ def test_nan_batches_with_on_nonfinite_stop_end_the_job(nan_model, tmp_path):
         distbelief.train(dataset="digits", model=nan_model, replicas=2, shards=2, steps=100,
                          on_nonfinite="stop", run_dir=str(tmp_path / "run"),
                          show_progress=False)
+
+
+def test_the_finite_check_tells_overflow_from_nan_and_inf():
+    """One reduction decides, and a sum that overflowed from finite values is checked
+    element by element, so large finite gradients are not refused."""
+    from distbelief.ps.rules import all_finite
+
+    grad = torch.full((1000,), 3e38)  # finite, but the sum overflows to inf
+    assert not math.isfinite(float(grad.sum())) and all_finite(grad)
+    for bad in (math.nan, math.inf, -math.inf):
+        grad[17] = bad
+        assert not all_finite(grad)
+    grad = torch.ones(1000)
+    grad[3], grad[4] = math.inf, -math.inf  # a sum of NaN
+    assert not all_finite(grad)
+    assert all_finite(torch.ones(1000))

@@ -42,8 +42,7 @@ from distbelief.data.feed import open_feed, replica_data_and_model
 from distbelief.model.flat import FlatModel
 from distbelief.ps.client import PSClient
 from distbelief.ps.layout import Layout
-from distbelief.ps.rules import make_rule
-from distbelief.ps.shard import all_finite
+from distbelief.ps.rules import all_finite, make_rule
 from distbelief.runtime.channel import Group
 from distbelief.runtime.role import RoleContext
 from distbelief.runtime.store import JobStore

@@ -8,6 +8,9 @@ one-replica Downpour run reproduces `torch.optim` to rounding.
 
 Not thread-safe: the shard calls `apply` under its lock.
 
+`all_finite` is the check a gradient passes before a rule may apply it (the
+shards' and the synchronous replicas').
+
 Example::
 
     rule = make_rule(OptimizerConfig(rule="adagrad", lr=0.1), params)  # params: 1-D tensor
@@ -15,6 +18,8 @@ Example::
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -57,3 +62,14 @@ def make_rule(cfg: OptimizerConfig, params: torch.Tensor) -> Rule:
         return Rule("adam", torch.optim.Adam, params, betas=(cfg.beta1, cfg.beta2), eps=eps,
                     **common)
     raise ValueError(f"unknown rule {cfg.rule!r}")
+
+
+def all_finite(grad: torch.Tensor) -> bool:
+    """True when every value of `grad` is finite.
+
+    One read-only reduction instead of `isfinite(grad).all()`, which writes and
+    reads a mask as large as the gradient (and was the costliest part of a push):
+    a NaN or inf anywhere makes the sum NaN or inf. A sum that overflowed from
+    finite values alone is told apart element by element.
+    """
+    return math.isfinite(float(grad.sum())) or bool(torch.isfinite(grad).all())

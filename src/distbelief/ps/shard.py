@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import threading
 from typing import Callable
 
@@ -27,7 +26,7 @@ import torch
 
 from distbelief.config import OptimizerConfig
 from distbelief.ps import protocol as P
-from distbelief.ps.rules import make_rule
+from distbelief.ps.rules import all_finite, make_rule
 from distbelief.ps.vectors import ShardVectors, VectorError, bits_float, float_bits
 from distbelief.runtime.channel import (TENSOR_TAG, Channel, ChannelClosed, SharedTensor,
                                         job_file)
@@ -327,17 +326,6 @@ class ShardServer:
                 posted = channel.post_recv(self.params)
                 channel.send_header(P.OK, self.version)
                 posted.wait()
-
-
-def all_finite(grad: torch.Tensor) -> bool:
-    """True when every value of `grad` is finite.
-
-    One read-only reduction instead of `isfinite(grad).all()`, which writes and
-    reads a mask as large as the gradient (and was the costliest part of a push):
-    a NaN or inf anywhere makes the sum NaN or inf. A sum that overflowed from
-    finite values alone is told apart element by element.
-    """
-    return math.isfinite(float(grad.sum())) or bool(torch.isfinite(grad).all())
 
 
 class Segments:

@@ -1,17 +1,15 @@
 """Entry point of a role process: connect to the job store, then run the role.
 
-Started by the local launcher as ``python -m distbelief.runtime.role`` with
-DISTBELIEF_STORE (host:port), DISTBELIEF_TOKEN, DISTBELIEF_ROLE and DISTBELIEF_ID
+Forked by the local launcher's zygote (`runtime.zygote`, which also ties the
+process's life to its own), whose child runs `main` with DISTBELIEF_STORE (host:port), DISTBELIEF_TOKEN, DISTBELIEF_ROLE and DISTBELIEF_ID
 (and DISTBELIEF_PART for a partition of a model-parallel replica) in the environment, or called in-process (`run_role`) when roles are started
 one per host. The job's resolved config and layout come from the store.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import signal
 import socket
 import sys
 import threading
@@ -124,22 +122,9 @@ def _replica_entry(algorithm: str):
     raise ValueError(f"unknown algorithm {algorithm!r}")
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when the launcher dies (no orphans)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-    parent = os.environ.get("DISTBELIEF_PARENT_PID")
-    if parent and os.getppid() != int(parent):  # the parent died before prctl took effect
-        os._exit(1)
-
-
 def main() -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _die_with_parent()
     host, port = os.environ["DISTBELIEF_STORE"].rsplit(":", 1)
     role, ident = os.environ["DISTBELIEF_ROLE"], int(os.environ["DISTBELIEF_ID"])
     part = os.environ.get("DISTBELIEF_PART")

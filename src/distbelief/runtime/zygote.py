@@ -259,7 +259,6 @@ def _child(request: dict) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     os.environ.clear()
     os.environ.update(request["env"])
-    os.environ["DISTBELIEF_PARENT_PID"] = str(os.getppid())  # the zygote
     # what `ps -o comm` and `top` show, instead of the zygote's name: e.g. "db-replica0.1"
     name = f"db-{os.environ.get('DISTBELIEF_ROLE', 'role')}{os.environ.get('DISTBELIEF_ID', '')}"
     part = os.environ.get("DISTBELIEF_PART")
