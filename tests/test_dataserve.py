@@ -16,7 +16,7 @@ from distbelief.data import protocol as P
 from distbelief.data.client import DataClient, DataUnavailable
 from distbelief.data.feed import ReplicaFeed
 from distbelief.data.server import DataServer
-from distbelief.runtime.role import Heartbeat
+from distbelief.runtime.context import Heartbeat
 from distbelief.runtime.store import JobStore, new_token
 
 TIMEOUT = 10.0

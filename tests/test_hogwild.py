@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import distbelief
-from distbelief.algorithms.hogwild_worker import STATE_SLOTS, LockFreeRule, shared_views
+from distbelief.algorithms.hogwild.worker import STATE_SLOTS, LockFreeRule, shared_views
 from distbelief.cli import main as cli_main
 from distbelief.config import JobConfig, OptimizerConfig, apply_options
 from distbelief.errors import JobFailed, UserError

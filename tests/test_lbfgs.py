@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
-from distbelief.algorithms.lbfgs import LBFGS, LBFGSSettings, _cubic_minimum
-from distbelief.algorithms.vector_space import TensorSpace
+from distbelief.algorithms.sandblaster.lbfgs import LBFGS, LBFGSSettings, _cubic_minimum
+from distbelief.algorithms.sandblaster.vector_space import TensorSpace
 from distbelief.errors import UserError
 
 ITERATIONS = 20

@@ -14,7 +14,7 @@ import random
 
 import pytest
 
-from distbelief.algorithms.portions import Assignment, Portions, portion_bounds, wants_push
+from distbelief.algorithms.sandblaster.portions import Assignment, Portions, portion_bounds, wants_push
 
 
 def new(p: int, gen: int = 0) -> Assignment:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import distbelief
-from distbelief.algorithms.replica_workers import ReplicaWorkers
+from distbelief.algorithms.downpour.workers import ReplicaWorkers
 from distbelief.config import JobConfig, apply_options
 from distbelief.data.datasets import BatchStream
 from distbelief.errors import UserError

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from distbelief.algorithms.vector_space import TensorSpace
+from distbelief.algorithms.sandblaster.vector_space import TensorSpace
 from distbelief.config import OptimizerConfig
 from distbelief.ps import vectors as V
 from distbelief.ps.client import PSClient, resolve_transport

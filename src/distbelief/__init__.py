@@ -6,7 +6,7 @@ processes or one role per host. See `distbelief.train`, `distbelief.predict` and
 `distbelief train --help`.
 """
 
-from distbelief.config import JobConfig
+from distbelief.job import JobConfig
 from distbelief.errors import UserError
 
 __all__ = ["JobConfig", "UserError", "load_model", "predict", "train"]

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from distbelief.config import JobConfig, apply_options, load_config
+from distbelief.job import JobConfig, apply_options, load_config
 from distbelief.errors import UserError
 
 if TYPE_CHECKING:

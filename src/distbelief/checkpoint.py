@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 import torch
 
+from distbelief.config import parse_every
 from distbelief.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -111,26 +112,6 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def parse_every(text: str | None) -> tuple[int | None, float | None]:
-    """"200" -> (200 steps, None); "30s" -> (None, 30.0 seconds); None -> (None, None)."""
-    if text is None:
-        return None, None
-    value = text.strip().lower()
-    try:
-        if value.endswith("s"):
-            seconds = float(value[:-1])
-            if seconds > 0:
-                return None, seconds
-        else:
-            steps = int(value)
-            if steps > 0:
-                return steps, None
-    except ValueError:
-        pass
-    raise UserError(f"--checkpoint-every {text!r} is neither a number of steps nor of seconds: "
-                    "give e.g. 200 (steps) or 60s (seconds)")
 
 
 class ReplicaGate:

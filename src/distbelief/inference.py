@@ -117,7 +117,7 @@ def _read_input(path: Path, input_shape: tuple[int, ...]) -> tuple[torch.Tensor,
 def _run_partitioned(run_dir, input_path, plan, batch_size: int,
                      timeout: float) -> tuple[torch.Tensor, int]:
     """Start one process per partition, stream the input through them; (logits, bytes)."""
-    from distbelief.config import load_config
+    from distbelief.job import load_config
     from distbelief.coordinator import role_env
     from distbelief.runtime.launch import LocalCluster, log_tail
     from distbelief.runtime.store import JobStore, new_token

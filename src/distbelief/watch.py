@@ -1,115 +1,72 @@
-"""The coordinator's view of a running job: it follows the replicas and shards.
+"""The coordinator's generic watch loop: it follows the replicas and shards of a job.
 
 `watch_replicas` turns the replicas' events into metrics and the progress line,
 evaluates the test split every ``eval_every`` steps, takes checkpoints when
 they are due, and notices lost roles (a local process that exited, or a
-heartbeat older than `LOST_AFTER` seconds). A lost replica is counted, or
-replaced with ``--restart-replicas``; a lost shard is restarted from the last
-checkpoint, or ends the job with `JobFailed`. `drive_sandblaster` runs
-Sandblaster L-BFGS with the replicas as its workers. Coordinator thread only.
+heartbeat older than `LOST_AFTER` seconds). What a lost replica means is the
+algorithm's to say (`Algorithm.lost_replica`): counted, replaced with
+``--restart-replicas``, or the end of the job. A lost shard is restarted from
+the last checkpoint, or ends the job with `JobFailed`. Coordinator thread only.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from distbelief.algorithms.base import Algorithm, Coordination, Watch
 from distbelief.checkpoint import CheckpointDriver, read_manifest
-from distbelief.config import JobConfig
 from distbelief.errors import JobFailed, UserError
-from distbelief.metrics.log import MetricsLog, Progress
-from distbelief.model.evaluate import evaluate
-from distbelief.model.flat import load_flat
-from distbelief.ps.client import PSClient
+from distbelief.runtime.context import member_name
 from distbelief.runtime.launch import LocalCluster, log_tail
-from distbelief.runtime.role import member_name
 from distbelief.runtime.store import JobStore
 
 LOST_AFTER = 6.0  # seconds without a heartbeat before a role counts as lost (beats come every 1 s)
 
 
-@dataclass
-class Watch:
-    """What the coordinator knows about the replicas while it watches them."""
-
-    replicas: int
-    done: set[int] = field(default_factory=set)
-    lost: set[int] = field(default_factory=set)
-    steps: dict[int, int] = field(default_factory=dict)
-    last: dict[int, dict] = field(default_factory=dict)
-    samples: int = 0
-    dropped: int = 0  # late gradients a synchronous step did not wait for
-    restarts: dict[int, int] = field(default_factory=dict)  # replacements started, by replica
-    shards_lost: list[dict] = field(default_factory=list)  # shards restarted from a checkpoint
-    dataservers_lost: list[dict] = field(default_factory=list)  # data servers replaced
-    nonfinite: int = 0  # NaN/inf losses or steps the replicas reported
-    last_event: float = field(default_factory=time.monotonic)
-    extra: dict = field(default_factory=dict)  # the algorithm's own statistics
-
-    @property
-    def finished(self) -> bool:
-        return len(self.done | self.lost) == self.replicas
-
-    @property
-    def leading_step(self) -> int:
-        return max(self.steps.values(), default=0)
-
-
-def watch_replicas(cfg: JobConfig, store: JobStore, local: LocalCluster | None, metrics: MetricsLog,
-           progress: Progress, ps: PSClient, model, data, start_time: float,
-           perm: torch.Tensor | None, driver: CheckpointDriver, manifest: dict | None) -> Watch:
+def watch_replicas(co: Coordination, algorithm: Algorithm, local: LocalCluster | None,
+                   shards: int, driver: CheckpointDriver, manifest: dict | None) -> None:
     """Follow the replicas until each is done or lost; evaluate and checkpoint on the way."""
-    watch = Watch(cfg.cluster.replicas)
+    cfg, store, watch = co.config, co.store, co.watch
+    members = replica_members(cfg, range(watch.replicas))
     if manifest is not None:  # the steps each replica had done at the checkpoint
-        for r in range(cfg.cluster.replicas):
+        for r in range(watch.replicas):
             watch.steps[r] = min(manifest["replica_steps"].get(m, 0)
                                  for m in replica_members(cfg, range(r, r + 1)))
 
     def waiting(number: int) -> list[str]:
-        return [m for m in replica_members(cfg) if int(m.split(".")[0]) not in watch.lost
+        return [m for m in members if int(m.split(".")[0]) not in watch.lost
                 and not store.has(f"ckpt/{number}/paused/{m}")
                 and not store.has(f"done/replica{m}")]
 
     def steps_of(number: int) -> dict[str, int]:
         steps = {}
-        for m in replica_members(cfg):
+        for m in members:
             paused = store.try_get_json(f"ckpt/{number}/paused/{m}")
             done = store.try_get_json(f"done/replica{m}")
             steps[m] = (paused or done or {}).get("steps", watch.steps.get(int(m.split(".")[0]), 0))
         return steps
-    read = trimmed = 0
+
+    def lost_shard() -> int | None:
+        return next((s for s in range(shards) if is_lost(store, local, "shard", s)), None)
+
+    poll = algorithm.poller(store, cfg)
+    read = 0
     next_eval = cfg.train.eval_every or None
     while not watch.finished:
-        read = follow_events(store, read, watch, metrics, progress)
-        for r in range(cfg.cluster.replicas):
+        read = follow_events(co, read)
+        for r in range(watch.replicas):
             if r in watch.done or r in watch.lost:
                 continue
             if _replica_done(store, cfg, r):
                 watch.done.add(r)
             # done is read again: a replica may set it and exit between the two checks
-            elif (_is_lost(store, local, "replica", r, cfg.model.partitions)
+            elif (is_lost(store, local, "replica", r, cfg.model.partitions)
                   and not _replica_done(store, cfg, r)):
-                if _restart_replica(cfg, store, local, watch, r):
-                    metrics.write({"event": "replica_restarted", "time": time.time() - start_time,
-                                   "replica": r, "step": watch.steps.get(r, 0),
-                                   "restarts": watch.restarts[r]})
-                    progress.message(f"replica {r} was lost at step {watch.steps.get(r, 0)}; "
-                                     "a replacement takes over")
-                    continue
-                watch.lost.add(r)
-                metrics.write({"event": "replica_lost", "time": time.time() - start_time,
-                               "replica": r, "step": watch.steps.get(r, 0)})
-                progress.message(f"replica {r} was lost at step {watch.steps.get(r, 0)}; "
-                                 "the others go on")
-                if cfg.algorithm == "sync":
-                    raise JobFailed(f"replica {r} died{_exit_detail(local, 'replica', r)}; "
-                                    "synchronous training cannot go on without it")
-                if r == 0 and not store.has("warm/done"):
-                    store.set_json("warm/done", True)  # do not leave the others waiting
+                _lose_replica(co, algorithm, local, r)
         bad = store.try_get_json("job/nonfinite")
         if bad is not None:
             raise JobFailed(f"{bad['client']} produced a non-finite "
@@ -117,93 +74,67 @@ def watch_replicas(cfg: JobConfig, store: JobStore, local: LocalCluster | None, 
                             f"{' (refused by shard %d)' % bad['shard'] if 'shard' in bad else ''}"
                             " and --on-nonfinite stop ends the job: lower --lr or check the "
                             "data, or use --on-nonfinite skip to drop such steps and go on")
-        for s in range(cfg.cluster.shards):
-            if _is_lost(store, local, "shard", s):
-                detail = _exit_detail(local, "shard", s)
+        for s in range(shards):
+            if is_lost(store, local, "shard", s):
+                detail = exit_detail(local, "shard", s)
                 lost = _restart_shard(cfg, store, local, watch, s)
                 if lost is None:
                     raise JobFailed(f"parameter shard {s} died{detail}; the job cannot continue "
                                     "without it (with --checkpoint-every it is restarted from "
                                     "its last checkpoint)")
-                metrics.write({"event": "shard_lost", "time": time.time() - start_time, **lost})
-                progress.message(f"parameter shard {s} was lost; restarted from checkpoint "
-                                 f"{lost['checkpoint']} (about {lost['updates_lost']} of its "
-                                 "updates lost)")
+                co.write_event({"event": "shard_lost", "time": time.time() - co.start_time,
+                                **lost})
+                co.message(f"parameter shard {s} was lost; restarted from checkpoint "
+                           f"{lost['checkpoint']} (about {lost['updates_lost']} of its "
+                           "updates lost)")
         for d in range(cfg.cluster.data_servers):
-            if _is_lost(store, local, "dataserver", d):
-                _replace_dataserver(store, local, watch, d, metrics, progress, start_time)
-        if watch.lost and len(watch.lost) == cfg.cluster.replicas:
-            raise JobFailed(f"all {cfg.cluster.replicas} replicas were lost"
-                            f"{_exit_detail(local, 'replica', 0)}")
+            if is_lost(store, local, "dataserver", d):
+                _replace_dataserver(co, local, d)
+        if watch.lost and len(watch.lost) == watch.replicas:
+            raise JobFailed(f"all {watch.replicas} replicas were lost"
+                            f"{exit_detail(local, 'replica', 0)}")
         if time.monotonic() - watch.last_event > cfg.cluster.timeout:
-            raise JobFailed(f"no replica reported progress for {cfg.cluster.timeout:.0f} s")
-        if cfg.algorithm == "sync":
-            trimmed = _trim_sync_keys(store, watch, cfg.cluster.replicas, trimmed)
+            raise JobFailed(f"no {algorithm.replica_noun} reported progress for "
+                            f"{cfg.cluster.timeout:.0f} s")
+        if poll is not None:
+            poll(watch)
         if driver.due(watch.leading_step):
-            written = driver.take(waiting, steps_of, lambda: next(
-                (s for s in range(cfg.cluster.shards) if _is_lost(store, local, "shard", s)), None))
+            written = driver.take(waiting, steps_of, lost_shard)
             if written is not None:
-                metrics.write({"event": "checkpoint", "time": time.time() - start_time,
-                               "checkpoint": written["checkpoint"], "step": watch.leading_step})
-        next_eval = maybe_evaluate(
-            next_eval, cfg.train.eval_every, watch, metrics, progress, start_time,
-            lambda: evaluate_current(ps, model, data, cfg.cluster.timeout, perm))
+                co.write_event({"event": "checkpoint", "time": time.time() - co.start_time,
+                                "checkpoint": written["checkpoint"], "step": watch.leading_step})
+        next_eval = maybe_evaluate(co, next_eval)
         time.sleep(0.05)
     # a replica appends its last events before it says done: those that came after this
     # loop's last read are still to be taken
-    follow_events(store, read, watch, metrics, progress)
-    _show(progress, watch, force=True)
-    return watch
+    follow_events(co, read)
+    _show(co, force=True)
 
 
-def drive_sandblaster(cfg: JobConfig, store: JobStore, local: LocalCluster | None,
-                       metrics: MetricsLog, progress: Progress, ps: PSClient, model, data,
-                       start_time: float) -> Watch:
-    """Run Sandblaster L-BFGS from here; the replicas are its workers."""
-    from distbelief.algorithms.sandblaster import SandblasterFailed, SandblasterJob, drive
-
-    watch = Watch(cfg.cluster.replicas)
-
-    def show(iterations: int, loss: float, samples_per_second: float) -> None:
-        watch.steps[0] = iterations
-        watch.last[0] = {"loss": loss}
-        progress.update(iterations, loss=loss, samples_per_second=samples_per_second,
-                        staleness=None)
-
-    def on_iteration(k: int) -> None:
-        if cfg.train.eval_every and k % cfg.train.eval_every == 0:
-            loss, acc = evaluate_current(ps, model, data, cfg.cluster.timeout)
-            metrics.write({"event": "eval", "time": time.time() - start_time, "step": k,
-                           "test_loss": loss, "test_accuracy": acc})
-            progress.message(f"iteration {k}: test accuracy {acc:.4f}")
-
-    def write_event(event: dict) -> None:
-        metrics.write(event)
-        if event["event"] == "train":
-            watch.samples += event["samples"]
-        elif event["event"] == "replica_lost":
-            watch.lost.add(event["replica"])
-            progress.message(f"worker {event['replica']} was lost; its portions are handed "
-                             "out again")
-
-    job = SandblasterJob(store=store, config=cfg, ps=ps, write_event=write_event, show=show,
-                         is_lost=lambda w: _is_lost(store, local, "replica", w),
-                         on_iteration=on_iteration, start_time=start_time)
-    try:
-        watch.extra = drive(job)
-    except SandblasterFailed as exc:
-        raise JobFailed(f"{exc}{_exit_detail(local, 'replica', min(watch.lost, default=0))}"
-                        ) from None
-    if watch.extra["converged"]:
-        progress.message(f"L-BFGS converged ({watch.extra['converged']}) after "
-                         f"{watch.extra['iterations']} iterations")
-    return watch
+def _lose_replica(co: Coordination, algorithm: Algorithm, local: LocalCluster | None,
+                  r: int) -> None:
+    """Replica r died: replace it, count it, or end the job, as the algorithm says."""
+    cfg, store, watch = co.config, co.store, co.watch
+    step = watch.steps.get(r, 0)
+    if _restart_replica(cfg, store, local, watch, r):
+        co.write_event({"event": "replica_restarted", "time": time.time() - co.start_time,
+                        "replica": r, "step": step, "restarts": watch.restarts[r]})
+        co.message(f"replica {r} was lost at step {step}; a replacement takes over")
+        return
+    if algorithm.lost_replica is not None:
+        raise JobFailed(f"{algorithm.replica_noun} {r} died at step {step}"
+                        f"{exit_detail(local, 'replica', r)}; {algorithm.lost_replica}")
+    watch.lost.add(r)
+    co.write_event({"event": "replica_lost", "time": time.time() - co.start_time,
+                    "replica": r, "step": step})
+    co.message(f"replica {r} was lost at step {step}; the others go on")
+    algorithm.on_replica_lost(store, r)
 
 
 MAX_RESTARTS = 5  # replacements per replica: a replica that keeps dying has a real problem
 
 
-def _restart_replica(cfg: JobConfig, store: JobStore, local: LocalCluster | None, watch: Watch,
+def _restart_replica(cfg, store: JobStore, local: LocalCluster | None, watch: Watch,
                      r: int) -> bool:
     """Start a replacement for lost replica `r` (all its partitions); False when not allowed.
 
@@ -225,7 +156,7 @@ def _restart_replica(cfg: JobConfig, store: JobStore, local: LocalCluster | None
     return True
 
 
-def _restart_shard(cfg: JobConfig, store: JobStore, local: LocalCluster | None, watch: Watch,
+def _restart_shard(cfg, store: JobStore, local: LocalCluster | None, watch: Watch,
                    s: int) -> dict | None:
     """Start a replacement for lost shard `s` from the last checkpoint; what was lost, or
     None when there is no checkpoint (or no local launcher, or too many restarts)."""
@@ -248,13 +179,13 @@ def _restart_shard(cfg: JobConfig, store: JobStore, local: LocalCluster | None, 
     return lost
 
 
-def _replace_dataserver(store: JobStore, local: LocalCluster | None, watch: Watch, d: int,
-                        metrics: MetricsLog, progress: Progress, start_time: float) -> None:
+def _replace_dataserver(co: Coordination, local: LocalCluster | None, d: int) -> None:
     """Start a replacement for lost data server `d` (its replicas fail over meanwhile); it
     answers requests addressed to the next generation. JobFailed when that is not allowed."""
     from distbelief.data.protocol import restart_key
 
-    detail = _exit_detail(local, "dataserver", d)
+    store, watch = co.store, co.watch
+    detail = exit_detail(local, "dataserver", d)
     earlier = [x for x in watch.dataservers_lost if x["server"] == d]
     if local is None or len(earlier) >= MAX_RESTARTS:
         raise JobFailed(f"data server {d} died{detail}; it could not be replaced "
@@ -263,56 +194,41 @@ def _replace_dataserver(store: JobStore, local: LocalCluster | None, watch: Watc
     generation = len(earlier) + 1
     store.set_json(restart_key(d), {"generation": generation})
     local.spawn("dataserver", d)
-    lost = {"server": d, "generation": generation, "time": time.time() - start_time}
+    lost = {"server": d, "generation": generation, "time": time.time() - co.start_time}
     watch.dataservers_lost.append(lost)
-    metrics.write({"event": "dataserver_lost", **lost})
-    progress.message(f"data server {d} was lost{detail}; a replacement takes over")
+    co.write_event({"event": "dataserver_lost", **lost})
+    co.message(f"data server {d} was lost{detail}; a replacement takes over")
 
 
-def evaluate_current(ps: PSClient, model, data, timeout: float,
-                      perm: torch.Tensor | None = None) -> tuple[float, float]:
-    """Pull the shards' current parameters into `model`; (test loss, accuracy) on all of it.
-
-    `perm`: where each shard position sits in the whole model's parameters (units split)."""
-    current = torch.empty(ps.layout.numel)
-    ps.pull(current).wait(timeout)
-    if perm is not None:
-        whole = torch.empty_like(current)
-        whole[perm] = current
-        current = whole
-    load_flat(model, current)
-    return evaluate(model, data.x_test, data.y_test)
-
-
-def _show(progress: Progress, watch: Watch, force: bool = False) -> None:
+def _show(co: Coordination, force: bool = False) -> None:
+    watch = co.watch
     recent = list(watch.last.values())
     loss = sum(e["loss"] for e in recent) / len(recent) if recent else None
     running = [e for e in recent if e["replica"] not in watch.lost | watch.done]
     sps = sum(e["samples_per_second"] for e in (recent if force else running))
     stale = [e["staleness"] for e in recent if e.get("staleness") is not None]
-    progress.update(sum(watch.steps.values()), loss=loss, samples_per_second=sps,
-                    staleness=sum(stale) / len(stale) if stale else None, force=force)
+    co.show(sum(watch.steps.values()), loss=loss, samples_per_second=sps,
+            staleness=sum(stale) / len(stale) if stale else None, force=force)
 
 
-def parts(cfg: JobConfig) -> list[int | None]:
+def parts(cfg) -> list[int | None]:
     """The partitions of each replica: [None] when replicas are not partitioned."""
     return [None] if cfg.model.partitions == 1 else list(range(cfg.model.partitions))
 
 
-def replica_members(cfg: JobConfig, replicas: range | None = None) -> list[str]:
+def replica_members(cfg, replicas: range) -> list[str]:
     """Store names of the replica processes ("0", or "0.0", "0.1", ... when partitioned)."""
-    return [member_name(r, part) for r in (replicas or range(cfg.cluster.replicas))
-            for part in parts(cfg)]
+    return [member_name(r, part) for r in replicas for part in parts(cfg)]
 
 
-def follow_events(store: JobStore, read: int, watch: Watch, metrics: MetricsLog,
-                  progress: Progress) -> int:
+def follow_events(co: Coordination, read: int) -> int:
     """Take the events that arrived since index `read` (the coordinator is their only
     reader, so they are consumed): write them to the metrics, fold the "train" ones
-    into `watch`, refresh the progress line. Returns the next index to read."""
-    events = store.read_stream("events", read, consume=True)
+    into the watch, refresh the progress line. Returns the next index to read."""
+    watch = co.watch
+    events = co.store.read_stream("events", read, consume=True)
     for event in events:
-        metrics.write(event)
+        co.write_event(event)
         watch.last_event = time.monotonic()
         if event["event"] == "train":
             watch.steps[event["replica"]] = event["step"]
@@ -320,57 +236,39 @@ def follow_events(store: JobStore, read: int, watch: Watch, metrics: MetricsLog,
             watch.samples += event["samples"]
             watch.dropped += event.get("dropped") or 0
             if event.get("nonfinite") and not watch.nonfinite:
-                progress.message(f"replica {event['replica']}: a NaN/inf loss or gradient "
-                                 "was skipped (--on-nonfinite skip); lower --lr if this "
-                                 "repeats")
+                co.message(f"replica {event['replica']}: a NaN/inf loss or gradient "
+                           "was skipped (--on-nonfinite skip); lower --lr if this repeats")
             watch.nonfinite += event.get("nonfinite") or 0
     if events:
-        _show(progress, watch)
+        _show(co)
     return read + len(events)
 
 
-def maybe_evaluate(next_eval: int | None, every: int, watch: Watch, metrics: MetricsLog,
-                   progress: Progress, start_time: float,
-                   evaluate_now: Callable[[], tuple[float, float]]) -> int | None:
+def maybe_evaluate(co: Coordination, next_eval: int | None) -> int | None:
     """Evaluate once the leading replica reached `next_eval` (None: only at the end);
     returns the step of the next evaluation."""
+    watch, every = co.watch, co.config.train.eval_every
     if next_eval is None or watch.leading_step < next_eval:
         return next_eval
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the training roles go on meanwhile: take one core, not all
     try:
-        loss, acc = evaluate_now()
+        loss, acc = co.evaluate()
     finally:
         torch.set_num_threads(threads)
-    metrics.write({"event": "eval", "time": time.time() - start_time,
-                   "step": watch.leading_step, "test_loss": loss, "test_accuracy": acc})
-    progress.message(f"step {watch.leading_step}: test accuracy {acc:.4f}")
+    co.write_event({"event": "eval", "time": time.time() - co.start_time,
+                    "step": watch.leading_step, "test_loss": loss, "test_accuracy": acc})
+    co.message(f"step {watch.leading_step}: test accuracy {acc:.4f}")
     while next_eval <= watch.leading_step:
         next_eval += every
     return next_eval
 
 
-def _trim_sync_keys(store: JobStore, watch: Watch, replicas: int, trimmed: int) -> int:
-    """Delete the quorum keys of steps every replica is past; returns the first step kept.
-
-    A replica that reported step X may still be finishing its gradient of step
-    X - 1 (one it was dropped from), which counts itself in at
-    ``sync/<X-1>/arrived``; no replica touches a step below the slowest one's
-    report minus 1, so those keys go.
-    """
-    if len(watch.steps) < replicas:
-        return trimmed
-    below = min(watch.steps.values()) - 2
-    for step in range(trimmed, below):
-        store.delete(f"sync/{step}/arrived", f"sync/{step}/quorum")
-    return max(trimmed, below)
-
-
-def _replica_done(store: JobStore, cfg: JobConfig, r: int) -> bool:
+def _replica_done(store: JobStore, cfg, r: int) -> bool:
     return all(store.has(f"done/replica{m}") for m in replica_members(cfg, range(r, r + 1)))
 
 
-def _is_lost(store: JobStore, local: LocalCluster | None, role: str, ident: int,
+def is_lost(store: JobStore, local: LocalCluster | None, role: str, ident: int,
              partitions: int = 1) -> bool:
     """A role process (any partition of a replica) exited or stopped beating."""
     if local is not None:
@@ -384,7 +282,7 @@ def _is_lost(store: JobStore, local: LocalCluster | None, role: str, ident: int,
     return any(b is not None and time.time() - b > LOST_AFTER for b in beats)
 
 
-def _exit_detail(local: LocalCluster | None, role: str, ident: int) -> str:
+def exit_detail(local: LocalCluster | None, role: str, ident: int) -> str:
     if local is None:
         return f" (no heartbeat for {LOST_AFTER:.0f} s)"
     for child in local.children:
@@ -396,15 +294,15 @@ def _exit_detail(local: LocalCluster | None, role: str, ident: int) -> str:
     return ""
 
 
-def wait_for_keys(store: JobStore, keys: list[str], local: LocalCluster | None, cfg: JobConfig,
+def wait_for_keys(store: JobStore, keys: list[str], local: LocalCluster | None, timeout: float,
                   what: str) -> None:
     """Block until every key is set; JobFailed if a local child exits first or on timeout."""
-    deadline = time.monotonic() + cfg.cluster.timeout
+    deadline = time.monotonic() + timeout
     while not all(store.has(k) for k in keys):
         if local is not None:
             for child in local.exited():
                 raise JobFailed(f"{child.role} {child.ident} exited while waiting for {what}"
-                                f"{_exit_detail(local, child.role, child.ident)}")
+                                f"{exit_detail(local, child.role, child.ident)}")
         if time.monotonic() > deadline:
-            raise JobFailed(f"timed out after {cfg.cluster.timeout:.0f} s waiting for {what}")
+            raise JobFailed(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(0.05)

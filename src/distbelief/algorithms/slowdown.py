@@ -14,11 +14,15 @@ Example::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import contextlib
 import time
 from typing import Iterator
 
-from distbelief.config import JobConfig
+if TYPE_CHECKING:
+    from distbelief.job import JobConfig
+
 
 
 class Slowdown:

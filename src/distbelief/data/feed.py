@@ -18,13 +18,17 @@ seconds the replica spent waiting for (or making) its batches. Example::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import time
 
 import torch
 
-from distbelief.config import JobConfig
 from distbelief.data.augment import Augmenter, augment_generator
 from distbelief.data.sampling import BatchStream, replica_indices
+
+if TYPE_CHECKING:
+    from distbelief.job import JobConfig
 
 
 class ReplicaFeed:

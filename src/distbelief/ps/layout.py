@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from distbelief.config import DEFAULT_CHUNK_BYTES, SHARD_LAYOUTS, ClusterConfig, choice
 from distbelief.errors import UserError
 from distbelief.ps import chunks as C
 
@@ -225,3 +226,14 @@ def _proportional(sizes: list[int], total: int) -> list[int]:
     for i in by_remainder[: total - sum(counts)]:
         counts[i] += 1
     return counts
+
+
+def validate_layout_options(c: ClusterConfig) -> None:
+    """UserError naming a bad --shard-layout or --chunk-bytes (before any process starts)."""
+    choice("shard_layout", c.shard_layout, SHARD_LAYOUTS, "--shard-layout")
+    if c.chunk_bytes < 4 or c.chunk_bytes % 4:
+        raise UserError(f"--chunk-bytes must be a positive multiple of 4 (float32), got "
+                        f"{c.chunk_bytes}: try {DEFAULT_CHUNK_BYTES} (1 MB, Project Adam's)")
+    if c.shard_layout == "ranges" and c.chunk_bytes != DEFAULT_CHUNK_BYTES:
+        raise UserError(f"--chunk-bytes {c.chunk_bytes} applies to --shard-layout chunks "
+                        "only: add --shard-layout chunks or leave --chunk-bytes out")

@@ -20,7 +20,7 @@ from distbelief.checkpoint import load_file, read_manifest, set_dir
 from distbelief.ps.protocol import conn_counter
 from distbelief.ps.layout import Layout
 from distbelief.ps.shard import ShardServer
-from distbelief.runtime.role import RoleContext
+from distbelief.runtime.context import RoleContext
 
 
 def run_shard(ctx: RoleContext) -> None:

@@ -44,13 +44,12 @@ from pathlib import Path
 
 from distbelief.errors import JobFailed
 
-PRELOAD = ("torch", "torch.distributed", "numpy", "distbelief.runtime.role",
-           "distbelief.ps.serve", "distbelief.algorithms.downpour", "distbelief.algorithms.sync",
-           "distbelief.algorithms.sandblaster_worker", "distbelief.algorithms.hogwild_worker",
-           "distbelief.data.server", "distbelief.inference")
+PRELOAD = ("torch", "torch.distributed", "numpy")
 """Imported once in the zygote: what every role would otherwise import on its own."""
+PRELOAD_HOOK = "distbelief.roles:preload"
+"""Called once in the zygote after PRELOAD: imports the roles' own modules."""
 POLL_SECONDS = 0.02
-ROLE_MAIN = "distbelief.runtime.role:main"
+ROLE_MAIN = "distbelief.roles:main"
 
 
 class ForkedProcess:
@@ -289,6 +288,8 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
     for name in PRELOAD:
         importlib.import_module(name)
+    module, _, function = PRELOAD_HOOK.partition(":")
+    getattr(importlib.import_module(module), function)()
     _warm_optimizers()
     _serve()
 

@@ -33,13 +33,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
-from distbelief.algorithms.portions import portion_bounds
+from distbelief.algorithms.sandblaster.portions import portion_bounds
 from distbelief.algorithms.slowdown import Slowdown
 from distbelief.model.flat import FlatModel
 from distbelief.model.zoo import load_data_and_model
 from distbelief.ps.client import PSClient
 from distbelief.ps.layout import Layout
-from distbelief.runtime.role import RoleContext
+from distbelief.runtime.context import RoleContext
 
 RESULTS = "sb/results"
 

@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from distbelief.algorithms.replica_workers import ReplicaWorkers
+from distbelief.algorithms.downpour.workers import ReplicaWorkers
 from distbelief.algorithms.schedule import fetch_before, push_after
 from distbelief.algorithms.slowdown import Slowdown
 from distbelief.checkpoint import ReplicaGate
@@ -41,7 +41,7 @@ from distbelief.model.flat import FlatModel
 from distbelief.model.partition import PartitionPlan, open_partition
 from distbelief.ps.client import PSClient
 from distbelief.ps.layout import Layout
-from distbelief.runtime.role import RoleContext
+from distbelief.runtime.context import RoleContext
 
 
 def run_replica(ctx: RoleContext) -> None:

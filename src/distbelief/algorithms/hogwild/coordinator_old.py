@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from distbelief.algorithms.hogwild_worker import STATE_SLOTS
+from distbelief.algorithms.hogwild.worker import STATE_SLOTS
 from distbelief.algorithms.schedule import steps_per_replica
 from distbelief.config import JobConfig
 from distbelief.coordinator import CHECKPOINT, _choose_run_dir, _create_run_dir, role_env

@@ -47,7 +47,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from distbelief.algorithms.vector_space import VectorSpace
+from distbelief.algorithms.sandblaster.vector_space import VectorSpace
 from distbelief.errors import UserError
 
 Scalar = float | torch.Tensor  # a step length: a float until derived from a vector

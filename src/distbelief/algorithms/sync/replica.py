@@ -44,7 +44,7 @@ from distbelief.ps.client import PSClient
 from distbelief.ps.layout import Layout
 from distbelief.ps.rules import all_finite, make_rule
 from distbelief.runtime.channel import Group
-from distbelief.runtime.role import RoleContext
+from distbelief.runtime.context import RoleContext
 from distbelief.runtime.store import JobStore
 
 GROUP = "pg/sync"

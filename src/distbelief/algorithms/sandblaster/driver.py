@@ -1,13 +1,13 @@
 """Sandblaster L-BFGS, the coordinator side (DistBelief, Dean et al. 2012, section 4.2).
 
-The coordinator runs batch L-BFGS (`algorithms.lbfgs`) whose vectors (the
+The coordinator runs batch L-BFGS (`sandblaster.lbfgs`) whose vectors (the
 parameters, gradients, search direction and the (s, y) history) live in the
 parameter shards: it sends them small commands (`ps.vectors`) and gets scalars
 back. Each gradient evaluation is a batch over all the training data, cut into
-many portions (`algorithms.portions`) handed out to the workers as they become
+many portions (`sandblaster.portions`) handed out to the workers as they become
 free; near the end, idle workers get backup copies of the portions still
 outstanding and the first answer wins. The workers add their winning gradients
-straight into a shard vector (`algorithms.sandblaster_worker`), so no gradient
+straight into a shard vector (`sandblaster.worker`), so no gradient
 moves through the coordinator either.
 
 Everything the coordinator hears arrives on one store stream, ``sb/results``:
@@ -30,10 +30,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from distbelief.algorithms.lbfgs import LBFGS, LBFGSSettings
-from distbelief.algorithms.portions import Portions, wants_push
-from distbelief.algorithms.sandblaster_worker import RESULTS, claim_key, message_key
-from distbelief.config import JobConfig
+from distbelief.algorithms.sandblaster.lbfgs import LBFGS, LBFGSSettings
+from distbelief.algorithms.sandblaster.portions import Portions, wants_push
+from distbelief.algorithms.sandblaster.worker import RESULTS, claim_key, message_key
+
 from distbelief.ps.client import PSClient
 from distbelief.ps.vectors import PARAMS, RemoteVectors
 from distbelief.runtime.store import JobStore
@@ -48,7 +48,7 @@ class SandblasterJob:
     """What the driver needs from the coordinator."""
 
     store: JobStore
-    config: JobConfig
+    config: Any  # the job's JobConfig
     ps: PSClient
     write_event: Callable[[dict], None]      # into metrics.jsonl
     show: Callable[[int, float, float], None]  # (iterations done, loss, samples/s)

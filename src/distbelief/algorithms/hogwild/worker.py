@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from distbelief.algorithms.downpour import _Reporter
+from distbelief.algorithms.downpour.replica import _Reporter
 from distbelief.config import OptimizerConfig
 from distbelief.data.datasets import BatchStream, replica_indices
 from distbelief.model.flat import FlatModel
 from distbelief.model.zoo import load_data_and_model
 from distbelief.runtime.channel import SharedTensor
-from distbelief.runtime.role import RoleContext
+from distbelief.runtime.context import RoleContext
 
 STATE_SLOTS = {"sgd": 0, "momentum": 1, "adagrad": 1}  # state vectors after the parameters
 

@@ -1,0 +1,207 @@
+"""The interface every training algorithm implements, and what the coordinator lends it.
+
+An algorithm is one module or folder under `distbelief.algorithms` with one
+`Algorithm` subclass, listed once in `algorithms.registry`. The generic code
+(config, command line, role dispatch, coordinator, watch loop, summary) asks
+it, never its name:
+
+- **config**: `section`, the dataclass of its own TOML table (its fields are
+  command-line options, their help the string under each field); `honours`,
+  the shared fields it uses (any other one set to a non-default value is
+  refused, with `refusal_fixes` saying what to do instead); `defaults` for the
+  shared fields it leaves unset; `validate` and `resolve`.
+- **launch**: `parameters` ("served": parameter-server shards; "shared": one
+  tensor in this host's memory, which also makes it one host only);
+  `run_replica`, the entry point of its replica (worker) processes; `replicas`.
+- **the coordinator**: either the generic watch loop (with `poller` and
+  `start` as hooks) or its own `drive` (Sandblaster's L-BFGS driver).
+- **failures**: `lost_replica`: None counts a lost replica (or restarts it
+  with ``--restart-replicas`` where honoured); a sentence ends the job.
+- **results**: `summary`, the fields it adds to ``summary.json``, and
+  `summary_config`, the settings it records there.
+
+Example, a trivial algorithm (one module plus one registry line)::
+
+    @dataclass(kw_only=True)
+    class PlainConfig:
+        clip: float = 1.0
+        \"\"\"Clip each gradient's norm to this.\"\"\"
+
+    class Plain(Algorithm):
+        name, title, section = "plain", "Downpour without staleness", PlainConfig
+        honours = COMMON | SERVED | RULE | BATCHES
+
+        def run_replica(self, ctx):
+            from distbelief.algorithms.plain_replica import run_replica
+            run_replica(ctx)
+
+Nothing here imports torch: the command line reads the registry for ``--help``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+if TYPE_CHECKING:
+    from distbelief.runtime.context import RoleContext
+    from distbelief.runtime.store import JobStore
+
+
+def _fields(section: str, names: str) -> frozenset[str]:
+    return frozenset(f"{section}.{n}" for n in names.split())
+
+
+# Groups of shared fields, to spell `Algorithm.honours` with.
+COMMON = (_fields("data", "dataset num_samples") | _fields("model", "name")
+          | _fields("train", "steps seed eval_every log_every run_dir on_nonfinite")
+          | _fields("cluster", "host port timeout threads") | _fields("optimizer", "lr"))
+"""Used by every algorithm."""
+SERVED = _fields("cluster", "replicas shards transport slow_worker shard_layout chunk_bytes")
+"""The parameter server and its replicas."""
+RULE = _fields("optimizer", "rule momentum beta1 beta2 eps weight_decay")
+"""An update rule (L-BFGS takes none)."""
+BATCHES = _fields("data", "batch_size") | _fields("train", "epochs")
+"""Training on a stream of mini-batches, counted in epochs."""
+DATA_SERVING = (_fields("cluster", "data_servers") | _fields("data", "prefetch")
+                | _fields("augment", "shift scale noise flip crop warp warp_smooth"))
+"""Data servers and augmentation of the batch stream."""
+PARTITIONS = _fields("model", "partitions split balance micro_batches")
+"""Model parallelism: a replica cut into partitions."""
+
+
+@dataclass
+class Watch:
+    """What the coordinator knows about the replicas while they train.
+
+    The watch loop fills it from the replicas' events; an algorithm that drives
+    itself (`Algorithm.drive`) fills it as it goes. Coordinator thread only.
+    """
+
+    replicas: int
+    done: set[int] = field(default_factory=set)
+    lost: set[int] = field(default_factory=set)
+    steps: dict[int, int] = field(default_factory=dict)
+    last: dict[int, dict] = field(default_factory=dict)
+    samples: int = 0
+    dropped: int = 0  # late gradients a synchronous step did not wait for
+    restarts: dict[int, int] = field(default_factory=dict)  # replacements started, by replica
+    shards_lost: list[dict] = field(default_factory=list)  # shards restarted from a checkpoint
+    dataservers_lost: list[dict] = field(default_factory=list)  # data servers replaced
+    nonfinite: int = 0  # NaN/inf losses or steps the replicas reported
+    last_event: float = field(default_factory=time.monotonic)
+    extra: dict = field(default_factory=dict)  # the algorithm's own statistics
+
+    @property
+    def finished(self) -> bool:
+        return len(self.done | self.lost) == self.replicas
+
+    @property
+    def leading_step(self) -> int:
+        return max(self.steps.values(), default=0)
+
+
+@dataclass
+class Coordination:
+    """What the coordinator lends an algorithm's coordinator-side hooks.
+
+    `ps` is the coordinator's parameter-server client (None for shared
+    parameters); the callables write a metrics event, show a message above the
+    progress line, redraw the progress line (`show(step, loss=..., samples_per_second=...)`),
+    tell whether replica r was lost, describe how it ended, wait for store keys
+    (JobFailed when a role exits first or on timeout) and evaluate the current
+    parameters on the test split.
+    """
+
+    config: Any
+    store: JobStore
+    ps: Any
+    watch: Watch
+    start_time: float
+    write_event: Callable[[dict], None]
+    message: Callable[[str], None]
+    show: Callable[..., None]
+    is_lost: Callable[[int], bool]
+    exit_detail: Callable[[int], str]
+    wait_for: Callable[[list[str], str], None]
+    evaluate: Callable[[], tuple[float, float]]
+
+
+class Algorithm:
+    """One way of training; see the module docstring. Subclasses set the class attributes."""
+
+    name: ClassVar[str]
+    title: ClassVar[str]
+    """One line for ``--help``: what it is."""
+    section: ClassVar[type | None] = None
+    honours: ClassVar[frozenset[str]] = COMMON
+    defaults: ClassVar[dict[str, Any]] = {}
+    """Shared fields (dotted) it fills when the user left them unset."""
+    refusal_fixes: ClassVar[dict[str, str]] = {}
+    """Shared fields it refuses -> what to do instead (default: leave it out)."""
+    parameters: ClassVar[str] = "served"
+    role_modules: ClassVar[tuple[str, ...]] = ()
+    """Modules its replicas import: the role launcher imports them once, up front."""
+    replica_noun: ClassVar[str] = "replica"
+    lost_replica: ClassVar[str | None] = None
+
+    # ---- config -----------------------------------------------------------
+
+    def validate(self, cfg: Any) -> None:
+        """Check its own section and its combinations with shared ones; UserError if bad."""
+
+    def resolve(self, data: dict) -> None:
+        """Fill defaults that are computed, in the config's dict form (after `defaults`)."""
+
+    # ---- launch -----------------------------------------------------------
+
+    def replicas(self, cfg: Any) -> int:
+        """The replica (worker) processes of one job, per partition."""
+        return cfg.cluster.replicas
+
+    def steps(self, cfg: Any, train_samples: int) -> int:
+        """Steps (or iterations) each replica runs."""
+        from distbelief.algorithms.schedule import steps_per_replica
+
+        return steps_per_replica(steps=cfg.train.steps, epochs=cfg.train.resolved_epochs,
+                                 train_samples=train_samples, replicas=self.replicas(cfg),
+                                 batch_size=cfg.data.batch_size)
+
+    def progress_total(self, cfg: Any, steps: int) -> int:
+        """What the progress bar counts to."""
+        return steps * self.replicas(cfg)
+
+    def run_replica(self, ctx: RoleContext) -> None:
+        """The body of a replica (worker) process. Blocks until its work is done."""
+        raise NotImplementedError
+
+    # ---- the coordinator --------------------------------------------------
+
+    drives_itself: ClassVar[bool] = False
+    """True: the coordinator calls `drive` instead of its watch loop."""
+
+    def drive(self, co: Coordination) -> None:
+        """Run the job from the coordinator until it ends, filling `co.watch`."""
+        raise NotImplementedError
+
+    def start(self, co: Coordination) -> None:
+        """Before the watch loop, once every replica registered (a start barrier)."""
+
+    def poller(self, store: JobStore, cfg: Any) -> Callable[[Watch], None] | None:
+        """A function the watch loop calls on every pass (e.g. to trim old store keys)."""
+        return None
+
+    def on_replica_lost(self, store: JobStore, replica: int) -> None:
+        """A replica was lost and the others go on: release whatever waits for it."""
+
+    # ---- results ----------------------------------------------------------
+
+    def summary(self, cfg: Any, watch: Watch, done: list[dict]) -> dict:
+        """Fields it adds to ``summary.json`` (`done`: each replica's final report)."""
+        return {self.name: watch.extra} if watch.extra else {}
+
+    def summary_config(self, cfg: Any) -> dict:
+        """Its settings, recorded under ``summary.json``'s "config"."""
+        return dataclasses.asdict(getattr(cfg, self.name)) if self.section else {}

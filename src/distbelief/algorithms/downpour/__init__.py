@@ -1,0 +1,77 @@
+"""Downpour SGD (DistBelief, Dean et al. 2012, section 4.1): asynchronous replicas
+against a sharded parameter server that applies the update rule.
+
+`replica.py` is a replica's loop, `workers.py` its lock-free threads
+(``--replica-workers``, Project Adam); the fetch/push cadence is
+`algorithms.schedule`. A replica may be cut into partitions (``--partitions``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distbelief.algorithms.base import (BATCHES, COMMON, DATA_SERVING, PARTITIONS, RULE, SERVED,
+                                        Algorithm)
+from distbelief.config import at_least
+from distbelief.errors import UserError
+from distbelief.runtime.store import JobStore
+
+
+@dataclass(kw_only=True)
+class DownpourConfig:
+    n_fetch: int = 1
+    """A replica fetches fresh parameters every N steps."""
+    n_push: int = 1
+    """A replica pushes its accumulated gradient every N steps."""
+    warm_start_steps: int = 0
+    """Replica 0 trains alone for W steps before the other replicas join."""
+    replica_workers: int = 1
+    """Threads per replica (Project Adam), each on its own batches, updating the replica's local copy lock-free with plain SGD between fetches; a step is one batch per thread."""
+
+
+class Downpour(Algorithm):
+    name = "downpour"
+    title = "R model replicas push gradients to and fetch parameters from S parameter shards"
+    section = DownpourConfig
+    honours = (COMMON | SERVED | RULE | BATCHES | DATA_SERVING | PARTITIONS
+               | {"train.checkpoint_every", "cluster.restart_replicas"})
+    defaults = {"optimizer.rule": "adagrad", "optimizer.lr": 0.02}
+    role_modules = ("distbelief.algorithms.downpour.replica",)
+
+    def validate(self, cfg) -> None:
+        d, steps = cfg.downpour, cfg.train.steps
+        at_least("--n-fetch", d.n_fetch, 1, "fetch at least every step (1) or less often (>1)")
+        at_least("--n-push", d.n_push, 1, "push at least every step (1) or less often (>1)")
+        at_least("--warm-start-steps", d.warm_start_steps, 0,
+                 "use 0 to start all replicas together")
+        if d.warm_start_steps and steps is not None and d.warm_start_steps >= steps:
+            raise UserError(
+                f"--warm-start-steps {d.warm_start_steps} must be smaller than --steps {steps}: "
+                "lower --warm-start-steps or raise --steps")
+        at_least("--replica-workers", d.replica_workers, 1,
+                 "use 1 for one gradient at a time per replica")
+        if d.replica_workers > 1 and cfg.model.partitions > 1:
+            raise UserError(f"--replica-workers {d.replica_workers} does not work with "
+                            f"--partitions {cfg.model.partitions}: the threads share one whole "
+                            "local copy; use --replica-workers 1 or --partitions 1")
+
+    def steps(self, cfg, train_samples: int) -> int:
+        from distbelief.algorithms.schedule import steps_per_replica
+
+        # a step takes one batch per worker thread
+        return steps_per_replica(steps=cfg.train.steps, epochs=cfg.train.resolved_epochs,
+                                 train_samples=train_samples, replicas=cfg.cluster.replicas,
+                                 batch_size=cfg.data.batch_size * cfg.downpour.replica_workers)
+
+    def run_replica(self, ctx) -> None:
+        from distbelief.algorithms.downpour.replica import run_replica
+
+        run_replica(ctx)
+
+    def on_replica_lost(self, store: JobStore, replica: int) -> None:
+        if replica == 0 and not store.has("warm/done"):
+            store.set_json("warm/done", True)  # do not leave the others waiting
+
+    def summary_config(self, cfg) -> dict:
+        d = cfg.downpour
+        return {"n_fetch": d.n_fetch, "n_push": d.n_push, "warm_start_steps": d.warm_start_steps}
