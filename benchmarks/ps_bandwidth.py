@@ -66,7 +66,8 @@ import torch
 from transport_peers import PEERS, run_peer
 
 from distbelief import coordinator
-from distbelief.config import ClusterConfig, JobConfig, OptimizerConfig, TrainConfig
+from distbelief.config import ClusterConfig, OptimizerConfig, TrainConfig
+from distbelief.job import JobConfig
 from distbelief.ps.client import PSClient
 from distbelief.ps.layout import Layout
 from distbelief.runtime.channel import remove_job_files

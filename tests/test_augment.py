@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from distbelief.config import AugmentConfig, JobConfig, apply_options, load_config
+from distbelief.config import AugmentConfig
+from distbelief.job import JobConfig, apply_options, load_config
 from distbelief.data.augment import Augmenter, augment_generator
 from distbelief.data.feed import ReplicaFeed
 from distbelief.data.sampling import BatchStream, replica_indices

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import distbelief
-from distbelief.config import JobConfig, OptimizerConfig, apply_options
+from distbelief.config import OptimizerConfig
+from distbelief.job import JobConfig, apply_options
 from distbelief.errors import UserError
 from distbelief.ps import chunks as C
 from distbelief.ps import vectors as V

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from distbelief.cli import TRAIN_OPTIONS
-from distbelief.config import default_of
+from distbelief.job import default_of
 
 TIMEOUT = 120
 TRAIN = ["train", "--dataset", "digits", "--model", "mlp", "--quiet"]

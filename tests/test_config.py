@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from distbelief.config import (DEFAULT_EPOCHS, OPTION_FIELDS, JobConfig, TrainConfig, apply_options,
-                               default_of, load_config)
+from distbelief.config import DEFAULT_EPOCHS, TrainConfig
+from distbelief.job import OPTION_FIELDS, JobConfig, apply_options, default_of, load_config
 from distbelief.errors import UserError
 
 FULL_TOML = """\

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from distbelief.config import JobConfig
+from distbelief.job import JobConfig
 from distbelief.data import protocol as P
 from distbelief.data.client import DataClient, DataUnavailable
 from distbelief.data.feed import ReplicaFeed

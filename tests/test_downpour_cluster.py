@@ -51,7 +51,7 @@ def test_downpour_on_digits_reaches_95_percent(tmp_path):
         acc = (model(data.x_test).argmax(1) == data.y_test).float().mean().item()
     assert acc == pytest.approx(summary["test_accuracy"])
     # the resolved config reloads as the same job
-    cfg = distbelief.config.load_config(run / "config.toml")
+    cfg = distbelief.job.load_config(run / "config.toml")
     assert (cfg.cluster.replicas, cfg.train.steps, cfg.data.dataset) == (2, 300, "digits")
 
 

@@ -10,11 +10,13 @@ import pytest
 import torch
 
 import distbelief
-from distbelief.algorithms.hogwild.worker import STATE_SLOTS, LockFreeRule, shared_views
+from distbelief.algorithms.hogwild.worker import shared_views
 from distbelief.cli import main as cli_main
-from distbelief.config import JobConfig, OptimizerConfig, apply_options
+from distbelief.config import OptimizerConfig
+from distbelief.job import JobConfig, apply_options
 from distbelief.errors import JobFailed, UserError
 from distbelief.metrics.log import read_metrics
+from distbelief.ps.rules import STATE_SLOTS, InPlaceRule
 from distbelief.runtime.channel import SHM_DIR
 
 from _reference import one_process_parameters
@@ -37,8 +39,8 @@ def test_lock_free_rules_follow_torch_optim(rule, weight_decay):
     params.copy_(torch.randn(numel))
     reference = torch.nn.Parameter(params.clone())
     optimizer = TORCH_RULES[rule]([reference], weight_decay)
-    mine = LockFreeRule(OptimizerConfig(rule=rule, lr=0.1, weight_decay=weight_decay),
-                        params, state)
+    mine = InPlaceRule(OptimizerConfig(rule=rule, lr=0.1, weight_decay=weight_decay),
+                       params, state)
     for _ in range(5):
         grad = torch.randn(numel)
         kept = grad.clone()

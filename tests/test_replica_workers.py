@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import distbelief
 from distbelief.algorithms.downpour.workers import ReplicaWorkers
-from distbelief.config import JobConfig, apply_options
+from distbelief.job import JobConfig, apply_options
 from distbelief.data.datasets import BatchStream
 from distbelief.errors import UserError
 from distbelief.model.flat import FlatModel

@@ -57,11 +57,12 @@ def train(config: JobConfig | dict | str | Path | None = None, *, show_progress:
     env = EnvRole.detect()
     if env is None:  # a local cluster: the role launcher's imports overlap with the job's
         prestart()
-    from distbelief.coordinator import run_job
+    from distbelief.coordinator import check_launch, run_job
 
-    if env is not None and cfg.algorithm == "hogwild":
-        from distbelief.algorithms.hogwild import MULTI_HOST
-        raise UserError(MULTI_HOST)
+    if env is not None:
+        from distbelief.algorithms.registry import get_algorithm
+
+        check_launch(get_algorithm(cfg.algorithm), env, resume)
     if env is not None and cfg.cluster.data_servers:
         raise UserError(f"--data-servers {cfg.cluster.data_servers} needs the local launcher, "
                         "but this process was started as one rank of a multi-host job: leave "
@@ -70,7 +71,7 @@ def train(config: JobConfig | dict | str | Path | None = None, *, show_progress:
         role, ident, part = env.role(cfg.cluster.shards, cfg.cluster.replicas,
                                      cfg.model.partitions)
         if role != "coordinator":
-            from distbelief.runtime.role import run_role
+            from distbelief.roles import run_role
             from distbelief.runtime.store import JobStore
             store = JobStore.connect(env.master_addr, env.master_port, env.token,
                                      timeout=cfg.cluster.timeout)

@@ -108,7 +108,8 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
             wait_for([f"members/replica/{m}" for m in members], "the replicas to start")
             wait_for([f"members/dataserver/{d}" for d in range(cfg.cluster.data_servers)],
                      "the data servers to start")
-            _write_cluster(run_dir, store, home.shards, members, cfg.cluster.data_servers, host)
+            _write_cluster(run_dir, store, home.shards, members, cfg.cluster.data_servers, host,
+                           algorithm.replica_kind)
             watch = Watch(replicas)
             co = Coordination(
                 config=cfg, store=store, ps=home.ps, watch=watch, start_time=job["start_time"],
@@ -197,7 +198,7 @@ def _loopback_env(host: str) -> dict[str, str]:
 
 
 def _write_cluster(run_dir: Path, store: JobStore, shards: int, members: list[str],
-                   dataservers: int, host: str) -> None:
+                   dataservers: int, host: str, replica_kind: str) -> None:
     roles = [{"kind": "coordinator", "id": 0, "pid": os.getpid(), "host": socket.gethostname(),
               "address": host, "port": store.port}]
     names = [("shard", str(s)) for s in range(shards)]
@@ -205,7 +206,7 @@ def _write_cluster(run_dir: Path, store: JobStore, shards: int, members: list[st
     names += [("dataserver", str(d)) for d in range(dataservers)]
     for kind, name in names:
         info = store.get_json(f"members/{kind}/{name}") or {}
-        roles.append({"kind": kind, "id": info.get("id"), "part": info.get("part"),
+        roles.append({"kind": replica_kind if kind == "replica" else kind, "id": info.get("id"), "part": info.get("part"),
                       "pid": info.get("pid"), "host": info.get("host"), "port": None})
     write_cluster(run_dir, roles)
 

@@ -273,14 +273,16 @@ def users_of(dotted: str) -> list[str]:
 
 def _refuse_foreign_options(cfg: JobConfig, algorithm) -> None:
     """An option set for another algorithm is a mistake worth one clear line."""
-    defaults = JobConfig()
+    # a value equal to what `resolved` fills in was not given by the user (a resumed run's
+    # config.toml holds the resolved values)
+    defaults = (JobConfig(), JobConfig(algorithm=algorithm.name).resolved())
     for section, cls in _SECTIONS.items():
         for f in dataclasses.fields(cls):
             dotted = f"{section}.{f.name}"
             used = (section == algorithm.name if section in ALGORITHM_SECTIONS
                     else dotted in algorithm.honours)
             value = getattr(getattr(cfg, section), f.name)
-            if used or value == getattr(getattr(defaults, section), f.name):
+            if used or any(value == getattr(getattr(d, section), f.name) for d in defaults):
                 continue
             users = users_of(dotted)
             option = next((o.flag for o in OPTIONS.values() if o.dotted == dotted), dotted)

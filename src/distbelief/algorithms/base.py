@@ -145,6 +145,9 @@ class Algorithm:
     role_modules: ClassVar[tuple[str, ...]] = ()
     """Modules its replicas import: the role launcher imports them once, up front."""
     replica_noun: ClassVar[str] = "replica"
+    """How messages name one of its replica processes."""
+    replica_kind: ClassVar[str] = "replica"
+    """Their kind in ``cluster.json``."""
     lost_replica: ClassVar[str | None] = None
 
     # ---- config -----------------------------------------------------------

@@ -1,12 +1,22 @@
-"""Update rules applied inside a parameter shard.
+"""Update rules: the maths every algorithm applies to its parameters, in one place.
 
 DistBelief applies the update (e.g. Adagrad) inside each shard, on the shard's
 own slice, so replicas only ever send gradients. Every rule here is elementwise,
 so applying it per slice is exactly the same maths as applying it to the whole
-vector. The rules are PyTorch's own optimizers over the shard's slice, so a
-one-replica Downpour run reproduces `torch.optim` to rounding.
+vector. Two forms:
 
-Not thread-safe: the shard calls `apply` under its lock.
+- `make_rule` -> `Rule`: PyTorch's own optimizer over a 1-D slice, owning its
+  state (checkpointed with `state_dict`). The shards and the synchronous
+  replicas use it, so a one-replica Downpour run reproduces `torch.optim` to
+  rounding. Not thread-safe: the shard calls `apply` under its lock.
+- `sgd_`, `momentum_`, `adagrad_` and `InPlaceRule`: the same maths as
+  `torch.optim` (bit for bit: tests/test_rules.py) written as in-place tensor
+  operations on parameter and state tensors the caller owns, e.g. views into
+  memory that several processes share (Hogwild) or a replica's local copy that
+  its worker threads update (Project Adam). They take no lock: concurrent calls
+  on the same tensors race element by element, which those algorithms allow.
+  `torch.optim` cannot do this: it keeps its state to itself, and its Adagrad
+  divides by the stored sum (see `adagrad_`).
 
 `all_finite` is the check a gradient passes before a rule may apply it (the
 shards' and the synchronous replicas').
@@ -15,6 +25,8 @@ Example::
 
     rule = make_rule(OptimizerConfig(rule="adagrad", lr=0.1), params)  # params: 1-D tensor
     rule.apply(grad)          # params updated in place
+
+    sgd_(params, grad, lr=0.1)          # params -= 0.1 * grad, in place; grad unchanged
 """
 
 from __future__ import annotations
@@ -24,6 +36,13 @@ import math
 import torch
 
 from distbelief.config import OptimizerConfig
+
+DEFAULT_EPS = {"adagrad": 1e-10, "adam": 1e-8}  # PyTorch's, used when cfg.eps is None
+
+STATE_SLOTS = {"sgd": 0, "momentum": 1, "adagrad": 1}
+"""The rules with an in-place form, and how many state vectors (each as long as the
+parameters) it keeps: momentum's buffer, Adagrad's sum of squared gradients. Adam has
+none: its bias correction needs a step count, which racing updaters cannot share."""
 
 
 class Rule:
@@ -55,13 +74,91 @@ def make_rule(cfg: OptimizerConfig, params: torch.Tensor) -> Rule:
     if cfg.rule == "momentum":
         return Rule("momentum", torch.optim.SGD, params, momentum=cfg.momentum, **common)
     if cfg.rule == "adagrad":
-        eps = 1e-10 if cfg.eps is None else cfg.eps
-        return Rule("adagrad", torch.optim.Adagrad, params, eps=eps, **common)
+        return Rule("adagrad", torch.optim.Adagrad, params, eps=_eps(cfg), **common)
     if cfg.rule == "adam":
-        eps = 1e-8 if cfg.eps is None else cfg.eps
-        return Rule("adam", torch.optim.Adam, params, betas=(cfg.beta1, cfg.beta2), eps=eps,
-                    **common)
+        return Rule("adam", torch.optim.Adam, params, betas=(cfg.beta1, cfg.beta2),
+                    eps=_eps(cfg), **common)
     raise ValueError(f"unknown rule {cfg.rule!r}")
+
+
+def _eps(cfg: OptimizerConfig) -> float:
+    return DEFAULT_EPS[cfg.rule] if cfg.eps is None else cfg.eps
+
+
+# ---- the in-place form ----------------------------------------------------------------
+# Each function updates `params` (and its state) in place and leaves `grad` unchanged: it
+# is often a worker's private buffer, still to be pushed or reused.
+
+
+def sgd_(params: torch.Tensor, grad: torch.Tensor, *, lr: float,
+         weight_decay: float = 0.0) -> None:
+    """SGD: params -= lr * g, where g = grad + weight_decay * params (torch.optim.SGD)."""
+    params.add_(_decayed(grad, params, weight_decay), alpha=-lr)
+
+
+def momentum_(params: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, *, lr: float,
+              momentum: float, weight_decay: float = 0.0) -> None:
+    """SGD with momentum: buf = momentum * buf + g, params -= lr * buf (torch.optim.SGD with
+    `momentum`, no dampening). Start `buf` at zero: the first step is then buf = g, as
+    torch's first step."""
+    buf.mul_(momentum).add_(_decayed(grad, params, weight_decay))
+    params.add_(buf, alpha=-lr)
+
+
+def adagrad_(params: torch.Tensor, grad: torch.Tensor, sums: torch.Tensor, *, lr: float,
+             eps: float, weight_decay: float = 0.0) -> None:
+    """Adagrad: sums += g * g, params -= lr * g / (sqrt(sums) + eps) (torch.optim.Adagrad,
+    no lr decay). Start `sums` at zero (torch's initial_accumulator_value)."""
+    g = _decayed(grad, params, weight_decay)
+    # the sum is made privately and divided by, then stored: when `sums` is shared with
+    # updaters that take no lock, the stored one may have lost this very addition to another's
+    # concurrent write, and dividing by it could then make a step far larger than lr (seen in
+    # Hogwild: a loss of 60,000). Alone, this is torch's maths bit for bit.
+    total = torch.addcmul(sums, g, g, value=1)
+    sums.copy_(total)
+    params.addcdiv_(g, total.sqrt_().add_(eps), value=-lr)
+
+
+def _decayed(grad: torch.Tensor, params: torch.Tensor, weight_decay: float) -> torch.Tensor:
+    """grad + weight_decay * params, in a new tensor (`grad` itself when there is none)."""
+    return grad.add(params, alpha=weight_decay) if weight_decay else grad
+
+
+class InPlaceRule:
+    """cfg's rule applied in place, by the functions above, to tensors the caller owns.
+
+    `state`: the rule's `STATE_SLOTS[cfg.rule]` vectors back to back (zeros at the
+    start), or None for a rule that keeps none. Takes no lock (see the module
+    docstring); `apply` leaves its `grad` unchanged.
+
+    Example::
+
+        rule = InPlaceRule(OptimizerConfig(rule="momentum", lr=0.1), params, state=buf)
+        rule.apply(grad)        # buf = 0.9 * buf + grad; params -= 0.1 * buf, in place
+    """
+
+    def __init__(self, cfg: OptimizerConfig, params: torch.Tensor, state: torch.Tensor | None):
+        if cfg.rule not in STATE_SLOTS:
+            raise ValueError(f"rule {cfg.rule!r} has no in-place form")
+        slots = STATE_SLOTS[cfg.rule]
+        if (state is not None) != (slots > 0) or (state is not None
+                                                  and state.numel() != slots * params.numel()):
+            raise ValueError(f"rule {cfg.rule!r} takes {slots} state vectors of "
+                             f"{params.numel()} values")
+        self.cfg, self.params, self.state = cfg, params, state
+        self.eps = _eps(cfg) if cfg.rule in DEFAULT_EPS else None
+
+    def apply(self, grad: torch.Tensor) -> None:
+        """One update with `grad` (left unchanged)."""
+        cfg = self.cfg
+        if cfg.rule == "sgd":
+            sgd_(self.params, grad, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        elif cfg.rule == "momentum":
+            momentum_(self.params, grad, self.state, lr=cfg.lr, momentum=cfg.momentum,
+                      weight_decay=cfg.weight_decay)
+        else:  # adagrad
+            adagrad_(self.params, grad, self.state, lr=cfg.lr, eps=self.eps,
+                     weight_decay=cfg.weight_decay)
 
 
 def all_finite(grad: torch.Tensor) -> bool:

@@ -21,13 +21,12 @@ lock-free threads share the replica's local copy and update it with plain SGD
 between fetches (Project Adam; `algorithms/replica_workers.py`).
 
 Reports to the coordinator through the store stream ``events``: a "train" event
-every `log_every` steps and a "replica_done" event at the end.
+every `log_every` steps (`metrics.report.Reporter`); sets ``done/replica<r>`` at the end.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 
 import torch
@@ -37,6 +36,7 @@ from distbelief.algorithms.schedule import fetch_before, push_after
 from distbelief.algorithms.slowdown import Slowdown
 from distbelief.checkpoint import ReplicaGate
 from distbelief.data.feed import open_feed, replica_data_and_model
+from distbelief.metrics.report import Reporter
 from distbelief.model.flat import FlatModel
 from distbelief.model.partition import PartitionPlan, open_partition
 from distbelief.ps.client import PSClient
@@ -104,7 +104,7 @@ def _train(ctx: RoleContext, ps: PSClient, flat: FlatModel, runner, feed, start:
     cfg, r = ctx.config, ctx.ident
     gate = (ReplicaGate(ctx.store, ctx.member, cfg.cluster.timeout)
             if cfg.train.checkpoint_every is not None else None)
-    report = _Reporter(ctx, total, enabled=runner.reports_loss)
+    report = Reporter.for_role(ctx, total, enabled=runner.reports_loss)
     slow = Slowdown.for_worker(cfg, r)
     threads = cfg.downpour.replica_workers
     with contextlib.ExitStack() as stack:
@@ -115,7 +115,7 @@ def _train(ctx: RoleContext, ps: PSClient, flat: FlatModel, runner, feed, start:
 
 
 def _steps(ctx: RoleContext, ps: PSClient, flat: FlatModel, runner, feed,
-           start: int, total: int, gate, report: _Reporter, slow: Slowdown,
+           start: int, total: int, gate, report: Reporter, slow: Slowdown,
            workers: ReplicaWorkers | None) -> int:
     """The step loop of `_train`; `workers`: the replica's threads (None: T = 1)."""
     cfg, r = ctx.config, ctx.ident
@@ -175,57 +175,3 @@ def _wait_for_warm_start(ctx: RoleContext) -> bool:
 
 def _now(ctx: RoleContext) -> float:
     return time.time() - ctx.job["start_time"]
-
-
-class _Reporter:
-    """Collects loss, throughput and staleness; sends one "train" event every log_every steps."""
-
-    def __init__(self, ctx: RoleContext, total: int, enabled: bool = True):
-        """`enabled`: False on the partitions of a replica that do not see the loss."""
-        self.ctx, self.total, self.enabled = ctx, total, enabled
-        self.every = ctx.config.train.log_every
-        self.losses: list[float] = []
-        self.staleness: list[int] = []
-        self.nonfinite = 0  # non-finite losses and refused pushes since the last event
-        self.acked = 0  # pushes a shard applied and acknowledged, over the whole run
-        self.samples = 0
-        self.since = time.perf_counter()
-        self.last_step = -1
-
-    def step(self, loss: float | None, samples: int) -> None:
-        if not self.enabled:
-            return
-        self.samples += samples
-        if math.isfinite(loss):
-            self.losses.append(loss)
-            return
-        self.nonfinite += 1
-        if self.ctx.config.train.on_nonfinite == "stop":
-            self.ctx.store.set_json("job/nonfinite", {"client": f"replica{self.ctx.ident}",
-                                                      "loss": str(loss)})
-            raise FloatingPointError(f"replica {self.ctx.ident}: the training loss is {loss}; "
-                                     "lower --lr or check the data")
-
-    def acks(self, acks: list[tuple[int, int | None]]) -> None:
-        """Record the shards' answers; staleness None: a push refused as non-finite."""
-        self.staleness.extend(s for _, s in acks if s is not None)
-        self.acked += sum(1 for _, s in acks if s is not None)
-
-    def maybe_log(self, step: int, versions: list[int], force: bool = False) -> None:
-        if not self.enabled or (not force and (step + 1) % self.every != 0):
-            return
-        if step == self.last_step or not (self.losses or self.nonfinite):
-            return
-        elapsed = max(time.perf_counter() - self.since, 1e-9)
-        event = {"event": "train", "time": _now(self.ctx), "replica": self.ctx.ident,
-                 "step": step + 1, "total_steps": self.total,
-                 "loss": sum(self.losses) / len(self.losses) if self.losses else math.nan,
-                 "nonfinite": self.nonfinite, "samples": self.samples,
-                 "samples_per_second": self.samples / elapsed,
-                 "staleness": (sum(self.staleness) / len(self.staleness)
-                               if self.staleness else None),
-                 "versions": list(versions)}
-        self.ctx.store.append("events", event)
-        self.losses, self.staleness, self.samples, self.nonfinite = [], [], 0, 0
-        self.since = time.perf_counter()
-        self.last_step = step

@@ -6,15 +6,16 @@ local copy of the parameters (Chilimbi et al., OSDI 2014, section 3.2). A
 stream, in order, and hands batch j to worker j, so the workers' batches
 together are exactly the replica's batch sequence. Each worker computes its
 gradient on the shared local copy, adds it into the replica's push buffer and
-applies it to the local copy with plain SGD at the job's ``--lr``, all without
-a lock (Hogwild on the local copy): their reads and writes interleave, and two
-additions to one element may race. The step ends when every worker is done;
-the fetch and push cadence (``--n-fetch``, ``--n-push``), ``--steps`` and the
-epoch count (T x batch samples per step) count these steps, so a push sends
-the sum of the T gradients of each step since the last push to the shards,
-where the update rule runs, and a fetch overwrites what the workers did to the
-local copy. T = 1 does not use this module: the replica computes one gradient
-per step straight into the push buffer and leaves its local copy alone.
+applies it to the local copy with plain SGD (`ps.rules.sgd_`) at the job's
+``--lr``, all without a lock (Hogwild on the local copy): their reads and
+writes interleave, and two additions to one element may race. The step ends
+when every worker is done; the fetch and push cadence (``--n-fetch``,
+``--n-push``), ``--steps`` and the epoch count (T x batch samples per step)
+count these steps, so a push sends the sum of the T gradients of each step
+since the last push to the shards, where the update rule runs, and a fetch
+overwrites what the workers did to the local copy. T = 1 does not use this
+module: the replica computes one gradient per step straight into the push
+buffer and leaves its local copy alone.
 
 Example::
 
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from distbelief.model.flat import FlatModel
+from distbelief.ps.rules import sgd_
 
 
 class ReplicaWorkers:
@@ -62,7 +64,7 @@ class ReplicaWorkers:
         value = loss.item()
         push.add_(grad)  # no lock: a concurrent add may race, as Hogwild allows
         if math.isfinite(value):  # a NaN would spoil the local copy until the next fetch
-            self.flat.params.add_(grad, alpha=-self.lr)
+            sgd_(self.flat.params, grad, lr=self.lr)
         return value
 
     def __enter__(self) -> ReplicaWorkers:

@@ -36,7 +36,7 @@ class Hogwild(Algorithm):
         "cluster.transport": "the workers share one tensor in this host's memory; leave it out",
     }
     parameters = "shared"
-    replica_noun = "hogwild worker"
+    replica_noun, replica_kind = "hogwild worker", "worker"
     lost_replica = "the job stops (its part of the data would go untrained): start the run again"
     role_modules = ("distbelief.algorithms.hogwild.worker",)
 

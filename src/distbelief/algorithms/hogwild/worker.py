@@ -2,20 +2,22 @@
 
 The coordinator (`algorithms/hogwild.py`) keeps the parameters in one flat
 float32 tensor in a job file under /dev/shm, followed by the update rule's
-state when it has one (`STATE_SLOTS`: momentum's buffer, Adagrad's sum of
-squared gradients). Each of the W worker processes maps that file, builds its
+state when it has one (`ps.rules.STATE_SLOTS`: momentum's buffer, Adagrad's sum
+of squared gradients). Each of the W worker processes maps that file, builds its
 model with the parameters as views into it (`FlatModel(params=...)`), and at
 every step computes the gradient of its own batch into a private buffer, then
-applies the update in place on the shared tensor, with no lock. Another
-worker's reads and writes interleave freely with ours: a forward pass may see
-parameters that another worker is half-way through updating, and two updates
-of one element may race. That is Hogwild's bet, sound when each update is
-small; for W = 1 the run is exactly single-process SGD on the same batches.
+applies the update in place on the shared tensor, with no lock
+(`ps.rules.InPlaceRule`). Another worker's reads and writes interleave freely
+with ours: a forward pass may see parameters that another worker is half-way
+through updating, and two updates of one element may race. That is Hogwild's
+bet, sound when each update is small; for W = 1 the run is exactly
+single-process SGD on the same batches.
 
 Worker w trains on its own part of the data (`replica_indices(n, w, W, seed)`,
 a `BatchStream` seeded ``seed * 1000 + w``, as Downpour's replica w). It reports
-through the store stream ``events`` with Downpour's reporter ("train" events
-every `log_every` steps) and ends with ``done/replica<w>``.
+through the store stream ``events`` as Downpour's replicas do ("train" events
+every `log_every` steps, `metrics.report.Reporter`) and ends with
+``done/replica<w>``.
 
 Example (in worker w's process, started by the local launcher)::
 
@@ -31,56 +33,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from distbelief.algorithms.downpour.replica import _Reporter
-from distbelief.config import OptimizerConfig
 from distbelief.data.datasets import BatchStream, replica_indices
+from distbelief.metrics.report import Reporter
 from distbelief.model.flat import FlatModel
 from distbelief.model.zoo import load_data_and_model
+from distbelief.ps.rules import STATE_SLOTS, InPlaceRule, all_finite
 from distbelief.runtime.channel import SharedTensor
 from distbelief.runtime.context import RoleContext
 
-STATE_SLOTS = {"sgd": 0, "momentum": 1, "adagrad": 1}  # state vectors after the parameters
-
-
-class LockFreeRule:
-    """An elementwise update rule applied in place to shared `params` and `state`.
-
-    The same maths as `torch.optim` (SGD, SGD with momentum, Adagrad; with
-    weight decay), written as in-place tensor operations so that parameters and
-    state stay in the shared tensor. Takes no lock: concurrent calls from other
-    processes on the same tensors race element by element, as Hogwild allows.
-
-    Example::
-
-        rule = LockFreeRule(OptimizerConfig(rule="sgd", lr=0.1), params, state=None)
-        rule.apply(grad)        # params -= 0.1 * grad, in place
-    """
-
-    def __init__(self, cfg: OptimizerConfig, params: torch.Tensor, state: torch.Tensor | None):
-        if cfg.rule not in STATE_SLOTS:
-            raise ValueError(f"rule {cfg.rule!r} has no lock-free form")
-        if (state is not None) != (STATE_SLOTS[cfg.rule] > 0):
-            raise ValueError(f"rule {cfg.rule!r} takes {STATE_SLOTS[cfg.rule]} state vectors")
-        self.cfg, self.params, self.state = cfg, params, state
-        self.eps = 1e-10 if cfg.eps is None else cfg.eps
-
-    def apply(self, grad: torch.Tensor) -> None:
-        """One update with `grad` (a private buffer; left unchanged)."""
-        cfg, params = self.cfg, self.params
-        if cfg.weight_decay:
-            grad = grad.add(params, alpha=cfg.weight_decay)
-        if cfg.rule == "sgd":
-            params.add_(grad, alpha=-cfg.lr)
-        elif cfg.rule == "momentum":  # a zero buffer makes the first step buf = grad, as torch
-            self.state.mul_(cfg.momentum).add_(grad)
-            params.add_(self.state, alpha=-cfg.lr)
-        else:  # adagrad
-            # the sum is made privately and divided by, then stored: the shared one may have
-            # lost this very addition to another worker's concurrent write, and dividing by
-            # it could then make a step far larger than lr (seen: a loss of 60,000)
-            total = torch.addcmul(self.state, grad, grad, value=1)
-            self.state.copy_(total)
-            params.addcdiv_(grad, total.sqrt_().add_(self.eps), value=-cfg.lr)
+__all__ = ["run_worker", "shared_views"]
 
 
 def shared_views(tensor: torch.Tensor, numel: int, slots: int
@@ -100,12 +61,12 @@ def run_worker(ctx: RoleContext) -> None:
                          replica_indices(len(data.x_train), w, workers, cfg.train.seed),
                          cfg.data.batch_size, seed=cfg.train.seed * 1000 + w)
     ctx.store.get_json("job/ready", what="the coordinator to create the shared parameters")
-    info = ctx.job["hogwild"]
+    info = ctx.job["shared"]
     shared = SharedTensor(Path(info["file"]), info["numel"] * (1 + info["slots"]),
                           torch.float32, create=False)
     params, state = shared_views(shared.tensor, info["numel"], info["slots"])
     flat = FlatModel(model, grads=1, params=params)  # the model computes on the shared values
-    rule = LockFreeRule(cfg.optimizer, params, state)
+    rule = InPlaceRule(cfg.optimizer, params, state)  # no lock: Hogwild's bet
     ctx.store.set_json(f"hogwild/ready/{w}", True)
     # every worker starts together, so that the workers' throughput adds up from the first step
     ctx.store.get_json("hogwild/go", timeout=cfg.cluster.timeout,
@@ -119,11 +80,11 @@ def run_worker(ctx: RoleContext) -> None:
         "cpu_seconds": time.process_time() - cpu, "samples": ctx.job["steps"] * stream.batch_size})
 
 
-def _train(ctx: RoleContext, flat: FlatModel, rule: LockFreeRule, stream: BatchStream,
+def _train(ctx: RoleContext, flat: FlatModel, rule: InPlaceRule, stream: BatchStream,
            total: int) -> int:
     """Every step: gradient of the next batch, then the lock-free update. Returns the updates
     applied (steps whose loss and gradient were finite)."""
-    report = _Reporter(ctx, total)
+    report = Reporter.for_role(ctx, total)
     grad, applied = flat.grads[0], 0
     for step in range(total):
         xb, yb = stream.next()
@@ -131,7 +92,7 @@ def _train(ctx: RoleContext, flat: FlatModel, rule: LockFreeRule, stream: BatchS
         loss = F.cross_entropy(flat.model(xb), yb)
         loss.backward()
         value = loss.item()
-        finite = math.isfinite(value) and bool(torch.isfinite(grad).all())
+        finite = math.isfinite(value) and all_finite(grad)
         report.step(value if finite else math.nan, len(yb))  # raises with --on-nonfinite stop
         if finite:
             rule.apply(grad)

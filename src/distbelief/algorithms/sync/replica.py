@@ -22,8 +22,8 @@ step, so every step gets at least k arrivals. With k = R there is no thread.
 
 Replica 0 writes the parameters into the shards before each "train" event and
 at the end, so the coordinator's evaluations and checkpoint see the model.
-Reports through the store stream ``events`` like Downpour, with ``dropped``:
-this replica's gradients dropped since its last report.
+Reports through the store stream ``events`` like Downpour (`metrics.report.Reporter`),
+with ``dropped``: this replica's gradients dropped since its last report.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from distbelief.algorithms.slowdown import Slowdown
 from distbelief.checkpoint import ReplicaGate, load_file, set_dir, write_atomic
 from distbelief.data.feed import open_feed, replica_data_and_model
+from distbelief.metrics.report import Reporter
 from distbelief.model.flat import FlatModel
 from distbelief.ps.client import PSClient
 from distbelief.ps.layout import Layout
@@ -114,14 +115,16 @@ class _Trainer:
             self.compute = _Gradient(model, self.grad, slow)
             self.params = self.compute.flat.params
         self.rule = make_rule(cfg.optimizer, self.params)
-        self.report: _Reporter | None = None
+        self.report: Reporter | None = None
         self.ps: PSClient | None = None
         self.group: Group | None = None
 
     def run(self, ps: PSClient, group: Group, feed) -> int:
         """Train every step; returns how many of this replica's gradients were dropped."""
         self.ps, self.group, self.feed = ps, group, feed
-        self.report = _Reporter(self.ctx, self.total)
+        # the loss is that of the steps' combined batches (the same on every replica); samples
+        # count this replica's gradients that went into a step
+        self.report = Reporter.for_role(self.ctx, self.total, count_dropped=True)
         if not self.threaded:
             for step in range(self.start, self.total):
                 xb, yb = self.feed.next()
@@ -326,45 +329,3 @@ def _wait_for_quorum(ctx: RoleContext, step: int, worker: _Background, quorum: i
 
 def _now(ctx: RoleContext) -> float:
     return time.time() - ctx.job["start_time"]
-
-
-class _Reporter:
-    """Collects loss, samples and dropped gradients; one "train" event every log_every steps.
-
-    The loss is that of the steps' combined batches (the same on every replica);
-    samples count this replica's gradients that went into a step.
-    """
-
-    def __init__(self, ctx: RoleContext, total: int):
-        self.ctx, self.total = ctx, total
-        self.every = ctx.config.train.log_every
-        self.losses: list[float] = []
-        self.samples = 0
-        self.dropped = 0  # since the last report
-        self.dropped_total = 0
-        self.nonfinite = 0  # steps skipped since the last report: NaN/inf in loss or gradient
-        self.since = time.perf_counter()
-
-    def step(self, loss: float, samples: int) -> None:
-        self.losses.append(loss)
-        self.samples += samples
-
-    def skip_nonfinite(self, samples: int) -> None:
-        self.nonfinite += 1
-        self.samples += samples
-
-    def drop(self, count: int) -> None:
-        self.dropped += count
-        self.dropped_total += count
-
-    def log(self, step: int) -> None:
-        elapsed = max(time.perf_counter() - self.since, 1e-9)
-        self.ctx.store.append("events", {
-            "event": "train", "time": _now(self.ctx), "replica": self.ctx.ident,
-            "step": step + 1, "total_steps": self.total,
-            "loss": sum(self.losses) / len(self.losses) if self.losses else math.nan,
-            "samples": self.samples,
-            "samples_per_second": self.samples / elapsed, "staleness": None, "versions": [],
-            "dropped": self.dropped, "nonfinite": self.nonfinite})
-        self.losses, self.samples, self.dropped, self.nonfinite = [], 0, 0, 0
-        self.since = time.perf_counter()
