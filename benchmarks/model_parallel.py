@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 
 import distbelief
-from distbelief.coordinator import JobFailed
+from distbelief.errors import JobFailed
 from distbelief.metrics.log import read_metrics
 from distbelief.model.pipeline_schedule import simulate
 from distbelief.model.zoo import build_model

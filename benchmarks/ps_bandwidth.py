@@ -65,7 +65,8 @@ import torch
 
 from transport_peers import PEERS, run_peer
 
-from distbelief import coordinator
+from distbelief.runtime.launch import role_env
+from distbelief.watch import wait_for_keys
 from distbelief.config import ClusterConfig, OptimizerConfig, TrainConfig
 from distbelief.job import JobConfig
 from distbelief.ps.client import PSClient
@@ -177,7 +178,7 @@ def local_shards(cfg: JobConfig, layout: Layout, steps: int) -> Iterator[JobStor
     store.set_json("job", {"config": cfg.to_dict(), "layout": layout.to_json(),
                            "start_time": time.time(), "steps": steps,
                            "input_shape": [layout.numel], "num_classes": 0})
-    env = coordinator.role_env(store, cfg)  # the same environment run_job gives its roles
+    env = role_env(store, cfg)  # the same environment run_job gives its roles
     os.environ.update({k: v for k, v in env.items() if k.startswith("GLOO_")})
     try:
         with tempfile.TemporaryDirectory(prefix="ps_bandwidth-") as logs, \
@@ -185,8 +186,8 @@ def local_shards(cfg: JobConfig, layout: Layout, steps: int) -> Iterator[JobStor
             try:
                 for s in range(cfg.cluster.shards):
                     cluster.spawn("shard", s)
-                coordinator.wait_for_keys(store, [f"shard{s}/up" for s in range(cfg.cluster.shards)],
-                                          cluster, cfg, "the shards to start")
+                wait_for_keys(store, [f"shard{s}/up" for s in range(cfg.cluster.shards)],
+                              cluster, cfg.cluster.timeout, "the shards to start")
                 yield store
             finally:
                 store.set_json("job/stop", True)

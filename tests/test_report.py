@@ -10,7 +10,7 @@ import pytest
 
 from distbelief.job import JobConfig
 from distbelief.metrics.report import Reporter
-from distbelief.runtime.role import RoleContext
+from distbelief.runtime.context import RoleContext
 from distbelief.runtime.store import JobStore, new_token
 
 # the keys the coordinator reads (`watch.follow_events`); sync's events add "dropped"

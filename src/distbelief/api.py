@@ -95,24 +95,9 @@ def resolve_config(config: JobConfig | dict | str | Path | None, options: dict[s
 
 def load_model(run_dir: str | Path) -> nn.Module:
     """The trained model of a finished run, rebuilt from its config and checkpoint."""
-    import json
+    from distbelief.inference import load_model as load
 
-    import torch
-
-    from distbelief.coordinator import CHECKPOINT
-    from distbelief.model.zoo import build_model
-
-    run_dir = Path(run_dir)
-    summary_path = run_dir / "summary.json"
-    if not summary_path.is_file():
-        raise UserError(f"{str(run_dir)!r} is not a finished run directory (no summary.json): "
-                        "give the directory a train run printed")
-    summary = json.loads(summary_path.read_text())
-    cfg = load_config(run_dir / "config.toml")
-    model = build_model(cfg.model.name, tuple(summary["model"]["input_shape"]),
-                        summary["model"]["num_classes"])
-    model.load_state_dict(torch.load(run_dir / CHECKPOINT, weights_only=True))
-    return model
+    return load(run_dir)
 
 
 def _as_spec(value: Any, option: str) -> Any:

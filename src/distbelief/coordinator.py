@@ -12,7 +12,6 @@ final parameters and writes the checkpoint, ``summary.json`` and
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import socket
@@ -29,17 +28,17 @@ from distbelief.data.server import data_summary
 from distbelief.errors import JobFailed, UserError
 from distbelief.job import JobConfig
 from distbelief.metrics.log import MetricsLog, Progress
-from distbelief.model.zoo import check_model, load_data_and_model
+from distbelief.data.feed import load_data_and_model
+from distbelief.model.zoo import check_model
 from distbelief.parameters import home_for
-from distbelief.rundir import choose_run_dir, create_run_dir, write_cluster
+from distbelief.rundir import CHECKPOINT, choose_run_dir, create_run_dir, write_cluster
 from distbelief.runtime.channel import remove_job_files
-from distbelief.runtime.launch import EnvRole, LocalCluster
+from distbelief.runtime.launch import EnvRole, LocalCluster, loopback_env, role_env
 from distbelief.runtime.store import JobStore, new_token
 from distbelief.watch import (exit_detail, is_lost, parts, replica_members, wait_for_keys,
                               watch_replicas)
 
-CHECKPOINT = "model.pt"
-__all__ = ["CHECKPOINT", "JobFailed", "role_env", "run_job"]
+__all__ = ["JobFailed", "check_launch", "run_job"]
 
 
 def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None = None,
@@ -73,7 +72,7 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
     else:
         host, port = "0.0.0.0", env.master_port
         store = JobStore.host(host, port, env.token, timeout=cfg.cluster.timeout)
-    loopback = _loopback_env(host)
+    loopback = loopback_env(host)
     saved_env = {k: os.environ.get(k) for k in loopback}
     try:
         create_run_dir(run_dir)  # only once the data, model and port are known to be good
@@ -177,24 +176,6 @@ def check_launch(algorithm: Algorithm, env: EnvRole | None, resume: str | Path |
 def multi_host_refusal(algorithm: Algorithm) -> str:
     return (f"--algorithm {algorithm.name} shares one tensor in this host's memory, so it runs "
             "on one host: start it without torchrun/SLURM (RANK and WORLD_SIZE unset)")
-
-
-def role_env(store: JobStore, cfg: JobConfig) -> dict[str, str]:
-    """The environment a locally spawned role process needs to join this job's store."""
-    return {**_loopback_env(cfg.cluster.host), "DISTBELIEF_STORE": f"{cfg.cluster.host}:{store.port}",
-            "DISTBELIEF_TOKEN": store.token, "DISTBELIEF_TIMEOUT": str(cfg.cluster.timeout),
-            "TORCH_CPP_LOG_LEVEL": os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR")}
-
-
-def _loopback_env(host: str) -> dict[str, str]:
-    """Keep gloo's channels on the loopback interface when the job is local to this host."""
-    try:
-        loopback = ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
-    except (OSError, ValueError):
-        loopback = False
-    if loopback and "GLOO_SOCKET_IFNAME" not in os.environ:
-        return {"GLOO_SOCKET_IFNAME": "lo"}
-    return {}
 
 
 def _write_cluster(run_dir: Path, store: JobStore, shards: int, members: list[str],

@@ -45,7 +45,6 @@ def predict(run_dir: str | Path, input_path: str | Path, output_path: str | Path
         UserError: a missing or unfinished run, an input of the wrong shape, bad options.
         RuntimeError: a partition process failed (the message holds its log's tail).
     """
-    from distbelief.api import load_model
     from distbelief.config import SPLITS
     from distbelief.model.partition import plan_partitions
 
@@ -118,8 +117,7 @@ def _run_partitioned(run_dir, input_path, plan, batch_size: int,
                      timeout: float) -> tuple[torch.Tensor, int]:
     """Start one process per partition, stream the input through them; (logits, bytes)."""
     from distbelief.job import load_config
-    from distbelief.coordinator import role_env
-    from distbelief.runtime.launch import LocalCluster, log_tail
+    from distbelief.runtime.launch import LocalCluster, log_tail, role_env
     from distbelief.runtime.store import JobStore, new_token
 
     cfg = load_config(Path(run_dir) / "config.toml")
@@ -156,7 +154,6 @@ def _run_partitioned(run_dir, input_path, plan, batch_size: int,
 
 def run_partition(ctx) -> None:
     """The `predictor` role: partition ctx.part of the model, over every batch of the input."""
-    from distbelief.api import load_model
     from distbelief.model.partition import PartitionPlan, open_partition
 
     spec = ctx.job["predict"]
@@ -184,3 +181,26 @@ def run_partition(ctx) -> None:
         torch.save(torch.cat(outputs), spec["output"])
     if ctx.store.add("predict/finished", 1) == plan.partitions:
         ctx.store.set_json(DONE_KEY, {"boundary_bytes": ctx.store.add("predict/boundary_bytes", 0)})
+
+
+def load_model(run_dir: str | Path) -> nn.Module:
+    """The trained model of a finished run, rebuilt from its config and checkpoint."""
+    import json
+
+    import torch
+
+    from distbelief.job import load_config
+    from distbelief.rundir import CHECKPOINT
+    from distbelief.model.zoo import build_model
+
+    run_dir = Path(run_dir)
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise UserError(f"{str(run_dir)!r} is not a finished run directory (no summary.json): "
+                        "give the directory a train run printed")
+    summary = json.loads(summary_path.read_text())
+    cfg = load_config(run_dir / "config.toml")
+    model = build_model(cfg.model.name, tuple(summary["model"]["input_shape"]),
+                        summary["model"]["num_classes"])
+    model.load_state_dict(torch.load(run_dir / CHECKPOINT, weights_only=True))
+    return model

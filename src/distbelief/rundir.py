@@ -41,6 +41,10 @@ from distbelief.errors import UserError
 CLUSTER = "cluster.json"
 
 
+CHECKPOINT = "model.pt"
+"""The trained model's state_dict in a finished run directory."""
+
+
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     """Replace `path` by what `write(f)` writes to a binary file `f`; returns `path`.
 

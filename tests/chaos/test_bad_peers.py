@@ -24,7 +24,7 @@ from _cluster import wait_until
 
 import distbelief
 from distbelief.config import OptimizerConfig
-from distbelief.coordinator import JobFailed
+from distbelief.errors import JobFailed
 from distbelief.ps.client import PSClient, ShardConnection
 from distbelief.ps.layout import Layout
 from distbelief.ps.shard import ShardServer

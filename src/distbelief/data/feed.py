@@ -25,7 +25,9 @@ import time
 import torch
 
 from distbelief.data.augment import Augmenter, augment_generator
+from distbelief.data.datasets import load_dataset
 from distbelief.data.sampling import BatchStream, replica_indices
+from distbelief.model.zoo import build_model
 
 if TYPE_CHECKING:
     from distbelief.job import JobConfig
@@ -82,11 +84,20 @@ class InlineFeed:
         pass
 
 
+def load_data_and_model(cfg) -> tuple:
+    """The job's dataset and its initial model (`cfg`: a JobConfig), the same in every process.
+
+    The model is built right after seeding torch with the job's seed, so the
+    coordinator, every replica and every worker start from identical weights.
+    """
+    data = load_dataset(cfg.data.dataset, seed=cfg.train.seed, num_samples=cfg.data.num_samples)
+    torch.manual_seed(cfg.train.seed)
+    return data, build_model(cfg.model.name, data.input_shape, data.num_classes)
+
+
 def replica_data_and_model(ctx) -> tuple:
     """(dataset, initial model) of a replica; the dataset is None with data servers, which
     read it instead: the model is built from the shapes in the job description."""
-    from distbelief.model.zoo import build_model, load_data_and_model
-
     cfg = ctx.config
     if not cfg.cluster.data_servers:
         return load_data_and_model(cfg)

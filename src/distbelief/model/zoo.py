@@ -37,19 +37,6 @@ from distbelief.plugins import load_callable
 BUILTIN = ("mlp", "cnn", "lcnn", "speech")
 
 
-def load_data_and_model(cfg) -> tuple:
-    """The job's dataset and its initial model (`cfg`: a JobConfig), the same in every process.
-
-    The model is built right after seeding torch with the job's seed, so the
-    coordinator, every replica and every worker start from identical weights.
-    """
-    from distbelief.data.datasets import load_dataset
-
-    data = load_dataset(cfg.data.dataset, seed=cfg.train.seed, num_samples=cfg.data.num_samples)
-    torch.manual_seed(cfg.train.seed)
-    return data, build_model(cfg.model.name, data.input_shape, data.num_classes)
-
-
 def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Build the model named by ``spec`` for inputs of ``input_shape`` and ``num_classes`` outputs.
 

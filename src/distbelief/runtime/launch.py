@@ -16,15 +16,22 @@ WORLD_SIZE must be 1 + S + R*K.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 import signal
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from distbelief.errors import UserError
 from distbelief.runtime.zygote import ForkedProcess, zygote
+
+if TYPE_CHECKING:
+    from distbelief.runtime.store import JobStore
 
 
 QUICK_RESOLVER = "timeout:1 attempts:1"
@@ -200,3 +207,21 @@ class EnvRole:
             return "shard", self.rank - 1, None
         r, k = divmod(self.rank - 1 - shards, partitions)
         return "replica", r, (k if partitions > 1 else None)
+
+
+def role_env(store: JobStore, cfg) -> dict[str, str]:
+    """The environment a locally spawned role process needs to join this job's store."""
+    return {**loopback_env(cfg.cluster.host), "DISTBELIEF_STORE": f"{cfg.cluster.host}:{store.port}",
+            "DISTBELIEF_TOKEN": store.token, "DISTBELIEF_TIMEOUT": str(cfg.cluster.timeout),
+            "TORCH_CPP_LOG_LEVEL": os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR")}
+
+
+def loopback_env(host: str) -> dict[str, str]:
+    """Keep gloo's channels on the loopback interface when the job is local to this host."""
+    try:
+        loopback = ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        loopback = False
+    if loopback and "GLOO_SOCKET_IFNAME" not in os.environ:
+        return {"GLOO_SOCKET_IFNAME": "lo"}
+    return {}

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from distbelief.data.datasets import BatchStream, replica_indices
 from distbelief.metrics.report import Reporter
 from distbelief.model.flat import FlatModel
-from distbelief.model.zoo import load_data_and_model
+from distbelief.data.feed import load_data_and_model
 from distbelief.ps.rules import STATE_SLOTS, InPlaceRule, all_finite
 from distbelief.runtime.channel import SharedTensor
 from distbelief.runtime.context import RoleContext

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from distbelief.algorithms.sandblaster.portions import portion_bounds
 from distbelief.algorithms.slowdown import Slowdown
 from distbelief.model.flat import FlatModel
-from distbelief.model.zoo import load_data_and_model
+from distbelief.data.feed import load_data_and_model
 from distbelief.ps.client import PSClient
 from distbelief.ps.layout import Layout
 from distbelief.runtime.context import RoleContext
