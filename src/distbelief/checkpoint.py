@@ -124,7 +124,11 @@ class ReplicaGate:
 
     def __init__(self, store, member: str, timeout: float, period: float = 0.2):
         self.store, self.member, self.timeout, self.period = store, member, timeout, period
-        self.seen = store.try_get_json("ckpt/request") or 0  # requests before we started
+        # a request made before this replica started is answered unless that checkpoint
+        # is finished: the coordinator waits for every replica, a late starter included
+        request = store.try_get_json("ckpt/request") or 0
+        pending = request > 0 and not store.has(f"ckpt/{request}/go")
+        self.seen = request - 1 if pending else request
         self._next_look = 0.0
 
     def due(self) -> int | None:

@@ -58,6 +58,14 @@ def watch_replicas(co: Coordination, algorithm: Algorithm, local: LocalCluster |
     next_eval = cfg.train.eval_every or None
     while not watch.finished:
         read = follow_events(co, read)
+        # before the lost replicas: a replica that stops on a NaN then exits
+        bad = store.try_get_json("job/nonfinite")
+        if bad is not None:
+            raise JobFailed(f"{bad['client']} produced a non-finite "
+                            f"{'loss' if 'loss' in bad else 'gradient'}"
+                            f"{' (refused by shard %d)' % bad['shard'] if 'shard' in bad else ''}"
+                            " and --on-nonfinite stop ends the job: lower --lr or check the "
+                            "data, or use --on-nonfinite skip to drop such steps and go on")
         for r in range(watch.replicas):
             if r in watch.done or r in watch.lost:
                 continue
@@ -67,13 +75,6 @@ def watch_replicas(co: Coordination, algorithm: Algorithm, local: LocalCluster |
             elif (is_lost(store, local, "replica", r, cfg.model.partitions)
                   and not _replica_done(store, cfg, r)):
                 _lose_replica(co, algorithm, local, r)
-        bad = store.try_get_json("job/nonfinite")
-        if bad is not None:
-            raise JobFailed(f"{bad['client']} produced a non-finite "
-                            f"{'loss' if 'loss' in bad else 'gradient'}"
-                            f"{' (refused by shard %d)' % bad['shard'] if 'shard' in bad else ''}"
-                            " and --on-nonfinite stop ends the job: lower --lr or check the "
-                            "data, or use --on-nonfinite skip to drop such steps and go on")
         for s in range(shards):
             if is_lost(store, local, "shard", s):
                 detail = exit_detail(local, "shard", s)
