@@ -1,7 +1,9 @@
 """The benchmarks run end to end and report well-formed numbers.
 
-Only the shape of the report and the sign of the numbers are checked: timings
-depend on the machine and its load, so targets do not belong in pass/fail tests.
+Timings depend on the machine and its load, so for them only the shape of the report
+and the sign of the numbers are checked (targets do not belong in pass/fail tests).
+What does not depend on the machine is held to its value: the transports are exact,
+and the quick runs learn (their test accuracy is well above chance).
 """
 
 import json
@@ -11,6 +13,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+NUM_CLASSES = {"digits": 10, "mnist1d": 10}  # the quick configurations' datasets
+
+
+def chance(dataset: str) -> float:
+    """The accuracy of guessing one class for every sample of `dataset` (balanced classes)."""
+    return 1 / NUM_CLASSES[dataset]
 
 
 def run_quick(benchmark: str, *args: str, timeout: float) -> dict:
@@ -37,7 +45,7 @@ def test_ps_bandwidth_quick_reports_every_configuration() -> None:
         assert r["ratio_to_memcpy"] > 0
         assert r["paired_ratio_to_memcpy"] > 0
         assert r["bytes_per_second"] == 2 * report["model_bytes"] / r["seconds_per_step"]
-        assert isinstance(r["exact"], bool)
+        assert r["exact"] is True, r  # every push applied exactly the gradient sent
     assert report["target"] == {"shm_ratio_to_memcpy": 0.8, "gloo_step_time_over_gloo_pair": 1.1,
                                 "shards": 1}
     assert set(report["met"]) == {"shm", "gloo"}
@@ -111,10 +119,12 @@ def test_hogwild_quick_compares_one_and_two_workers() -> None:
     report = run_quick("hogwild", "--quick", timeout=300)
     assert report["benchmark"] == "hogwild" and report["quick"] and report["repeats"] == 1
     assert report["settings"]["threads"] == 1
+    # chance is 0.1 on digits; one epoch reached 0.65 (W = 1) and 0.54 to 0.58 (W = 2)
+    floor = 3 * chance(report["settings"]["dataset"])
     for w in (1, 2):
         run, = report[f"w{w}"]["runs"]
         assert run["workers"] == w and run["threads_per_worker"] == 1
-        assert run["samples_per_second"] > 0 and 0 <= run["test_accuracy"] <= 1
+        assert run["samples_per_second"] > 0 and floor < run["test_accuracy"] <= 1, run
         assert run["samples_per_cpu_second"] > 0
         assert run["updates"] == w * run["steps_per_worker"]
     # the same samples for both: W = 2 takes half the steps per worker
@@ -152,12 +162,15 @@ def test_vs_ddp_quick_reports_plain_ddp_and_downpour() -> None:
     assert report["evaluation"]["test_samples"] == 800
     assert report["evaluation"]["every_samples"] == 2 * 64 * report["settings"]["eval_every"]
     assert [r["peer"] for r in report["runs"]] == ["plain", "ddp", "downpour_f1"]
+    # chance is 0.1 on mnist1d; two epochs reached 0.59 (plain), 0.30 (ddp: half the
+    # steps, of twice the batch) and 0.42 to 0.44 (downpour_f1)
+    floor = 2 * chance(report["settings"]["dataset"])
     for run in report["runs"]:
         assert "error" not in run, run
         assert 0 < run["training_began_seconds"] < run["startup_seconds"] < run["wall_seconds"]
         assert 0 < run["steady_samples_per_second"] < math.inf
         assert run["samples"] == 2 * 3200  # 2 epochs of the 3,200 training samples, all peers
-        assert 0 <= run["final_test_accuracy"] <= 1 and run["test_samples"] == 800
+        assert floor < run["final_test_accuracy"] <= 1 and run["test_samples"] == 800, run
         assert len(run["evals"]) >= 2  # on the way and at the end
         hit = run["time_to_target_seconds"]  # null when 0.95 was not reached, never made up
         assert hit is None or run["training_began_seconds"] < hit < run["wall_seconds"]

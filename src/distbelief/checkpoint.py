@@ -28,7 +28,6 @@ Example::
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any, Callable
 
 import torch
 
+from distbelief import rundir
 from distbelief.config import parse_every
 from distbelief.errors import UserError
 
@@ -52,27 +52,15 @@ def set_dir(run_dir: str | Path, number: int) -> Path:
 
 
 def write_atomic(path: Path, obj: Any) -> None:
-    """torch.save `obj` to `path` so that a reader sees the old file or the whole new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    """torch.save `obj` to `path` so that a reader sees the old file or the whole new one
+    (`distbelief.rundir.write_atomic`: temporary file, fsync, rename)."""
+    rundir.write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def write_manifest(run_dir: str | Path, manifest: dict) -> None:
     """Replace the manifest atomically (after every file it names is in place)."""
     folder = checkpoints_dir(run_dir)
-    tmp = folder / f".{MANIFEST}.tmp"
-    with open(tmp, "w") as f:
-        f.write(json.dumps(manifest, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / MANIFEST)
-    _fsync_dir(folder)
+    rundir.write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     _prune(folder, manifest["checkpoint"])
 
 
@@ -106,12 +94,6 @@ def _prune(folder: Path, latest: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ReplicaGate:

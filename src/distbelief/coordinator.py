@@ -31,7 +31,8 @@ from distbelief.metrics.log import MetricsLog, Progress
 from distbelief.data.feed import load_data_and_model
 from distbelief.model.zoo import check_model
 from distbelief.parameters import home_for
-from distbelief.rundir import CHECKPOINT, choose_run_dir, create_run_dir, write_cluster
+from distbelief.rundir import (CHECKPOINT, choose_run_dir, create_run_dir, write_atomic,
+                               write_cluster, write_text_atomic)
 from distbelief.runtime.channel import remove_job_files
 from distbelief.runtime.launch import EnvRole, LocalCluster, loopback_env, role_env
 from distbelief.runtime.store import JobStore, new_token
@@ -77,7 +78,7 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
     try:
         create_run_dir(run_dir)  # only once the data, model and port are known to be good
         if manifest is None:
-            (run_dir / "config.toml").write_text(cfg.to_toml())
+            write_text_atomic(run_dir / "config.toml", cfg.to_toml())
         job = {"config": cfg.to_dict(), "start_time": time.time(), "steps": steps,
                "input_shape": list(data.input_shape), "num_classes": data.num_classes,
                "run_dir": str(run_dir.resolve()), "resume": manifest,
@@ -129,7 +130,8 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
             metrics.write({"event": "eval", "time": time.time() - job["start_time"],
                            "step": watch.leading_step, "test_loss": test_loss,
                            "test_accuracy": test_acc, "final": True})
-            torch.save(model.state_dict(), run_dir / CHECKPOINT)
+            state = model.state_dict()
+            write_atomic(run_dir / CHECKPOINT, lambda f: torch.save(state, f))
             home.stop(store)
             store.set_json("job/stop", True)
             shard_stats = home.final_stats(store)
@@ -149,7 +151,7 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
                    "store_keys": store_keys,
                    "data": data_summary(store, cfg, dict(zip(members, done)),
                                         watch.dataservers_lost)}
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         from distbelief.metrics.plot import plot_run
         plot_run(run_dir)
         return summary

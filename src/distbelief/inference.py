@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from distbelief.errors import UserError
+from distbelief.rundir import write_atomic
 
 DONE_KEY = "predict/done"
 
@@ -79,9 +80,7 @@ def predict(run_dir: str | Path, input_path: str | Path, output_path: str | Path
     if y is not None:
         accuracy = float((predictions == y).float().mean())
         out["accuracy"] = np.float64(accuracy)
-    tmp = output_path.with_name(output_path.name + ".tmp.npz")
-    np.savez(tmp, **out)
-    os.replace(tmp, output_path)
+    write_atomic(output_path, lambda f: np.savez(f, **out))
     return {"samples": len(x), "accuracy": accuracy, "partitions": plan.partitions,
             "split": plan.split, "balance": list(plan.balance) if plan.balance else None,
             "seconds": seconds, "boundary_bytes": boundary, "output": str(output_path)}

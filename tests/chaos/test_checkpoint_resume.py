@@ -85,13 +85,25 @@ def test_resumed_run_ends_with_the_uninterrupted_parameters(tmp_path, cli_job, j
     assert steps[-1] == 300 and any(at < s <= at + 5 for s in steps)
 
 
-def test_a_checkpoint_killed_mid_write_leaves_the_previous_one(tmp_path):
-    """A crash between the temporary file and the rename leaves the old file whole."""
+def test_a_checkpoint_whose_rename_fails_leaves_the_previous_one(tmp_path, monkeypatch):
+    """A crash between the temporary file and the rename leaves the old file whole: the
+    rename fails inside a checkpoint write, after the new file was written in full."""
     path = tmp_path / "shard0.pt"
     write_atomic(path, {"params": torch.ones(4)})
-    tmp = tmp_path / ".shard0.pt.tmp"
-    tmp.write_bytes(b"half a checkpoint")  # what a kill during the next write leaves behind
+    renamed = []
+
+    def failing_replace(src, dst):
+        renamed.append(os.fspath(dst))
+        assert torch.equal(torch.load(src, weights_only=True)["params"], torch.zeros(4))
+        raise OSError("killed before the rename")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="killed before the rename"):
+        write_atomic(path, {"params": torch.zeros(4)})
+    monkeypatch.undo()
+    assert renamed == [str(path)]  # the write got as far as the rename
     assert torch.equal(torch.load(path, weights_only=True)["params"], torch.ones(4))
+    assert os.listdir(tmp_path) == ["shard0.pt"]  # and left no temporary file
 
 
 def test_resume_refuses_a_run_without_checkpoints_and_extra_options(tmp_path):

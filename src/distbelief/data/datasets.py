@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch
 from distbelief.data.sampling import BatchStream, replica_indices
 from distbelief.errors import UserError
 from distbelief.plugins import load_callable
+from distbelief.rundir import write_atomic
 
 __all__ = ["Dataset", "load_dataset", "default_cache_dir", "replica_indices", "BatchStream"]
 
@@ -247,28 +247,23 @@ def _mnist1d(seed: int, num_samples: int, cache_dir: Path) -> Dataset:
             arrays = None  # a damaged cache is regenerated and replaced below
     if arrays is None:
         arrays = _generate_mnist1d(seed, num_samples)
-        _write_atomically(path, arrays)
+        _write_cache(path, arrays)
     arrays = {k: (v.reshape(len(v), 1, -1) if k.startswith("x") else v) for k, v in arrays.items()}
     return _from_arrays("mnist1d", arrays, seed, None)
 
 
-def _write_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Save ``arrays`` to ``path`` via a temporary file and ``os.replace``.
+def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Save ``arrays`` to ``path`` atomically (`distbelief.rundir.write_atomic`).
 
     Readers never see a half-written file, and when processes race the last
     complete write wins. An unwritable cache only costs regeneration next time,
-    so OSError is swallowed (and the temporary file removed).
+    so OSError is swallowed (the temporary file is removed either way).
     """
-    tmp_name = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.stem, suffix=".tmp", delete=False) as tmp:
-            tmp_name = tmp.name
-            np.savez(tmp, **arrays)
-        os.replace(tmp_name, path)
+        write_atomic(path, lambda f: np.savez(f, **arrays))
     except OSError:
-        if tmp_name is not None and os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+        pass
 
 
 def _generate_mnist1d(seed: int, num_samples: int) -> dict[str, np.ndarray]:

@@ -7,8 +7,10 @@ A run directory holds ``metrics.jsonl`` (one JSON event per line, each with
 
     plot_runs([Path("runs/a"), Path("runs/b")], Path("compare.png"))
     plot_run(Path("runs/a"))          # writes runs/a/curves.png
+    fig = figure_runs([Path("runs/a")])  # the matplotlib Figure, to inspect or adapt
 
-Not thread-safe: pyplot keeps global state (the Agg backend is selected on import).
+Figures are built without pyplot: no global state, nothing to close, no window
+and no display needed.
 """
 
 from __future__ import annotations
@@ -18,14 +20,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from matplotlib.backend_bases import FigureCanvasBase
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only; never open a window, works without a display
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
-
-from distbelief.errors import UserError  # noqa: E402
-from distbelief.metrics.log import read_metrics  # noqa: E402
+from distbelief.errors import UserError
+from distbelief.metrics.log import read_metrics
 
 
 def _read_summary(run_dir: Path) -> dict[str, Any]:
@@ -122,48 +121,60 @@ def _check_format(out: Path) -> None:
         )
 
 
-def plot_runs(run_dirs: list[Path], out: Path) -> Path:
-    """Draw loss and test accuracy against wall-clock seconds for each run and save to ``out``.
+def figure_runs(run_dirs: list[Path]) -> Figure:
+    """The figure `plot_runs` saves: training loss (left axes) and test accuracy (right)
+    against wall-clock seconds, one line per run in each, labelled by ``run_label``.
 
-    One colour per run; the legend shows ``run_label``. Runs with equal labels
-    get their directory name appended. Returns ``out``.
+    The loss line of a run is its train events' losses in time order, each the mean of
+    the last R reports (R: the replicas that reported). Runs with equal labels get
+    their directory name appended. The figure is not registered with pyplot: nothing
+    needs closing.
 
     Raises:
-        UserError: no runs given; a run directory without metrics.jsonl; a bad
-            metrics line; or a file suffix matplotlib cannot write.
+        UserError: no runs given; a run directory without metrics.jsonl; a bad metrics line.
     """
-    out = Path(out)
     if not run_dirs:
         raise UserError("no run directories given: name at least one run to plot")
-    _check_format(out)
     runs = [(Path(d), _read_events(Path(d))) for d in run_dirs]
     labels = [run_label(d) for d, _ in runs]
     labels = [
         f"{label} ({d.name})" if labels.count(label) > 1 else label for label, (d, _) in zip(labels, runs)
     ]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
-    try:
-        all_positive, any_loss = True, False
-        for index, ((_, events), label) in enumerate(zip(runs, labels)):
-            colour = f"C{index % 10}"
-            times, losses = _loss_curve(events)
-            all_positive &= all(v > 0 for v in losses)
-            any_loss |= bool(losses)
-            ax_loss.plot(times, losses, color=colour, label=label)
-            times, accuracy = _accuracy_curve(events)
-            ax_acc.plot(times, accuracy, color=colour, marker="o", markersize=3, label=label)
-        if all_positive and any_loss:  # cross-entropy spans decades; log shows late differences
-            ax_loss.set_yscale("log")
-        ax_loss.set(xlabel="wall-clock seconds", ylabel="training loss (mean over replicas)", title="Training loss")
-        ax_acc.set(xlabel="wall-clock seconds", ylabel="test accuracy", title="Test accuracy")
-        for ax in (ax_loss, ax_acc):
-            ax.grid(True, alpha=0.3)
-        ax_acc.legend(fontsize="small", loc="lower right")
-        fig.tight_layout()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out)
-    finally:
-        plt.close(fig)
+    fig = Figure(figsize=(12, 4.5))
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    all_positive, any_loss = True, False
+    for index, ((_, events), label) in enumerate(zip(runs, labels)):
+        colour = f"C{index % 10}"
+        times, losses = _loss_curve(events)
+        all_positive &= all(v > 0 for v in losses)
+        any_loss |= bool(losses)
+        ax_loss.plot(times, losses, color=colour, label=label)
+        times, accuracy = _accuracy_curve(events)
+        ax_acc.plot(times, accuracy, color=colour, marker="o", markersize=3, label=label)
+    if all_positive and any_loss:  # cross-entropy spans decades; log shows late differences
+        ax_loss.set_yscale("log")
+    ax_loss.set(xlabel="wall-clock seconds", ylabel="training loss (mean over replicas)", title="Training loss")
+    ax_acc.set(xlabel="wall-clock seconds", ylabel="test accuracy", title="Test accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(True, alpha=0.3)
+    ax_acc.legend(fontsize="small", loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_runs(run_dirs: list[Path], out: Path) -> Path:
+    """Draw `figure_runs(run_dirs)` and save it to ``out``; returns ``out``.
+
+    Raises:
+        UserError: as `figure_runs`, or a file suffix matplotlib cannot write.
+    """
+    out = Path(out)
+    if not run_dirs:
+        raise UserError("no run directories given: name at least one run to plot")
+    _check_format(out)
+    fig = figure_runs(run_dirs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
     return out
 
 
