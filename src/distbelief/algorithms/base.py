@@ -20,19 +20,19 @@ it, never its name:
 - **results**: `summary`, the fields it adds to ``summary.json``, and
   `summary_config`, the settings it records there.
 
-Example, a trivial algorithm (one module plus one registry line)::
+Example, a trivial algorithm (one module plus one registry line): plain
+asynchronous SGD, Downpour's replica at a fetch and a push every step::
 
-    @dataclass(kw_only=True)
-    class PlainConfig:
-        clip: float = 1.0
-        \"\"\"Clip each gradient's norm to this.\"\"\"
-
-    class Plain(Algorithm):
-        name, title, section = "plain", "Downpour without staleness", PlainConfig
+    class Asgd(Algorithm):
+        name = "asgd"
+        title = "asynchronous SGD: a fetch and a push every step, plain SGD in the shards"
         honours = COMMON | SERVED | RULE | BATCHES
+        defaults = {"optimizer.rule": "sgd", "optimizer.lr": 0.05}
+        role_modules = ("distbelief.algorithms.downpour.replica",)
 
-        def run_replica(self, ctx):
-            from distbelief.algorithms.plain_replica import run_replica
+        def run_replica(self, ctx) -> None:
+            from distbelief.algorithms.downpour.replica import run_replica
+
             run_replica(ctx)
 
 Nothing here imports torch: the command line reads the registry for ``--help``.
