@@ -64,3 +64,14 @@ def test_the_name_check_finds_a_comparison(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text('def f(cfg):\n    return cfg.algorithm == "hogwild" or cfg.x in ("sync",)\n')
     assert _name_comparisons(probe, tmp_path) == ["probe.py:2 'hogwild'", "probe.py:2 'sync'"]
+
+
+def test_the_command_line_and_the_config_do_not_import_torch():
+    # `distbelief train` starts its role launcher before it imports torch, so that the two
+    # imports overlap (runtime/zygote.py): the registry and the config must stay light
+    code = ("import sys, distbelief.cli, distbelief.job, distbelief.algorithms.registry; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, env={"PYTHONPATH": str(SRC.parent), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -33,7 +33,8 @@ def test_torchrun_starts_one_role_per_rank(tmp_path):
     result = subprocess.run(
         [str(torchrun), "--standalone", "--nproc-per-node", "4", "--no-python",
          str(Path(sys.executable).with_name("distbelief")), *ARGS, "--run-dir", str(run_dir)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=240)
+        cwd=tmp_path, env={**os.environ, "DISTBELIEF_TOKEN": "torchrun-test-secret-0123"},
+        capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "test accuracy" in result.stdout
     _check_run(run_dir)

@@ -32,7 +32,8 @@ def train(config: JobConfig | dict | str | Path | None = None, *, show_progress:
     `options` override it with the command line's names (replicas=2, lr=0.1,
     model=my_factory, ...). Blocks until the job ends. When this process was
     started as one role of a multi-host job (RANK/WORLD_SIZE set) and is not the
-    coordinator, it runs that role and returns None.
+    coordinator, it runs that role and returns None. Such a job needs the same secret
+    token on every host (``token_file=`` or DISTBELIEF_TOKEN): UserError without one.
 
     `resume` continues the run in that directory from its last complete checkpoint,
     with its own config (no other config or options may be given).
@@ -51,10 +52,13 @@ def train(config: JobConfig | dict | str | Path | None = None, *, show_progress:
                             "give the directory a train run printed")
         config = saved
     cfg = resolve_config(config, options)
-    from distbelief.runtime.launch import EnvRole
+    from distbelief.runtime.launch import EnvRole, read_token_file
     from distbelief.runtime.zygote import prestart
 
-    env = EnvRole.detect()
+    env = EnvRole.detect(token_file=cfg.cluster.token_file)
+    if env is None and cfg.cluster.token_file is not None:
+        # checked as on many hosts, but a local job keeps its own random token (see the field)
+        read_token_file(cfg.cluster.token_file)
     if env is None:  # a local cluster: the role launcher's imports overlap with the job's
         prestart()
     from distbelief.coordinator import check_launch, run_job
@@ -70,6 +74,8 @@ def train(config: JobConfig | dict | str | Path | None = None, *, show_progress:
     if env is not None:
         role, ident, part = env.role(cfg.cluster.shards, cfg.cluster.replicas,
                                      cfg.model.partitions)
+        _ = env.token  # every rank refuses a job without a secret token before it connects
+        _choose_gloo_interface(env.master_addr)
         if role != "coordinator":
             from distbelief.roles import run_role
             from distbelief.runtime.store import JobStore
@@ -78,6 +84,19 @@ def train(config: JobConfig | dict | str | Path | None = None, *, show_progress:
             run_role(store, role, ident, part)
             return None
     return run_job(cfg, show_progress=show_progress, env=env, resume=resume)
+
+
+def _choose_gloo_interface(master_addr: str) -> None:
+    """Unless the user chose one, gloo binds the interface that reaches the coordinator: left
+    to itself it binds what the hostname resolves to, or loopback when it resolves to nothing,
+    and no peer on another host could connect."""
+    if "GLOO_SOCKET_IFNAME" in os.environ:
+        return
+    from distbelief.runtime.netif import interface_towards
+
+    interface = interface_towards(master_addr)
+    if interface is not None and interface != "lo":
+        os.environ["GLOO_SOCKET_IFNAME"] = interface
 
 
 def resolve_config(config: JobConfig | dict | str | Path | None, options: dict[str, Any]

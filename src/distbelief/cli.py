@@ -114,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from distbelief.runtime.launch import QUICK_RESOLVER
 
     os.environ.setdefault("RES_OPTIONS", QUICK_RESOLVER)  # read at this process's first lookup
+    # c10d warns on every connection whose peer's name has no reverse DNS entry: noise
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:

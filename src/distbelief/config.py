@@ -88,6 +88,8 @@ class ClusterConfig:
     """How tensors move between replica and shard: shm (same host), gloo (TCP), auto (shm when on one host)."""
     timeout: float = 120.0
     """Seconds any single wait (connect, pull, push, join) may block before the job fails."""
+    token_file: str | None = option(None, unset="none: a multi-host job reads DISTBELIEF_TOKEN")
+    """A file holding the job's secret token (16 characters or more, e.g. from python -c 'import secrets; print(secrets.token_hex(16))'), read on every host of a multi-host job in place of DISTBELIEF_TOKEN: give the same file, readable by you only, on every host. A job on one host checks the file the same way but keeps a fresh random token of its own (its store listens on loopback only)."""
     slow_worker: str | None = option(None, unset="none")
     """ID:FACTOR makes replica ID FACTOR times slower (it sleeps in proportion to its compute), for tests and benchmarks."""
     restart_replicas: bool = False
@@ -207,8 +209,8 @@ class TrainConfig:
     """Where config, metrics, checkpoint and plots go."""
     checkpoint_every: str | None = option(None, unset="no checkpoints")
     """Write a checkpoint every N steps of the leading replica (200) or every N seconds (60s); resume with --resume RUN_DIR."""
-    on_nonfinite: str = option("skip", choices=ON_NONFINITE)
-    """A NaN/inf gradient or loss: skip (refuse it, count it, go on) or stop (end the job with a clear error)."""
+    on_nonfinite: str | None = option(None, choices=ON_NONFINITE)
+    """A NaN/inf gradient or loss: skip (refuse it, count it, go on) or stop (end the job with a clear error). Sandblaster's L-BFGS cannot skip a batch: a NaN/inf loss always ends its job."""
 
     @property
     def resolved_epochs(self) -> float | None:
@@ -230,7 +232,8 @@ def validate_shared(cfg: Any) -> None:
     if o.rule is not None:
         choice("rule", o.rule, RULES, "--rule")
     choice("transport", c.transport, TRANSPORTS, "--transport")
-    choice("on_nonfinite", t.on_nonfinite, ON_NONFINITE, "--on-nonfinite")
+    if t.on_nonfinite is not None:
+        choice("on_nonfinite", t.on_nonfinite, ON_NONFINITE, "--on-nonfinite")
     parse_every(t.checkpoint_every)
     at_least("--replicas", c.replicas, 1, "give at least one model replica")
     at_least("--shards", c.shards, 1, "give at least one parameter shard")

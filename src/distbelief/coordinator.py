@@ -36,8 +36,8 @@ from distbelief.rundir import (CHECKPOINT, choose_run_dir, create_run_dir, write
 from distbelief.runtime.channel import remove_job_files
 from distbelief.runtime.launch import EnvRole, LocalCluster, loopback_env, role_env
 from distbelief.runtime.store import JobStore, new_token
-from distbelief.watch import (exit_detail, is_lost, parts, replica_members, wait_for_keys,
-                              watch_replicas)
+from distbelief.watch import (exit_detail, is_lost, parts, replica_members, start_liveness,
+                              wait_for_keys, watch_replicas)
 
 __all__ = ["JobFailed", "check_launch", "run_job"]
 
@@ -110,11 +110,14 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
                      "the data servers to start")
             _write_cluster(run_dir, store, home.shards, members, cfg.cluster.data_servers, host,
                            algorithm.replica_kind)
+            # every role registered: each must beat within LOST_AFTER of now (this clock)
+            liveness = start_liveness(store, home.shards, members, cfg.cluster.data_servers)
             watch = Watch(replicas)
             co = Coordination(
                 config=cfg, store=store, ps=home.ps, watch=watch, start_time=job["start_time"],
                 write_event=metrics.write, message=progress.message, show=progress.update,
-                is_lost=lambda r: is_lost(store, local, "replica", r),
+                is_lost=lambda r: is_lost(store, local, liveness, "replica", r,
+                                          cfg.model.partitions),
                 exit_detail=lambda r: exit_detail(local, "replica", r), wait_for=wait_for,
                 evaluate=lambda: home.evaluate(model, data))
             algorithm.start(co)
@@ -125,7 +128,7 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
                     store, run_dir, cfg.train.checkpoint_every, home.shards, cfg.cluster.timeout,
                     start=manifest["checkpoint"] if manifest else 0,
                     meta={"layout": job.get("layout"), "steps": steps}, message=progress.message)
-                watch_replicas(co, algorithm, local, home.shards, driver, manifest)
+                watch_replicas(co, algorithm, local, liveness, home.shards, driver, manifest)
             test_loss, test_acc = home.evaluate(model, data)
             metrics.write({"event": "eval", "time": time.time() - job["start_time"],
                            "step": watch.leading_step, "test_loss": test_loss,
@@ -142,12 +145,14 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
                 local.wait_exit("replica", 10)  # their interpreters may take a moment to end
                 local.wait_exit("dataserver", 10)
                 exit_codes = {c.log_path.stem: c.process.poll() for c in local.children}
-        done = [d if isinstance(d, dict) else {}  # a Sandblaster worker's is just True
+        done = [d if isinstance(d, dict) else {}  # None: a lost replica wrote none
                 for d in (store.try_get_json(f"done/replica{m}") for m in members)]
         summary = {**_summary(cfg, algorithm, job, watch, test_loss, test_acc, run_dir, data,
                               exit_codes, home.numel),
                    **home.summary(shard_stats, done), **algorithm.summary(cfg, watch, done),
                    "pushes_acked": sum(d.get("acked", 0) for d in done),
+                   "transport_bytes": {k: sum((d.get("transport_bytes") or {}).get(k, 0)
+                                              for d in done) for k in ("shm", "gloo")},
                    "store_keys": store_keys,
                    "data": data_summary(store, cfg, dict(zip(members, done)),
                                         watch.dataservers_lost)}

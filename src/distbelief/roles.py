@@ -7,6 +7,10 @@ DISTBELIEF_PART for a partition of a model-parallel replica) in the
 environment, or called in-process (`run_role`) when roles are started one per
 host. The job's resolved config and layout come from the store; a replica runs
 its algorithm's `run_replica` (`algorithms.registry`).
+
+For tests only: DISTBELIEF_TEST_CLOCK_SKEW shifts the wall clock (`time.time`) of
+the role processes it names, so a test can run a role whose host's clock is off
+(`skew_clock`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import logging
 import os
 import socket
 import sys
+import time
 
 from distbelief.algorithms.registry import ALGORITHMS, get_algorithm
 from distbelief.job import JobConfig
@@ -57,12 +62,41 @@ def run_role(store: JobStore, role: str, ident: int, part: int | None = None) ->
             raise ValueError(f"unknown role {role!r}")
 
 
+CLOCK_SKEW = "DISTBELIEF_TEST_CLOCK_SKEW"
+
+
+def skew_clock(spec: str, name: str) -> float:
+    """For tests only: shift this process's `time.time` (and `time.time_ns`) by the seconds
+    that `spec` gives the role process `name`; returns the shift (0: none).
+
+    `spec` is DISTBELIEF_TEST_CLOCK_SKEW: comma-separated ``<name>=<seconds>`` entries,
+    names as the role's log file has them ("replica0", "replica0.1", "shard1"), e.g.
+    ``replica0=3600,replica1=-3600``; a bare number shifts every role.
+    """
+    seconds = 0.0
+    for entry in filter(None, (e.strip() for e in spec.split(","))):
+        who, _, value = entry.rpartition("=")
+        if who in ("", name):
+            try:
+                seconds = float(value)
+            except ValueError:
+                raise ValueError(f"{CLOCK_SKEW}={spec!r}: {value!r} is not a number of "
+                                 "seconds (e.g. replica0=3600,replica1=-3600)") from None
+    if seconds:
+        real, real_ns = time.time, time.time_ns
+        time.time = lambda: real() + seconds
+        time.time_ns = lambda: real_ns() + int(seconds * 1e9)
+    return seconds
+
+
 def main() -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, port = os.environ["DISTBELIEF_STORE"].rsplit(":", 1)
     role, ident = os.environ["DISTBELIEF_ROLE"], int(os.environ["DISTBELIEF_ID"])
     part = os.environ.get("DISTBELIEF_PART")
+    if os.environ.get(CLOCK_SKEW):
+        skew_clock(os.environ[CLOCK_SKEW], f"{role}{ident}{'.' + part if part else ''}")
     timeout = float(os.environ.get("DISTBELIEF_TIMEOUT", "120"))
     store = JobStore.connect(host, int(port), os.environ["DISTBELIEF_TOKEN"], timeout=timeout)
     run_role(store, role, ident, int(part) if part else None)

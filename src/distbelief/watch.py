@@ -2,8 +2,10 @@
 
 `watch_replicas` turns the replicas' events into metrics and the progress line,
 evaluates the test split every ``eval_every`` steps, takes checkpoints when
-they are due, and notices lost roles (a local process that exited, or a
-heartbeat older than `LOST_AFTER` seconds). What a lost replica means is the
+they are due, and notices lost roles: a local process that exited, or a role
+whose heartbeat counter stood still for `LOST_AFTER` seconds of the
+coordinator's own clock (`runtime.context.Liveness`; a local one that hangs is
+then killed). What a lost replica means is the
 algorithm's to say (`Algorithm.lost_replica`): counted, replaced with
 ``--restart-replicas``, or the end of the job. A lost shard is restarted from
 the last checkpoint, or ends the job with `JobFailed`. Coordinator thread only.
@@ -19,15 +21,31 @@ import torch
 from distbelief.algorithms.base import Algorithm, Coordination, Watch
 from distbelief.checkpoint import CheckpointDriver, read_manifest
 from distbelief.errors import JobFailed, UserError
-from distbelief.runtime.context import member_name
+from distbelief.runtime.context import Liveness, beat_key, member_name
 from distbelief.runtime.launch import LocalCluster, log_tail
 from distbelief.runtime.store import JobStore
 
 LOST_AFTER = 6.0  # seconds without a heartbeat before a role counts as lost (beats come every 1 s)
 
 
+def start_liveness(store: JobStore, shards: int, replica_members: list[str],
+                   dataservers: int) -> Liveness:
+    """The coordinator's record of the job's roles' heartbeats, each expected from now.
+
+    Call it once every role has registered: a role beats only once registered, and
+    until then the registration waits (`wait_for_keys`: ``--timeout``, and locally the
+    launcher's exit detection) bound its start. Thread-safe (see `Liveness`).
+    """
+    liveness = Liveness(lambda name: store.add(beat_key(name), 0), LOST_AFTER)
+    liveness.expect(*[f"shard/{s}" for s in range(shards)],
+                    *[f"replica/{m}" for m in replica_members],
+                    *[f"dataserver/{d}" for d in range(dataservers)])
+    return liveness
+
+
 def watch_replicas(co: Coordination, algorithm: Algorithm, local: LocalCluster | None,
-                   shards: int, driver: CheckpointDriver, manifest: dict | None) -> None:
+                   liveness: Liveness, shards: int, driver: CheckpointDriver,
+                   manifest: dict | None) -> None:
     """Follow the replicas until each is done or lost; evaluate and checkpoint on the way."""
     cfg, store, watch = co.config, co.store, co.watch
     members = replica_members(cfg, range(watch.replicas))
@@ -50,7 +68,8 @@ def watch_replicas(co: Coordination, algorithm: Algorithm, local: LocalCluster |
         return steps
 
     def lost_shard() -> int | None:
-        return next((s for s in range(shards) if is_lost(store, local, "shard", s)), None)
+        return next((s for s in range(shards) if is_lost(store, local, liveness, "shard", s)),
+                    None)
 
     poll = algorithm.poller(store, cfg)
     read = 0
@@ -71,13 +90,13 @@ def watch_replicas(co: Coordination, algorithm: Algorithm, local: LocalCluster |
             if _replica_done(store, cfg, r):
                 watch.done.add(r)
             # done is read again: a replica may set it and exit between the two checks
-            elif (is_lost(store, local, "replica", r, cfg.model.partitions)
+            elif (is_lost(store, local, liveness, "replica", r, cfg.model.partitions)
                   and not _replica_done(store, cfg, r)):
-                _lose_replica(co, algorithm, local, r)
+                _lose_replica(co, algorithm, local, liveness, r)
         for s in range(shards):
-            if is_lost(store, local, "shard", s):
+            if is_lost(store, local, liveness, "shard", s):
                 detail = exit_detail(local, "shard", s)
-                lost = _restart_shard(cfg, store, local, watch, s)
+                lost = _restart_shard(cfg, store, local, liveness, watch, s)
                 if lost is None:
                     raise JobFailed(f"parameter shard {s} died{detail}; the job cannot continue "
                                     "without it (with --checkpoint-every it is restarted from "
@@ -88,8 +107,8 @@ def watch_replicas(co: Coordination, algorithm: Algorithm, local: LocalCluster |
                            f"{lost['checkpoint']} (about {lost['updates_lost']} of its "
                            "updates lost)")
         for d in range(cfg.cluster.data_servers):
-            if is_lost(store, local, "dataserver", d):
-                _replace_dataserver(co, local, d)
+            if is_lost(store, local, liveness, "dataserver", d):
+                _replace_dataserver(co, local, liveness, d)
         if watch.lost and len(watch.lost) == watch.replicas:
             raise JobFailed(f"all {watch.replicas} replicas were lost"
                             f"{exit_detail(local, 'replica', 0)}")
@@ -112,11 +131,11 @@ def watch_replicas(co: Coordination, algorithm: Algorithm, local: LocalCluster |
 
 
 def _lose_replica(co: Coordination, algorithm: Algorithm, local: LocalCluster | None,
-                  r: int) -> None:
+                  liveness: Liveness, r: int) -> None:
     """Replica r died: replace it, count it, or end the job, as the algorithm says."""
     cfg, store, watch = co.config, co.store, co.watch
     step = watch.steps.get(r, 0)
-    if _restart_replica(cfg, store, local, watch, r):
+    if _restart_replica(cfg, store, local, liveness, watch, r):
         co.write_event({"event": "replica_restarted", "time": time.time() - co.start_time,
                         "replica": r, "step": step, "restarts": watch.restarts[r]})
         co.message(f"replica {r} was lost at step {step}; a replacement takes over")
@@ -125,6 +144,13 @@ def _lose_replica(co: Coordination, algorithm: Algorithm, local: LocalCluster | 
         raise JobFailed(f"{algorithm.replica_noun} {r} died at step {step}"
                         f"{exit_detail(local, 'replica', r)}; {algorithm.lost_replica}")
     watch.lost.add(r)
+    if local is not None:  # one that hangs is counted out for good: it must not wake and push
+        for child in local.children:
+            if child.role == "replica" and child.ident == r:
+                try:
+                    child.process.kill()
+                except ProcessLookupError:  # it ended meanwhile
+                    pass
     co.write_event({"event": "replica_lost", "time": time.time() - co.start_time,
                     "replica": r, "step": step})
     co.message(f"replica {r} was lost at step {step}; the others go on")
@@ -134,8 +160,8 @@ def _lose_replica(co: Coordination, algorithm: Algorithm, local: LocalCluster | 
 MAX_RESTARTS = 5  # replacements per replica: a replica that keeps dying has a real problem
 
 
-def _restart_replica(cfg, store: JobStore, local: LocalCluster | None, watch: Watch,
-                     r: int) -> bool:
+def _restart_replica(cfg, store: JobStore, local: LocalCluster | None, liveness: Liveness,
+                     watch: Watch, r: int) -> bool:
     """Start a replacement for lost replica `r` (all its partitions); False when not allowed.
 
     The replacement reads ``restart/replica<r>``: its generation (fresh channel names)
@@ -149,15 +175,15 @@ def _restart_replica(cfg, store: JobStore, local: LocalCluster | None, watch: Wa
     generation = watch.restarts.get(r, 0) + 1
     store.set_json(f"restart/replica{r}", {"generation": generation,
                                            "start": watch.steps.get(r, 0)})
-    for child in old:
-        store.set_json(f"heartbeat/replica/{member_name(r, child.part)}", time.time())
+    for child in old:  # the replacement's record starts at its spawn, past the old beats
+        liveness.expect(f"replica/{member_name(r, child.part)}")
         local.spawn("replica", r, part=child.part)
     watch.restarts[r] = generation
     return True
 
 
-def _restart_shard(cfg, store: JobStore, local: LocalCluster | None, watch: Watch,
-                   s: int) -> dict | None:
+def _restart_shard(cfg, store: JobStore, local: LocalCluster | None, liveness: Liveness,
+                   watch: Watch, s: int) -> dict | None:
     """Start a replacement for lost shard `s` from the last checkpoint; what was lost, or
     None when there is no checkpoint (or no local launcher, or too many restarts)."""
     if local is None or len([x for x in watch.shards_lost if x["shard"] == s]) >= MAX_RESTARTS:
@@ -172,6 +198,7 @@ def _restart_shard(cfg, store: JobStore, local: LocalCluster | None, watch: Watc
     restored = manifest["shards"][s]["version"]
     generation = 1 + len([x for x in watch.shards_lost if x["shard"] == s])
     store.set_json(f"restart/shard{s}", {"generation": generation})
+    liveness.expect(f"shard/{s}")
     local.spawn("shard", s)
     lost = {"shard": s, "checkpoint": manifest["checkpoint"], "version_at_loss": at_loss,
             "restored_version": restored, "updates_lost": max(0, at_loss - restored)}
@@ -179,7 +206,8 @@ def _restart_shard(cfg, store: JobStore, local: LocalCluster | None, watch: Watc
     return lost
 
 
-def _replace_dataserver(co: Coordination, local: LocalCluster | None, d: int) -> None:
+def _replace_dataserver(co: Coordination, local: LocalCluster | None, liveness: Liveness,
+                        d: int) -> None:
     """Start a replacement for lost data server `d` (its replicas fail over meanwhile); it
     answers requests addressed to the next generation. JobFailed when that is not allowed."""
     from distbelief.data.protocol import restart_key
@@ -193,6 +221,7 @@ def _replace_dataserver(co: Coordination, local: LocalCluster | None, d: int) ->
     local.retire("dataserver", d)
     generation = len(earlier) + 1
     store.set_json(restart_key(d), {"generation": generation})
+    liveness.expect(f"dataserver/{d}")
     local.spawn("dataserver", d)
     lost = {"server": d, "generation": generation, "time": time.time() - co.start_time}
     watch.dataservers_lost.append(lost)
@@ -268,29 +297,36 @@ def _replica_done(store: JobStore, cfg, r: int) -> bool:
     return all(store.has(f"done/replica{m}") for m in replica_members(cfg, range(r, r + 1)))
 
 
-def is_lost(store: JobStore, local: LocalCluster | None, role: str, ident: int,
-             partitions: int = 1) -> bool:
-    """A role process (any partition of a replica) exited or stopped beating."""
+def is_lost(store: JobStore, local: LocalCluster | None, liveness: Liveness, role: str,
+            ident: int, partitions: int = 1) -> bool:
+    """A role process (any partition of a replica) exited, or its heartbeat counter stood
+    still for `LOST_AFTER` seconds of this process's clock. Thread-safe as far as the
+    store and `liveness` go (Sandblaster's watchdog asks from a thread of its own)."""
+
+    def finished(member: str) -> bool:  # a partition that finished may end before its siblings
+        return role == "replica" and store.has(f"done/replica{member}")
+
     if local is not None:
-        mine = [c for c in local.children if c.role == role and c.ident == ident]
-        if mine:  # a partition that finished its steps may exit before its siblings
-            return any(c.process.poll() is not None and not (
-                role == "replica" and store.has(f"done/replica{member_name(ident, c.part)}"))
-                for c in mine)
+        if any(c.process.poll() is not None and not finished(member_name(ident, c.part))
+               for c in local.children if c.role == role and c.ident == ident):
+            return True
     names = [str(ident)] if partitions == 1 else [f"{ident}.{k}" for k in range(partitions)]
-    beats = [store.try_get_json(f"heartbeat/{role}/{n}") for n in names]
-    return any(b is not None and time.time() - b > LOST_AFTER for b in beats)
+    return any(liveness.lost(f"{role}/{n}") and not finished(n) for n in names)
 
 
 def exit_detail(local: LocalCluster | None, role: str, ident: int) -> str:
+    silent = f"no heartbeat for {LOST_AFTER:.0f} s"
     if local is None:
-        return f" (no heartbeat for {LOST_AFTER:.0f} s)"
-    for child in local.children:
-        if child.role == role and child.ident == ident and child.process.returncode is not None:
+        return f" ({silent})"
+    mine = [c for c in local.children if c.role == role and c.ident == ident]
+    for child in mine:
+        if child.process.returncode is not None:
             tail = log_tail(child.log_path)
             which = f"partition {child.part}, " if child.part is not None else ""
             return (f" ({which}pid {child.pid}, exit code {child.process.returncode}"
                     f"{'; log: ' + tail if tail else ''}; full log: {child.log_path})")
+    if mine:  # running but silent: it hangs
+        return f" (pid {mine[0].pid}, {silent}; full log: {mine[0].log_path})"
     return ""
 
 

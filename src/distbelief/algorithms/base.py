@@ -26,8 +26,8 @@ asynchronous SGD, Downpour's replica at a fetch and a push every step::
     class Asgd(Algorithm):
         name = "asgd"
         title = "asynchronous SGD: a fetch and a push every step, plain SGD in the shards"
-        honours = COMMON | SERVED | RULE | BATCHES
-        defaults = {"optimizer.rule": "sgd", "optimizer.lr": 0.05}
+        honours = COMMON | SERVED | RULE | BATCHES | REPORTS
+        defaults = {"optimizer.rule": "sgd", "optimizer.lr": 0.05, "train.on_nonfinite": "skip"}
         role_modules = ("distbelief.algorithms.downpour.replica",)
 
         def run_replica(self, ctx) -> None:
@@ -56,9 +56,12 @@ def _fields(section: str, names: str) -> frozenset[str]:
 
 # Groups of shared fields, to spell `Algorithm.honours` with.
 COMMON = (_fields("data", "dataset num_samples") | _fields("model", "name")
-          | _fields("train", "steps seed eval_every log_every run_dir on_nonfinite")
-          | _fields("cluster", "host port timeout threads") | _fields("optimizer", "lr"))
+          | _fields("train", "steps seed eval_every run_dir")
+          | _fields("cluster", "host port timeout token_file threads") | _fields("optimizer", "lr"))
 """Used by every algorithm."""
+REPORTS = _fields("train", "log_every on_nonfinite")
+"""Workers that report every few steps (`metrics.report.Reporter`) and skip a NaN/inf step
+or stop the job on it (Sandblaster's driver reports every iteration and cannot skip)."""
 SERVED = _fields("cluster", "replicas shards transport slow_worker shard_layout chunk_bytes")
 """The parameter server and its replicas."""
 RULE = _fields("optimizer", "rule momentum beta1 beta2 eps weight_decay")

@@ -30,11 +30,12 @@ import torch
 
 from distbelief.data import protocol as P
 from distbelief.runtime.channel import Channel, ChannelClosed
+from distbelief.runtime.context import Liveness, beat_key
 from distbelief.runtime.store import JobStore
 
 log = logging.getLogger(__name__)
 
-FRESH_HEARTBEAT = 5.0  # seconds: a server that beat more recently counts as alive
+FRESH_HEARTBEAT = 5.0  # seconds of this replica's clock: a server that beat since is alive
 
 
 class DataUnavailable(RuntimeError):
@@ -46,9 +47,9 @@ class DataClient:
 
     def __init__(self, store: JobStore, *, replica: int, servers: int, start: int, total: int,
                  input_shape: tuple[int, ...], prefetch: int, timeout: float):
-        # its own store connection: joining a channel holds one until the server joins, and
-        # the replica's heartbeat and reports must not wait for that
-        self.store, self.replica, self.servers = store.clone(), replica, servers
+        # a channel joins over a store connection of its own (runtime/channel.py), so the
+        # replica's heartbeat and reports never wait behind a join
+        self.store, self.replica, self.servers = store, replica, servers
         self.step, self.total = start, total
         self.input_shape, self.prefetch, self.timeout = tuple(input_shape), prefetch, timeout
         self.wait_seconds = 0.0
@@ -57,6 +58,10 @@ class DataClient:
         self._conn: _Stream | None = None
         self._failed: set[tuple[int, int]] = set()  # (server, generation) that broke
         self._last_error = ""
+        # judged on this process's clock by the servers' heartbeat counters: hosts' clocks
+        # need not agree
+        self._liveness = Liveness(lambda name: self.store.add(beat_key(name), 0),
+                                  FRESH_HEARTBEAT)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch of the next step. Blocks at most `timeout` seconds; raises
@@ -106,9 +111,9 @@ class DataClient:
         for i in range(self.servers):
             d = (self.replica + i) % self.servers
             generation = self.store.try_get_json(P.generation_key(d))
-            beat = self.store.try_get_json(f"heartbeat/dataserver/{d}")
-            if (generation is None or (d, generation) in self._failed or beat is None
-                    or time.time() - beat > FRESH_HEARTBEAT):
+            name = f"dataserver/{d}"
+            if (generation is None or (d, generation) in self._failed
+                    or self._liveness.count(name) == 0 or self._liveness.lost(name)):
                 continue
             found.append((d, generation))
         return found
@@ -120,7 +125,8 @@ class DataClient:
                     return _Stream(self, d, generation)
                 except ChannelClosed as exc:
                     self._failed.add((d, generation))
-                    self._last_error = f"data server {d} did not connect ({exc})"
+                    host = (self.store.try_get_json(f"members/dataserver/{d}") or {}).get("host")
+                    self._last_error = f"data server {d} on host {host} did not connect ({exc})"
             time.sleep(0.05)
         last = self._last_error or f"data server {self.replica % self.servers} never came up"
         raise DataUnavailable(
@@ -137,7 +143,6 @@ class DataClient:
         if self._conn is not None:
             self._conn.finish()
             self._conn = None
-        self.store.close()
 
     def __enter__(self) -> DataClient:
         if self.step < self.total:  # connect now: the first batches arrive while we set up

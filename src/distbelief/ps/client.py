@@ -19,6 +19,17 @@ the segments concatenated (gloo) or names them so that the shard gathers them
 from the client's gradient buffer (shm). A shard holding one contiguous range
 takes the same path as before: no extra copy.
 
+Connecting: each connection is made within the client's timeout or fails with
+`ShardUnreachable`, one line naming the client, the shard, its host and the
+transport; a request that gets no answer within the timeout raises
+`ShardTimeout` (a TimeoutError) naming both ends too. Both are `JobFailed`: in the
+coordinator they end the job with that line.
+
+Bytes: `transport_bytes()` counts the tensor bytes exchanged with the shards
+(parameters pulled or set, gradients pushed or accumulated) by the transport
+that carried them, "shm" or "gloo"; on shm a shard reads a pushed gradient in
+place in the client's buffer, which counts as moved.
+
 Example::
 
     with PSClient(store, layout, "replica0", transport="shm", timeout=30) as ps:
@@ -33,10 +44,12 @@ import os
 import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Sequence, Union
 
 import torch
 
+from distbelief.errors import JobFailed
 from distbelief.ps import protocol as P
 from distbelief.ps import vectors as V
 from distbelief.ps.layout import Layout
@@ -49,48 +62,95 @@ Slice = Union[torch.Tensor, list]
 """A shard's part of a flat vector: one view, or (chunk layout) the views of its segments."""
 
 
-class Handle:
-    """The pending result of one request to every shard."""
+class ShardUnreachable(ChannelClosed, JobFailed):
+    """A client could not connect to a shard within the timeout; the message, one line,
+    names both ends. A `JobFailed` too: when the client is the coordinator, the job
+    cannot start, and the command line prints this line alone."""
 
-    def __init__(self, futures: Sequence[Future]):
+
+class ShardTimeout(TimeoutError, JobFailed):
+    """A request to a shard got no answer within the timeout; the message names both ends."""
+
+
+class Handle:
+    """The pending result of one request to every shard.
+
+    `labels` name each request's two ends ("replica1's pull from shard 0"), for the
+    error when one gets no answer in time."""
+
+    def __init__(self, futures: Sequence[Future], labels: Sequence[str] | None = None):
         self._futures = list(futures)
+        self._labels = labels
 
     def wait(self, timeout: float | None = None) -> list:
-        """Block until every shard answered; return their results in shard order."""
-        return [f.result(timeout) for f in self._futures]
+        """Block until every shard answered; return their results in shard order.
+
+        Raises `ShardTimeout` (a TimeoutError) naming the request and the shard when one
+        did not answer within `timeout` seconds (the request goes on in the background)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        results = []
+        for i, future in enumerate(self._futures):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                results.append(future.result(left))
+            except FutureTimeout:
+                what = self._labels[i] if self._labels else f"request {i}"
+                raise ShardTimeout(f"{what} got no answer within {timeout:g} s "
+                                   "(--timeout)") from None
+        return results
 
     def done(self) -> bool:
         return all(f.done() for f in self._futures)
 
 
 class ShardConnection:
-    """One client's connection to one shard. Used by one thread at a time."""
+    """One client's connection to one shard. Used by one thread at a time.
+
+    The constructor blocks until the shard took the connection, at most about
+    `timeout` seconds per step (join, handshake), then raises `ShardUnreachable`.
+    `moved` counts the tensor bytes this connection exchanged (see the module doc).
+    """
 
     def __init__(self, store: JobStore, shard: int, numel: int, client: str, transport: str,
                  timeout: float, grad_files: dict):
         self.shard = shard
         self.numel = numel
         self.shm = transport == "shm"
+        self.moved = 0
+        self.channel: Channel | LocalChannel | None = None
+        try:
+            self._open(store, client, transport, timeout, grad_files)
+        except BaseException as exc:
+            if self.channel is not None:
+                self.channel.close()
+            if isinstance(exc, ChannelClosed):
+                raise ShardUnreachable(f"{client} could not connect to shard {shard} "
+                                       f"({_where(store, shard, transport)}) over {transport} "
+                                       f"within {timeout:g} s (--timeout): {exc}") from None
+            raise
+        if self.shm:
+            self.params = SharedTensor(job_file(store.token, P.params_file(shard)), numel,
+                                       torch.float32, create=False).tensor
+        self._staging: torch.Tensor | None = None  # gloo, chunk layouts: the slice in one piece
+
+    def _open(self, store: JobStore, client: str, transport: str, timeout: float,
+              grad_files: dict) -> None:
+        """Join the shard's channel and agree on size and transport (HELLO, OK, READY)."""
+        shard, numel = self.shard, self.numel
         request = {"client": client, "transport": transport, **(grad_files if self.shm else {})}
         if self.shm:  # headers over the shard's Unix socket (see runtime/local.py)
             self.channel = LocalChannel.connect(job_file(store.token, P.socket_file(shard)),
                                                 store.token, request, timeout)
-        else:
+        else:  # the channel joins over a store connection of its own (runtime/channel.py)
             ticket = store.add(P.conn_counter(shard), 1)
             store.set_json(P.conn_key(shard, ticket), request)
-            # the rendezvous blocks its store connection until the shard joins: a connection
-            # of its own, so this process's other threads (heartbeat, other shards) go on
-            self.channel = Channel(store.clone().raw, P.channel_name(shard, ticket), 1, timeout)
+            self.channel = Channel(store.raw, P.channel_name(shard, ticket), 1, timeout)
         self.channel.send_header(P.HELLO, P.TRANSPORT_IDS[transport], numel)
         op, a, b, *_ = self.channel.recv_header()
         if op != P.OK:
             raise RuntimeError(f"shard {shard} refused the connection (code {a}, it holds {b} "
                                f"parameters, the client expected {numel})")
-        if self.shm:
-            self.params = SharedTensor(job_file(store.token, P.params_file(shard)), numel,
-                                       torch.float32, create=False).tensor
         self.channel.send_header(P.READY)
-        self._staging: torch.Tensor | None = None  # gloo, chunk layouts: the slice in one piece
 
     def _stage(self) -> torch.Tensor:
         if self._staging is None:
@@ -111,6 +171,7 @@ class ShardConnection:
             _expect_ok(op, self.shard, "pull")
             _scatter(self.params, out)
             self.channel.send_header(P.DONE)
+            self.moved += self.numel * 4
             return version
         # the receive is posted before asking, so the parameters land straight in place
         whole = isinstance(out, torch.Tensor) and out.is_contiguous()
@@ -121,6 +182,7 @@ class ShardConnection:
         posted.wait()
         if not whole:
             _scatter(self._staging, out)
+        self.moved += self.numel * 4
         return version
 
     def push_from(self, grad: Slice, buffer: int,
@@ -134,6 +196,8 @@ class ShardConnection:
         numel, dtype = _numel(grad), _dtype(grad)
         self.channel.send_header(P.PUSH, fetched_version, buffer, numel, P.dtype_code(dtype))
         op, version, staleness, *_ = self._send_after_go(grad)
+        if op == P.OK or (op == P.ERR and version == P.ERR_NONFINITE):  # the shard read it
+            self.moved += numel * dtype.itemsize
         if op == P.ERR and version == P.ERR_NONFINITE:
             return staleness, None
         if op == P.ERR and version == P.ERR_SHAPE:
@@ -158,6 +222,7 @@ class ShardConnection:
         if op != P.OK:
             raise RuntimeError(f"shard {self.shard} refused to accumulate into vector {vector}; "
                                "see the shard's log")
+        self.moved += _numel(grad) * _dtype(grad).itemsize
 
     def vector(self, op: int, v: int, src: int, alpha: float) -> float:
         """Run one vector operation on the shard (see ps/vectors.py); its scalar result."""
@@ -182,6 +247,7 @@ class ShardConnection:
             self.channel.send_header(P.DONE)
         else:  # the shard posted its receive before it answered
             self.channel.send(self._gather(values), TENSOR_TAG)
+        self.moved += self.numel * 4
         return version
 
     def close(self) -> None:
@@ -216,11 +282,13 @@ class PSClient:
         self._grad_shm: list[SharedTensor] = []
         self._grad_names: list[str] = []
         self._generations = [0] * layout.shards
+        self._moved_before = [0] * layout.shards  # by connections replaced since (reconnects)
+        self._label_cache: dict[str, list[str]] = {}
         try:
             self._kinds = [resolve_transport(transport, store, s) for s in layout.shard_ids]
             self.grad_buffers = self._make_grad_buffers(store, grad_buffers, "shm" in self._kinds)
-            Handle([pool.submit(self._connect, i)
-                    for i, pool in enumerate(self._pools)]).wait(timeout)
+            # no deadline here: each connection gives up by itself, with ShardUnreachable
+            Handle([pool.submit(self._connect, i) for i, pool in enumerate(self._pools)]).wait()
         except BaseException:
             self._shutdown()
             raise
@@ -242,6 +310,8 @@ class PSClient:
         where = ({"offset": segments[0][0]} if len(segments) == 1  # the shard maps one range
                  else {"segments": [list(seg) for seg in segments]})
         files = {"grad_files": self._grad_names, "grad_numel": self.layout.numel, **where}
+        if self._conns[index] is not None:  # a restarted shard: keep the old one's count
+            self._moved_before[index] += self._conns[index].moved
         self._conns[index] = ShardConnection(self._store, shard, self.layout.size(index),
                                              self.client, self._kinds[index], self.timeout,
                                              files)
@@ -271,6 +341,23 @@ class PSClient:
             time.sleep(0.05)
         return False
 
+    def transport_bytes(self) -> dict[str, int]:
+        """Tensor bytes exchanged with the shards so far, by transport: {"shm": n, "gloo": m}.
+
+        Exact once the client is closed; while requests run, a snapshot."""
+        moved = {"shm": 0, "gloo": 0}
+        for index, conn in enumerate(self._conns):
+            moved[self._kinds[index]] += self._moved_before[index] + (conn.moved if conn else 0)
+        return moved
+
+    def _labels(self, what: str) -> list[str]:
+        """Each shard's request named with both ends (for `Handle`'s timeout error)."""
+        labels = self._label_cache.get(what)
+        if labels is None:  # made once per kind of request: pulls and pushes are the hot path
+            labels = [f"{self.client}'s {what} shard {s}" for s in self.layout.shard_ids]
+            self._label_cache[what] = labels
+        return labels
+
     def _slice(self, flat: torch.Tensor, shard: int) -> Slice:
         """Shard `shard`'s part of `flat`: one view, or its segments' views (chunk layout)."""
         segments = self.layout.segments(shard)
@@ -282,7 +369,7 @@ class PSClient:
     def pull(self, flat: torch.Tensor) -> Handle:
         """Fetch every slice into `flat`; the handle gives each shard's version."""
         return Handle([self._pools[s].submit(self._pull_one, s, self._slice(flat, s))
-                       for s in range(self.layout.shards)])
+                       for s in range(self.layout.shards)], self._labels("pull from"))
 
     def _pull_one(self, shard: int, out: Slice) -> int:
         version = self._run(shard, lambda conn: conn.pull_into(out))
@@ -303,7 +390,7 @@ class PSClient:
         grad = self.grad_buffers[buffer]
         return Handle([self._pools[s].submit(self._run, s, _call("push_from", self._slice(grad, s),
                                                                  buffer, versions[s]))
-                       for s in range(self.layout.shards)])
+                       for s in range(self.layout.shards)], self._labels("push to"))
 
     def accumulate(self, buffer: int, vector: int) -> Handle:
         """Add gradient buffer `buffer` into every shard's vector `vector` (Sandblaster).
@@ -317,17 +404,17 @@ class PSClient:
         return Handle([self._pools[s].submit(self._run, s, _call("accumulate_from",
                                                                  self._slice(grad, s), buffer,
                                                                  vector))
-                       for s in range(self.layout.shards)])
+                       for s in range(self.layout.shards)], self._labels("accumulate on"))
 
     def vector(self, op: int, v: int, src: int = 0, alpha: float = 0.0) -> Handle:
         """Run one vector operation on every shard; the handle gives each shard's scalar."""
         return Handle([self._pools[s].submit(self._run, s, _call("vector", op, v, src, alpha))
-                       for s in range(self.layout.shards)])
+                       for s in range(self.layout.shards)], self._labels("vector operation on"))
 
     def set(self, flat: torch.Tensor) -> Handle:
         """Overwrite every shard's slice with `flat`'s."""
         return Handle([self._pools[s].submit(self._run, s, _call("set_from", self._slice(flat, s)))
-                       for s in range(self.layout.shards)])
+                       for s in range(self.layout.shards)], self._labels("set of"))
 
     def close(self) -> None:
         """Say goodbye to every shard still reachable, then stop the worker threads.
@@ -394,6 +481,20 @@ def resolve_transport(transport: str, store: JobStore, shard: int) -> str:
         return transport
     info = store.get_json(f"members/shard/{shard}", what=f"shard {shard} to register")
     return "shm" if info.get("host") == socket.gethostname() else "gloo"
+
+
+def _where(store: JobStore, shard: int, transport: str) -> str:
+    """Where shard `shard` runs, as registered: "host h, pid p" (for an error message)."""
+    try:
+        info = store.try_get_json(f"members/shard/{shard}") or {}
+    except Exception:  # noqa: BLE001 - the store itself may be what failed
+        info = {}
+    if not info:
+        return "not registered in the job store"
+    where = f"host {info.get('host')}, pid {info.get('pid')}"
+    if transport == "shm":
+        where += f", socket {job_file(store.token, P.socket_file(shard))}"
+    return where
 
 
 def _expect_ok(op: int, shard: int, what: str) -> None:

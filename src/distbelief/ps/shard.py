@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+import time
 from typing import Callable
 
 import torch
@@ -72,8 +73,14 @@ class ShardServer:
         """Accept connections until `stop()` is true, calling `tick()` (if given) between
         polls, e.g. to write a requested checkpoint. A restarted shard skips the first
         `skip_tickets` connection requests (made to its predecessor). Blocks; always
-        cleans up."""
+        cleans up.
+
+        The loop never waits for one client: a gloo client takes its ticket, then
+        writes its request, and a ticket whose request is not there yet is looked at
+        again on the next pass (dropped, and counted in the errors, after the
+        timeout: the client died in between)."""
         seen = skip_tickets
+        pending: dict[int, float] = {}  # tickets taken, request not read yet -> first seen
         try:
             while not stop():
                 if tick is not None:
@@ -81,9 +88,9 @@ class ShardServer:
                 count = self.store.add(P.conn_counter(self.shard), 0)
                 while seen < count:
                     seen += 1
-                    request = self.store.get_json(P.conn_key(self.shard, seen),
-                                                  timeout=self.timeout, what="connection request")
-                    self._start(f"conn{seen}", self._open_gloo, seen, request)
+                    pending[seen] = time.monotonic()
+                for ticket in sorted(pending):
+                    self._take_request(ticket, pending)
                 local = self._listener.accept(poll)  # waits up to `poll` for an shm client
                 if local is not None:
                     self._start(f"local{len(self._threads)}", self._open_local, local)
@@ -95,6 +102,19 @@ class ShardServer:
             for thread in self._threads:
                 thread.join(5)
 
+    def _take_request(self, ticket: int, pending: dict[int, float]) -> None:
+        """Serve gloo ticket `ticket` if its request is written; drop it after the timeout."""
+        request = self.store.try_get_json(P.conn_key(self.shard, ticket))
+        if request is not None:
+            del pending[ticket]
+            self._start(f"conn{ticket}", self._open_gloo, ticket, request)
+        elif time.monotonic() - pending[ticket] > self.timeout:
+            del pending[ticket]
+            message = f"connection request {ticket} never came (the client died?)"
+            log.warning("shard %d: %s", self.shard, message)
+            with self._stats_lock:
+                self.errors.append(message)
+
     def _start(self, name: str, opener: Callable, *args) -> None:
         """Serve one client in a thread of its own; `opener(*args)` -> (channel, request)."""
         thread = threading.Thread(target=self._serve_client, args=(opener, args),
@@ -103,10 +123,10 @@ class ShardServer:
         self._threads.append(thread)
 
     def _open_gloo(self, ticket: int, request: dict) -> tuple[Channel, dict]:
-        # the rendezvous blocks its store connection until the client joins: a connection of
-        # its own, so the accept loop and the other connection threads never wait behind it
-        store = self.store.clone()
-        return Channel(store.raw, P.channel_name(self.shard, ticket), 0, self.timeout), request
+        # the channel joins over a store connection of its own (runtime/channel.py), so the
+        # accept loop and the other connection threads never wait behind its rendezvous
+        return Channel(self.store.raw, P.channel_name(self.shard, ticket), 0,
+                       self.timeout), request
 
     def _open_local(self, channel) -> tuple:
         return channel, channel.read_request(self.store.token)

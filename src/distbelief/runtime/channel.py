@@ -14,6 +14,13 @@ others' pending collective raise `ChannelClosed`.
 host exchange parameters and gradients with one memory copy while only the
 headers travel over the channel.
 
+Rendezvous: a c10d TCPStore client serves one request at a time, and gloo's
+rendezvous blocks in a `get` on its store until every member has joined, which
+may take the whole timeout. `Channel` and `Group` therefore join over a store
+connection of their own (``store.clone()``): a caller may pass the connection
+its other threads use (heartbeat, reports, another channel's join) and none of
+them waits behind the rendezvous.
+
 Blocking: `send`/`recv` block until the peer matches them or the channel's
 timeout passes. One channel must be used by one thread at a time.
 """
@@ -41,7 +48,8 @@ class Channel:
     """A two-party tensor channel over its own gloo process group.
 
     Both sides call ``Channel(store, name, rank, timeout)`` with the same name and
-    ranks 0 and 1; the constructor blocks until both have joined (or timeout).
+    ranks 0 and 1; the constructor blocks until both have joined (or timeout), over
+    a store connection of its own: other threads may use `store` meanwhile.
 
     Example::
 
@@ -57,8 +65,8 @@ class Channel:
         self.rank = rank
         self.peer = 1 - rank
         try:
-            self._pg = dist.ProcessGroupGloo(dist.PrefixStore(name, store), rank, 2,
-                                             datetime.timedelta(seconds=timeout))
+            self._pg = dist.ProcessGroupGloo(dist.PrefixStore(name, own_connection(store)),
+                                             rank, 2, datetime.timedelta(seconds=timeout))
         except RuntimeError as exc:
             raise ChannelClosed(f"channel {name}: peer did not connect ({_short(exc)})") from None
         self._header = torch.zeros(HEADER_LEN, dtype=torch.int64)
@@ -129,8 +137,8 @@ class Group:
     all have joined (or timeout). A collective blocks until every member has
     entered it; when a member dies or stays away longer than the timeout, the
     others get `ChannelClosed` instead of hanging. One group must be used by
-    one thread at a time. Members in one process need a store client each: a
-    c10d client serialises its requests, so joins through one would block.
+    one thread at a time. The join goes over a store connection of its own (see
+    the module doc), so members in one process may pass the same store.
 
     Example::
 
@@ -146,8 +154,8 @@ class Group:
             raise ValueError(f"group {name}: rank {rank} is not in 0..{size - 1}")
         self.name, self.rank, self.size = name, rank, size
         try:
-            self._pg = dist.ProcessGroupGloo(dist.PrefixStore(name, store), rank, size,
-                                             datetime.timedelta(seconds=timeout))
+            self._pg = dist.ProcessGroupGloo(dist.PrefixStore(name, own_connection(store)),
+                                             rank, size, datetime.timedelta(seconds=timeout))
         except RuntimeError as exc:
             raise ChannelClosed(f"group {name}: not every member joined ({_short(exc)})") from None
 
@@ -244,6 +252,16 @@ def remove_job_files(token: str) -> int:
         path.unlink(missing_ok=True)
         removed += 1
     return removed
+
+
+def own_connection(store: dist.Store) -> dist.Store:
+    """A connection of its own to `store`'s server, with the same key prefixes.
+
+    For a TCPStore (under any PrefixStores) this opens a new client socket (about
+    a millisecond on loopback); stores that live in this process (HashStore) give
+    themselves. The process group that joins through it keeps it open while it
+    lives."""
+    return store.clone()
 
 
 def _short(exc: BaseException) -> str:

@@ -11,7 +11,10 @@ standard variables set by torchrun, SLURM or by hand (`EnvRole.detect`). Rank 0
 is the coordinator and hosts the store at MASTER_ADDR:MASTER_PORT (unless
 torchrun's agent already hosts one there), ranks 1..S are the shards and ranks
 S+1.. the replicas (K consecutive ranks per replica with --partitions K);
-WORLD_SIZE must be 1 + S + R*K.
+WORLD_SIZE must be 1 + S + R*K. Every host needs the same secret job token
+(`job_token`: ``--token-file`` or DISTBELIEF_TOKEN): the store listens on every
+interface, and its keys live under the token, so a process without it reaches
+none of them. There is no fallback: a multi-host job without one is refused.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -153,18 +157,85 @@ def log_tail(path: Path, lines: int = 3) -> str:
     return " | ".join(text[-lines:])
 
 
+TOKEN_ENV = "DISTBELIEF_TOKEN"
+MIN_TOKEN_CHARS = 16
+MAKE_TOKEN = "python -c 'import secrets; print(secrets.token_hex(16))'"
+"""A command that prints a fresh random 128-bit token (hex), for the messages and the README."""
+
+
+def job_token(token_file: str | None) -> str:
+    """The secret token of a multi-host job: the token file's (read on this host), else
+    DISTBELIEF_TOKEN. UserError, one line, when there is neither or the one given is bad.
+
+    Nothing is ever derived from the launcher's variables: torchrun's run id, the master
+    port and SLURM's job id are all guessable, and the store listens on every interface.
+    The token is never printed.
+
+    Example::
+
+        token = job_token(cfg.cluster.token_file)   # the same string on every host
+    """
+    if token_file is not None:
+        return read_token_file(token_file)
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        raise UserError(
+            "this process is one rank of a multi-host job (RANK/WORLD_SIZE set) but has no "
+            f"secret job token: make one with {MAKE_TOKEN} and set it as {TOKEN_ENV} on every "
+            "host (the same value), or write it to a file readable on every host and give "
+            "--token-file PATH")
+    _check_characters(token, TOKEN_ENV)
+    return token
+
+
+def read_token_file(path: str) -> str:
+    """The token in file `path`, surrounding whitespace stripped. UserError, one line, when
+    the file is missing, unreadable, empty, shorter than MIN_TOKEN_CHARS or holds characters
+    a token cannot (whitespace, '/', control characters)."""
+    where = f"--token-file {path!r}"
+    fix = f"write a secret into it, e.g. {MAKE_TOKEN} > {path}, readable on every host"
+    try:
+        token = Path(path).expanduser().read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise UserError(f"{where} does not exist on this host: give a file readable on every "
+                        f"host of the job, e.g. made with {MAKE_TOKEN} > {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        why = getattr(exc, "strerror", None) or type(exc).__name__
+        raise UserError(f"{where} cannot be read on this host ({why}): give a text file "
+                        f"holding the job's secret; {fix}") from None
+    if not token:
+        raise UserError(f"{where} is empty: {fix}")
+    if len(token) < MIN_TOKEN_CHARS:
+        raise UserError(f"{where} holds a token of {len(token)} characters, fewer than "
+                        f"{MIN_TOKEN_CHARS}: too easy to guess; {fix}")
+    _check_characters(token, where)
+    return token
+
+
+def _check_characters(token: str, where: str) -> None:
+    # the token names the job's files in /dev/shm (`channel.job_file`), hence no '/'
+    if not token.isprintable() or any(c.isspace() or c == "/" for c in token):
+        raise UserError(f"{where}: the token holds whitespace, '/' or control characters: "
+                        f"use letters and digits, e.g. the output of {MAKE_TOKEN}")
+
+
 @dataclass(frozen=True)
 class EnvRole:
-    """This process's role when started one-per-host by torchrun, SLURM or by hand."""
+    """This process's role when started one-per-host by torchrun, SLURM or by hand.
+
+    `token_file`: the job's ``--token-file`` (None: DISTBELIEF_TOKEN); `token` reads it
+    when first asked (`job_token`), so that a job refused for other reasons says those.
+    """
 
     rank: int
     world_size: int
     master_addr: str
     master_port: int
     agent_store: bool
+    token_file: str | None = None
 
     @classmethod
-    def detect(cls) -> EnvRole | None:
+    def detect(cls, token_file: str | None = None) -> EnvRole | None:
         """The role from RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (or SLURM_*), or None."""
         env = os.environ
         rank = env.get("RANK", env.get("SLURM_PROCID"))
@@ -175,20 +246,16 @@ class EnvRole:
             return None
         try:
             return cls(int(rank), int(world), addr, int(port),
-                       env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true")
+                       env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true",
+                       token_file)
         except ValueError:
             raise UserError(f"RANK={rank}, WORLD_SIZE={world}, MASTER_PORT={port} must be "
                             "integers: check the launcher's environment") from None
 
-    @property
+    @cached_property
     def token(self) -> str:
-        """The job's token: DISTBELIEF_TOKEN (set the same secret on every host), else
-        derived from torchrun's run id and the master port."""
-        explicit = os.environ.get("DISTBELIEF_TOKEN")
-        if explicit:
-            return explicit
-        run_id = os.environ.get("TORCHELASTIC_RUN_ID", os.environ.get("SLURM_JOB_ID", "job"))
-        return f"env-{run_id}-{self.master_port}"
+        """The job's secret token (`job_token`), read once; UserError when there is none."""
+        return job_token(self.token_file)
 
     def role(self, shards: int, replicas: int,
              partitions: int = 1) -> tuple[str, int, int | None]:

@@ -6,7 +6,10 @@ secret token, so a process that does not know the token neither sees nor
 writes any of the job's keys. Only JSON is ever read back — never pickle.
 
 Thread safety: a `JobStore` may be shared by threads (the c10d client
-serialises requests). Every blocking call takes a timeout.
+serialises requests). Every blocking call takes a timeout. A request holds the
+connection until it is answered, so the only call that blocks on the server,
+`wait_json`, belongs on a connection of its own (`clone`); `get_json` polls,
+and the channels' rendezvous make their own (`runtime.channel`).
 
 Example::
 

@@ -9,12 +9,15 @@ against a sharded parameter server that applies the update rule.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from distbelief.algorithms.base import (BATCHES, COMMON, DATA_SERVING, PARTITIONS, RULE, SERVED,
-                                        Algorithm)
+from distbelief.algorithms.base import (BATCHES, COMMON, DATA_SERVING, PARTITIONS, REPORTS, RULE,
+                                        SERVED, Algorithm)
 from distbelief.config import at_least
 from distbelief.errors import UserError
-from distbelief.runtime.store import JobStore
+
+if TYPE_CHECKING:
+    from distbelief.runtime.store import JobStore
 
 
 @dataclass(kw_only=True)
@@ -33,9 +36,9 @@ class Downpour(Algorithm):
     name = "downpour"
     title = "R model replicas push gradients to and fetch parameters from S parameter shards"
     section = DownpourConfig
-    honours = (COMMON | SERVED | RULE | BATCHES | DATA_SERVING | PARTITIONS
+    honours = (COMMON | SERVED | RULE | BATCHES | REPORTS | DATA_SERVING | PARTITIONS
                | {"train.checkpoint_every", "cluster.restart_replicas"})
-    defaults = {"optimizer.rule": "adagrad", "optimizer.lr": 0.02}
+    defaults = {"optimizer.rule": "adagrad", "optimizer.lr": 0.02, "train.on_nonfinite": "skip"}
     role_modules = ("distbelief.algorithms.downpour.replica",)
 
     def validate(self, cfg) -> None:

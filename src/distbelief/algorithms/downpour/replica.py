@@ -18,7 +18,21 @@ partitions. The partitions follow the same schedule, so they stay in step.
 
 With ``--replica-workers T`` > 1 a step is one batch per worker thread: T
 lock-free threads share the replica's local copy and update it with plain SGD
-between fetches (Project Adam; `algorithms/replica_workers.py`).
+between fetches (Project Adam; `workers.py`).
+
+A step whose loss or gradient holds NaN or inf spoils only itself: its
+gradient is checked alone (`ps.rules.all_finite`, one reduction) before it joins
+the push window's sum (`PushWindow`), and left out and counted (``nonfinite`` in
+the "train" events) under ``--on-nonfinite skip``; a window with no finite step
+is not pushed. Under ``--on-nonfinite stop`` the replica sets ``job/nonfinite``
+and raises, and the coordinator ends the job. With T worker threads each
+worker's batch is checked alone (`workers.ReplicaWorkers`). A partition checks
+the loss it sees and its own part of the gradient: there is no vote between
+partitions, but a NaN from the data or the activations reaches every
+partition's gradient (forward through the later partitions, backward through
+the earlier ones), so they all leave that step out; a gradient non-finite in
+one partition only, with a finite loss, is left out of that partition's push
+alone, while the others apply theirs.
 
 Reports to the coordinator through the store stream ``events``: a "train" event
 every `log_every` steps (`metrics.report.Reporter`); sets ``done/replica<r>`` at the end.
@@ -27,6 +41,7 @@ every `log_every` steps (`metrics.report.Reporter`); sets ``done/replica<r>`` at
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 
 import torch
@@ -41,6 +56,7 @@ from distbelief.model.flat import FlatModel
 from distbelief.model.partition import PartitionPlan, open_partition
 from distbelief.ps.client import PSClient
 from distbelief.ps.layout import Layout
+from distbelief.ps.rules import all_finite
 from distbelief.runtime.context import RoleContext
 
 
@@ -85,8 +101,13 @@ def run_replica(ctx: RoleContext) -> None:
                                             "replica": r})
             for grad in ps.grad_buffers:
                 grad.zero_()
-            flat = FlatModel(module, grads=ps.grad_buffers)  # backward() writes where shards read
-            acked = _train(ctx, ps, flat, runner, feed, start, total)
+            grads = list(ps.grad_buffers)  # backward() writes where shards read
+            scratch = None
+            if cfg.downpour.n_push > 1 and threads == 1:  # a step's gradient, checked alone
+                scratch = len(grads)
+                grads.append(torch.zeros_like(grads[0]))
+            flat = FlatModel(module, grads=grads)
+            acked = _train(ctx, ps, PushWindow(flat, scratch), runner, feed, start, total)
             boundary_bytes = runner.bytes_sent
             data_stats = feed.stats()
     finally:
@@ -95,10 +116,63 @@ def run_replica(ctx: RoleContext) -> None:
         ctx.store.set_json("warm/done", True)
     ctx.store.set_json(f"done/replica{ctx.member}", {"steps": total, "acked": acked,
                                                      "boundary_bytes": boundary_bytes,
+                                                     "transport_bytes": ps.transport_bytes(),
                                                      **data_stats})
 
 
-def _train(ctx: RoleContext, ps: PSClient, flat: FlatModel, runner, feed, start: int,
+class PushWindow:
+    """The gradient a push window sends: the sum of its finite steps' gradients only.
+
+    Each step's gradient is seen alone before it joins the sum: the window's first
+    finite step is computed straight into the push buffer (zero at the start), every
+    later one into the scratch buffer, then added (`keep`) or cleared (`drop`).
+    With ``--n-push 1`` (no scratch) every step is a window's first, so a step costs
+    nothing more than the check. `kept` counts the steps in the sum (the worker
+    threads' batches with T > 1, which add their own). Used by one thread.
+
+    Example::
+
+        window = PushWindow(flat, scratch=2)   # flat.grads: push buffers 0, 1; scratch 2
+        window.begin(0)
+        grad = window.target()                 # .grad points there; backward() adds in
+        loss = runner.train_step(xb, yb)
+        window.keep() if math.isfinite(loss) and all_finite(grad) else window.drop()
+        if window.kept:
+            ps.push(0)
+    """
+
+    def __init__(self, flat: FlatModel, scratch: int | None):
+        """`scratch`: the index in `flat.grads` of the scratch buffer (None: n_push 1)."""
+        self.flat, self.scratch = flat, scratch
+        self.buf = self.bound = 0  # FlatModel starts bound to buffer 0
+        self.kept = 0
+
+    def begin(self, buf: int) -> None:
+        """Start a window summing into `flat.grads[buf]`, which must be zero."""
+        self.buf, self.kept = buf, 0
+
+    def target(self) -> torch.Tensor:
+        """Point the parameters' ``.grad`` where the next step's gradient goes; return it."""
+        index = self.buf if self.kept == 0 or self.scratch is None else self.scratch
+        if index != self.bound:
+            self.flat.bind_grads(index)
+            self.bound = index
+        return self.flat.grads[index]
+
+    def keep(self) -> None:
+        """The step's gradient (in `target()`) joins the window's sum."""
+        if self.bound != self.buf:
+            step = self.flat.grads[self.bound]
+            self.flat.grads[self.buf].add_(step)
+            step.zero_()
+        self.kept += 1
+
+    def drop(self) -> None:
+        """The step's gradient (in `target()`) is left out."""
+        self.flat.grads[self.bound].zero_()
+
+
+def _train(ctx: RoleContext, ps: PSClient, window: PushWindow, runner, feed, start: int,
            total: int) -> int:
     """Train steps start..total-1; returns how many pushes the shards acknowledged."""
     cfg, r = ctx.config, ctx.ident
@@ -108,20 +182,21 @@ def _train(ctx: RoleContext, ps: PSClient, flat: FlatModel, runner, feed, start:
     slow = Slowdown.for_worker(cfg, r)
     threads = cfg.downpour.replica_workers
     with contextlib.ExitStack() as stack:
-        workers = (stack.enter_context(ReplicaWorkers(flat, threads, cfg.optimizer.lr,
+        workers = (stack.enter_context(ReplicaWorkers(window.flat, threads, cfg.optimizer.lr,
                                                       cfg.cluster.timeout))
                    if threads > 1 else None)
-        return _steps(ctx, ps, flat, runner, feed, start, total, gate, report, slow, workers)
+        return _steps(ctx, ps, window, runner, feed, start, total, gate, report, slow, workers)
 
 
-def _steps(ctx: RoleContext, ps: PSClient, flat: FlatModel, runner, feed,
+def _steps(ctx: RoleContext, ps: PSClient, window: PushWindow, runner, feed,
            start: int, total: int, gate, report: Reporter, slow: Slowdown,
            workers: ReplicaWorkers | None) -> int:
     """The step loop of `_train`; `workers`: the replica's threads (None: T = 1)."""
-    cfg, r = ctx.config, ctx.ident
+    cfg, r, flat = ctx.config, ctx.ident, window.flat
     n_fetch, n_push, timeout = cfg.downpour.n_fetch, cfg.downpour.n_push, cfg.cluster.timeout
     pending = [None, None]  # the push handle still reading each gradient buffer
     buf = 0
+    window.begin(buf)
     window_versions = None
     for step in range(start, total):
         if fetch_before(step, n_fetch) or step == start:  # a resumed replica fetches first
@@ -129,24 +204,35 @@ def _steps(ctx: RoleContext, ps: PSClient, flat: FlatModel, runner, feed,
         if window_versions is None:  # the versions this push window's gradients are computed on
             window_versions = list(ps.fetched_versions)
         if workers is None:
+            grad = window.target()
             xb, yb = feed.next()
             with slow.compute():
                 loss = runner.train_step(xb, yb)
-            samples = len(yb)
-        else:  # T batches, the gradients summed into the push buffer
+                runner.flush()  # a pipeline stage may still owe the step's weight gradients
+            if (loss is None or math.isfinite(loss)) and all_finite(grad):  # None: not seen here
+                window.keep()
+                report.step(loss, len(yb))
+            else:
+                window.drop()
+                _nonfinite(ctx, report, step, loss, len(yb))
+        else:  # T batches, the finite gradients summed into the push buffer
             with slow.compute():
                 loss, samples = workers.step(feed, flat.grads[buf])
-        report.step(loss, samples)
+            window.kept += workers.threads - len(workers.skipped)
+            if samples:
+                report.step(loss, samples)
+            for bad_loss, bad_samples in workers.skipped:
+                _nonfinite(ctx, report, step, bad_loss, bad_samples)
         if push_after(step, n_push, total):
-            runner.flush()  # a pipeline stage may still owe the window's weight gradients
-            pending[buf] = ps.push(buf, versions=window_versions)
+            if window.kept:  # a window of non-finite steps only has nothing to send
+                pending[buf] = ps.push(buf, versions=window_versions)
+                buf ^= 1
+                if pending[buf] is not None:  # the other buffer's push must finish before reuse
+                    report.acks(pending[buf].wait(timeout))
+                    pending[buf] = None
+                flat.grads[buf].zero_()
+            window.begin(buf)
             window_versions = None
-            buf ^= 1
-            if pending[buf] is not None:  # the other buffer's push must finish before reuse
-                report.acks(pending[buf].wait(timeout))
-                pending[buf] = None
-            flat.grads[buf].zero_()
-            flat.bind_grads(buf)
             number = gate.due() if gate is not None else None
             if number is not None:  # a checkpoint: every push of ours applied, then pause
                 for other in range(2):
@@ -162,6 +248,22 @@ def _steps(ctx: RoleContext, ps: PSClient, flat: FlatModel, runner, feed,
             report.acks(handle.wait(timeout))
     report.maybe_log(total - 1, ps.fetched_versions, force=True)
     return report.acked
+
+
+def _nonfinite(ctx: RoleContext, report: Reporter, step: int, loss: float | None,
+               samples: int) -> None:
+    """A step (or worker batch) whose loss or gradient is NaN/inf, already left out of the
+    push: counted (--on-nonfinite skip), or the end of the job (stop: ``job/nonfinite``
+    tells the coordinator, which names the client and what was not finite)."""
+    if ctx.config.train.on_nonfinite != "stop":
+        report.skip_nonfinite(samples)
+        return
+    name = f"replica{ctx.ident}" + (f".part{ctx.part}" if ctx.part is not None else "")
+    bad_loss = loss is not None and not math.isfinite(loss)
+    ctx.store.set_json("job/nonfinite", {"client": name, **({"loss": str(loss)} if bad_loss
+                                                            else {})})
+    raise FloatingPointError(f"{name}: the {'loss' if bad_loss else 'gradient'} of step "
+                             f"{step + 1} is not finite; lower --lr or check the data")
 
 
 def _wait_for_warm_start(ctx: RoleContext) -> bool:

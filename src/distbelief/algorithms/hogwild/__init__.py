@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from distbelief.algorithms.base import BATCHES, COMMON, RULE, Algorithm, Coordination, Watch
+from distbelief.algorithms.base import (BATCHES, COMMON, REPORTS, RULE, Algorithm, Coordination,
+                                        Watch)
 from distbelief.errors import UserError
 
 RULES = ("sgd", "momentum", "adagrad")  # elementwise, no shared step count
@@ -28,8 +29,9 @@ class Hogwild(Algorithm):
     name = "hogwild"
     title = "W worker processes update one shared parameter tensor without locks"
     section = HogwildConfig
-    honours = COMMON | RULE | BATCHES
-    defaults = {"optimizer.rule": "sgd", "optimizer.lr": 0.02}  # Hogwild's maths is plain SGD
+    honours = COMMON | RULE | BATCHES | REPORTS
+    defaults = {"optimizer.rule": "sgd", "optimizer.lr": 0.02,  # Hogwild's maths is plain SGD
+                "train.on_nonfinite": "skip"}
     refusal_fixes = {
         "cluster.replicas": "use --workers W for the processes that share the parameters",
         "cluster.shards": "the workers share one tensor in this host's memory; leave it out",

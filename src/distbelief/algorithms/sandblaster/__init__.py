@@ -47,6 +47,9 @@ class Sandblaster(Algorithm):
     refusal_fixes = {
         "train.epochs": "leave it out and give --steps, the number of L-BFGS iterations",
         "data.batch_size": "leave it out; --portions sets how finely the data is cut",
+        "train.log_every": "L-BFGS reports every iteration; leave it out",
+        "train.on_nonfinite": "L-BFGS cannot skip a batch, a NaN/inf loss always ends the job; "
+                              "leave it out",
     }
     replica_noun = "worker"
     drives_itself = True

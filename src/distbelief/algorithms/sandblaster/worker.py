@@ -61,7 +61,7 @@ def run_worker(ctx: RoleContext) -> None:
     with PSClient(ctx.store, layout, f"worker{w}", transport=cfg.cluster.transport,
                   timeout=cfg.cluster.timeout, grad_buffers=1) as ps:
         _Worker(ctx, ps, model, data).run()
-    ctx.store.set_json(f"done/replica{w}", True)
+    ctx.store.set_json(f"done/replica{w}", {"transport_bytes": ps.transport_bytes()})
 
 
 class _Worker:

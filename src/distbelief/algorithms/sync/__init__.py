@@ -5,12 +5,15 @@ replica's loop."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from distbelief.algorithms.base import BATCHES, COMMON, DATA_SERVING, RULE, SERVED, Algorithm, Watch
+from distbelief.algorithms.base import (BATCHES, COMMON, DATA_SERVING, REPORTS, RULE, SERVED,
+                                        Algorithm, Watch)
 from distbelief.config import option
 from distbelief.errors import UserError
-from distbelief.runtime.store import JobStore
+
+if TYPE_CHECKING:
+    from distbelief.runtime.store import JobStore
 
 
 @dataclass(kw_only=True)
@@ -23,8 +26,9 @@ class Sync(Algorithm):
     name = "sync"
     title = "synchronous all-reduce of the replicas' gradients, ending a step on a fraction"
     section = SyncConfig
-    honours = COMMON | SERVED | RULE | BATCHES | DATA_SERVING | {"train.checkpoint_every"}
-    defaults = {"optimizer.rule": "adagrad", "optimizer.lr": 0.02}
+    honours = (COMMON | SERVED | RULE | BATCHES | REPORTS | DATA_SERVING
+               | {"train.checkpoint_every"})
+    defaults = {"optimizer.rule": "adagrad", "optimizer.lr": 0.02, "train.on_nonfinite": "skip"}
     lost_replica = "synchronous training cannot go on without it"
     role_modules = ("distbelief.algorithms.sync.replica",)
 

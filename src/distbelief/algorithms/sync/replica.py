@@ -89,6 +89,7 @@ def run_replica(ctx: RoleContext) -> None:
         finally:
             group.close()
     ctx.store.set_json(f"done/replica{r}", {"steps": total, "dropped": dropped,
+                                            "transport_bytes": ps.transport_bytes(),
                                             **feed.stats()})
 
 

@@ -1,0 +1,201 @@
+"""Multi-host jobs on separate "hosts": network, UTS and mount namespaces (tests/_hosts.py).
+
+Each host has its own address, hostname and /dev/shm, so tensors between hosts
+must cross the (virtual) network and only those within a host can use shared
+memory. The roles are started from the rank variables exactly as the README
+tells a user. Skipped, with the reason, where namespaces cannot be made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from _hosts import Hosts
+from distbelief.metrics.log import read_metrics
+
+pytestmark = pytest.mark.skipif(Hosts.unavailable() is not None,
+                                reason=str(Hosts.unavailable()))
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PORT = 29555
+
+
+def role_env(token: str, master: str, rank: int, world: int) -> dict[str, str]:
+    """What the README tells a user to set on each host, plus this interpreter's PATH."""
+    return {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": "/tmp", "RANK": str(rank),
+            "WORLD_SIZE": str(world), "MASTER_ADDR": master, "MASTER_PORT": str(PORT),
+            "DISTBELIEF_TOKEN": token, "PYTHONPATH": str(ROOT / "src")}
+
+
+def start(hosts: Hosts, placement: list[int], args: list[str], tmp_path: Path
+          ) -> list[subprocess.Popen]:
+    """Rank r runs `distbelief train ARGS` on host placement[r]; logs in tmp_path."""
+    token = secrets.token_hex(16)
+    procs = []
+    for rank, host in enumerate(placement):
+        env = role_env(token, hosts[0].address, rank, len(placement))
+        log = open(tmp_path / f"rank{rank}.log", "w")
+        procs.append(hosts[host].popen(
+            ["env", "-i", *(f"{k}={v}" for k, v in env.items()), "distbelief", "train", *args],
+            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path))
+    return procs
+
+
+def wait_all(procs: list[subprocess.Popen], tmp_path: Path, timeout: float = 150) -> None:
+    deadline = time.monotonic() + timeout
+    for rank, proc in enumerate(procs):
+        try:
+            proc.wait(max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"rank {rank} did not finish: {(tmp_path / f'rank{rank}.log').read_text()[-2000:]}")
+
+
+def log(tmp_path: Path, rank: int) -> str:
+    return (tmp_path / f"rank{rank}.log").read_text()
+
+
+@pytest.fixture
+def hosts():
+    with Hosts(3) as made:
+        yield made
+
+
+def test_three_hosts_train_over_the_network_and_survive_a_lost_replica_host(hosts, tmp_path):
+    # host0: coordinator, shards 0 and 1, replica 0; host1: replica 1; host2: replica 2
+    placement = [0, 0, 0, 0, 1, 2]
+    run = tmp_path / "run"
+    procs = start(hosts, placement, ["--dataset", "digits", "--model", "mlp", "--replicas", "3",
+                                     "--shards", "2", "--steps", "1500", "--log-every", "20",
+                                     "--quiet", "--run-dir", str(run)], tmp_path)
+    try:
+        # once replica 2 trains, its host's process dies: the others go on
+        deadline = time.monotonic() + 90
+        while not any(e.get("replica") == 2 and e["event"] == "train"
+                      for e in _events(run)):
+            assert time.monotonic() < deadline, log(tmp_path, 0)[-2000:]
+            assert procs[0].poll() is None, log(tmp_path, 0)[-2000:]
+            time.sleep(0.1)
+        os.killpg(procs[5].pid, signal.SIGKILL)
+        wait_all(procs[:5], tmp_path)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert [p.returncode for p in procs[:5]] == [0] * 5, log(tmp_path, 0)[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["test_accuracy"] > 0.85
+    assert summary["replicas_lost"] == 1 and summary["lost_replicas"] == [2]
+    cluster = json.loads((run / "cluster.json").read_text())["roles"]
+    hostnames = {(r["kind"], r["id"]): r["host"] for r in cluster}
+    assert hostnames == {("coordinator", 0): "host0", ("shard", 0): "host0",
+                         ("shard", 1): "host0", ("replica", 0): "host0",
+                         ("replica", 1): "host1", ("replica", 2): "host2"}
+    moved = summary["transport_bytes"]
+    assert moved["shm"] > 0 and moved["gloo"] > 0  # replica 0 beside its shards, 1 and 2 not
+
+
+def test_partitions_split_across_hosts_exchange_activations_over_the_network(hosts, tmp_path):
+    # host0: coordinator and 2 shards; each replica's partition 0 on host1, partition 1 on host2
+    placement = [0, 0, 0, 1, 2, 1, 2]
+    run = tmp_path / "run"
+    procs = start(hosts, placement, ["--dataset", "digits", "--model", "mlp", "--replicas", "2",
+                                     "--shards", "2", "--partitions", "2", "--steps", "300",
+                                     "--quiet", "--run-dir", str(run)], tmp_path)
+    try:
+        wait_all(procs, tmp_path)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert [p.returncode for p in procs] == [0] * 7, log(tmp_path, 0)[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["test_accuracy"] > 0.8
+    assert summary["partition"]["boundary_bytes"] > 0
+    assert summary["transport_bytes"]["gloo"] > 0 and summary["transport_bytes"]["shm"] == 0
+    cluster = json.loads((run / "cluster.json").read_text())["roles"]
+    assert {(r["id"], r["part"]): r["host"] for r in cluster if r["kind"] == "replica"} == {
+        (0, 0): "host1", (0, 1): "host2", (1, 0): "host1", (1, 1): "host2"}
+
+
+def _events(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    try:
+        return read_metrics(path)
+    except (ValueError, json.JSONDecodeError):  # a line being written
+        return []
+
+
+def readme_torchrun() -> list[str]:
+    """The README's torchrun command (section "Many machines"), as argv."""
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Many machines"):]
+    blocks = [b[:b.index("```")] for b in section.split("```bash")[1:]]
+    block = next(b for b in blocks if "torchrun" in b)
+    command = block.replace("\\\n", " ")
+    lines = [line for line in command.splitlines() if line.strip().startswith("torchrun")]
+    assert len(lines) == 1, block
+    return shlex.split(lines[0])
+
+
+def test_the_readme_torchrun_example_trains_across_hosts(hosts, tmp_path):
+    argv = readme_torchrun()
+    nodes = int(argv[argv.index("--nnodes") + 1])
+    assert nodes == len(hosts.hosts)
+    argv = [a.replace("HOST0", hosts[0].name) for a in argv]
+    # the README's token file, made as it says, in the HOME every host shares here
+    (tmp_path / ".distbelief-token").write_text(secrets.token_hex(16) + "\n")
+    env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(tmp_path),
+           "PYTHONPATH": str(ROOT / "src")}
+    procs = [host.popen(["env", "-i", *(f"{k}={v}" for k, v in env.items()), *argv],
+                        stdout=open(tmp_path / f"rank{host.index}.log", "w"),
+                        stderr=subprocess.STDOUT, cwd=tmp_path) for host in hosts.hosts]
+    try:
+        wait_all(procs, tmp_path, timeout=240)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert [p.returncode for p in procs] == [0] * nodes, [log(tmp_path, i)[-1500:]
+                                                          for i in range(nodes)]
+    summaries = list(tmp_path.glob("runs/*/summary.json"))
+    assert len(summaries) == 1, [log(tmp_path, i)[-1500:] for i in range(nodes)]
+    summary = json.loads(summaries[0].read_text())
+    assert summary["test_accuracy"] > 0.3  # chance is 0.1
+    roles = json.loads((summaries[0].parent / "cluster.json").read_text())["roles"]
+    assert {r["host"] for r in roles} == {h.name for h in hosts.hosts}
+
+
+def test_hosts_whose_names_resolve_to_nothing_still_reach_each_other(tmp_path):
+    # gloo binds what the hostname resolves to, else loopback: each rank picks the interface
+    # that reaches MASTER_ADDR instead (without it this job times out: no pair connects)
+    with Hosts(2, resolvable=False) as hosts:
+        placement = [0, 0, 1]  # coordinator and shard on host0, the replica on host1
+        run = tmp_path / "run"
+        procs = start(hosts, placement, ["--dataset", "digits", "--model", "mlp",
+                                         "--replicas", "1", "--shards", "1", "--steps", "100",
+                                         "--timeout", "30", "--quiet", "--run-dir", str(run)],
+                      tmp_path)
+        try:
+            wait_all(procs, tmp_path, timeout=90)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+    assert [p.returncode for p in procs] == [0] * 3, log(tmp_path, 2)[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["transport_bytes"]["gloo"] > 0 and summary["test_accuracy"] > 0.5
