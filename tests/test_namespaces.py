@@ -71,61 +71,43 @@ def hosts():
         yield made
 
 
-def test_three_hosts_train_over_the_network_and_survive_a_lost_replica_host(hosts, tmp_path):
-    # host0: coordinator, shards 0 and 1, replica 0; host1: replica 1; host2: replica 2
-    placement = [0, 0, 0, 0, 1, 2]
+def test_three_hosts_partitions_across_them_and_a_lost_replica_host(hosts, tmp_path):
+    # host0: coordinator, shards 0 and 1, and replica 0 (both partitions: beside its shards);
+    # replicas 1 and 2: partition 0 on host1, partition 1 on host2 (activations cross hosts)
+    placement = [0, 0, 0, 0, 0, 1, 2, 1, 2]
     run = tmp_path / "run"
     procs = start(hosts, placement, ["--dataset", "digits", "--model", "mlp", "--replicas", "3",
-                                     "--shards", "2", "--steps", "1500", "--log-every", "20",
-                                     "--quiet", "--run-dir", str(run)], tmp_path)
+                                     "--shards", "2", "--partitions", "2", "--steps", "400",
+                                     "--log-every", "20", "--quiet", "--run-dir", str(run)],
+                  tmp_path)
     try:
-        # once replica 2 trains, its host's process dies: the others go on
+        # once replica 2 trains, its partition on host2 dies: the others go on
         deadline = time.monotonic() + 90
         while not any(e.get("replica") == 2 and e["event"] == "train"
                       for e in _events(run)):
             assert time.monotonic() < deadline, log(tmp_path, 0)[-2000:]
             assert procs[0].poll() is None, log(tmp_path, 0)[-2000:]
             time.sleep(0.1)
-        os.killpg(procs[5].pid, signal.SIGKILL)
-        wait_all(procs[:5], tmp_path)
+        os.killpg(procs[8].pid, signal.SIGKILL)
+        wait_all(procs[:7], tmp_path)
     finally:
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
-    assert [p.returncode for p in procs[:5]] == [0] * 5, log(tmp_path, 0)[-2000:]
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["test_accuracy"] > 0.85
-    assert summary["replicas_lost"] == 1 and summary["lost_replicas"] == [2]
-    cluster = json.loads((run / "cluster.json").read_text())["roles"]
-    hostnames = {(r["kind"], r["id"]): r["host"] for r in cluster}
-    assert hostnames == {("coordinator", 0): "host0", ("shard", 0): "host0",
-                         ("shard", 1): "host0", ("replica", 0): "host0",
-                         ("replica", 1): "host1", ("replica", 2): "host2"}
-    moved = summary["transport_bytes"]
-    assert moved["shm"] > 0 and moved["gloo"] > 0  # replica 0 beside its shards, 1 and 2 not
-
-
-def test_partitions_split_across_hosts_exchange_activations_over_the_network(hosts, tmp_path):
-    # host0: coordinator and 2 shards; each replica's partition 0 on host1, partition 1 on host2
-    placement = [0, 0, 0, 1, 2, 1, 2]
-    run = tmp_path / "run"
-    procs = start(hosts, placement, ["--dataset", "digits", "--model", "mlp", "--replicas", "2",
-                                     "--shards", "2", "--partitions", "2", "--steps", "300",
-                                     "--quiet", "--run-dir", str(run)], tmp_path)
-    try:
-        wait_all(procs, tmp_path)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-    assert [p.returncode for p in procs] == [0] * 7, log(tmp_path, 0)[-2000:]
+    assert [p.returncode for p in procs[:7]] == [0] * 7, log(tmp_path, 0)[-2000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["test_accuracy"] > 0.8
-    assert summary["partition"]["boundary_bytes"] > 0
-    assert summary["transport_bytes"]["gloo"] > 0 and summary["transport_bytes"]["shm"] == 0
+    assert summary["replicas_lost"] == 1 and summary["lost_replicas"] == [2]
     cluster = json.loads((run / "cluster.json").read_text())["roles"]
-    assert {(r["id"], r["part"]): r["host"] for r in cluster if r["kind"] == "replica"} == {
-        (0, 0): "host1", (0, 1): "host2", (1, 0): "host1", (1, 1): "host2"}
+    assert {(r["kind"], r["id"], r.get("part")): r["host"] for r in cluster} == {
+        ("coordinator", 0, None): "host0", ("shard", 0, None): "host0",
+        ("shard", 1, None): "host0", ("replica", 0, 0): "host0", ("replica", 0, 1): "host0",
+        ("replica", 1, 0): "host1", ("replica", 1, 1): "host2",
+        ("replica", 2, 0): "host1", ("replica", 2, 1): "host2"}
+    # replica 0 reached its shards through shared memory, replicas 1 and 2 over the network
+    moved = summary["transport_bytes"]
+    assert moved["shm"] > 0 and moved["gloo"] > 0
+    assert summary["partition"]["boundary_bytes"] > 0
 
 
 def _events(run: Path) -> list[dict]:
@@ -175,7 +157,7 @@ def test_the_readme_torchrun_example_trains_across_hosts(hosts, tmp_path):
     summaries = list(tmp_path.glob("runs/*/summary.json"))
     assert len(summaries) == 1, [log(tmp_path, i)[-1500:] for i in range(nodes)]
     summary = json.loads(summaries[0].read_text())
-    assert summary["test_accuracy"] > 0.3  # chance is 0.1
+    assert summary["test_accuracy"] > 0.8  # chance is 0.1
     roles = json.loads((summaries[0].parent / "cluster.json").read_text())["roles"]
     assert {r["host"] for r in roles} == {h.name for h in hosts.hosts}
 
