@@ -107,14 +107,14 @@ def calibrate(num_samples: int, batch: int, repeats: int) -> dict:
 
 
 def throughput(run_root: Path, name: str, *, servers: int, passes: int, steps: int,
-               batch: int, num_samples: int) -> dict:
+               log_every: int, batch: int, num_samples: int) -> dict:
     run_dir = run_root / name
     busy0, ours0 = cpu_seconds()
     began = time.monotonic()
     summary = distbelief.train(
         {"augment": {"warp": WARP, "warp_smooth": passes}}, dataset="mnist1d", model="cnn",
         num_samples=num_samples, replicas=1, shards=1, threads=1, batch_size=batch,
-        rule="adagrad", lr=0.02, steps=steps, log_every=10, data_servers=servers,
+        rule="adagrad", lr=0.02, steps=steps, log_every=log_every, data_servers=servers,
         run_dir=str(run_dir))
     busy1, ours1 = cpu_seconds()
     others = max(0.0, (busy1 - busy0) - (ours1 - ours0)) / (time.monotonic() - began)
@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="samples per step: larger batches make the fixed cost of a "
                              "step (pull, push) smaller next to gradient and augmentation")
     args = parser.parse_args(argv)
-    repeats, steps = (1, 30) if args.quick else (args.repeats, args.steps)
+    # --quick: the fewest steps that leave one timed after the first report (start-up)
+    repeats, steps, log_every = (1, 2, 1) if args.quick else (args.repeats, args.steps, 10)
     batch = 64 if args.quick else args.batch_size
     num_samples = 4000 if args.quick else 20000
     load_before = os.getloadavg()
@@ -153,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs[peer].append(throughput(Path(tmp), f"{peer}{i}",
                                              servers=1 if peer == "served" else 0,
                                              passes=calibration["warp_smooth"], steps=steps,
-                                             batch=batch, num_samples=num_samples))
+                                             log_every=log_every, batch=batch,
+                                             num_samples=num_samples))
     medians = {peer: statistics.median(r["samples_per_second"] for r in rs)
                for peer, rs in runs.items()}
     ratio = medians["served"] / medians["inline"]

@@ -102,7 +102,8 @@ class Timing:
 
 
 FULL = Timing(warmup_steps=3, runs=5, steps_per_run=10, memcpy_repeats=10)
-QUICK = Timing(warmup_steps=1, runs=2, steps_per_run=3, memcpy_repeats=3)
+# one step of each kind (warm-up, timed) and one memcpy sample per run: the smoke test's
+QUICK = Timing(warmup_steps=1, runs=1, steps_per_run=1, memcpy_repeats=1)
 
 
 def log(message: str) -> None:

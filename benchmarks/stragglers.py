@@ -35,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import distbelief
@@ -44,17 +45,36 @@ SLOW = 4.0
 TARGET = 2.0
 
 
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """The size of every job; the configurations (portions, backups, fractions) are fixed."""
+
+    num_samples: int
+    """MNIST-1D samples generated (a fifth of them held out): one Sandblaster iteration is
+    one pass over the training part."""
+    sandblaster_steps: int
+    """L-BFGS iterations per job; the first (start-up) is not timed, so at least 2."""
+    sync_steps: int
+    """Steps per sync job; timed between replica 0's first and last report."""
+    sync_log_every: int
+    """Steps between reports: sync_steps >= 2 x this leaves at least one step timed."""
+
+
+FULL = Plan(num_samples=20000, sandblaster_steps=4, sync_steps=40, sync_log_every=5)
+QUICK = Plan(num_samples=1000, sandblaster_steps=2, sync_steps=2, sync_log_every=1)
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
 def sandblaster_seconds(run_root: Path, name: str, *, workers: int, portions: int,
-                        backups: bool, slow: bool, quick: bool) -> dict:
+                        backups: bool, slow: bool, plan: Plan) -> dict:
     run_dir = run_root / name
     options = dict(algorithm="sandblaster", dataset="mnist1d", model="cnn",
-                   num_samples=4000 if quick else 20000, replicas=workers, shards=2,
+                   num_samples=plan.num_samples, replicas=workers, shards=2,
                    portions=portions, backups=backups, line_search="none", lr=0.5, history=5,
-                   steps=3 if quick else 4, tolerance_grad=0.0, tolerance_change=0.0,
+                   steps=plan.sandblaster_steps, tolerance_grad=0.0, tolerance_change=0.0,
                    run_dir=str(run_dir))
     if slow:
         options["slow_worker"] = f"{workers - 1}:{SLOW:g}"
@@ -74,11 +94,12 @@ def sandblaster_seconds(run_root: Path, name: str, *, workers: int, portions: in
 
 
 def sync_seconds(run_root: Path, name: str, *, replicas: int, fraction: float, slow: bool,
-                 quick: bool) -> dict:
+                 plan: Plan) -> dict:
     run_dir = run_root / name
     options = dict(algorithm="sync", dataset="mnist1d", model="cnn",
-                   num_samples=4000 if quick else 20000, replicas=replicas, shards=1,
-                   batch_size=256, steps=10 if quick else 40, log_every=5, sync_fraction=fraction,
+                   num_samples=plan.num_samples, replicas=replicas, shards=1,
+                   batch_size=256, steps=plan.sync_steps, log_every=plan.sync_log_every,
+                   sync_fraction=fraction,
                    rule="sgd", lr=0.05, run_dir=str(run_dir))
     if slow:
         options["slow_worker"] = f"{replicas - 1}:{SLOW:g}"
@@ -102,28 +123,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=4, help="Sandblaster workers and "
                         "sync replicas (one of them is the slow one)")
     args = parser.parse_args(argv)
-    w = args.workers
+    w, plan = args.workers, QUICK if args.quick else FULL
     with tempfile.TemporaryDirectory(prefix="stragglers-") as tmp:
         root = Path(tmp)
         blaster = {
             "dynamic_slow": sandblaster_seconds(root, "dynamic_slow", workers=w, portions=8 * w,
-                                                backups=True, slow=True, quick=args.quick),
+                                                backups=True, slow=True, plan=plan),
             "static_slow": sandblaster_seconds(root, "static_slow", workers=w, portions=w,
-                                               backups=False, slow=True, quick=args.quick),
+                                               backups=False, slow=True, plan=plan),
             "dynamic": sandblaster_seconds(root, "dynamic", workers=w, portions=8 * w,
-                                           backups=True, slow=False, quick=args.quick),
+                                           backups=True, slow=False, plan=plan),
             "static": sandblaster_seconds(root, "static", workers=w, portions=w,
-                                          backups=False, slow=False, quick=args.quick),
+                                          backups=False, slow=False, plan=plan),
         }
         sync = {
             "fraction_0.75_slow": sync_seconds(root, "f075_slow", replicas=w, fraction=0.75,
-                                               slow=True, quick=args.quick),
+                                               slow=True, plan=plan),
             "fraction_1_slow": sync_seconds(root, "f1_slow", replicas=w, fraction=1.0,
-                                            slow=True, quick=args.quick),
+                                            slow=True, plan=plan),
             "fraction_0.75": sync_seconds(root, "f075", replicas=w, fraction=0.75, slow=False,
-                                          quick=args.quick),
+                                          plan=plan),
             "fraction_1": sync_seconds(root, "f1", replicas=w, fraction=1.0, slow=False,
-                                       quick=args.quick),
+                                       plan=plan),
         }
     blaster_speedup = (blaster["static_slow"]["seconds_per_iteration"]
                        / blaster["dynamic_slow"]["seconds_per_iteration"])

@@ -119,7 +119,7 @@ def test_hogwild_quick_compares_one_and_two_workers() -> None:
     report = run_quick("hogwild", "--quick", timeout=300)
     assert report["benchmark"] == "hogwild" and report["quick"] and report["repeats"] == 1
     assert report["settings"]["threads"] == 1
-    # chance is 0.1 on digits; one epoch reached 0.65 (W = 1) and 0.54 to 0.58 (W = 2)
+    # chance is 0.1 on mnist1d; four epochs reached 0.50 (W = 1) and 0.44 to 0.47 (W = 2)
     floor = 3 * chance(report["settings"]["dataset"])
     for w in (1, 2):
         run, = report[f"w{w}"]["runs"]
@@ -146,7 +146,8 @@ def test_data_serving_quick_reports_both_peers() -> None:
     assert calibration["gradient_seconds"] > 0 and calibration["warp_smooth"] >= 1
     for peer in ("served", "inline"):
         [run] = report[peer]["runs"]
-        assert run["samples_per_second"] > 0 and run["steps_timed"] == 20
+        # --quick: 2 steps, a report after each; the first (start-up included) is not timed
+        assert run["samples_per_second"] > 0 and run["steps_timed"] == 1
         assert report[peer]["median_samples_per_second"] == run["samples_per_second"]
     assert report["ratio_served_to_inline"] == (report["served"]["median_samples_per_second"]
                                                 / report["inline"]["median_samples_per_second"])
