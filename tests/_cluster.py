@@ -22,11 +22,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def rank_processes(args: list[str], world: int, cwd, token: str = "test-secret"):
+def rank_processes(args: list[str], world: int, cwd, token: str = "test-secret",
+                   port: int | None = None):
     """`distbelief` started once per rank with RANK/WORLD_SIZE/MASTER_* set, as torchrun
-    or SLURM would on many hosts (here all on 127.0.0.1); yields the processes (rank
-    order, stdout and stderr piped as text) and kills any still running on exit."""
-    port, procs = free_port(), []
+    or SLURM would on many hosts (here all on 127.0.0.1, at `port` or a free one); yields
+    the processes (rank order, stdout and stderr piped as text) and kills any still running
+    on exit."""
+    port, procs = port or free_port(), []
     try:
         for rank in range(world):
             env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world),

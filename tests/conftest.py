@@ -48,3 +48,15 @@ def cli_job(tmp_path):
             except (ProcessLookupError, TypeError):
                 pass
         proc.wait(10)
+
+
+@pytest.fixture
+def store():
+    """A job store hosted on 127.0.0.1 by this process, closed afterwards."""
+    from distbelief.runtime.store import JobStore, new_token
+
+    store = JobStore.host("127.0.0.1", 0, new_token(), timeout=30)
+    try:
+        yield store
+    finally:
+        store.close()

@@ -1,18 +1,7 @@
 """The replica side of the checkpoint pause (`checkpoint.ReplicaGate`) against a real store."""
 
-import pytest
 
 from distbelief.checkpoint import ReplicaGate
-from distbelief.runtime.store import JobStore, new_token
-
-
-@pytest.fixture
-def store():
-    store = JobStore.host("127.0.0.1", 0, new_token(), timeout=30)
-    try:
-        yield store
-    finally:
-        store.close()
 
 
 def test_a_request_made_before_the_replica_started_is_still_answered(store):

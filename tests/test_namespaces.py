@@ -58,7 +58,7 @@ def wait_all(procs: list[subprocess.Popen], tmp_path: Path, timeout: float = 150
         try:
             proc.wait(max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            pytest.fail(f"rank {rank} did not finish: {(tmp_path / f'rank{rank}.log').read_text()[-2000:]}")
+            pytest.fail(f"rank {rank} did not finish: {log(tmp_path, rank)[-2000:]}")
 
 
 def log(tmp_path: Path, rank: int) -> str:
@@ -80,20 +80,15 @@ def test_three_hosts_partitions_across_them_and_a_lost_replica_host(hosts, tmp_p
                                      "--shards", "2", "--partitions", "2", "--steps", "400",
                                      "--log-every", "20", "--quiet", "--run-dir", str(run)],
                   tmp_path)
-    try:
-        # once replica 2 trains, its partition on host2 dies: the others go on
-        deadline = time.monotonic() + 90
-        while not any(e.get("replica") == 2 and e["event"] == "train"
-                      for e in _events(run)):
-            assert time.monotonic() < deadline, log(tmp_path, 0)[-2000:]
-            assert procs[0].poll() is None, log(tmp_path, 0)[-2000:]
-            time.sleep(0.1)
-        os.killpg(procs[8].pid, signal.SIGKILL)
-        wait_all(procs[:7], tmp_path)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
+    # (whatever happens, the hosts fixture kills every process started on a host)
+    # once replica 2 trains, its partition on host2 dies: the others go on
+    deadline = time.monotonic() + 90
+    while not any(e.get("replica") == 2 and e["event"] == "train" for e in _events(run)):
+        assert time.monotonic() < deadline, log(tmp_path, 0)[-2000:]
+        assert procs[0].poll() is None, log(tmp_path, 0)[-2000:]
+        time.sleep(0.1)
+    os.killpg(procs[8].pid, signal.SIGKILL)
+    wait_all(procs[:7], tmp_path)
     assert [p.returncode for p in procs[:7]] == [0] * 7, log(tmp_path, 0)[-2000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["test_accuracy"] > 0.8
@@ -146,12 +141,7 @@ def test_the_readme_torchrun_example_trains_across_hosts(hosts, tmp_path):
     procs = [host.popen(["env", "-i", *(f"{k}={v}" for k, v in env.items()), *argv],
                         stdout=open(tmp_path / f"rank{host.index}.log", "w"),
                         stderr=subprocess.STDOUT, cwd=tmp_path) for host in hosts.hosts]
-    try:
-        wait_all(procs, tmp_path, timeout=240)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
+    wait_all(procs, tmp_path, timeout=240)
     assert [p.returncode for p in procs] == [0] * nodes, [log(tmp_path, i)[-1500:]
                                                           for i in range(nodes)]
     summaries = list(tmp_path.glob("runs/*/summary.json"))
@@ -172,12 +162,7 @@ def test_hosts_whose_names_resolve_to_nothing_still_reach_each_other(tmp_path):
                                          "--replicas", "1", "--shards", "1", "--steps", "100",
                                          "--timeout", "30", "--quiet", "--run-dir", str(run)],
                       tmp_path)
-        try:
-            wait_all(procs, tmp_path, timeout=90)
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGKILL)
+        wait_all(procs, tmp_path, timeout=90)
     assert [p.returncode for p in procs] == [0] * 3, log(tmp_path, 2)[-2000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["transport_bytes"]["gloo"] > 0 and summary["test_accuracy"] > 0.5

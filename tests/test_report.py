@@ -11,20 +11,11 @@ import pytest
 from distbelief.job import JobConfig
 from distbelief.metrics.report import Reporter
 from distbelief.runtime.context import RoleContext
-from distbelief.runtime.store import JobStore, new_token
+from distbelief.runtime.store import JobStore
 
 # the keys the coordinator reads (`watch.follow_events`); sync's events add "dropped"
 KEYS = {"event", "time", "replica", "step", "total_steps", "loss", "nonfinite", "samples",
         "samples_per_second", "staleness", "versions"}
-
-
-@pytest.fixture
-def store():
-    store = JobStore.host("127.0.0.1", 0, new_token(), timeout=30)
-    try:
-        yield store
-    finally:
-        store.close()
 
 
 def _events(store: JobStore) -> list[dict]:

@@ -8,7 +8,6 @@ prefix at all) changes nothing.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import os
@@ -19,7 +18,7 @@ import time
 import pytest
 import torch.distributed as dist
 
-from _cluster import CLI, free_port
+from _cluster import free_port, rank_processes
 from distbelief.api import train
 from distbelief.errors import UserError
 from distbelief.runtime.launch import EnvRole, job_token, read_token_file
@@ -133,24 +132,6 @@ def _write_as_stranger(stores: list[dist.Store]) -> None:
                 store.set(key, value)
 
 
-@contextlib.contextmanager
-def ranks(args: list[str], port: int, cwd, **extra: str):
-    """`distbelief` once per rank (all on 127.0.0.1), as torchrun or SLURM would start it on
-    many hosts; every process still running on exit is killed by PID."""
-    procs: list[subprocess.Popen] = []
-    try:
-        for rank in range(WORLD):
-            procs.append(subprocess.Popen([*CLI, *args], cwd=cwd, env=rank_env(rank, port, **extra),
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                          text=True))
-        yield procs
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait(10)
-
-
 def test_a_stranger_without_the_token_changes_nothing(tmp_path):
     """One multi-host job with --token-file (DISTBELIEF_TOKEN set too: the file wins); a
     stranger writes the job's keys, again and again while it runs, under the token it would
@@ -159,7 +140,8 @@ def test_a_stranger_without_the_token_changes_nothing(tmp_path):
     (tmp_path / "token").write_text(SECRET + "\n")
     run_dir, port = tmp_path / "run", free_port()
     args = [*ARGS, "--token-file", str(tmp_path / "token"), "--run-dir", str(run_dir)]
-    with ranks(args, port, tmp_path, DISTBELIEF_TOKEN="the-environment-token") as procs:
+    with rank_processes(args, WORLD, tmp_path, token="the-environment-token",
+                        port=port) as procs:
         # the namespaces a job with those tokens would use, and the store's bare keys
         strangers = [JobStore.connect("127.0.0.1", port, token, timeout=60).raw
                      for token in (f"env-none-{port}", "the-environment-token")]
