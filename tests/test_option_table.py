@@ -15,64 +15,69 @@ from distbelief.errors import UserError
 from distbelief.job import OPTIONS, JobConfig, apply_options
 
 U, R = "used", "refused"
-COLUMNS = ("downpour", "sync", "sandblaster", "hogwild")
+COLUMNS = ("downpour", "sync", "sandblaster", "hogwild", "admm")
 
 # option: (a valid value other than its default, its use by each algorithm of COLUMNS)
-TABLE: dict[str, tuple[object, tuple[str, str, str, str]]] = {
-    # [cluster]; hogwild's workers share one tensor on this host: no shards, no replicas
-    "replicas":         (3,             (U, U, U, R)),
-    "shards":           (3,             (U, U, U, R)),
-    "host":             ("localhost",   (U, U, U, U)),
-    "port":             (29555,         (U, U, U, U)),
-    "transport":        ("gloo",        (U, U, U, R)),
-    "timeout":          (60.0,          (U, U, U, U)),
-    "token_file":       ("token.txt",   (U, U, U, U)),
-    "slow_worker":      ("1:2",         (U, U, U, R)),   # hogwild's worker has no Slowdown
-    "restart_replicas": (True,          (U, R, R, R)),
-    "threads":          (1,             (U, U, U, U)),
-    "shard_layout":     ("chunks",      (U, U, U, R)),
-    "chunk_bytes":      (4096,          (U, U, U, R)),
-    "data_servers":     (1,             (U, U, R, R)),   # sandblaster's worker loads its data
+TABLE: dict[str, tuple[object, tuple[str, ...]]] = {
+    # [cluster]; hogwild's workers share one tensor on this host: no shards, no replicas;
+    # admm's replicas read their own data (no data servers)
+    "replicas":         (3,             (U, U, U, R, U)),
+    "shards":           (3,             (U, U, U, R, U)),
+    "host":             ("localhost",   (U, U, U, U, U)),
+    "port":             (29555,         (U, U, U, U, U)),
+    "transport":        ("gloo",        (U, U, U, R, U)),
+    "timeout":          (60.0,          (U, U, U, U, U)),
+    "token_file":       ("token.txt",   (U, U, U, U, U)),
+    "slow_worker":      ("1:2",         (U, U, U, R, U)),   # hogwild's worker has no Slowdown
+    "restart_replicas": (True,          (U, R, R, R, U)),
+    "threads":          (1,             (U, U, U, U, U)),
+    "shard_layout":     ("chunks",      (U, U, U, R, U)),
+    "chunk_bytes":      (4096,          (U, U, U, R, U)),
+    "data_servers":     (1,             (U, U, R, R, R)),   # sandblaster's worker loads its data
     # each algorithm's own section
-    "n_fetch":          (2,             (U, R, R, R)),
-    "n_push":           (2,             (U, R, R, R)),
-    "warm_start_steps": (5,             (U, R, R, R)),
-    "replica_workers":  (2,             (U, R, R, R)),
-    "sync_fraction":    (0.5,           (R, U, R, R)),
-    "portions":         (8,             (R, R, U, R)),
-    "backups":          (False,         (R, R, U, R)),
-    "push_every":       (2,             (R, R, U, R)),
-    "history":          (5,             (R, R, U, R)),
-    "line_search":      ("none",        (R, R, U, R)),
-    "tolerance_grad":   (1e-5,          (R, R, U, R)),
-    "tolerance_change": (1e-6,          (R, R, U, R)),
-    "workers":          (3,             (R, R, R, U)),
+    "n_fetch":          (2,             (U, R, R, R, R)),
+    "n_push":           (2,             (U, R, R, R, R)),
+    "warm_start_steps": (5,             (U, R, R, R, R)),
+    "replica_workers":  (2,             (U, R, R, R, R)),
+    "sync_fraction":    (0.5,           (R, U, R, R, U)),
+    "portions":         (8,             (R, R, U, R, R)),
+    "backups":          (False,         (R, R, U, R, R)),
+    "push_every":       (2,             (R, R, U, R, R)),
+    "history":          (5,             (R, R, U, R, R)),
+    "line_search":      ("none",        (R, R, U, R, R)),
+    "tolerance_grad":   (1e-5,          (R, R, U, R, R)),
+    "tolerance_change": (1e-6,          (R, R, U, R, R)),
+    "workers":          (3,             (R, R, R, U, R)),
+    "local_steps":      (3,             (R, R, R, R, U)),
+    "rho":              (0.5,           (R, R, R, R, U)),
+    "rho_schedule":     ("balance",     (R, R, R, R, U)),
+    "rho_max":          (100.0,         (R, R, R, R, U)),
     # [optimizer]: L-BFGS takes no update rule, only --lr as its step scale
-    "rule":             ("momentum",    (U, U, R, U)),
-    "lr":               (0.5,           (U, U, U, U)),
-    "momentum":         (0.5,           (U, U, R, U)),
-    "weight_decay":     (0.01,          (U, U, R, U)),
+    "rule":             ("momentum",    (U, U, R, U, U)),
+    "lr":               (0.5,           (U, U, U, U, U)),
+    "momentum":         (0.5,           (U, U, R, U, U)),
+    "weight_decay":     (0.01,          (U, U, R, U, U)),
     # [data]; sandblaster cuts all the data into --portions, not batches
-    "dataset":          ("digits",      (U, U, U, U)),
-    "batch_size":       (32,            (U, U, R, U)),
-    "num_samples":      (500,           (U, U, U, U)),
-    "prefetch":         (2,             (U, U, R, R)),
+    "dataset":          ("digits",      (U, U, U, U, U)),
+    "batch_size":       (32,            (U, U, R, U, U)),
+    "num_samples":      (500,           (U, U, U, U, U)),
+    "prefetch":         (2,             (U, U, R, R, R)),
     # [model]: only downpour's replicas are cut into partitions
-    "model":            ("mlp",         (U, U, U, U)),
-    "partitions":       (2,             (U, R, R, R)),
-    "split":            ("units",       (U, R, R, R)),
-    "balance":          ("3,3",         (U, R, R, R)),
-    "micro_batches":    (2,             (U, R, R, R)),
+    "model":            ("mlp",         (U, U, U, U, U)),
+    "partitions":       (2,             (U, R, R, R, R)),
+    "split":            ("units",       (U, R, R, R, R)),
+    "balance":          ("3,3",         (U, R, R, R, R)),
+    "micro_batches":    (2,             (U, R, R, R, R)),
     # [train]: sandblaster's driver reports every iteration and a NaN loss always ends it;
     # its steps are L-BFGS iterations, never epochs; hogwild writes no checkpoints
-    "steps":            (10,            (U, U, U, U)),
-    "epochs":           (2.0,           (U, U, R, U)),
-    "seed":             (1,             (U, U, U, U)),
-    "eval_every":       (5,             (U, U, U, U)),
-    "log_every":        (5,             (U, U, R, U)),
-    "run_dir":          ("runs/x",      (U, U, U, U)),
-    "checkpoint_every": ("100",         (U, U, R, R)),
-    "on_nonfinite":     ("stop",        (U, U, R, U)),
+    "steps":            (10,            (U, U, U, U, U)),
+    "epochs":           (2.0,           (U, U, R, U, U)),
+    "seed":             (1,             (U, U, U, U, U)),
+    "eval_every":       (5,             (U, U, U, U, U)),
+    "log_every":        (5,             (U, U, R, U, U)),
+    "run_dir":          ("runs/x",      (U, U, U, U, U)),
+    "checkpoint_every": ("100",         (U, U, R, R, U)),
+    "on_nonfinite":     ("stop",        (U, U, R, U, U)),
 }
 
 COMPANIONS: dict[str, dict[str, object]] = {

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import distbelief
-from distbelief.algorithms.sync.replica import quorum_size
+from distbelief.algorithms.schedule import quorum_size
 from distbelief.data.datasets import BatchStream, load_dataset, replica_indices
 from distbelief.metrics.log import read_metrics
 from distbelief.model.zoo import build_model

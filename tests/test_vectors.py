@@ -119,7 +119,7 @@ def test_unknown_vector_refused(op, v, src):
     assert torch.equal(params, before)
 
 
-@pytest.mark.parametrize("op", [0, V.FREE + 1, 99, -1])
+@pytest.mark.parametrize("op", [0, max(V.NAMES) + 1, 99, -1])
 def test_unknown_operation_refused(op):
     sv, _ = shard_vectors()
     with pytest.raises(VectorError, match="unknown vector operation"):
@@ -135,6 +135,46 @@ def test_vector_number_out_of_range(op, v):
     assert set(sv.vectors) == {PARAMS}
     sv.run(op, MAX_VECTORS - 1, PARAMS, 0.0)  # the last number is fine
     assert MAX_VECTORS - 1 in sv.vectors
+
+
+def test_mean_of_members():
+    """MEAN: the target becomes the mean of the members named by the mask (vectors
+    base + i), which are left as they were; the squared change comes back."""
+    sv, params = shard_vectors()
+    old = params.clone()
+    members = {i: torch.randn(17) for i in (0, 2, 5)}
+    for i, t in members.items():
+        sv.accumulate(20 + i, t, replace=True)
+    sv.accumulate(21, torch.full((17,), 1e6), replace=True)  # not a member: left out
+    change = sv.run(V.MEAN, PARAMS, V.member_mask([0, 2, 5]), 20.0)
+    want = torch.stack(list(members.values())).mean(0)
+    torch.testing.assert_close(params, want)
+    assert change == pytest.approx(float((want - old).pow(2).sum()), rel=1e-5)
+    for i, t in members.items():
+        assert torch.equal(sv.get(20 + i), t)
+    assert sv.run(V.MEAN, PARAMS, V.member_mask([2]), 20.0) > 0  # one member: a copy
+    assert torch.equal(params, members[2])
+
+
+@pytest.mark.parametrize("mask, base", [(0, 20.0), (1, 20.5), (1 << 3, 20.0)])
+def test_mean_refuses_no_members_a_fractional_base_and_missing_vectors(mask, base):
+    sv, _ = shard_vectors()
+    sv.accumulate(20, torch.ones(17), replace=True)
+    with pytest.raises(VectorError):
+        sv.run(V.MEAN, PARAMS, mask, base)
+
+
+def test_member_mask():
+    assert V.member_mask([]) == 0 and V.member_mask([0, 62]) == 1 | 1 << 62
+    with pytest.raises(ValueError, match="0..62"):
+        V.member_mask([63])
+
+
+def test_accumulate_replace():
+    sv, _ = shard_vectors()
+    sv.accumulate(6, torch.ones(17))
+    sv.accumulate(6, torch.full((17,), 3.0), replace=True)
+    assert torch.equal(sv.get(6), torch.full((17,), 3.0))
 
 
 def test_accumulate():
@@ -360,6 +400,9 @@ def test_accumulate_adds_the_gradient_buffer(remote):
     ps.accumulate(0, made).wait(TIMEOUT)
     space.copy(PARAMS, made)
     torch.testing.assert_close(pull(ps), 3 * g)
+    ps.accumulate(0, made, replace=True).wait(TIMEOUT)  # ADMM's contributions
+    space.copy(PARAMS, made)
+    torch.testing.assert_close(pull(ps), g, rtol=0, atol=0)
     for server in servers:
         assert server.stats()["errors"] == [] and server.stats()["clients_lost"] == []
 

@@ -166,12 +166,15 @@ class CheckpointDriver:
 
     def take(self, waiting: Callable[[int], list[str]],
              steps_of: Callable[[int], dict[str, int]],
-             lost_shard: Callable[[], int | None] = lambda: None) -> dict | None:
+             lost_shard: Callable[[], int | None] = lambda: None,
+             algorithm_state: Callable[[], dict] = dict) -> dict | None:
         """Run the protocol once; the manifest written, or None when it was abandoned.
 
         `lost_shard()` names a shard that died, if any: the checkpoint is then abandoned
         at once (a replica waiting for that shard to come back cannot pause, and the
-        shard is not restarted while the checkpoint waits)."""
+        shard is not restarted while the checkpoint waits). `algorithm_state()` goes into
+        the manifest as "algorithm_state" (what the coordinator side of the algorithm
+        must resume from)."""
         number = self.number + 1
         self.number = number
         self._last_time = time.monotonic()
@@ -205,7 +208,8 @@ class CheckpointDriver:
                     time.sleep(0.01)
                 shards.append(store.try_get_json(f"ckpt/{number}/shard{s}"))
             manifest = {"checkpoint": number, "time": time.time(),
-                        "replica_steps": steps_of(number), "shards": shards, **self.meta}
+                        "replica_steps": steps_of(number), "shards": shards,
+                        "algorithm_state": algorithm_state(), **self.meta}
             write_manifest(self.run_dir, manifest)
             self.written.append({"checkpoint": number,
                                  "replica_steps": manifest["replica_steps"]})

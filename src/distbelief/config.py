@@ -46,7 +46,7 @@ def option(default: Any = dataclasses.MISSING, *, name: str | None = None,
            toml_only: bool = False, refusal: str | None = None) -> Any:
     """A section field with what the command line needs to know about it.
 
-    `name`: its flat option name when not the field's own (``sync_fraction``);
+    `name`: its flat option name when not the field's own (``model``);
     `choices`: the values it takes; `unset`: what a None default means, for
     ``--help``; `toml_only`: set in the config file only, no flag; `refusal`: the
     sentence that refuses it for an algorithm that does not use it (format
@@ -100,6 +100,8 @@ class ClusterConfig:
     """How parameters are cut into shards: ranges (one contiguous range each) or chunks (Project Adam: --chunk-bytes pieces hashed to the shards, bytes balanced within 1.2x from 11 chunks per shard)."""
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     """--shard-layout chunks: bytes per chunk, a positive multiple of 4 (float32)."""
+    sync_fraction: float = 1.0
+    """A synchronous step (sync) or round (admm) completes once this fraction of the replicas reported, the fastest (Project Adam); sync drops the late gradients and counts them, admm rolls a late contribution into the next round."""
     data_servers: int = 0
     """Data-serving processes (Project Adam) that read, shuffle and augment the data (the [augment] table of the config) and stream ready batches to the replicas; 0: each replica loads its own data."""
 
@@ -180,7 +182,7 @@ class AugmentConfig:
 @dataclass(kw_only=True)
 class ModelConfig:
     name: str = option("cnn", name="model")
-    """mlp, cnn, lcnn (locally connected), speech (DistBelief's speech model, 42M parameters), or MODULE:FACTORY (or FILE.py:FACTORY) returning an nn.Module."""
+    """linear (logistic regression), mlp, cnn, lcnn (locally connected), speech (DistBelief's speech model, 42M parameters), or MODULE:FACTORY (or FILE.py:FACTORY) returning an nn.Module."""
     partitions: int = option(1, refusal="{option} {value} works with --algorithm {users} only: "
                                         "{algorithm} runs unpartitioned replicas; use "
                                         "--partitions 1 or --algorithm {first}")
@@ -239,6 +241,10 @@ def validate_shared(cfg: Any) -> None:
     at_least("--shards", c.shards, 1, "give at least one parameter shard")
     if c.threads is not None:
         at_least("--threads", c.threads, 1, "leave it out to share this host's cores")
+    if not 0 < c.sync_fraction <= 1:
+        raise UserError(f"--sync-fraction must be in (0, 1], got {c.sync_fraction}: a step or "
+                        "round completes once this fraction of the replicas reported; 1 waits "
+                        "for all, 0.75 is Project Adam's choice")
     at_least("--batch-size", d.batch_size, 1, "use a positive batch size")
     at_least("--eval-every", t.eval_every, 0, "use 0 to evaluate only at the end")
     at_least("--log-every", t.log_every, 1, "report at least every step (1)")

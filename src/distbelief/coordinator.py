@@ -119,7 +119,7 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
                 is_lost=lambda r: is_lost(store, local, liveness, "replica", r,
                                           cfg.model.partitions),
                 exit_detail=lambda r: exit_detail(local, "replica", r), wait_for=wait_for,
-                evaluate=lambda: home.evaluate(model, data))
+                evaluate=lambda: home.evaluate(model, data), resume=manifest)
             algorithm.start(co)
             if algorithm.drives_itself:
                 algorithm.drive(co)

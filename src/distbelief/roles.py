@@ -49,7 +49,7 @@ def run_role(store: JobStore, role: str, ident: int, part: int | None = None) ->
     with Heartbeat(store, role, ctx.member):
         if role == "shard":
             from distbelief.ps.serve import run_shard
-            run_shard(ctx)
+            run_shard(ctx, rule=get_algorithm(config.algorithm).shard_rule)
         elif role == "replica":
             get_algorithm(config.algorithm).run_replica(ctx)
         elif role == "dataserver":

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from distbelief.algorithms.base import Algorithm, Coordination, Watch
+from distbelief.algorithms.base import Algorithm, Coordination, Poller, Watch
 from distbelief.checkpoint import CheckpointDriver, read_manifest
 from distbelief.errors import JobFailed, UserError
 from distbelief.runtime.context import Liveness, beat_key, member_name
@@ -71,7 +71,19 @@ def watch_replicas(co: Coordination, algorithm: Algorithm, local: LocalCluster |
         return next((s for s in range(shards) if is_lost(store, local, liveness, "shard", s)),
                     None)
 
-    poll = algorithm.poller(store, cfg)
+    poller = algorithm.poller(co) or Poller()
+    try:
+        _watch(co, algorithm, local, liveness, shards, driver, poller, waiting, steps_of,
+               lost_shard)
+    finally:
+        poller.close()
+    _show(co, force=True)
+
+
+def _watch(co: Coordination, algorithm: Algorithm, local: LocalCluster | None,
+           liveness: Liveness, shards: int, driver: CheckpointDriver, poller: Poller,
+           waiting, steps_of, lost_shard) -> None:
+    cfg, store, watch = co.config, co.store, co.watch
     read = 0
     next_eval = cfg.train.eval_every or None
     while not watch.finished:
@@ -115,19 +127,17 @@ def watch_replicas(co: Coordination, algorithm: Algorithm, local: LocalCluster |
         if time.monotonic() - watch.last_event > cfg.cluster.timeout:
             raise JobFailed(f"no {algorithm.replica_noun} reported progress for "
                             f"{cfg.cluster.timeout:.0f} s")
-        if poll is not None:
-            poll(watch)
+        poller.poll(watch)
         if driver.due(watch.leading_step):
-            written = driver.take(waiting, steps_of, lost_shard)
+            written = driver.take(waiting, steps_of, lost_shard, poller.checkpoint_state)
             if written is not None:
                 co.write_event({"event": "checkpoint", "time": time.time() - co.start_time,
                                 "checkpoint": written["checkpoint"], "step": watch.leading_step})
         next_eval = maybe_evaluate(co, next_eval)
-        time.sleep(0.05)
+        poller.wait(0.05)
     # a replica appends its last events before it says done: those that came after this
     # loop's last read are still to be taken
     follow_events(co, read)
-    _show(co, force=True)
 
 
 def _lose_replica(co: Coordination, algorithm: Algorithm, local: LocalCluster | None,
@@ -237,7 +247,7 @@ def _show(co: Coordination, force: bool = False) -> None:
     sps = sum(e["samples_per_second"] for e in (recent if force else running))
     stale = [e["staleness"] for e in recent if e.get("staleness") is not None]
     co.show(sum(watch.steps.values()), loss=loss, samples_per_second=sps,
-            staleness=sum(stale) / len(stale) if stale else None, force=force)
+            staleness=sum(stale) / len(stale) if stale else None, note=watch.note, force=force)
 
 
 def parts(cfg) -> list[int | None]:

@@ -8,7 +8,10 @@ their slices and Adagrad state at a pause in which every push was applied; the
 replica resumes at the checkpoint's step with the data stream at the same
 position. Synchronous training is deterministic too: the replicas agree through
 their all-reduce on the step to pause at, and replica 0 checkpoints the
-parameters (into the shards) and the rule's state.
+parameters (into the shards) and the rule's state. So is consensus ADMM with
+every replica in every round: its replicas pause while they wait for a round's
+answer, each writing its x, u, z and local rule's state; the shards hold z and
+the contributions, the manifest the round closer's round and rho.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from _cluster import alive, wait_until
 COMMON = dict(dataset="digits", model="mlp", shards=2, steps=300, checkpoint_every="60",
               log_every=5, seed=3)
 JOBS = {"downpour-1-replica": dict(algorithm="downpour", replicas=1),
-        "sync-2-replicas": dict(algorithm="sync", replicas=2)}
+        "sync-2-replicas": dict(algorithm="sync", replicas=2),
+        "admm-2-replicas": dict(algorithm="admm", replicas=2, local_steps=10)}
 
 
 def cli_args(options: dict) -> list[str]:

@@ -13,8 +13,8 @@ it, never its name:
 - **launch**: `parameters` ("served": parameter-server shards; "shared": one
   tensor in this host's memory, which also makes it one host only);
   `run_replica`, the entry point of its replica (worker) processes; `replicas`.
-- **the coordinator**: either the generic watch loop (with `poller` and
-  `start` as hooks) or its own `drive` (Sandblaster's L-BFGS driver).
+- **the coordinator**: either the generic watch loop (with `start` and a
+  per-job `Poller` as hooks) or its own `drive` (Sandblaster's L-BFGS driver).
 - **failures**: `lost_replica`: None counts a lost replica (or restarts it
   with ``--restart-replicas`` where honoured); a sentence ends the job.
 - **results**: `summary`, the fields it adds to ``summary.json``, and
@@ -71,6 +71,8 @@ BATCHES = _fields("data", "batch_size") | _fields("train", "epochs")
 DATA_SERVING = (_fields("cluster", "data_servers") | _fields("data", "prefetch")
                 | _fields("augment", "shift scale noise flip crop warp warp_smooth"))
 """Data servers and augmentation of the batch stream."""
+QUORUM = _fields("cluster", "sync_fraction")
+"""Rounds or steps that complete on the fastest fraction of the replicas (Project Adam)."""
 PARTITIONS = _fields("model", "partitions split balance micro_batches")
 """Model parallelism: a replica cut into partitions."""
 
@@ -96,6 +98,7 @@ class Watch:
     nonfinite: int = 0  # NaN/inf losses or steps the replicas reported
     last_event: float = field(default_factory=time.monotonic)
     extra: dict = field(default_factory=dict)  # the algorithm's own statistics
+    note: str | None = None  # the algorithm's own words on the progress line
 
     @property
     def finished(self) -> bool:
@@ -130,6 +133,32 @@ class Coordination:
     exit_detail: Callable[[int], str]
     wait_for: Callable[[list[str], str], None]
     evaluate: Callable[[], tuple[float, float]]
+    resume: dict | None = None
+    """The manifest of the checkpoint the job continues from (None: a new job)."""
+
+
+class Poller:
+    """An algorithm's part of the generic watch loop, for one job. Coordinator thread only.
+
+    The loop calls `poll` on every pass and `wait` between passes (instead of
+    sleeping: an algorithm with work to do at once, such as closing an ADMM
+    round, returns early). A checkpoint's manifest records `checkpoint_state()`
+    under "algorithm_state"; the loop calls `close` when it ends, however it ends.
+    """
+
+    def poll(self, watch: Watch) -> None:
+        """One pass's work (e.g. trimming old store keys)."""
+
+    def wait(self, seconds: float) -> None:
+        """Block until the next pass: `seconds`, or less when there is work."""
+        time.sleep(seconds)
+
+    def checkpoint_state(self) -> dict:
+        """What a checkpoint must hold of this object's state (JSON)."""
+        return {}
+
+    def close(self) -> None:
+        """The loop ended (normally or not)."""
 
 
 class Algorithm:
@@ -145,6 +174,9 @@ class Algorithm:
     refusal_fixes: ClassVar[dict[str, str]] = {}
     """Shared fields it refuses -> what to do instead (default: leave it out)."""
     parameters: ClassVar[str] = "served"
+    shard_rule: ClassVar[bool] = True
+    """Served parameters: the shards apply pushes with the job's update rule (False: the
+    shards only hold vectors, e.g. ADMM's consensus, and keep no rule state)."""
     role_modules: ClassVar[tuple[str, ...]] = ()
     """Modules its replicas import: the role launcher imports them once, up front."""
     replica_noun: ClassVar[str] = "replica"
@@ -195,8 +227,8 @@ class Algorithm:
     def start(self, co: Coordination) -> None:
         """Before the watch loop, once every replica registered (a start barrier)."""
 
-    def poller(self, store: JobStore, cfg: Any) -> Callable[[Watch], None] | None:
-        """A function the watch loop calls on every pass (e.g. to trim old store keys)."""
+    def poller(self, co: Coordination) -> Poller | None:
+        """Its part of the watch loop for one job (None: nothing to do but watch)."""
         return None
 
     def on_replica_lost(self, store: JobStore, replica: int) -> None:

@@ -6,6 +6,7 @@ each algorithm imports its heavy parts when a role or the coordinator runs it.
 
 from __future__ import annotations
 
+from distbelief.algorithms.admm import Admm
 from distbelief.algorithms.base import Algorithm
 from distbelief.algorithms.downpour import Downpour
 from distbelief.algorithms.hogwild import Hogwild
@@ -18,6 +19,7 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     Sync(),
     Sandblaster(),
     Hogwild(),
+    Admm(),
 )}
 DEFAULT_ALGORITHM = next(iter(ALGORITHMS))
 

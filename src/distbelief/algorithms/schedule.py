@@ -1,4 +1,5 @@
-"""Downpour's fetch/push cadence as pure functions (tested with tables).
+"""Downpour's fetch/push cadence, and the quorum of a step or round that completes on the
+fastest replicas, as pure functions (tested with tables).
 
 Steps are numbered from 0. Before step t a replica fetches fresh parameters
 when ``t % n_fetch == 0``; after step t it pushes the gradient accumulated since
@@ -51,3 +52,12 @@ def steps_per_replica(*, steps: int | None, epochs: float | None, train_samples:
         return steps
     part = max(1, train_samples // replicas)
     return max(1, math.ceil(epochs * part / min(batch_size, part) - 1e-9))
+
+
+def quorum_size(fraction: float, replicas: int) -> int:
+    """Replicas a step waits for: ceil(fraction * replicas), at least 1.
+
+    >>> [quorum_size(f, 4) for f in (0.25, 0.5, 0.75, 0.9, 1.0)]
+    [1, 2, 3, 4, 4]
+    """
+    return min(replicas, max(1, math.ceil(fraction * replicas - 1e-9)))

@@ -94,10 +94,14 @@ class Progress:
             self._rich.__exit__(*exc)
 
     def update(self, done: int, *, loss: float | None, samples_per_second: float,
-               staleness: float | None, force: bool = False) -> None:
+               staleness: float | None, note: str | None = None, force: bool = False) -> None:
+        """Redraw the line: `done` of the total, the loss, throughput, staleness, and the
+        algorithm's `note` (e.g. ADMM's round and residuals)."""
         if not self.enabled:
             return
         info = describe(loss, samples_per_second, staleness)
+        if note:
+            info += "  " + note
         if self._rich is not None:
             self._rich.update(self._task, completed=done, info=info)
             return

@@ -2,6 +2,8 @@
 
 ``build_model(spec, input_shape, num_classes)`` understands:
 
+- ``"linear"``: multinomial logistic regression, one Linear layer over the flattened
+  input (convex: with ``--weight-decay`` > 0 the training objective has one minimum).
 - ``"mlp"``: two hidden layers of 128 ReLU units over the flattened input.
 - ``"cnn"``: a small convolutional net; 1-D for (C, L) inputs, 2-D for (C, H, W).
   On MNIST-1D (40,000 training samples) it reaches about 97% test accuracy.
@@ -34,7 +36,7 @@ from distbelief.errors import UserError
 from distbelief.model.locally_connected import LocallyConnected1d, LocallyConnected2d
 from distbelief.plugins import load_callable
 
-BUILTIN = ("mlp", "cnn", "lcnn", "speech")
+BUILTIN = ("linear", "mlp", "cnn", "lcnn", "speech")
 
 
 def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -45,6 +47,8 @@ def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn
             that cannot be loaded, has an unusable signature, or does not return
             an ``nn.Module``.
     """
+    if spec == "linear":
+        return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
     if spec == "mlp":
         return _mlp(input_shape, num_classes)
     if spec == "cnn":

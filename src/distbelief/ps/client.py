@@ -215,9 +215,11 @@ class ShardConnection:
         self.channel.send(self._gather(grad), TENSOR_TAG)
         return self.channel.recv_header()
 
-    def accumulate_from(self, grad: Slice, buffer: int, vector: int) -> None:
-        """Add a gradient slice into the shard's vector `vector` (no update rule)."""
-        self.channel.send_header(P.ACCUM, buffer, vector)
+    def accumulate_from(self, grad: Slice, buffer: int, vector: int,
+                        replace: bool = False) -> None:
+        """Add a gradient slice into the shard's vector `vector` (no update rule), or with
+        `replace` make the vector that slice."""
+        self.channel.send_header(P.ACCUM, buffer, vector, int(replace))
         op, *_ = self._send_after_go(grad)
         if op != P.OK:
             raise RuntimeError(f"shard {self.shard} refused to accumulate into vector {vector}; "
@@ -392,8 +394,9 @@ class PSClient:
                                                                  buffer, versions[s]))
                        for s in range(self.layout.shards)], self._labels("push to"))
 
-    def accumulate(self, buffer: int, vector: int) -> Handle:
-        """Add gradient buffer `buffer` into every shard's vector `vector` (Sandblaster).
+    def accumulate(self, buffer: int, vector: int, replace: bool = False) -> Handle:
+        """Add gradient buffer `buffer` into every shard's vector `vector` (Sandblaster), or
+        with `replace` overwrite the vector with it (ADMM's contributions).
 
         The shards apply no rule; do not write to the buffer until the handle is done.
         """
@@ -403,7 +406,7 @@ class PSClient:
         grad = self.grad_buffers[buffer]
         return Handle([self._pools[s].submit(self._run, s, _call("accumulate_from",
                                                                  self._slice(grad, s), buffer,
-                                                                 vector))
+                                                                 vector, replace))
                        for s in range(self.layout.shards)], self._labels("accumulate on"))
 
     def vector(self, op: int, v: int, src: int = 0, alpha: float = 0.0) -> Handle:

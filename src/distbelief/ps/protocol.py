@@ -13,7 +13,8 @@ finished copying, and the headers travel over a Unix socket (`LocalChannel`).
     PULL                    -> OK version  [params] (shm: client copies, then DONE)
     SET                     -> OK  [params]          (shm: client copies, then DONE)
     VEC   op v src alpha    -> OK result | ERR ERR_VECTOR   (see ps/vectors.py)
-    ACCUM buffer v          -> [GO, then grad] OK     (vector v += the gradient; no rule)
+    ACCUM buffer v replace  -> [GO, then grad] OK     (vector v += the gradient, or with
+                                                       replace = 1 v = it; no rule)
     BYE                     -> OK                     (the connection ends)
 
 Over TCP a tensor travels on its own gloo tag (`TENSOR_TAG`) and always into a

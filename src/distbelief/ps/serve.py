@@ -11,6 +11,7 @@ publishes its ``shard<id>/generation``, which tells the clients to connect again
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -23,7 +24,10 @@ from distbelief.ps.shard import ShardServer
 from distbelief.runtime.context import RoleContext
 
 
-def run_shard(ctx: RoleContext) -> None:
+def run_shard(ctx: RoleContext, rule: bool = True) -> None:
+    """Serve shard `ctx.ident` until the job stops. `rule`: whether pushes are applied with
+    the job's update rule (False: the shard only serves pulls, sets and vector operations,
+    and keeps no rule state)."""
     # the host's cores are shared by every process of the job, the shards among them: after
     # each update the OpenMP threads of a shard spin a while for more work, and threads
     # beyond its share take a core from the transfers and replicas that run meanwhile
@@ -34,7 +38,9 @@ def run_shard(ctx: RoleContext) -> None:
     layout = Layout.from_json(ctx.job["layout"])
     s, store = ctx.ident, ctx.store
     server = ShardServer(store, shard=s, numel=layout.size(s),
-                         rule_cfg=ctx.config.optimizer, timeout=ctx.config.cluster.timeout,
+                         rule_cfg=(ctx.config.optimizer if rule
+                                   else dataclasses.replace(ctx.config.optimizer, rule=None)),
+                         timeout=ctx.config.cluster.timeout,
                          on_nonfinite=ctx.config.train.on_nonfinite)
     restart = store.try_get_json(f"restart/shard{s}")  # this process replaces a lost shard
     manifest = read_manifest(ctx.job["run_dir"]) if restart else ctx.job.get("resume")

@@ -28,7 +28,8 @@ import torch
 from distbelief.config import OptimizerConfig
 from distbelief.ps import protocol as P
 from distbelief.ps.rules import all_finite, make_rule
-from distbelief.ps.vectors import ShardVectors, VectorError, bits_float, float_bits
+from distbelief.ps.vectors import (PARAMS, ShardVectors, VectorError, bits_float,
+                                   float_bits)
 from distbelief.runtime.channel import (TENSOR_TAG, Channel, ChannelClosed, SharedTensor,
                                         job_file)
 from distbelief.runtime.local import LocalListener
@@ -139,6 +140,9 @@ class ShardServer:
         with self.lock:
             state = {"params": self.params.clone(), "version": self.version,
                      "pushes": self.pushes,
+                     # consensus ADMM's contributions not yet averaged (none for the others)
+                     "vectors": {v: t.clone() for v, t in self.vectors.vectors.items()
+                                 if v != PARAMS},
                      "rule": copy.deepcopy(self.rule.state_dict()) if self.rule else None}
         write_atomic(path, state)
         return {"version": state["version"], "pushes": state["pushes"]}
@@ -152,6 +156,8 @@ class ShardServer:
             self.params.copy_(state["params"])
             self.version = int(state["version"])
             self.pushes = int(state["pushes"])
+            for v, t in (state.get("vectors") or {}).items():
+                self.vectors.vectors[int(v)] = t.clone()
             if self.rule is not None and state.get("rule") is not None:
                 self.rule.load_state_dict(state["rule"])
 
@@ -192,7 +198,7 @@ class ShardServer:
                 elif op == P.VEC:
                     self._vector(channel, op=a, v=b, src=c, alpha=bits_float(d))
                 elif op == P.ACCUM:
-                    self._accumulate(channel, grads, buffer=a, v=b, shm=shm)
+                    self._accumulate(channel, grads, buffer=a, v=b, replace=bool(c), shm=shm)
                 elif op == P.BYE:
                     channel.send_header(P.OK)
                     return
@@ -300,11 +306,11 @@ class ShardServer:
         channel.send_header(P.OK, float_bits(result))
 
     def _accumulate(self, channel: Channel, grads: list[torch.Tensor], *, buffer: int, v: int,
-                    shm: bool) -> None:
+                    replace: bool, shm: bool) -> None:
         grad = self._incoming_grad(channel, grads, buffer, shm)
         try:
             with self.lock:
-                self.vectors.accumulate(v, grad)
+                self.vectors.accumulate(v, grad, replace=replace)
         except VectorError as exc:
             log.warning("shard %d: %s", self.shard, exc)
             channel.send_header(P.ERR, P.ERR_VECTOR)

@@ -1,4 +1,4 @@
-"""Vector operations a shard runs on its own slices (Sandblaster L-BFGS).
+"""Vector operations a shard runs on its own slices (Sandblaster L-BFGS, consensus ADMM).
 
 A shard holds numbered vectors, all of its slice's length: vector 0 is the
 parameters (what replicas pull), the others are made on demand by whoever
@@ -16,6 +16,8 @@ through the driver.
     NORM_INF v         -> max |v|
     NORM_1 v           -> sum |v|
     FREE  v
+    MEAN  v, mask, base     v = mean of vectors base + i for each bit i of mask
+                            -> ||v_new - v_old||^2     (consensus ADMM)
 
 Scalars travel in the int64 header as the bit pattern of a float64.
 
@@ -37,11 +39,26 @@ import struct
 
 import torch
 
-ZERO, COPY, SCALE, AXPY, DOT, NORM_INF, NORM_1, FREE = range(1, 9)
+ZERO, COPY, SCALE, AXPY, DOT, NORM_INF, NORM_1, FREE, MEAN = range(1, 10)
 NAMES = {ZERO: "zero", COPY: "copy", SCALE: "scale", AXPY: "axpy", DOT: "dot",
-         NORM_INF: "norm_inf", NORM_1: "norm_1", FREE: "free"}
+         NORM_INF: "norm_inf", NORM_1: "norm_1", FREE: "free", MEAN: "mean"}
 PARAMS = 0  # vector 0 is the parameters, what replicas pull
 MAX_VECTORS = 4096
+MAX_MEMBERS = 63  # the members of a MEAN travel as the bits of one int64
+
+
+def member_mask(members) -> int:
+    """The int64 bit set of MEAN's members (numbers 0..62).
+
+    >>> member_mask([0, 2])
+    5
+    """
+    mask = 0
+    for i in members:
+        if not 0 <= i < MAX_MEMBERS:
+            raise ValueError(f"a MEAN member must be in 0..{MAX_MEMBERS - 1}, got {i}")
+        mask |= 1 << i
+    return mask
 
 
 def float_bits(value: float) -> int:
@@ -99,12 +116,30 @@ class ShardVectors:
             if v == PARAMS:
                 raise VectorError("vector 0 holds the parameters and cannot be freed")
             self.vectors.pop(v, None)
+        elif op == MEAN:
+            return self._mean(v, src, alpha)
         else:
             raise VectorError(f"unknown vector operation {op}")
         return 0.0
 
-    def accumulate(self, v: int, grad: torch.Tensor) -> None:
-        """v += grad (a worker's gradient for this slice); makes v as zeros if new."""
+    def _mean(self, v: int, mask: int, base: float) -> float:
+        """v = the mean of the member vectors; returns ||v_new - v_old||^2."""
+        members = [int(base) + i for i in range(MAX_MEMBERS) if mask >> i & 1]
+        if not members or base != int(base):
+            raise VectorError(f"MEAN needs at least one member and a whole base, got mask "
+                              f"{mask} and base {base}")
+        target = self.get(v)
+        sources = [self.get(m) for m in members]
+        old = target.clone()
+        target.copy_(sources[0] if len(sources) == 1 else torch.stack(sources).mean(0))
+        return float(torch.dot(target - old, target - old))
+
+    def accumulate(self, v: int, grad: torch.Tensor, replace: bool = False) -> None:
+        """v += grad (a worker's gradient for this slice), making v as zeros if new; with
+        `replace`, v = grad."""
+        if replace:
+            self._target(v).copy_(grad)
+            return
         if v not in self.vectors:
             self._target(v).zero_()
         self.vectors[v].add_(grad)

@@ -36,6 +36,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
+from distbelief.algorithms.schedule import quorum_size
 from distbelief.algorithms.slowdown import Slowdown
 from distbelief.checkpoint import ReplicaGate, load_file, set_dir, write_atomic
 from distbelief.data.feed import open_feed, replica_data_and_model
@@ -53,15 +54,6 @@ GROUP = "pg/sync"
 # how many replicas saw a checkpoint request (so that all of them pause at the same step)
 EXTRA = 4
 QUORUM_POLL_SECONDS = 0.002
-
-
-def quorum_size(fraction: float, replicas: int) -> int:
-    """Replicas a step waits for: ceil(fraction * replicas), at least 1.
-
-    >>> [quorum_size(f, 4) for f in (0.25, 0.5, 0.75, 0.9, 1.0)]
-    [1, 2, 3, 4, 4]
-    """
-    return min(replicas, max(1, math.ceil(fraction * replicas - 1e-9)))
 
 
 def run_replica(ctx: RoleContext) -> None:
@@ -103,7 +95,7 @@ class _Trainer:
         self.gate = (ReplicaGate(ctx.store, ctx.member, cfg.cluster.timeout)
                      if cfg.train.checkpoint_every is not None else None)
         self.timeout = cfg.cluster.timeout
-        self.quorum = quorum_size(cfg.sync.fraction, cfg.cluster.replicas)
+        self.quorum = quorum_size(cfg.cluster.sync_fraction, cfg.cluster.replicas)
         self.threaded = self.quorum < cfg.cluster.replicas
         numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.buf = torch.zeros(numel + EXTRA)
