@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 import distbelief
+from distbelief.api import resolve_config
+from distbelief.errors import UserError
 from distbelief.algorithms.admm.rho import next_rho
 from distbelief.data.datasets import load_dataset
 from distbelief.data.sampling import replica_indices
@@ -223,6 +225,40 @@ def test_killed_replica_is_counted_and_the_rounds_go_on(tmp_path, cli_job):
     rounds = rounds_of(run_dir)
     assert rounds[-1]["members"] == [0, 2]
     assert summary["test_accuracy"] >= 0.9
+
+
+def test_dual_layers_split_trains_and_its_boundaries_agree(tmp_path):
+    """Two replicas of an MLP cut after its last ReLU into two partitions: every partition
+    trains on its own between one boundary exchange per round; the composed network (the
+    consensus in the shards) classifies digits, and the boundary residual falls 100x."""
+    summary = distbelief.train(algorithm="admm", dataset="digits", model="mlp", replicas=2,
+                               partitions=2, shards=2, balance="5,1", steps=2000,
+                               run_dir=str(tmp_path / "run"))
+    admm = summary["admm"]
+    assert summary["test_accuracy"] >= 0.90
+    assert admm["rounds"] == 200 and admm["rounds_joined"] == [200] * 4
+    first, last = admm["first_boundary"][0], admm["boundary"][0]
+    assert last <= first / 100, (first, last)
+    events = rounds_of(tmp_path / "run")
+    assert [len(e["boundary"]) for e in events] == [1] * 200
+    # partitions exchange rows, not the pipeline's activations and gradients per micro-batch
+    assert 0 < summary["partition"]["boundary_bytes"]
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(partitions=2, split="units"), "--split 'units' means nothing for --algorithm admm"),
+    (dict(partitions=2, rule="sgd"), "each partition trains its weights with Adam"),
+    (dict(partitions=2, checkpoint_every="50"), "--checkpoint-every does not work yet"),
+    (dict(partitions=2, micro_batches=4), "--micro-batches 4 means nothing for --algorithm admm"),
+    (dict(replicas=64), "at most 63 replicas"),
+    (dict(local_steps=0), "--local-steps must be >= 1"),
+    (dict(rho=0.0), "--rho must be a finite number > 0"),
+    (dict(rho=10.0, rho_max=5.0), "--rho-max must be finite and at least --rho"),
+    (dict(data_servers=1), "--data-servers 1 means nothing for --algorithm admm"),
+])
+def test_bad_options_get_one_line(options, message):
+    with pytest.raises(UserError, match=message):
+        resolve_config(None, {"algorithm": "admm", "shards": 2, **options})
 
 
 def test_cnn_on_mnist1d_through_the_command_line(tmp_path, cli_job):

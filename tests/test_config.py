@@ -56,7 +56,8 @@ def test_no_file_means_defaults():
 
 TOML_ONLY_FIELDS = {"optimizer.beta1", "optimizer.beta2", "optimizer.eps", "augment.shift",
                     "augment.scale", "augment.noise", "augment.flip", "augment.crop",
-                    "augment.warp", "augment.warp_smooth", "admm.balance_mu", "admm.balance_tau"}
+                    "augment.warp", "augment.warp_smooth", "admm.balance_mu", "admm.balance_tau",
+                    "admm.boundary_step"}
 
 
 def test_options_and_config_fields_match_one_to_one():

@@ -52,6 +52,7 @@ TABLE: dict[str, tuple[object, tuple[str, ...]]] = {
     "rho":              (0.5,           (R, R, R, R, U)),
     "rho_schedule":     ("balance",     (R, R, R, R, U)),
     "rho_max":          (100.0,         (R, R, R, R, U)),
+    "boundary_rho":     (2.0,           (R, R, R, R, U)),
     # [optimizer]: L-BFGS takes no update rule, only --lr as its step scale
     "rule":             ("momentum",    (U, U, R, U, U)),
     "lr":               (0.5,           (U, U, U, U, U)),
@@ -62,11 +63,11 @@ TABLE: dict[str, tuple[object, tuple[str, ...]]] = {
     "batch_size":       (32,            (U, U, R, U, U)),
     "num_samples":      (500,           (U, U, U, U, U)),
     "prefetch":         (2,             (U, U, R, R, R)),
-    # [model]: only downpour's replicas are cut into partitions
+    # [model]: downpour's replicas are cut into partitions, admm's by layers only
     "model":            ("mlp",         (U, U, U, U, U)),
-    "partitions":       (2,             (U, R, R, R, R)),
+    "partitions":       (2,             (U, R, R, R, U)),
     "split":            ("units",       (U, R, R, R, R)),
-    "balance":          ("3,3",         (U, R, R, R, R)),
+    "balance":          ("3,3",         (U, R, R, R, U)),
     "micro_batches":    (2,             (U, R, R, R, R)),
     # [train]: sandblaster's driver reports every iteration and a NaN loss always ends it;
     # its steps are L-BFGS iterations, never epochs; hogwild writes no checkpoints

@@ -41,6 +41,10 @@ class AdmmConfig:
     """How rho changes between rounds: fixed; balance (Boyd et al.'s residual balancing: x2 when the primal residual exceeds 10x the dual one, /2 in the opposite case); grow (x10 every round, the source notes' rule, capped by --rho-max). The scaled duals are rescaled whenever rho changes."""
     rho_max: float = 1e4
     """The largest rho a schedule may reach."""
+    boundary_rho: float = 1.0
+    """--partitions K (the "dual layers" split): the penalty on a sample's squared mismatch between a partition's output and the next one's input variable."""
+    boundary_step: float = option(1.0, toml_only=True)
+    """--partitions K: the largest proximal step of a partition's input rows (each row's step adapts below it)."""
     balance_mu: float = option(10.0, toml_only=True)
     """--rho-schedule balance: the residual ratio beyond which rho changes."""
     balance_tau: float = option(2.0, toml_only=True)
@@ -53,8 +57,13 @@ class Admm(Algorithm):
              "the shards")
     section = AdmmConfig
     honours = (COMMON | SERVED | RULE | BATCHES | REPORTS | QUORUM
-               | {"train.checkpoint_every", "cluster.restart_replicas"})
-    defaults = {"optimizer.rule": "adam", "optimizer.lr": 0.01, "train.on_nonfinite": "skip"}
+               | {"train.checkpoint_every", "cluster.restart_replicas", "model.partitions",
+                  "model.balance"})
+    defaults = {"optimizer.rule": "adam", "train.on_nonfinite": "skip"}
+    refusal_fixes = {"model.split": "the dual-layers split cuts contiguous layers (--split "
+                                    "layers, the default); leave it out",
+                     "model.micro_batches": "the dual-layers split exchanges each boundary "
+                                            "once per round, not per micro-batch; leave it out"}
     shard_rule = False
     role_modules = ("distbelief.algorithms.admm.replica",)
 
@@ -72,10 +81,33 @@ class Admm(Algorithm):
         if not 1 < a.balance_mu < math.inf or not 1 < a.balance_tau < math.inf:
             raise UserError(f"admm.balance_mu and admm.balance_tau must be finite numbers > 1, "
                             f"got {a.balance_mu} and {a.balance_tau}: Boyd et al. use 10 and 2")
+        if not 0 < a.boundary_rho < math.inf or not 0 < a.boundary_step < math.inf:
+            raise UserError(f"--boundary-rho and admm.boundary_step must be finite numbers > 0, "
+                            f"got {a.boundary_rho} and {a.boundary_step}: try 1")
+        if cfg.model.partitions > 1:
+            self._validate_dual_layers(cfg)
         if cfg.cluster.replicas > MAX_REPLICAS:
             raise UserError(f"--replicas {cfg.cluster.replicas}: consensus ADMM takes at most "
                             f"{MAX_REPLICAS} replicas (a round's members travel as a 63-bit "
                             "set); use fewer replicas")
+
+    def _validate_dual_layers(self, cfg) -> None:
+        k = cfg.model.partitions
+        if cfg.optimizer.rule not in (None, "adam"):
+            raise UserError(f"--rule {cfg.optimizer.rule} with --algorithm admm --partitions "
+                            f"{k}: each partition trains its weights with Adam (its learning "
+                            "rate decaying to 0, which lets the boundaries agree); use --rule "
+                            "adam or leave it out")
+        for given, option in ((cfg.train.checkpoint_every, "--checkpoint-every"),
+                              (cfg.cluster.restart_replicas, "--restart-replicas")):
+            if given:
+                raise UserError(f"{option} does not work yet with --algorithm admm "
+                                f"--partitions {k} (a partition's boundary rows and duals "
+                                "are not checkpointed); leave it out, or use --partitions 1")
+
+    def resolve(self, data: dict) -> None:
+        if data["optimizer"]["lr"] is None:  # Adam's steps per round, as measured
+            data["optimizer"]["lr"] = 0.01 if data["model"]["partitions"] == 1 else 0.001
 
     def steps(self, cfg, train_samples: int) -> int:
         """Whole rounds: the steps --steps/--epochs give, rounded up to --local-steps."""

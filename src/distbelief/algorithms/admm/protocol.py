@@ -1,12 +1,14 @@
 """What consensus ADMM's replicas and round closer say to each other through the store.
 
 - ``admm/arrivals`` (a stream the closer consumes), records of two kinds:
-  a contribution ``{"replica", "gen", "seq", "steps", "based_on"}`` (x_i + u_i
-  is in the replica's member vector on every shard; "based_on": the round whose
-  z its local steps started from), and a primal report
-  ``{"replica", "round", "primal_sq"}`` (||x_i - z||^2 once it pulled the z of
-  that round).
-- ``admm/in/<replica>.<gen>/<seq>``: the closer's answer to one contribution,
+  a contribution ``{"replica", "part", "gen", "seq", "based_on"}`` (x_i + u_i
+  is in the replica's member vector on every shard of its partition; "part":
+  None unpartitioned; "based_on": the round whose z its local steps started
+  from; a partition adds "boundary", the residual of the boundary on its
+  right), and a primal report ``{"replica", "part", "round", "primal_sq"}``
+  (||x_i - z||^2 once it pulled the z of that round). A partitioned replica's
+  contribution is complete once each of its partitions made its own.
+- ``admm/in/<member>/g<gen>/<seq>``: the closer's answer to one contribution,
   ``{"round", "rho", "final"}``: it went into that round's mean, rho is the
   next round's, and "final" ends the replica's training.
 - ``admm/final``: the job's last round closed.
@@ -27,5 +29,6 @@ def member_vector(replica: int) -> int:
     return MEMBERS_BASE + replica
 
 
-def answer_key(replica: int, generation: int, seq: int) -> str:
-    return f"admm/in/{replica}.{generation}/{seq}"
+def answer_key(member: str, generation: int, seq: int) -> str:
+    """`member`: "3", or "3.1" for partition 1 of replica 3."""
+    return f"admm/in/{member}/g{generation}/{seq}"

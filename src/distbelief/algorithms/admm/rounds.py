@@ -33,6 +33,7 @@ from distbelief.algorithms.admm.rho import next_rho
 from distbelief.algorithms.base import Coordination, Poller, Watch
 from distbelief.algorithms.schedule import quorum_size
 from distbelief.ps.vectors import MEAN, PARAMS, member_mask
+from distbelief.runtime.context import member_name
 
 POLL_SECONDS = 0.001
 
@@ -44,6 +45,7 @@ class RoundCloser(Poller):
         cfg = co.config
         self.co, self.store, self.ps, self.cfg = co, co.store, co.ps, cfg.admm
         self.replicas, self.fraction = cfg.cluster.replicas, cfg.cluster.sync_fraction
+        self.parts = [None] if cfg.model.partitions == 1 else list(range(cfg.model.partitions))
         self.timeout = cfg.cluster.timeout
         self.rounds = rounds
         state = (co.resume or {}).get("algorithm_state") or {}
@@ -51,6 +53,7 @@ class RoundCloser(Poller):
         self.rho = float(state.get("rho", self.cfg.rho))
         self.read = 0  # arrivals read
         self.pending: list[dict] = []  # fresh contributions waiting for a round
+        self.partial: dict[tuple, dict] = {}  # contributions some partitions still owe
         # replicas whose latest contribution is in their member vector (in the mean)
         self.contributors: set[int] = set(state.get("contributors", ()))
         self.generations: dict[int, int] = {}  # the generation of each one's contribution
@@ -78,7 +81,7 @@ class RoundCloser(Poller):
             if "primal_sq" in record:
                 self._primal(record)
             else:
-                self.pending.append(record)
+                self._arrived(record)
         # a lost replica's contribution is dropped, and so is one a replaced replica made
         self.pending = [c for c in self.pending if c["replica"] not in watch.lost
                         and c["gen"] >= watch.restarts.get(c["replica"], 0)]
@@ -98,6 +101,16 @@ class RoundCloser(Poller):
                 self._answer(c, final=True)
             self.pending = []
         self._complete(watch)
+
+    def _arrived(self, record: dict) -> None:
+        """A partition's part of a contribution (or a whole one, unpartitioned)."""
+        key = (record["replica"], record["gen"], record["seq"])
+        contribution = self.partial.setdefault(key, {**record, "boundary": {}, "parts": set()})
+        contribution["parts"].add(record["part"])
+        if record.get("boundary") is not None:
+            contribution["boundary"][record["part"]] = record["boundary"]
+        if len(contribution["parts"]) == len(self.parts):
+            self.pending.append(self.partial.pop(key))
 
     def checkpoint_state(self) -> dict:
         # the pending contributions are not saved: their replicas pause while waiting and
@@ -121,6 +134,7 @@ class RoundCloser(Poller):
         self.late += sum(1 for c in members if c["based_on"] + 1 < self.round)
         self.open[self.round] = {"round": self.round, "rho": self.rho, "dual": dual,
                                  "members": sorted(c["replica"] for c in members),
+                                 "boundary": _boundaries(members, len(self.parts)),
                                  "primal_sq": {}, "time": time.time() - self.co.start_time,
                                  "step": watch.leading_step}
         self._schedule()
@@ -131,9 +145,10 @@ class RoundCloser(Poller):
             self.store.set_json(FINAL, True)
 
     def _answer(self, contribution: dict, *, final: bool) -> None:
-        self.store.set_json(answer_key(contribution["replica"], contribution["gen"],
-                                       contribution["seq"]),
-                            {"round": self.round, "rho": self.rho, "final": final})
+        for part in self.parts:
+            self.store.set_json(answer_key(member_name(contribution["replica"], part),
+                                           contribution["gen"], contribution["seq"]),
+                                {"round": self.round, "rho": self.rho, "final": final})
 
     def _schedule(self) -> None:
         """Set the next round's rho from the latest complete round the schedule has not
@@ -152,30 +167,47 @@ class RoundCloser(Poller):
     def _primal(self, record: dict) -> None:
         entry = self.open.get(record["round"])
         if entry is not None:
-            entry["primal_sq"][record["replica"]] = record["primal_sq"]
+            entry["primal_sq"][(record["replica"], record["part"])] = record["primal_sq"]
 
     def _complete(self, watch: Watch, flush: bool = False) -> None:
         """Write the event of every round whose members all reported (or were lost)."""
         for number in sorted(self.open):
             entry = self.open[number]
-            waiting = [r for r in entry["members"]
-                       if r not in entry["primal_sq"] and r not in watch.lost]
+            waiting = [r for r in entry["members"] if r not in watch.lost
+                       and any((r, part) not in entry["primal_sq"] for part in self.parts)]
             if waiting and not flush:
                 break  # rounds complete in order
-            reported = list(entry["primal_sq"].values())
-            primal = math.sqrt(sum(reported) / len(reported)) if reported else None
+            # a replica's ||x - z||^2 is the sum over its partitions; the mean over replicas
+            reported = {r for r, _ in entry["primal_sq"]}
+            primal = (math.sqrt(sum(entry["primal_sq"].values()) / len(reported))
+                      if reported else None)
             del self.open[number]
             event = {"event": "admm", "time": entry["time"], "round": number,
                      "step": entry["step"], "rho": entry["rho"], "primal": primal,
                      "dual": entry["dual"], "members": entry["members"],
+                     "boundary": entry["boundary"],
                      "rho_from": self.rho_from.pop(number, None)}
             self.co.write_event(event)
             if primal is not None:
                 self.last = {"round": number, "primal": primal, "dual": entry["dual"]}
             watch.note = (f"round {number}  primal {_fmt(primal)}  dual {entry['dual']:.2e}  "
-                          f"rho {entry['rho']:g}")
+                          f"rho {entry['rho']:g}"
+                          + "".join(f"  boundary{k} {b:.2e}"
+                                    for k, b in enumerate(entry["boundary"])))
             watch.extra.update({"rounds": number, "rho": self.rho, "primal": primal,
                                 "dual": entry["dual"], "late_contributions": self.late})
+            if entry["boundary"]:
+                watch.extra["boundary"] = entry["boundary"]
+                watch.extra.setdefault("first_boundary", entry["boundary"])
+
+
+def _boundaries(members: list[dict], parts: int) -> list[float]:
+    """Each boundary's residual over the round's members (the RMS of theirs)."""
+    out = []
+    for k in range(parts - 1):
+        values = [c["boundary"][k] for c in members if k in c["boundary"]]
+        out.append(math.sqrt(sum(v * v for v in values) / len(values)) if values else math.nan)
+    return out
 
 
 def _fmt(value: float | None) -> str:
