@@ -100,11 +100,18 @@ def _hogwild(rng: random.Random) -> dict:
     return {"algorithm": "hogwild", "workers": rng.randint(2, 4)}
 
 
+def _admm(rng: random.Random) -> dict:
+    # the round closer and its answers; with 2 partitions, each boundary's links too
+    return {"algorithm": "admm", "shards": 2, "replicas": rng.randint(1, 3), "steps": 4,
+            "local_steps": 2, "partitions": rng.choice([1, 2]),
+            "transport": rng.choice(["auto", "gloo"])}
+
+
 CONFIGURATIONS = {
     "downpour": _downpour, "downpour_gloo": _gloo, "chunks": _chunks,
     "partitions_layers": _layers, "partitions_units": _units,
     "data_servers": _data_servers, "sync": _sync, "sync_quorum": _sync_quorum,
-    "sandblaster": _sandblaster, "hogwild": _hogwild,
+    "sandblaster": _sandblaster, "hogwild": _hogwild, "admm": _admm,
 }
 """Every path that opens connections, each a function of a seeded RNG -> options."""
 

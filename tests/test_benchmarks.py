@@ -184,3 +184,19 @@ def test_vs_ddp_quick_reports_plain_ddp_and_downpour() -> None:
     assert report["runs"][2]["command"][:2] == ["train", "--algorithm"]
     assert 0 < report["runs"][2]["eval_cpu_share_estimate"] < 1
     assert report["machine"]["cpus"] >= 1 and len(report["machine"]["load_before"]) == 3
+
+
+def test_admm_quick_reports_time_to_accuracy_and_dual_layers_throughput() -> None:
+    report = run_quick("admm", "--quick", timeout=300)
+
+    assert report["benchmark"] == "admm" and report["quick"]
+    assert set(report["time_to_accuracy"]) == {"admm_r2_fixed"}
+    run = report["time_to_accuracy"]["admm_r2_fixed"]["runs"][0]
+    assert run["final_accuracy"] > chance("mnist1d")
+    assert run["seconds"] is None or 0 < run["seconds"] <= run["wall_seconds"]
+    dual = report["dual_layers"]
+    for name in ("admm", "pipeline"):
+        assert dual[name]["samples_per_second"] > 0 and dual[name]["boundary_bytes"] > 0
+        assert dual[name]["test_accuracy"] > chance("mnist1d")
+    assert dual["samples_per_second_ratio"] == (dual["admm"]["samples_per_second"]
+                                                / dual["pipeline"]["samples_per_second"])

@@ -1,19 +1,25 @@
-"""The `distbelief` command's user errors, run as the user runs it (a subprocess).
+"""The `distbelief` command's user errors.
 
 Every user error must print exactly one line ``distbelief: error: ...`` on
 stderr that names the offending thing, exit with code 2, show no traceback,
 and return promptly: these errors happen before any role process is spawned.
+The table of cases runs the command's `main` in this process (each case costs
+milliseconds, not a Python start-up); a few of them, and the other tests, run
+it as the user does, a subprocess of ``python -m distbelief.cli``.
 """
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from distbelief import cli
 from distbelief.cli import TRAIN_OPTIONS
 from distbelief.job import default_of
 
@@ -26,6 +32,32 @@ def run_cli(cwd, *args):
     env = dict(os.environ, DISTBELIEF_CACHE=str(cwd / "cache"), COLUMNS="200")
     return subprocess.run([sys.executable, "-m", "distbelief.cli", *map(str, args)], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+@pytest.fixture
+def run_main(monkeypatch, capsys):
+    """Run the command's `main` in this process, as `run_cli` runs it in a subprocess (its
+    SIGTERM handler and environment put back afterwards)."""
+    handler = signal.getsignal(signal.SIGTERM)
+
+    def run(cwd, *args):
+        monkeypatch.chdir(cwd)
+        for name, value in (("DISTBELIEF_CACHE", str(cwd / "cache")), ("COLUMNS", "200"),
+                            ("RES_OPTIONS", os.environ.get("RES_OPTIONS", "")),
+                            ("TORCH_CPP_LOG_LEVEL", os.environ.get("TORCH_CPP_LOG_LEVEL", ""))):
+            monkeypatch.setenv(name, value)
+        capsys.readouterr()
+        try:
+            code = cli.main([str(a) for a in args])
+        except BaseException as exc:  # a traceback on the command line
+            code, extra = 1, f"Traceback (in process): {exc!r}"
+        else:
+            extra = ""
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out + extra, stderr=out.err)
+
+    yield run
+    signal.signal(signal.SIGTERM, handler)
 
 
 def assert_user_error(result, *mentions):
@@ -125,7 +157,17 @@ CASES = [
 
 
 @pytest.mark.parametrize("args, mentions", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_train_user_error_is_one_line(workdir, args, mentions):
+def test_train_user_error_is_one_line(workdir, run_main, args, mentions):
+    assert_user_error(run_main(workdir, *TRAIN, *args), *mentions)
+
+
+SUBPROCESS_CASES = ("unknown-option", "malformed-toml", "model-width", "partitions-with-sync")
+
+
+@pytest.mark.parametrize("args, mentions", [c[1:] for c in CASES if c[0] in SUBPROCESS_CASES],
+                         ids=[c[0] for c in CASES if c[0] in SUBPROCESS_CASES])
+def test_train_user_error_is_one_line_from_the_command(workdir, args, mentions):
+    """The same through ``python -m distbelief.cli``, for a few kinds of case."""
     assert_user_error(run_cli(workdir, *TRAIN, *args), *mentions)
 
 

@@ -168,7 +168,7 @@ def test_nonfinite_steps_are_skipped_and_counted_or_stop_the_job(tmp_path):
     (dict(restart_replicas=True), "--restart-replicas True means nothing"),
     (dict(slow_worker="1:2"), "--slow-worker '1:2' means nothing for --algorithm hogwild"),
     (dict(replica_workers=2), "--replica-workers 2 means nothing for --algorithm hogwild"),
-    (dict(partitions=2), "--partitions 2 works with --algorithm downpour only"),
+    (dict(partitions=2), "--partitions 2 works with --algorithm downpour or admm only"),
     (dict(rule="adam"), "--rule adam does not work with --algorithm hogwild.*use sgd"),
     (dict(workers=0), "--workers must be >= 1, got 0"),
 ])

@@ -137,16 +137,16 @@ def test_a_ticket_whose_request_never_came_does_not_stop_the_shard(monkeypatch):
 def test_small_jobs_of_every_kind_reach_their_first_train_event_in_time():
     """One job of each configuration (downpour on shm and gloo, chunks, partitions by
     layers and units, data servers, sync with and without a quorum, Sandblaster,
-    Hogwild), back to back: none hangs or fails, each trains within 30 s of its start."""
-    report = run_quick("startup_stress", "--runs", "10", "--bound", "30", "--timeout", "30",
+    Hogwild, ADMM), back to back: none hangs or fails, each trains within 30 s of its start."""
+    report = run_quick("startup_stress", "--runs", "11", "--bound", "30", "--timeout", "30",
                        "--no-peer", timeout=240)
 
-    assert report["runs"] == 10
+    assert report["runs"] == 11
     assert report["hangs"] == 0 and report["failures"] == 0 and report["slow"] == 0, \
         report["problems"]
     assert set(report["configurations"]) == {
         "downpour", "downpour_gloo", "chunks", "partitions_layers", "partitions_units",
-        "data_servers", "sync", "sync_quorum", "sandblaster", "hogwild"}
+        "data_servers", "sync", "sync_quorum", "sandblaster", "hogwild", "admm"}
     assert all(c["runs"] == c["ok"] == 1 for c in report["configurations"].values())
     assert 0 < report["startup_seconds"]["p50"] <= report["startup_seconds"]["slowest"] < 30
     assert report["met"] is True

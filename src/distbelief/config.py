@@ -123,7 +123,7 @@ class ClusterConfig:
 @dataclass(kw_only=True)
 class OptimizerConfig:
     rule: str | None = option(None, choices=RULES)
-    """Update rule applied inside the shards: sgd, momentum, adagrad or adam."""
+    """Update rule: sgd, momentum, adagrad or adam; applied inside the shards (downpour), by every replica to the all-reduced gradient (sync), by each worker (hogwild), or as each replica's local optimizer (admm)."""
     lr: float | None = None
     """Learning rate (sandblaster: the L-BFGS step scale)."""
     momentum: float = 0.9

@@ -2,8 +2,10 @@
 
 A run directory holds ``metrics.jsonl`` (one JSON event per line, each with
 ``"event"`` and ``"time"`` in seconds since the job started) and
-``summary.json``. Only ``"train"`` events (``loss``) and ``"eval"`` events
-(``test_accuracy``) are drawn; any other event is ignored. Example::
+``summary.json``. ``"train"`` events (``loss``) and ``"eval"`` events
+(``test_accuracy``) are drawn, and when a run has ``"round"`` events (ADMM's)
+a third panel shows their residuals by round (primal, dual, and each
+boundary's of a dual-layers split); any other event is ignored. Example::
 
     plot_runs([Path("runs/a"), Path("runs/b")], Path("compare.png"))
     plot_run(Path("runs/a"))          # writes runs/a/curves.png
@@ -110,6 +112,20 @@ def _accuracy_curve(events: list[dict[str, Any]]) -> tuple[list[float], list[flo
     return [float(e["time"]) for e in evals], [float(e["test_accuracy"]) for e in evals]
 
 
+def _residual_curves(events: list[dict[str, Any]]) -> dict[str, tuple[list[int], list[float]]]:
+    """The residuals of "round" events: {"primal": (rounds, values), "dual": ..., "boundary0": ...}."""
+    curves: dict[str, tuple[list[int], list[float]]] = {}
+    for e in sorted((e for e in events if e.get("event") == "round"), key=lambda e: e["round"]):
+        values = {"primal": e.get("primal"), "dual": e.get("dual"),
+                  **{f"boundary{k}": b for k, b in enumerate(e.get("boundary") or [])}}
+        for name, value in values.items():
+            if _number(value) and value > 0:
+                rounds, ys = curves.setdefault(name, ([], []))
+                rounds.append(int(e["round"]))
+                ys.append(float(value))
+    return curves
+
+
 def _check_format(out: Path) -> None:
     """Raises UserError unless ``out``'s suffix is a format matplotlib can save."""
     supported = FigureCanvasBase.get_supported_filetypes()
@@ -140,8 +156,10 @@ def figure_runs(run_dirs: list[Path]) -> Figure:
     labels = [
         f"{label} ({d.name})" if labels.count(label) > 1 else label for label, (d, _) in zip(labels, runs)
     ]
-    fig = Figure(figsize=(12, 4.5))
-    ax_loss, ax_acc = fig.subplots(1, 2)
+    residuals = [_residual_curves(events) for _, events in runs]
+    panels = 3 if any(residuals) else 2
+    fig = Figure(figsize=(6 * panels, 4.5))
+    ax_loss, ax_acc, *ax_res = fig.subplots(1, panels)
     all_positive, any_loss = True, False
     for index, ((_, events), label) in enumerate(zip(runs, labels)):
         colour = f"C{index % 10}"
@@ -151,11 +169,19 @@ def figure_runs(run_dirs: list[Path]) -> Figure:
         ax_loss.plot(times, losses, color=colour, label=label)
         times, accuracy = _accuracy_curve(events)
         ax_acc.plot(times, accuracy, color=colour, marker="o", markersize=3, label=label)
+        for (name, (rounds, values)), style in zip(residuals[index].items(),
+                                                   ("-", "--", ":", "-.", "-", "--")):
+            ax_res[0].plot(rounds, values, color=colour, linestyle=style,
+                           label=f"{name} ({label})" if len(runs) > 1 else name)
     if all_positive and any_loss:  # cross-entropy spans decades; log shows late differences
         ax_loss.set_yscale("log")
     ax_loss.set(xlabel="wall-clock seconds", ylabel="training loss (mean over replicas)", title="Training loss")
     ax_acc.set(xlabel="wall-clock seconds", ylabel="test accuracy", title="Test accuracy")
-    for ax in (ax_loss, ax_acc):
+    if ax_res:
+        ax_res[0].set(xlabel="round", ylabel="residual", yscale="log",
+                      title="ADMM residuals (primal, dual, boundaries)")
+        ax_res[0].legend(fontsize="small", loc="upper right")
+    for ax in (ax_loss, ax_acc, *ax_res):
         ax.grid(True, alpha=0.3)
     ax_acc.legend(fontsize="small", loc="lower right")
     fig.tight_layout()

@@ -12,7 +12,7 @@ the next round's rho, whether that was the last round). A lost replica's
 contribution leaves the mean; a replacement's joins with its first one.
 The primal residual of a round,
 sqrt(mean over its members of ||x_i - z||^2), is complete once every member
-that still lives reported it (right after pulling z); a round's "admm" event
+that still lives reported it (right after pulling z); a "round" event
 goes into ``metrics.jsonl`` then. ``--rho-schedule balance`` acts on the
 latest complete round's residuals (usually the one before: the primal residual
 is measured by the replicas after the close).
@@ -182,7 +182,7 @@ class RoundCloser(Poller):
             primal = (math.sqrt(sum(entry["primal_sq"].values()) / len(reported))
                       if reported else None)
             del self.open[number]
-            event = {"event": "admm", "time": entry["time"], "round": number,
+            event = {"event": "round", "time": entry["time"], "round": number,
                      "step": entry["step"], "rho": entry["rho"], "primal": primal,
                      "dual": entry["dual"], "members": entry["members"],
                      "boundary": entry["boundary"],
@@ -194,8 +194,10 @@ class RoundCloser(Poller):
                           f"rho {entry['rho']:g}"
                           + "".join(f"  boundary{k} {b:.2e}"
                                     for k, b in enumerate(entry["boundary"])))
-            watch.extra.update({"rounds": number, "rho": self.rho, "primal": primal,
-                                "dual": entry["dual"], "late_contributions": self.late})
+            watch.extra.update({"rounds": number, "rho": self.rho, "dual": entry["dual"],
+                                "late_contributions": self.late})
+            if primal is not None:  # the last round's is never measured: its replicas stop
+                watch.extra["primal"] = primal
             if entry["boundary"]:
                 watch.extra["boundary"] = entry["boundary"]
                 watch.extra.setdefault("first_boundary", entry["boundary"])
