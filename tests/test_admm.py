@@ -217,11 +217,15 @@ def test_fraction_does_not_wait_for_a_slow_replica(tmp_path, optimum):
     assert sorted(primal[-10:])[5] < min(primal[:3]) / 20, primal
 
 
-def test_killed_replica_is_counted_and_the_rounds_go_on(tmp_path, cli_job):
+@pytest.mark.parametrize("restart", [False, True], ids=["counted", "restarted"])
+def test_killed_replica_is_counted_or_replaced_and_the_rounds_go_on(tmp_path, cli_job, restart):
+    """SIGKILL replica 1 after three rounds: without --restart-replicas it is counted and
+    its contribution leaves the mean; with it, a replacement starts from z with u = 0 and
+    takes part in the rounds to the end."""
     run_dir = tmp_path / "run"
     proc = cli_job("--algorithm", "admm", "--dataset", "digits", "--model", "mlp",
                    "--replicas", "3", "--steps", "800", "--log-every", "5",
-                   "--run-dir", str(run_dir), "--quiet")
+                   "--run-dir", str(run_dir), "--quiet", *(["--restart-replicas"] * restart))
 
     def victim():
         if not (run_dir / "metrics.jsonl").exists():
@@ -234,10 +238,17 @@ def test_killed_replica_is_counted_and_the_rounds_go_on(tmp_path, cli_job):
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["replicas_lost"] == 1 and summary["lost_replicas"] == [1]
     assert summary["admm"]["rounds"] == 80
     rounds = rounds_of(run_dir)
-    assert rounds[-1]["members"] == [0, 2]
+    events = read_metrics(run_dir / "metrics.jsonl")
+    if restart:
+        assert summary["replicas_lost"] == 0 and summary["replica_restarts"] == {"1": 1}
+        assert any(e["event"] == "replica_restarted" and e["replica"] == 1 for e in events)
+        assert rounds[-1]["members"] == [0, 1, 2]
+        assert 0 < summary["admm"]["rounds_joined"][1] < 80  # the replacement's rounds
+    else:
+        assert summary["replicas_lost"] == 1 and summary["lost_replicas"] == [1]
+        assert rounds[-1]["members"] == [0, 2]
     assert summary["test_accuracy"] >= 0.9
 
 
