@@ -217,6 +217,22 @@ def test_lost_keeps_what_others_compute_or_won():
     assert work.complete
 
 
+def test_a_backup_refused_because_the_dead_original_claimed_first():
+    """Worker 1 claims portion 0, then dies before its answer arrives; `lost` leaves
+    the portion to the backup on worker 0, whose answer is then refused (the claim
+    was taken): the portion goes out again with a new generation."""
+    work = Portions(2, backups=True)
+    play(work, [
+        ("free", 1, new(0)), ("free", 2, new(1)), ("free", 0, backup(0)),
+        ("lost", 1, set(), []),          # 0 still runs on worker 0: nothing to redo yet
+        ("done", 2, 1, True),
+        ("done", 0, 0, False),           # refused: the dead worker 1 had claimed it
+        ("free", 2, new(0, gen=1)),
+        ("done", 2, 0, True),
+    ])
+    assert work.complete and work.accepted == {0: 2, 1: 2}
+
+
 def test_lost_twice_bumps_generation_again():
     work = Portions(3, backups=False)
     play(work, [
@@ -271,7 +287,9 @@ def test_random_runs_finish_and_keep_invariants(seed, backups):
         w = rng.choice(sorted(computing))
         if rng.random() < 0.05 and len(alive) > 1:
             alive.discard(w)
-            del computing[w]
+            dying = computing.pop(w)
+            if rng.random() < 0.5:  # it claimed its answer, then died before sending it
+                claims.add((dying.portion, dying.generation))
             for p in list(unpushed[w]):
                 del won[p]
             work.lost(w, unpushed.pop(w))

@@ -14,7 +14,7 @@ import torch
 import distbelief
 from distbelief.data.datasets import load_dataset
 
-from test_cli_errors import assert_user_error, run_cli
+from test_cli_errors import assert_user_error, run_cli, run_main  # noqa: F401 (fixture)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,9 @@ def test_unlabelled_input_gives_predictions_only(run):
         assert (written["predictions"] == logits[:7].argmax(1).numpy()).all()
 
 
-def test_prediction_user_errors(run, tmp_path):
+def test_prediction_user_errors(run, tmp_path, run_main):
+    """Each case through the command's `main` in this process, the first one also as a
+    subprocess of ``python -m distbelief.cli``."""
     base, _, _ = run
     np.savez(tmp_path / "wide.npz", x=np.zeros((4, 1, 9, 9), dtype=np.float32))
     np.savez(tmp_path / "noy.npz", z=np.zeros((4, 1, 8, 8), dtype=np.float32))
@@ -81,6 +83,7 @@ def test_prediction_user_errors(run, tmp_path):
         (["predict", base / "run", "--input", base / "test.npz", "-o", "o.npz",
           "--partitions", "9"], ["--partitions 9"]),
     ]
+    assert_user_error(run_cli(tmp_path, *cases[0][0]), *cases[0][1])
     for args, mentions in cases:
-        assert_user_error(run_cli(tmp_path, *args), *mentions)
+        assert_user_error(run_main(tmp_path, *args), *mentions)
     assert not (tmp_path / "o.npz").exists()

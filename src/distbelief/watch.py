@@ -23,7 +23,7 @@ from distbelief.checkpoint import CheckpointDriver, read_manifest
 from distbelief.errors import JobFailed, UserError
 from distbelief.runtime.context import Liveness, beat_key, member_name
 from distbelief.runtime.launch import LocalCluster, log_tail
-from distbelief.runtime.store import JobStore
+from distbelief.runtime.store import JobStore, StreamReader
 
 LOST_AFTER = 6.0  # seconds without a heartbeat before a role counts as lost (beats come every 1 s)
 
@@ -84,10 +84,10 @@ def _watch(co: Coordination, algorithm: Algorithm, local: LocalCluster | None,
            liveness: Liveness, shards: int, driver: CheckpointDriver, poller: Poller,
            waiting, steps_of, lost_shard) -> None:
     cfg, store, watch = co.config, co.store, co.watch
-    read = 0
+    events = store.stream("events")
     next_eval = cfg.train.eval_every or None
     while not watch.finished:
-        read = follow_events(co, read)
+        follow_events(co, events)
         # before the lost replicas: a replica that stops on a NaN then exits
         bad = store.try_get_json("job/nonfinite")
         if bad is not None:
@@ -137,7 +137,7 @@ def _watch(co: Coordination, algorithm: Algorithm, local: LocalCluster | None,
         poller.wait(0.05)
     # a replica appends its last events before it says done: those that came after this
     # loop's last read are still to be taken
-    follow_events(co, read)
+    follow_events(co, events)
 
 
 def _lose_replica(co: Coordination, algorithm: Algorithm, local: LocalCluster | None,
@@ -260,12 +260,12 @@ def replica_members(cfg, replicas: range) -> list[str]:
     return [member_name(r, part) for r in replicas for part in parts(cfg)]
 
 
-def follow_events(co: Coordination, read: int) -> int:
-    """Take the events that arrived since index `read` (the coordinator is their only
+def follow_events(co: Coordination, stream: StreamReader) -> None:
+    """Take the events that arrived since the last call (the coordinator is their only
     reader, so they are consumed): write them to the metrics, fold the "train" ones
-    into the watch, refresh the progress line. Returns the next index to read."""
+    into the watch, refresh the progress line."""
     watch = co.watch
-    events = co.store.read_stream("events", read, consume=True)
+    events = stream.read()
     for event in events:
         co.write_event(event)
         watch.last_event = time.monotonic()
@@ -280,7 +280,6 @@ def follow_events(co: Coordination, read: int) -> int:
             watch.nonfinite += event.get("nonfinite") or 0
     if events:
         _show(co)
-    return read + len(events)
 
 
 def maybe_evaluate(co: Coordination, next_eval: int | None) -> int | None:

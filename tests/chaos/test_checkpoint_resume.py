@@ -30,7 +30,7 @@ from distbelief.metrics.log import read_metrics
 
 from _cluster import alive, wait_until
 
-COMMON = dict(dataset="digits", model="mlp", shards=2, steps=300, checkpoint_every="60",
+COMMON = dict(dataset="digits", model="mlp", shards=2, steps=200, checkpoint_every="40",
               log_every=5, seed=3)
 JOBS = {"downpour-1-replica": dict(algorithm="downpour", replicas=1),
         "sync-2-replicas": dict(algorithm="sync", replicas=2),
@@ -50,7 +50,7 @@ def final_params(run_dir) -> torch.Tensor:
 def test_resumed_run_ends_with_the_uninterrupted_parameters(tmp_path, cli_job, job):
     options = {**COMMON, **job}
     whole = distbelief.train(**options, run_dir=str(tmp_path / "whole"))
-    assert whole["steps"] == 300
+    assert whole["steps"] == 200
     # per-step keys (events, sync quorums, the paused/go keys of older checkpoints) are
     # trimmed: untrimmed this job would leave well over 100
     assert whole["store_keys"] < 70, whole["store_keys"]
@@ -59,11 +59,11 @@ def test_resumed_run_ends_with_the_uninterrupted_parameters(tmp_path, cli_job, j
 
     def checkpointed():
         try:
-            return read_manifest(run_dir)["replica_steps"]["0"] >= 120
+            return read_manifest(run_dir)["replica_steps"]["0"] >= 80
         except (UserError, KeyError, json.JSONDecodeError):
             return False
 
-    wait_until(checkpointed, 120, "a checkpoint at step 120 or later")
+    wait_until(checkpointed, 120, "a checkpoint at step 80 or later")
     roles = json.loads((run_dir / "cluster.json").read_text())["roles"]
     os.kill(proc.pid, signal.SIGKILL)  # the coordinator: its children must follow it
     proc.wait(30)
@@ -72,7 +72,7 @@ def test_resumed_run_ends_with_the_uninterrupted_parameters(tmp_path, cli_job, j
     assert not (run_dir / "summary.json").exists()
     manifest = read_manifest(run_dir)
     at = manifest["replica_steps"]["0"]
-    assert 120 <= at < 300
+    assert 80 <= at < 200
 
     # resumed from the command line (the fixture reaps it and its roles by PID too)
     again = cli_job("--resume", str(run_dir), "--quiet")
@@ -80,13 +80,13 @@ def test_resumed_run_ends_with_the_uninterrupted_parameters(tmp_path, cli_job, j
     assert again.returncode == 0, err
     resumed = json.loads((run_dir / "summary.json").read_text())
     assert resumed["resumed_from"] == manifest["checkpoint"]
-    assert resumed["total_steps"] == 300 * job["replicas"]
+    assert resumed["total_steps"] == 200 * job["replicas"]
     torch.testing.assert_close(final_params(run_dir), final_params(tmp_path / "whole"),
                                rtol=0, atol=1e-6)
     assert resumed["test_accuracy"] == pytest.approx(whole["test_accuracy"])
     # the metrics go on in the same file: the resumed steps follow the checkpoint's
     steps = [e["step"] for e in read_metrics(run_dir / "metrics.jsonl") if e["event"] == "train"]
-    assert steps[-1] == 300 and any(at < s <= at + 5 for s in steps)
+    assert steps[-1] == 200 and any(at < s <= at + 5 for s in steps)
 
 
 def test_a_checkpoint_whose_rename_fails_leaves_the_previous_one(tmp_path, monkeypatch):

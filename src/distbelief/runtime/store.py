@@ -144,29 +144,22 @@ class JobStore:
     # ---- append-only streams of events -----------------------------------
 
     def append(self, stream: str, value: Any) -> int:
-        """Append one JSON value to a stream; returns its index (0-based)."""
-        index = self.add(f"{stream}/count", 1) - 1
-        self.set_json(f"{stream}/{index}", value)
-        return index
+        """Append one JSON value to a stream; returns its index (0-based).
 
-    def read_stream(self, stream: str, start: int, *, consume: bool = False) -> list[Any]:
-        """Values of a stream from index `start` on that are already complete.
-
-        An index whose value is not written yet (the appender is between its
-        `add` and its `set`) ends the batch; the caller reads it next time.
-        `consume`: the caller is the stream's only reader, so the values read
-        are deleted from the store (a long job's store stays small).
+        The index is reserved with an `add`, then filled with a `compare_set`:
+        a writer killed in between leaves a hole, which the reader gives up
+        after `HOLE_SECONDS` by filling it with `HOLE` itself (`StreamReader`);
+        a writer that was only slow then finds its index taken and appends again.
         """
-        count = self.add(f"{stream}/count", 0)
-        out = []
-        for index in range(start, count):
-            value = self.try_get_json(f"{stream}/{index}")
-            if value is None:
-                break
-            out.append(value)
-        if consume:
-            self.delete(*(f"{stream}/{index}" for index in range(start, start + len(out))))
-        return out
+        payload = json.dumps(value)
+        while True:
+            index = self.add(f"{stream}/count", 1) - 1
+            if self.raw.compare_set(f"{stream}/{index}", "", payload) == payload.encode():
+                return index
+
+    def stream(self, name: str, start: int = 0) -> StreamReader:
+        """The reader of stream `name` (there is one per stream), from index `start`."""
+        return StreamReader(self, name, start)
 
     # ---- membership -----------------------------------------------------------
 
@@ -198,3 +191,94 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def _td(seconds: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
+
+
+HOLE = "\x00hole"
+"""What a reader writes into a stream index whose writer never filled it (no JSON text
+starts with NUL)."""
+HOLE_SECONDS = 1.0
+"""How long an index may stay reserved but empty, while later ones are reserved too,
+before the reader gives it up (its writer died between reserving and writing it)."""
+
+
+class StreamReader:
+    """The one reader of an append-only store stream: its values in order, each once.
+
+    `read` takes what is complete so far (and deletes it from the store: a long
+    job's store stays small; a given-up index keeps its `HOLE`, one key per
+    dead writer); `wait` blocks for the next value (the store wakes
+    it, no polling). An index reserved by a writer that died before writing it
+    would stop the stream for good; once later indices are reserved and it has
+    stayed empty for `HOLE_SECONDS`, `read` (or, beside a `wait`, another
+    thread's `seal_hole`) fills it with `HOLE`, and the reader moves past it.
+    `read`/`wait` belong to one thread; `seal_hole` may run in another with its
+    own store connection.
+
+    Example::
+
+        events = store.stream("events")
+        for event in events.read():     # what writers' `store.append("events", ...)` made
+            ...
+    """
+
+    def __init__(self, store: JobStore, name: str, start: int = 0):
+        self.store, self.name, self.next = store, name, start
+        self.holes = 0  # indices given up
+        self._empty_since: tuple[int, float] | None = None  # (index, first seen empty)
+
+    def _key(self, index: int) -> str:
+        return f"{self.name}/{index}"
+
+    def read(self) -> list[Any]:
+        """The values complete so far, from where the last call stopped."""
+        out = []
+        count = self.store.add(f"{self.name}/count", 0)
+        while self.next < count:
+            key = self._key(self.next)
+            if self.store.raw.check([key]):
+                raw = self.store.raw.get(key)
+            elif self.seal_hole(self.store, self.next, count):
+                raw = HOLE.encode()
+            else:
+                break
+            self.next += 1
+            if raw != HOLE.encode():  # a sealed hole stays: its slow writer must find it
+                self.store.delete(key)
+                out.append(json.loads(raw))
+        return out
+
+    def wait(self, timeout: float) -> Any:
+        """The next value; blocks (woken by the store) up to `timeout`, then TimeoutError.
+        Holds the store's connection while it waits (see `JobStore.clone`)."""
+        while True:
+            key = self._key(self.next)
+            try:
+                self.store.raw.wait([key], _td(timeout))
+            except dist.DistStoreError:
+                raise TimeoutError(f"timed out waiting for {key!r}") from None
+            raw = self.store.raw.get(key)
+            self.next += 1
+            if raw != HOLE.encode():  # a sealed hole stays: its slow writer must find it
+                self.store.delete(key)
+                return json.loads(raw)
+
+    def seal_hole(self, store: JobStore, index: int | None = None,
+                  count: int | None = None) -> bool:
+        """Give up index `index` (default: the next to read) when its writer is gone: it
+        is still empty, later ones are reserved, and it has been so for `HOLE_SECONDS`.
+        True when it now holds `HOLE`. `store`: the connection to use (a thread's own)."""
+        index = self.next if index is None else index
+        if count is None:
+            count = store.add(f"{self.name}/count", 0)
+        if count <= index + 1:  # nothing reserved after it: a writer may just be slow
+            return False
+        now = time.monotonic()
+        if self._empty_since is None or self._empty_since[0] != index:
+            self._empty_since = (index, now)
+            return False
+        if now - self._empty_since[1] < HOLE_SECONDS:
+            return False
+        if store.raw.compare_set(self._key(index), "", HOLE) != HOLE.encode():
+            return False  # written after all
+        self.holes += 1
+        return True

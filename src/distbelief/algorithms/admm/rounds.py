@@ -51,7 +51,7 @@ class RoundCloser(Poller):
         state = (co.resume or {}).get("algorithm_state") or {}
         self.round = int(state.get("round", 0))  # rounds closed so far
         self.rho = float(state.get("rho", self.cfg.rho))
-        self.read = 0  # arrivals read
+        self.arrivals = co.store.stream(ARRIVALS)
         self.pending: list[dict] = []  # fresh contributions waiting for a round
         self.partial: dict[tuple, dict] = {}  # contributions some partitions still owe
         # replicas whose latest contribution is in their member vector (in the mean)
@@ -70,14 +70,12 @@ class RoundCloser(Poller):
     def wait(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            if self.store.add(f"{ARRIVALS}/count", 0) > self.read:
+            if self.store.add(f"{ARRIVALS}/count", 0) > self.arrivals.next:
                 return
             time.sleep(POLL_SECONDS)
 
     def poll(self, watch: Watch) -> None:
-        arrivals = self.store.read_stream(ARRIVALS, self.read, consume=True)
-        self.read += len(arrivals)
-        for record in arrivals:
+        for record in self.arrivals.read():
             if "primal_sq" in record:
                 self._primal(record)
             else:

@@ -36,7 +36,7 @@ from distbelief.algorithms.sandblaster.worker import RESULTS, claim_key, message
 
 from distbelief.ps.client import PSClient
 from distbelief.ps.vectors import PARAMS, RemoteVectors
-from distbelief.runtime.store import JobStore
+from distbelief.runtime.store import JobStore, StreamReader
 
 
 class SandblasterFailed(RuntimeError):
@@ -76,7 +76,7 @@ class PortionEvaluator:
         self.busy: set[int] = set()             # workers computing a portion (maybe a stale one)
         self.in_flight: dict[int, list[int]] = {}  # worker -> portions it is sending right now
         self.sent = [0] * cfg.cluster.replicas  # messages sent to each worker
-        self.read = 0                           # results consumed from the stream
+        self.results = self.inbox.stream(RESULTS)  # the watchdog seals a dead worker's hole
         self.copies: dict[str, int] = {}        # claim key -> copies handed out, unanswered
         self.evaluation = 0
         self.stats = {"evaluations": 0, "portions_computed": 0, "backups_issued": 0,
@@ -197,12 +197,9 @@ class PortionEvaluator:
 
     def _next(self) -> dict[str, Any]:
         try:
-            m = self.inbox.wait_json(f"{RESULTS}/{self.read}", timeout=self.timeout)
+            return self.results.wait(self.timeout)
         except TimeoutError:
             raise SandblasterFailed(f"no worker answered for {self.timeout:.0f} s") from None
-        self.inbox.delete(f"{RESULTS}/{self.read}")  # the coordinator is the only reader
-        self.read += 1
-        return m
 
     def stop_workers(self) -> None:
         for w in sorted(self.alive):
@@ -210,10 +207,12 @@ class PortionEvaluator:
 
 
 class _Watchdog:
-    """Appends {"kind": "lost"} to the results stream when a worker dies. Context manager."""
+    """Appends {"kind": "lost"} to the results stream when a worker dies, and seals the
+    hole a worker killed while appending left in it (the driver waits on that index).
+    Context manager."""
 
-    def __init__(self, job: SandblasterJob, period: float = 0.2):
-        self.job, self.period = job, period
+    def __init__(self, job: SandblasterJob, results: StreamReader, period: float = 0.2):
+        self.job, self.results, self.period = job, results, period
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sandblaster-watchdog",
                                         daemon=True)
@@ -225,6 +224,7 @@ class _Watchdog:
                 if w not in reported and self.job.is_lost(w):
                     reported.add(w)
                     self.job.store.append(RESULTS, {"kind": "lost", "worker": w})
+            self.results.seal_hole(self.job.store)
 
     def __enter__(self) -> _Watchdog:
         self._thread.start()
@@ -246,7 +246,7 @@ def drive(job: SandblasterJob) -> dict:
     iterations, converged, last_loss = 0, None, None
     began = time.perf_counter()
     try:
-        with _Watchdog(job), LBFGS(space, PARAMS, evaluator, settings) as optimizer:
+        with _Watchdog(job, evaluator.results), LBFGS(space, PARAMS, evaluator, settings) as optimizer:
             for k in range(cfg.train.steps):
                 samples_before, since = evaluator.stats["samples"], time.perf_counter()
                 it = optimizer.step()

@@ -78,14 +78,21 @@ class Portions:
         return Assignment(portion, self.generation[portion], backup=True)
 
     def finished(self, worker: int, portion: int, *, accepted: bool) -> None:
-        """A worker answered `portion`; `accepted` is whether its answer was the first."""
+        """A worker answered `portion`; `accepted` is whether its answer was the first.
+
+        A refused answer with no accepted one and no copy still running means the
+        copy that claimed first died before its answer came (after `lost` had left
+        the portion to this one): the portion is handed out again, as `lost` does.
+        """
         workers = self.running.get(portion, [])
         if worker in workers:
             workers.remove(worker)
         if accepted:
             self.accepted[portion] = worker
-        else:
-            self.discarded += 1
+            return
+        self.discarded += 1
+        if portion not in self.accepted and not workers:
+            self._again([portion])
 
     def lost(self, worker: int, unpushed: set[int] | frozenset[int] = frozenset()) -> list[int]:
         """A worker died. Its running portions that nobody else computes, and its accepted
@@ -101,10 +108,14 @@ class Portions:
             if self.accepted.get(portion) == worker:
                 del self.accepted[portion]
                 again.append(portion)
-        for portion in sorted(again, reverse=True):
+        self._again(again)
+        return sorted(again)
+
+    def _again(self, portions: list[int]) -> None:
+        """Hand `portions` out again, first in line, with a new generation."""
+        for portion in sorted(portions, reverse=True):
             self.generation[portion] += 1
             self.queue.appendleft(portion)
-        return sorted(again)
 
 
 def wants_push(unpushed: int, push_every: int, unassigned: int) -> bool:
