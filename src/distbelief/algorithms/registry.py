@@ -9,6 +9,7 @@ from __future__ import annotations
 from distbelief.algorithms.admm import Admm
 from distbelief.algorithms.base import Algorithm
 from distbelief.algorithms.downpour import Downpour
+from distbelief.algorithms.easgd import Easgd
 from distbelief.algorithms.hogwild import Hogwild
 from distbelief.algorithms.sandblaster import Sandblaster
 from distbelief.algorithms.sync import Sync
@@ -20,6 +21,7 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     Sandblaster(),
     Hogwild(),
     Admm(),
+    Easgd(),
 )}
 DEFAULT_ALGORITHM = next(iter(ALGORITHMS))
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from distbelief.algorithms.base import (BATCHES, COMMON, DATA_SERVING, PARTITIONS, REPORTS, RULE,
                                         SERVED, Algorithm)
-from distbelief.config import at_least
+from distbelief.config import at_least, option
 from distbelief.errors import UserError
 
 if TYPE_CHECKING:
@@ -30,6 +30,8 @@ class DownpourConfig:
     """Replica 0 trains alone for W steps before the other replicas join."""
     replica_workers: int = 1
     """Threads per replica (Project Adam), each on its own batches, updating the replica's local copy lock-free with plain SGD between fetches; a step is one batch per thread."""
+    max_staleness: int | None = option(None, unset="unbounded")
+    """Stale synchronous parallel (Ho et al. 2013): a replica that has finished c steps waits until every live replica has finished c - s before its next one (0: lockstep); its pushes are applied before it counts a step finished."""
 
 
 class Downpour(Algorithm):
@@ -53,6 +55,15 @@ class Downpour(Algorithm):
                 "lower --warm-start-steps or raise --steps")
         at_least("--replica-workers", d.replica_workers, 1,
                  "use 1 for one gradient at a time per replica")
+        if d.max_staleness is not None:
+            at_least("--max-staleness", d.max_staleness, 0, "use 0 for lockstep, or leave it "
+                     "out for unbounded Downpour")
+            for value, option_name in ((cfg.model.partitions > 1, "--partitions"),
+                                       (d.warm_start_steps > 0, "--warm-start-steps")):
+                if value:
+                    raise UserError(f"--max-staleness does not work with {option_name} "
+                                    f"(replica clocks count whole, unpartitioned replicas "
+                                    "that start together): leave one of them out")
         if d.replica_workers > 1 and cfg.model.partitions > 1:
             raise UserError(f"--replica-workers {d.replica_workers} does not work with "
                             f"--partitions {cfg.model.partitions}: the threads share one whole "
@@ -74,7 +85,26 @@ class Downpour(Algorithm):
     def on_replica_lost(self, store: JobStore, replica: int) -> None:
         if replica == 0 and not store.has("warm/done"):
             store.set_json("warm/done", True)  # do not leave the others waiting
+        from distbelief.algorithms.downpour.staleness import release_lost
+
+        cfg = self._config(store)
+        if cfg["downpour"]["max_staleness"] is not None:  # it stops counting
+            release_lost(store, replica, cfg["cluster"]["replicas"],
+                         cfg["downpour"]["max_staleness"])
+
+    @staticmethod
+    def _config(store: JobStore) -> dict:
+        return store.get_json("job")["config"]
+
+    def summary(self, cfg, watch, done: list[dict]) -> dict:
+        if cfg.downpour.max_staleness is None:
+            return super().summary(cfg, watch, done)
+        gaps = [d["max_clock_gap"] for d in done if "max_clock_gap" in d]
+        return {"downpour": {**watch.extra, "max_clock_gap": max(gaps, default=None),
+                             "staleness_wait_seconds": sum(d.get("staleness_wait_seconds", 0)
+                                                           for d in done)}}
 
     def summary_config(self, cfg) -> dict:
         d = cfg.downpour
-        return {"n_fetch": d.n_fetch, "n_push": d.n_push, "warm_start_steps": d.warm_start_steps}
+        return {"n_fetch": d.n_fetch, "n_push": d.n_push, "warm_start_steps": d.warm_start_steps,
+                "max_staleness": d.max_staleness}

@@ -48,6 +48,7 @@ import torch
 
 from distbelief.algorithms.downpour.workers import ReplicaWorkers
 from distbelief.algorithms.schedule import fetch_before, push_after
+from distbelief.algorithms.downpour.staleness import Clocks
 from distbelief.algorithms.slowdown import Slowdown
 from distbelief.checkpoint import ReplicaGate
 from distbelief.data.feed import open_feed, replica_data_and_model
@@ -107,7 +108,8 @@ def run_replica(ctx: RoleContext) -> None:
                 scratch = len(grads)
                 grads.append(torch.zeros_like(grads[0]))
             flat = FlatModel(module, grads=grads)
-            acked = _train(ctx, ps, PushWindow(flat, scratch), runner, feed, start, total)
+            acked, bounded = _train(ctx, ps, PushWindow(flat, scratch), runner, feed, start,
+                                    total)
             boundary_bytes = runner.bytes_sent
             data_stats = feed.stats()
     finally:
@@ -117,7 +119,7 @@ def run_replica(ctx: RoleContext) -> None:
     ctx.store.set_json(f"done/replica{ctx.member}", {"steps": total, "acked": acked,
                                                      "boundary_bytes": boundary_bytes,
                                                      "transport_bytes": ps.transport_bytes(),
-                                                     **data_stats})
+                                                     **bounded, **data_stats})
 
 
 class PushWindow:
@@ -173,25 +175,38 @@ class PushWindow:
 
 
 def _train(ctx: RoleContext, ps: PSClient, window: PushWindow, runner, feed, start: int,
-           total: int) -> int:
-    """Train steps start..total-1; returns how many pushes the shards acknowledged."""
+           total: int) -> tuple[int, dict]:
+    """Train steps start..total-1; returns how many pushes the shards acknowledged, and the
+    bounded-staleness figures (none when unbounded)."""
     cfg, r = ctx.config, ctx.ident
     gate = (ReplicaGate(ctx.store, ctx.member, cfg.cluster.timeout)
             if cfg.train.checkpoint_every is not None else None)
     report = Reporter.for_role(ctx, total, enabled=runner.reports_loss)
     slow = Slowdown.for_worker(cfg, r)
     threads = cfg.downpour.replica_workers
+    clocks = None
+    if cfg.downpour.max_staleness is not None:
+        clocks = Clocks(ctx.store, replica=r, replicas=cfg.cluster.replicas,
+                        bound=cfg.downpour.max_staleness, start=start,
+                        timeout=cfg.cluster.timeout)
     with contextlib.ExitStack() as stack:
         workers = (stack.enter_context(ReplicaWorkers(window.flat, threads, cfg.optimizer.lr,
                                                       cfg.cluster.timeout))
                    if threads > 1 else None)
-        return _steps(ctx, ps, window, runner, feed, start, total, gate, report, slow, workers)
+        acked = _steps(ctx, ps, window, runner, feed, start, total, gate, report, slow,
+                       workers, clocks)
+    if clocks is None:
+        return acked, {}
+    clocks.close()
+    return acked, {"max_clock_gap": clocks.max_gap,
+                   "staleness_wait_seconds": clocks.wait_seconds}
 
 
 def _steps(ctx: RoleContext, ps: PSClient, window: PushWindow, runner, feed,
            start: int, total: int, gate, report: Reporter, slow: Slowdown,
-           workers: ReplicaWorkers | None) -> int:
-    """The step loop of `_train`; `workers`: the replica's threads (None: T = 1)."""
+           workers: ReplicaWorkers | None, clocks: Clocks | None) -> int:
+    """The step loop of `_train`; `workers`: the replica's threads (None: T = 1); `clocks`:
+    the bounded staleness (None: unbounded)."""
     cfg, r, flat = ctx.config, ctx.ident, window.flat
     n_fetch, n_push, timeout = cfg.downpour.n_fetch, cfg.downpour.n_push, cfg.cluster.timeout
     pending = [None, None]  # the push handle still reading each gradient buffer
@@ -199,6 +214,8 @@ def _steps(ctx: RoleContext, ps: PSClient, window: PushWindow, runner, feed,
     window.begin(buf)
     window_versions = None
     for step in range(start, total):
+        if clocks is not None:
+            clocks.before_step()
         if fetch_before(step, n_fetch) or step == start:  # a resumed replica fetches first
             ps.pull(flat.params).wait(timeout)
         if window_versions is None:  # the versions this push window's gradients are computed on
@@ -240,6 +257,12 @@ def _steps(ctx: RoleContext, ps: PSClient, window: PushWindow, runner, feed,
                         report.acks(pending[other].wait(timeout))
                         pending[other] = None
                 gate.pause(number, step + 1)
+        if clocks is not None:  # a step counts once its pushes are applied
+            for other in range(2):
+                if pending[other] is not None:
+                    report.acks(pending[other].wait(timeout))
+                    pending[other] = None
+            clocks.after_step()
         report.maybe_log(step, ps.fetched_versions)
         if step == cfg.downpour.warm_start_steps - 1 and r == 0:
             ctx.store.set_json("warm/done", True)
