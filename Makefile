@@ -19,8 +19,11 @@ demo: $(STAMP)
 	$(BIN)/distbelief train --algorithm downpour --dataset mnist1d --model cnn \
 		--replicas 2 --shards 2 --rule adagrad --lr 0.02 --epochs 4 --eval-every 250
 
+# Two pytest workers, a test file each at a time: most tests wait on the processes of
+# the jobs they start, so two of them share the two cores well (module fixtures that
+# share one job between tests stay within their file's worker).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ps_bandwidth.py
