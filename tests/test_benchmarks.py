@@ -200,3 +200,17 @@ def test_admm_quick_reports_time_to_accuracy_and_dual_layers_throughput() -> Non
         assert dual[name]["test_accuracy"] > chance("mnist1d")
     assert dual["samples_per_second_ratio"] == (dual["admm"]["samples_per_second"]
                                                 / dual["pipeline"]["samples_per_second"])
+
+
+def test_paper_quick_reports_and_plots_one_algorithm(tmp_path) -> None:
+    out = tmp_path / "paper.png"
+    report = run_quick("paper", "--quick", "--only", "easgd", "--plot", str(out), timeout=300)
+
+    assert report["benchmark"] == "paper" and report["quick"] and report["seeds"] == 1
+    easgd = report["algorithms"]["easgd"]
+    assert easgd["lr"] in [r["lr"] for r in easgd["sweep"]] and len(easgd["runs"]) == 1
+    assert set(easgd["seconds_to"]) == {"0.80", "0.90", "0.95"}
+    assert easgd["samples_per_second"] > 0 and easgd["bytes_per_sample"] > 0
+    assert 0 <= easgd["final_accuracy"] <= 1
+    assert set(report["order_to_0.90"]) | set(report["not_reached"]) == {"easgd"}
+    assert out.stat().st_size > 10_000  # the curves

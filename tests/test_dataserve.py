@@ -16,7 +16,7 @@ from distbelief.data import protocol as P
 from distbelief.data.client import DataClient, DataUnavailable
 from distbelief.data.feed import ReplicaFeed
 from distbelief.data.server import DataServer
-from distbelief.runtime.context import Heartbeat
+from distbelief.runtime.context import Heartbeat, beat_key
 from distbelief.runtime.store import JobStore, new_token
 
 TIMEOUT = 10.0
@@ -103,6 +103,12 @@ def test_at_most_prefetch_batches_are_in_flight(store):
 
 def test_a_replica_fails_over_to_another_server_and_sees_the_same_stream(store):
     with serving(store, 0) as (_, kill0), serving(store, 1) as (second, _):
+        # a client takes a server that has beaten at least once: wait for both (under load
+        # server 0's first beat could come after the client chose server 1)
+        deadline = time.monotonic() + 10
+        while any(store.add(beat_key(f"dataserver/{d}"), 0) == 0 for d in (0, 1)):
+            assert time.monotonic() < deadline, "the data servers never beat"
+            time.sleep(0.01)
         with client(store, servers=2, total=12) as c:
             got = [c.next() for _ in range(4)]
             kill0()  # server 0 goes away; its prefetched batches are still good

@@ -37,7 +37,7 @@ class Easgd(Algorithm):
     section = EasgdConfig
     honours = (COMMON | SERVED | RULE | BATCHES | REPORTS
                | {"train.checkpoint_every", "cluster.restart_replicas"})
-    defaults = {"optimizer.rule": "momentum", "optimizer.lr": 0.01, "train.on_nonfinite": "skip"}
+    defaults = {"optimizer.rule": "momentum", "optimizer.lr": 0.1, "train.on_nonfinite": "skip"}
     shard_rule = False
     role_modules = ("distbelief.algorithms.easgd.replica",)
 
