@@ -21,14 +21,13 @@ current z with u = 0.
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
-import torch.nn.functional as F
 
 from distbelief.algorithms.admm.consensus import ConsensusMember
 from distbelief.algorithms.admm.protocol import FINAL, member_vector
+from distbelief.algorithms.local_step import local_step
 from distbelief.algorithms.slowdown import Slowdown
 from distbelief.checkpoint import ReplicaGate, load_file, set_dir, write_atomic
 from distbelief.data.feed import open_feed, replica_data_and_model
@@ -36,7 +35,7 @@ from distbelief.metrics.report import Reporter
 from distbelief.model.flat import FlatModel
 from distbelief.ps.client import PSClient
 from distbelief.ps.layout import Layout
-from distbelief.ps.rules import all_finite, make_rule
+from distbelief.ps.rules import make_rule
 from distbelief.ps.vectors import ZERO
 from distbelief.runtime.context import RoleContext
 
@@ -124,18 +123,8 @@ class _Replica:
         return False
 
     def _local_step(self) -> None:
-        xb, yb = self.feed.next()
-        self.grad.zero_()
-        with self.slow.compute():
-            loss = F.cross_entropy(self.model(xb), yb)
-            loss.backward()
-        value = loss.item()
-        finite = math.isfinite(value) and all_finite(self.grad)
-        if finite:  # a NaN/inf step is skipped (or stops the job: the reporter raises)
-            self.member.prox_grad(self.grad)
-            self.rule.apply(self.grad)
-        self.report.step(value if finite else math.nan, len(yb))
-        self.report.maybe_log(self.step)
+        local_step(self.model, self.grad, self.rule, self.feed, self.slow, self.report,
+                   self.step, extra=self.member.prox_grad)
         self.step += 1
 
     def _save(self, number: int) -> int:

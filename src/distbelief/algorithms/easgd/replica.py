@@ -13,12 +13,11 @@ for a lost replica starts from the centre, at the lost one's last reported step.
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
-import torch.nn.functional as F
 
+from distbelief.algorithms.local_step import local_step
 from distbelief.algorithms.slowdown import Slowdown
 from distbelief.checkpoint import ReplicaGate, load_file, set_dir, write_atomic
 from distbelief.data.feed import open_feed, replica_data_and_model
@@ -26,7 +25,7 @@ from distbelief.metrics.report import Reporter
 from distbelief.model.flat import FlatModel
 from distbelief.ps.client import PSClient
 from distbelief.ps.layout import Layout
-from distbelief.ps.rules import all_finite, make_rule
+from distbelief.ps.rules import make_rule
 from distbelief.ps.vectors import PARAMS
 from distbelief.runtime.context import RoleContext
 
@@ -103,17 +102,7 @@ class _Replica:
         self.exchanges += 1
 
     def _local_step(self, step: int) -> None:
-        xb, yb = self.feed.next()
-        self.grad.zero_()
-        with self.slow.compute():
-            loss = F.cross_entropy(self.model(xb), yb)
-            loss.backward()
-        value = loss.item()
-        finite = math.isfinite(value) and all_finite(self.grad)
-        if finite:  # a NaN/inf step is skipped (or stops the job: the reporter raises)
-            self.rule.apply(self.grad)
-        self.report.step(value if finite else math.nan, len(yb))
-        self.report.maybe_log(step)
+        local_step(self.model, self.grad, self.rule, self.feed, self.slow, self.report, step)
 
     def _checkpoint(self, number: int, step: int) -> None:
         folder = set_dir(self.ctx.job["run_dir"], number)
