@@ -82,6 +82,7 @@ TABLE: dict[str, tuple[object, tuple[str, ...]]] = {
     "run_dir":          ("runs/x",      (U, U, U, U, U, U)),
     "checkpoint_every": ("100",         (U, U, R, R, U, U)),
     "on_nonfinite":     ("stop",        (U, U, R, U, U, U)),
+    "tensorboard":      (True,          (U, U, U, U, U, U)),   # the coordinator's metrics writer
 }
 
 COMPANIONS: dict[str, dict[str, object]] = {

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import functools
+import importlib.util
 import inspect
 import math
 import os
@@ -213,6 +214,8 @@ class TrainConfig:
     """Write a checkpoint every N steps of the leading replica (200) or every N seconds (60s); resume with --resume RUN_DIR."""
     on_nonfinite: str | None = option(None, choices=ON_NONFINITE)
     """A NaN/inf gradient or loss: skip (refuse it, count it, go on) or stop (end the job with a clear error). Sandblaster's L-BFGS cannot skip a batch: a NaN/inf loss always ends its job."""
+    tensorboard: bool = False
+    """Also write every metrics event as TensorBoard scalars (and the config as text) under RUN_DIR/tensorboard (needs pip install 'distbelief[tensorboard]'). Off by default so that the same command writes the same run directory whatever packages are installed; metrics.jsonl and curves.png are always written."""
 
     @property
     def resolved_epochs(self) -> float | None:
@@ -279,6 +282,9 @@ def validate_shared(cfg: Any) -> None:
         raise UserError(f"--num-samples must be >= 10, got {d.num_samples}: "
                         "leave it out for the dataset's own size")
     _validate_slow_worker(c)
+    if t.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UserError("--tensorboard needs the tensorboard package: "
+                        "pip install 'distbelief[tensorboard]'")
 
 
 def _validate_slow_worker(c: ClusterConfig) -> None:

@@ -28,6 +28,7 @@ from distbelief.data.server import data_summary
 from distbelief.errors import JobFailed, UserError
 from distbelief.job import JobConfig
 from distbelief.metrics.log import MetricsLog, Progress
+from distbelief.metrics.tensorboard import TensorBoardLog
 from distbelief.data.feed import load_data_and_model
 from distbelief.model.zoo import check_model
 from distbelief.parameters import home_for
@@ -85,8 +86,10 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
                **home.job_fields(store)}
         store.set_json("job", job)
         os.environ.update(loopback)  # the coordinator's own channels too
+        mirrors = ([TensorBoardLog(run_dir / "tensorboard", start_time=job["start_time"],
+                                   config=cfg.to_toml())] if cfg.train.tensorboard else [])
         with LocalCluster(run_dir / "logs", role_env(store, cfg)) as cluster, \
-                MetricsLog(run_dir / "metrics.jsonl") as metrics, \
+                MetricsLog(run_dir / "metrics.jsonl", mirrors=mirrors) as metrics, \
                 Progress(algorithm.progress_total(cfg, steps), enabled=show_progress) as progress:
             local = cluster if env is None else None
             replicas = algorithm.replicas(cfg)

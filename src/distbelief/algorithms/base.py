@@ -19,6 +19,10 @@ it, never its name:
   with ``--restart-replicas`` where honoured); a sentence ends the job.
 - **results**: `summary`, the fields it adds to ``summary.json``, and
   `summary_config`, the settings it records there.
+- **planning** (`distbelief plan`, ``--strategy auto``): `exchange`, how one of
+  its replica steps moves parameters (the planner's cost model reads it, never
+  the name); `plan_variants`, settings of its own worth trying; `replicas_option`,
+  the flat option that sets how many replica processes it runs.
 
 Example, a trivial algorithm (one module plus one registry line): plain
 asynchronous SGD, Downpour's replica at a fetch and a push every step::
@@ -56,7 +60,7 @@ def _fields(section: str, names: str) -> frozenset[str]:
 
 # Groups of shared fields, to spell `Algorithm.honours` with.
 COMMON = (_fields("data", "dataset num_samples") | _fields("model", "name")
-          | _fields("train", "steps seed eval_every run_dir")
+          | _fields("train", "steps seed eval_every run_dir tensorboard")
           | _fields("cluster", "host port timeout token_file threads") | _fields("optimizer", "lr"))
 """Used by every algorithm."""
 REPORTS = _fields("train", "log_every on_nonfinite")
@@ -75,6 +79,38 @@ QUORUM = _fields("cluster", "sync_fraction")
 """Rounds or steps that complete on the fastest fraction of the replicas (Project Adam)."""
 PARTITIONS = _fields("model", "partitions split balance micro_batches")
 """Model parallelism: a replica cut into partitions."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Exchange:
+    """What one replica step costs besides its compute, for the planner's cost model
+    (`distbelief.planner.cost`). Fractions are of the model's parameters; steps are a
+    replica's mini-batch steps (Sandblaster's: one portion)."""
+
+    pull: float = 0.0
+    """Parameters a replica fetches per step (Downpour: 1/n_fetch)."""
+    push: float = 0.0
+    """Parameters (or gradients) it sends per step."""
+    allreduce: bool = False
+    """The gradients are all-reduced across the replicas every step."""
+    quorum: bool = False
+    """Every step (or round) waits for the fastest ceil(F*R) replicas (--sync-fraction F)."""
+    rounds_every: int = 1
+    """Steps between two such waits (ADMM: its local steps)."""
+    shard_rule: bool = False
+    """The shards apply the update rule to every pushed element."""
+    local_rule: bool = False
+    """The replica applies the update rule to its own copy every step."""
+    rule_state: int = 0
+    """Tensors of update-rule state (per parameter) where the rule runs."""
+    shared: bool = False
+    """One parameter tensor in this host's memory (no transfer at all)."""
+    full_batch: bool = False
+    """Iterations over the whole training set (a step is a portion of one)."""
+
+
+RULE_STATE = {"sgd": 0, "momentum": 1, "adagrad": 1, "adam": 2, None: 0}
+"""Tensors of state per parameter each update rule keeps."""
 
 
 @dataclass
@@ -233,6 +269,20 @@ class Algorithm:
 
     def on_replica_lost(self, store: JobStore, replica: int) -> None:
         """A replica was lost and the others go on: release whatever waits for it."""
+
+    # ---- planning ---------------------------------------------------------
+
+    replicas_option: ClassVar[str] = "replicas"
+    """The flat option that sets how many replica (worker) processes it runs."""
+
+    def exchange(self, cfg: Any) -> Exchange:
+        """How one replica step of this config moves parameters (cfg resolved)."""
+        raise NotImplementedError
+
+    def plan_variants(self, cfg: Any) -> tuple[dict[str, Any], ...]:
+        """Flat options of its own worth trying on top of a layout (the planner crosses them
+        with replicas, shards, partitions and data servers); ({},): only its defaults."""
+        return ({},)
 
     # ---- results ----------------------------------------------------------
 

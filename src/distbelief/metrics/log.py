@@ -1,16 +1,19 @@
 """The run's metrics file and the live progress line.
 
 `MetricsLog` appends one JSON object per line to ``metrics.jsonl`` and flushes
-each line, so a run that dies keeps every event written before. `Progress`
+each line, so a run that dies keeps every event written before; its mirrors
+(``--tensorboard``: `metrics.tensorboard.TensorBoardLog`) get each event too. `Progress`
 shows step, loss, samples/s and mean staleness: a rich progress bar on a
 terminal, a plain line every few seconds otherwise (logs, CI).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -18,25 +21,37 @@ from distbelief.errors import UserError
 
 
 class MetricsLog:
-    """Append-only JSON-lines writer. Context manager; one writer thread."""
+    """Append-only JSON-lines writer. Context manager; one writer thread.
 
-    def __init__(self, path: Path):
+    `mirrors`: other writers of the same events (context managers with ``write(event)``,
+    e.g. `TensorBoardLog`), entered and exited with this one, each event written to
+    ``metrics.jsonl`` first."""
+
+    def __init__(self, path: Path, *, mirrors: Iterable[Any] = ()):
         self.path = Path(path)
+        self.mirrors = list(mirrors)
         self._file: TextIO | None = None
+        self._stack: contextlib.ExitStack | None = None
 
     def __enter__(self) -> MetricsLog:
-        self._file = open(self.path, "a", encoding="utf-8")
+        with contextlib.ExitStack() as stack:  # a mirror that fails to open closes the rest
+            self._file = stack.enter_context(open(self.path, "a", encoding="utf-8"))
+            for mirror in self.mirrors:
+                stack.enter_context(mirror)
+            self._stack = stack.pop_all()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._stack is not None:
+            self._stack.close()
+            self._stack, self._file = None, None
 
     def write(self, event: dict[str, Any]) -> None:
         assert self._file is not None, "MetricsLog used outside its with-block"
         self._file.write(json.dumps(event) + "\n")
         self._file.flush()
+        for mirror in self.mirrors:
+            mirror.write(event)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

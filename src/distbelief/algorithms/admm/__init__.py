@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 
 from distbelief.algorithms.base import (BATCHES, COMMON, QUORUM, REPORTS, RULE, SERVED,
-                                        Algorithm, Watch)
+                                        Algorithm, Exchange, RULE_STATE, Watch)
 from distbelief.algorithms.admm.rho import SCHEDULES
 from distbelief.config import at_least, option
 from distbelief.errors import UserError
@@ -66,6 +66,12 @@ class Admm(Algorithm):
                                             "once per round, not per micro-batch; leave it out"}
     shard_rule = False
     role_modules = ("distbelief.algorithms.admm.replica",)
+
+    def exchange(self, cfg) -> Exchange:
+        # every round: contribute x + u, pull z; the round closes on the fastest ceil(F*R)
+        k = cfg.admm.local_steps
+        return Exchange(pull=1 / k, push=1 / k, quorum=True, rounds_every=k, local_rule=True,
+                        rule_state=RULE_STATE[cfg.optimizer.rule] + 1)  # + the dual u
 
     def validate(self, cfg) -> None:
         a = cfg.admm

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from distbelief.algorithms.base import (BATCHES, COMMON, DATA_SERVING, PARTITIONS, REPORTS, RULE,
-                                        SERVED, Algorithm)
+                                        SERVED, Algorithm, Exchange, RULE_STATE)
 from distbelief.config import at_least, option
 from distbelief.errors import UserError
 
@@ -42,6 +42,14 @@ class Downpour(Algorithm):
                | {"train.checkpoint_every", "cluster.restart_replicas"})
     defaults = {"optimizer.rule": "adagrad", "optimizer.lr": 0.02, "train.on_nonfinite": "skip"}
     role_modules = ("distbelief.algorithms.downpour.replica",)
+
+    def exchange(self, cfg) -> Exchange:
+        return Exchange(pull=1 / cfg.downpour.n_fetch, push=1 / cfg.downpour.n_push,
+                        shard_rule=True, rule_state=RULE_STATE[cfg.optimizer.rule])
+
+    def plan_variants(self, cfg) -> tuple[dict, ...]:
+        # every step, or Downpour's paper cadence: fetch and push every few steps
+        return ({"n_fetch": 1, "n_push": 1}, {"n_fetch": 4, "n_push": 4})
 
     def validate(self, cfg) -> None:
         d, steps = cfg.downpour, cfg.train.steps

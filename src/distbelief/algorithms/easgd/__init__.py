@@ -14,8 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from distbelief.algorithms.base import (BATCHES, COMMON, REPORTS, RULE, SERVED, Algorithm,
-                                        Watch)
+from distbelief.algorithms.base import (BATCHES, COMMON, REPORTS, RULE, RULE_STATE, SERVED,
+                                        Algorithm, Exchange, Watch)
 from distbelief.config import at_least, option
 from distbelief.errors import UserError
 
@@ -40,6 +40,11 @@ class Easgd(Algorithm):
     defaults = {"optimizer.rule": "momentum", "optimizer.lr": 0.1, "train.on_nonfinite": "skip"}
     shard_rule = False
     role_modules = ("distbelief.algorithms.easgd.replica",)
+
+    def exchange(self, cfg) -> Exchange:
+        # every period: fetch the centre, add alpha * (x - centre) into it
+        return Exchange(pull=1 / cfg.easgd.period, push=1 / cfg.easgd.period, local_rule=True,
+                        rule_state=RULE_STATE[cfg.optimizer.rule])
 
     def validate(self, cfg) -> None:
         e = cfg.easgd

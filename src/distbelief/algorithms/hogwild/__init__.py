@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from distbelief.algorithms.base import (BATCHES, COMMON, REPORTS, RULE, Algorithm, Coordination,
-                                        Watch)
+from distbelief.algorithms.base import (BATCHES, COMMON, REPORTS, RULE, RULE_STATE, Algorithm,
+                                        Coordination, Exchange, Watch)
 from distbelief.errors import UserError
 
 RULES = ("sgd", "momentum", "adagrad")  # elementwise, no shared step count
@@ -41,6 +41,10 @@ class Hogwild(Algorithm):
     replica_noun, replica_kind = "hogwild worker", "worker"
     lost_replica = "the job stops (its part of the data would go untrained): start the run again"
     role_modules = ("distbelief.algorithms.hogwild.worker",)
+    replicas_option = "workers"
+
+    def exchange(self, cfg) -> Exchange:
+        return Exchange(shared=True, local_rule=True, rule_state=RULE_STATE[cfg.optimizer.rule])
 
     def validate(self, cfg) -> None:
         if cfg.hogwild.workers < 1:

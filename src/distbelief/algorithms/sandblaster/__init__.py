@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from distbelief.algorithms.base import COMMON, SERVED, Algorithm, Coordination
+from distbelief.algorithms.base import COMMON, SERVED, Algorithm, Coordination, Exchange
 from distbelief.config import at_least, choice, option
 from distbelief.errors import JobFailed, UserError
 
@@ -54,6 +54,14 @@ class Sandblaster(Algorithm):
     replica_noun = "worker"
     drives_itself = True
     role_modules = ("distbelief.algorithms.sandblaster.worker",)
+
+    def exchange(self, cfg) -> Exchange:
+        # a worker pulls x once per iteration (its portions) and pushes every push_every
+        # portions; the L-BFGS vectors live in the shards (history pairs of x and g)
+        portions = cfg.sandblaster.portions or PORTIONS_PER_WORKER * cfg.cluster.replicas
+        per_worker = max(1.0, portions / cfg.cluster.replicas)
+        return Exchange(pull=1 / per_worker, push=1 / cfg.sandblaster.push_every,
+                        full_batch=True, rule_state=2 * cfg.sandblaster.history)
 
     def validate(self, cfg) -> None:
         b = cfg.sandblaster

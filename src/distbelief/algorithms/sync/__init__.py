@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from distbelief.algorithms.base import (BATCHES, COMMON, DATA_SERVING, QUORUM, REPORTS, RULE,
-                                        SERVED, Algorithm, Poller, Watch)
+                                        SERVED, Algorithm, Exchange, Poller, RULE_STATE, Watch)
 
 if TYPE_CHECKING:
     from distbelief.runtime.store import JobStore
@@ -21,6 +21,14 @@ class Sync(Algorithm):
     defaults = {"optimizer.rule": "adagrad", "optimizer.lr": 0.02, "train.on_nonfinite": "skip"}
     lost_replica = "synchronous training cannot go on without it"
     role_modules = ("distbelief.algorithms.sync.replica",)
+
+    def exchange(self, cfg) -> Exchange:
+        return Exchange(allreduce=True, quorum=True, local_rule=True,
+                        rule_state=RULE_STATE[cfg.optimizer.rule])
+
+    def plan_variants(self, cfg) -> tuple[dict, ...]:
+        # every replica, or the fastest half (Project Adam): pays when one replica is slow
+        return ({"sync_fraction": 1.0}, {"sync_fraction": 0.5})
 
     def run_replica(self, ctx) -> None:
         from distbelief.algorithms.sync.replica import run_replica
