@@ -25,7 +25,9 @@ if TYPE_CHECKING:
 
 
 def train(config: JobConfig | dict | str | Path | None = None, *, show_progress: bool = False,
-          resume: str | Path | None = None, **options: Any) -> dict | None:
+          resume: str | Path | None = None, strategy: str = "manual",
+          trials: int | None = None, trial_seconds: float | None = None,
+          **options: Any) -> dict | None:
     """Run a job and return its summary (a dict, also written to RUN_DIR/summary.json).
 
     `config` is a JobConfig, a nested dict as in the TOML file, or a TOML path;
@@ -37,6 +39,11 @@ def train(config: JobConfig | dict | str | Path | None = None, *, show_progress:
 
     `resume` continues the run in that directory from its last complete checkpoint,
     with its own config (no other config or options may be given).
+
+    ``strategy="auto"`` first plans (`plan`: profile, predict, short trials) and trains
+    with the choice; the options given (and the config file's settings) are kept, the
+    planner chooses only the rest, and ``summary["plan"]`` records the plan. `trials` and
+    `trial_seconds` are the planner's (default 3 trials of 4 s; see `plan`).
 
     Raises UserError for bad input and coordinator.JobFailed when the job cannot finish.
     """
@@ -51,7 +58,33 @@ def train(config: JobConfig | dict | str | Path | None = None, *, show_progress:
             raise UserError(f"--resume {str(resume)!r}: not a run directory (no config.toml): "
                             "give the directory a train run printed")
         config = saved
+    if strategy not in STRATEGIES:
+        raise UserError(f"--strategy {strategy!r} is not one of {', '.join(STRATEGIES)}: "
+                        "give manual (the options as given) or auto (planned)")
+    if strategy != "auto" and (trials is not None or trial_seconds is not None):
+        raise UserError(f"--{'trials' if trials is not None else 'trial-seconds'} is for "
+                        "--strategy auto, which plans with trials: add --strategy auto or "
+                        "leave it out")
+    if strategy == "auto" and resume is not None:
+        raise UserError("--strategy auto plans a new run, but --resume continues one with its "
+                        "own config: leave --strategy out")
     cfg = resolve_config(config, options)
+    planned = None
+    if strategy == "auto":
+        from distbelief.runtime.launch import EnvRole
+
+        if EnvRole.detect(token_file=cfg.cluster.token_file) is not None:
+            raise UserError("--strategy auto plans on one host, but this process is one rank of "
+                            "a multi-host job (RANK/WORLD_SIZE set), where every rank must run "
+                            "the same config: run 'distbelief plan --hosts H' first and give "
+                            "every host the plan.toml it writes")
+        from distbelief.planner import make_plan
+
+        plan_ = make_plan(cfg, given_fields(config, options),
+                          trials=3 if trials is None else trials,
+                          trial_seconds=4.0 if trial_seconds is None else trial_seconds,
+                          message=_printer(show_progress))
+        cfg, planned = plan_.choice.config, plan_.to_dict()
     from distbelief.runtime.launch import EnvRole, read_token_file
     from distbelief.runtime.zygote import prestart
 
@@ -83,7 +116,92 @@ def train(config: JobConfig | dict | str | Path | None = None, *, show_progress:
                                      timeout=cfg.cluster.timeout)
             run_role(store, role, ident, part)
             return None
-    return run_job(cfg, show_progress=show_progress, env=env, resume=resume)
+    return run_job(cfg, show_progress=show_progress, env=env, resume=resume, plan=planned)
+
+
+STRATEGIES = ("manual", "auto")
+
+
+def plan(config: JobConfig | dict | str | Path | None = None, *, trials: int = 3,
+         trial_seconds: float = 4.0, hosts: int | None = None,
+         cores_per_host: int | None = None, memory_per_host: str | int | None = None,
+         link_bandwidth: str | float | None = None, output: str | Path | None = None,
+         show_progress: bool = False, **options: Any) -> dict:
+    """Choose how to run a job on this host (or on `hosts` hosts described by the other
+    arguments) and return the plan as a dict (also written to OUTPUT/plan.json, with the
+    chosen config as OUTPUT/plan.toml when `output` is given).
+
+    `config` and `options` are as for `train`; the options given are kept and the planner
+    chooses the rest: the algorithm, replicas, shards, partitions and split, data servers
+    and the algorithm's own cadence. `trials`: candidates tried for `trial_seconds` each
+    (0: choose by the cost model alone). Example::
+
+        plan = distbelief.plan(dataset="mnist1d", model="cnn", output="plan")
+        distbelief.train("plan/plan.toml")
+    """
+    from distbelief.planner import Hardware, host_commands, make_plan, parse_bandwidth, parse_memory
+    from distbelief.planner.plan import minimal_toml, plan_table
+
+    cfg = resolve_config(config, options)
+    hardware = Hardware.measure(
+        hosts=hosts, cores_per_host=cores_per_host,
+        memory_per_host=(parse_memory(memory_per_host) if isinstance(memory_per_host, str)
+                         else memory_per_host),
+        link_bandwidth=(parse_bandwidth(link_bandwidth) if isinstance(link_bandwidth, str)
+                        else link_bandwidth))
+    result = make_plan(cfg, given_fields(config, options), hardware=hardware, trials=trials,
+                       trial_seconds=trial_seconds, message=_printer(show_progress))
+    data = result.to_dict()
+    data["table"] = plan_table(result)
+    config_file = str(Path(output) / "plan.toml") if output is not None else "plan.toml"
+    data["commands"] = (host_commands(result.choice.config, hardware, config_file)
+                        if hardware.hosts > 1 else
+                        [f"distbelief train {config_file}"])
+    if output is not None:
+        import json
+
+        from distbelief.rundir import write_text_atomic
+
+        out = Path(output)
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "plan.toml", minimal_toml(result.choice.config))
+        write_text_atomic(out / "plan.json", json.dumps(data, indent=2, default=str) + "\n")
+        data["files"] = [str(out / "plan.json"), str(out / "plan.toml")]
+    return data
+
+
+def given_fields(config: JobConfig | dict | str | Path | None, options: dict[str, Any]
+                 ) -> set[str]:
+    """The config fields ("section.field", or "algorithm") the user set: the options given
+    and the settings of the config (a file's or dict's keys; a JobConfig's non-defaults)."""
+    from distbelief.job import OPTION_FIELDS, load_raw
+
+    fixed = {OPTION_FIELDS[k] for k, v in options.items() if v is not None and k in OPTION_FIELDS}
+    if config is None:
+        return fixed
+    if isinstance(config, JobConfig):
+        data, default = config.to_dict(), JobConfig().to_dict()
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                if values != default[section]:
+                    fixed.add(section)
+                continue
+            fixed |= {f"{section}.{k}" for k, v in values.items() if v != default[section][k]}
+        return fixed
+    raw = config if isinstance(config, dict) else load_raw(config)
+    for section, values in raw.items():
+        if isinstance(values, dict):
+            fixed |= {f"{section}.{k}" for k in values}
+        else:
+            fixed.add(section)
+    return fixed
+
+
+def _printer(show: bool):
+    import sys
+
+    return (lambda line: print(f"distbelief plan: {line}", file=sys.stderr)) if show else \
+        (lambda line: None)
 
 
 def _choose_gloo_interface(master_addr: str) -> None:

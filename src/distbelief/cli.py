@@ -1,4 +1,4 @@
-"""The `distbelief` command: train, predict, plot.
+"""The `distbelief` command: train, plan, predict, plot.
 
 User errors print one line ``distbelief: error: ...`` and exit with code 2;
 a job that fails exits with code 1; Ctrl-C exits with 130. Every child process
@@ -55,21 +55,52 @@ def build_parser() -> argparse.ArgumentParser:
                "distbelief train --model lcnn --partitions 2 --split units --shards 4 "
                "--epochs 1")
     train.add_argument("config", nargs="?", help="TOML config file (optional)")
-    for option in TRAIN_OPTIONS.values():
-        default = option.default if option.default is not None else option.unset
-        text = option.help.replace("%", "%%")
-        if option.type is bool:  # --backups / --no-backups
-            train.add_argument(option.flag, dest=option.name,
-                               action=argparse.BooleanOptionalAction, default=None,
-                               help=f"{text} (default: {default})")
-            continue
-        train.add_argument(option.flag, dest=option.name, type=option.type, default=None,
-                           choices=option.choices, metavar=option.name.upper(),
-                           help=f"{text} (default: {default})")
+    _add_job_options(train)
     train.add_argument("--quiet", action="store_true", help="no progress display")
     train.add_argument("--resume", metavar="RUN_DIR", default=None,
                        help="continue the run in RUN_DIR from its last complete checkpoint, "
                             "with its own config (see --checkpoint-every)")
+    train.add_argument("--strategy", choices=("manual", "auto"), default="manual",
+                       help="auto: plan first (as 'distbelief plan' with its defaults) and "
+                            "train with the choice; the options given are kept, the planner "
+                            "chooses the rest (default: manual)")
+    train.add_argument("--trials", type=int, default=None, metavar="N",
+                       help="--strategy auto: candidates tried (default: 3)")
+    train.add_argument("--trial-seconds", type=float, default=None, metavar="S",
+                       help="--strategy auto: seconds of training per trial (default: 4)")
+
+    plan = sub.add_parser(
+        "plan", help="choose the algorithm and layout for a job: profile, predict, try",
+        description="Profile the model and data on this host, enumerate every layout the "
+                    "algorithms accept (replicas, shards, partitions and split, data servers, "
+                    "fetch/push cadence), predict each one's samples/s and memory, run the "
+                    "most promising for a few seconds each through the real launcher, and "
+                    "choose the one whose training loss falls fastest per second. Options "
+                    "given are kept; the planner chooses the rest. Writes OUTPUT/plan.json and "
+                    "OUTPUT/plan.toml, a config 'distbelief train' accepts.",
+        epilog="Planning for a cluster you do not have: --hosts 8 --cores-per-host 32 "
+               "--memory-per-host 256GB --link-bandwidth 10Gbit (no trials then; the choice "
+               "is the cost model's, and plan.json holds the command each host runs).")
+    plan.add_argument("config", nargs="?", help="TOML config file (optional)")
+    _add_job_options(plan)
+    plan.add_argument("--trials", type=int, default=3, metavar="N",
+                      help="candidates tried for --trial-seconds each (0: choose by the cost "
+                           "model alone; default: 3)")
+    plan.add_argument("--trial-seconds", type=float, default=4.0, metavar="S",
+                      help="seconds of training per trial, after its start-up (default: 4)")
+    plan.add_argument("--hosts", type=int, default=None, metavar="H",
+                      help="plan for H hosts (default: this one)")
+    plan.add_argument("--cores-per-host", type=int, default=None, metavar="C",
+                      help="cores of each host (default: this host's)")
+    plan.add_argument("--memory-per-host", default=None, metavar="SIZE",
+                      help="memory a job may use on each host, e.g. 256GB (default: this "
+                           "host's available memory)")
+    plan.add_argument("--link-bandwidth", default=None, metavar="RATE",
+                      help="bandwidth between processes over TCP, e.g. 10Gbit (default: "
+                           "measured over loopback here)")
+    plan.add_argument("-o", "--output", default="plan", metavar="DIR",
+                      help="folder for plan.json and plan.toml (default: plan)")
+    plan.add_argument("--quiet", action="store_true", help="no progress messages")
 
     pred = sub.add_parser(
         "predict", help="run a trained model (whole or partitioned) over an .npz of inputs",
@@ -102,6 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_job_options(parser: argparse.ArgumentParser) -> None:
+    """One option per config field (help from the field's docstring)."""
+    for option in TRAIN_OPTIONS.values():
+        default = option.default if option.default is not None else option.unset
+        text = option.help.replace("%", "%%")
+        if option.type is bool:  # --backups / --no-backups
+            parser.add_argument(option.flag, dest=option.name,
+                                action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{text} (default: {default})")
+            continue
+        parser.add_argument(option.flag, dest=option.name, type=option.type, default=None,
+                            choices=option.choices, metavar=option.name.upper(),
+                            help=f"{text} (default: {default})")
+
+
 class Terminated(Exception):
     """SIGTERM arrived (e.g. from SLURM or `kill`): unwind so every child is reaped."""
 
@@ -125,6 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             f"(see 'distbelief {args.command} --help')")
         if args.command == "train":
             return _train(args)
+        if args.command == "plan":
+            return _plan(args)
         if args.command == "plot":
             return _plot(args)
         if args.command == "predict":
@@ -148,6 +196,8 @@ def _train(args: argparse.Namespace) -> int:
     options = {name: getattr(args, name) for name in TRAIN_OPTIONS}
     try:
         summary = train(args.config, show_progress=not args.quiet, resume=args.resume,
+                        strategy=args.strategy, trials=args.trials,
+                        trial_seconds=args.trial_seconds,
                         **options)
     except JobFailed as exc:
         print(f"distbelief: job failed: {exc}", file=sys.stderr)
@@ -159,6 +209,21 @@ def _train(args: argparse.Namespace) -> int:
           f"samples; {summary['samples_per_second']:,.0f} samples/s; "
           f"{summary['wall_seconds']:.1f} s" + (f"; {lost} replica(s) lost" if lost else ""))
     print(f"run directory: {summary['run_dir']}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from distbelief.api import plan
+
+    options = {name: getattr(args, name) for name in TRAIN_OPTIONS}
+    result = plan(args.config, trials=args.trials, trial_seconds=args.trial_seconds,
+                  hosts=args.hosts, cores_per_host=args.cores_per_host,
+                  memory_per_host=args.memory_per_host, link_bandwidth=args.link_bandwidth,
+                  output=args.output, show_progress=not args.quiet, **options)
+    print(result["table"])
+    print(f"wrote {result['files'][0]} and {result['files'][1]}; run:")
+    for command in result["commands"]:
+        print(command)
     return 0
 
 

@@ -44,11 +44,12 @@ __all__ = ["JobFailed", "check_launch", "run_job"]
 
 
 def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None = None,
-            resume: str | Path | None = None) -> dict:
+            resume: str | Path | None = None, plan: dict | None = None) -> dict:
     """Run a whole job and return its summary. Blocks until the job ends.
 
     `resume`: a run directory whose last complete checkpoint the job continues from
-    (`cfg` is then that run's config). Raises UserError for bad input and JobFailed
+    (`cfg` is then that run's config). `plan`: the plan that chose `cfg` (``--strategy
+    auto``), recorded in the summary. Raises UserError for bad input and JobFailed
     when the job cannot finish.
     """
     cfg = cfg.validate().resolved()
@@ -159,6 +160,8 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
                    "store_keys": store_keys,
                    "data": data_summary(store, cfg, dict(zip(members, done)),
                                         watch.dataservers_lost)}
+        if plan is not None:
+            summary["plan"] = plan
         write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         from distbelief.metrics.plot import plot_run
         plot_run(run_dir)

@@ -148,6 +148,11 @@ def load_config(path: str | Path | None) -> JobConfig:
     """Read a TOML config file (None: all defaults). Raises UserError on any problem."""
     if path is None:
         return JobConfig()
+    return JobConfig.from_dict(load_raw(path), source=str(path))
+
+
+def load_raw(path: str | Path) -> dict[str, Any]:
+    """A TOML config file's tables as written (no defaults filled). UserError on any problem."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {str(path)!r} not found: give the path of a TOML file")
@@ -157,7 +162,7 @@ def load_config(path: str | Path | None) -> JobConfig:
         raise UserError(f"config file {str(path)!r} is not valid TOML ({exc}): fix the syntax") from None
     except UnicodeDecodeError:
         raise UserError(f"config file {str(path)!r} is not UTF-8 text: give a TOML file") from None
-    return JobConfig.from_dict(data, source=str(path))
+    return data
 
 
 # ---- flat options ------------------------------------------------------------

@@ -1,0 +1,206 @@
+"""What the planner measures on this host: the model's compute, sizes and the data's cost.
+
+`profile_job(cfg)` builds the job's model and data as every role would, then
+times forward + backward of each layer at the configured batch size (at one
+thread, and the whole model at each thread count a process might get), counts
+parameter bytes per layer and activation bytes at every cut, and times one
+batch of the configured augmentation and one update of each rule. The numbers
+feed the pure functions of `distbelief.planner.cost`; each can be replaced by a
+given one (a profile is a plain dataclass, saved in ``plan.json``).
+
+Blocks for about a second on small models, a few on DistBelief's speech model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from distbelief.config import RULES
+
+
+@dataclass
+class Profile:
+    """The measured costs of one job's model and data on this host (seconds, bytes)."""
+
+    batch_size: int
+    parameters: int
+    """Trainable parameters (float32)."""
+    layer_seconds: list[float]
+    """Forward + backward of each layer of an nn.Sequential at the batch size, one thread."""
+    layer_param_bytes: list[int]
+    activation_bytes: list[int]
+    """Bytes of one batch's activations after each layer (a cut after layer i sends these)."""
+    step_seconds: dict[int, float]
+    """Forward + backward of the whole model at the batch size, by thread count."""
+    units_split: bool
+    """Whether the model can be cut by units (has Linear or locally connected layers)."""
+    sequential: bool
+    augment_seconds: float
+    """Augmenting one batch (0: no augmentation configured)."""
+    batch_bytes: int
+    """One batch of inputs and labels, as sent by a data server."""
+    train_samples: int
+    dataset_bytes: int
+    """The whole dataset in memory (every process that loads it holds it all)."""
+    rule_seconds: dict[str, float] = field(default_factory=dict)
+    """Applying each update rule to one parameter (seconds per element)."""
+    base_memory: int = 0
+    """Resident bytes of a process that has imported torch and nothing else of the job."""
+
+    @property
+    def param_bytes(self) -> int:
+        return 4 * self.parameters
+
+    @property
+    def layers_with_parameters(self) -> int:
+        return sum(1 for b in self.layer_param_bytes if b)
+
+    def compute_seconds(self, threads: int) -> float:
+        """Forward + backward of one batch with `threads` threads (nearest measured count below)."""
+        known = sorted(self.step_seconds)
+        usable = [t for t in known if t <= threads] or known[:1]
+        return self.step_seconds[usable[-1]]
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["step_seconds"] = {str(k): v for k, v in self.step_seconds.items()}
+        return data
+
+
+def profile_job(cfg, cores: int, repeats: int = 3) -> Profile:
+    """Measure `cfg`'s (a JobConfig) model and data on this host; `cores`: the most threads
+    one process could be given."""
+    from distbelief.data.augment import Augmenter, augment_generator
+    from distbelief.data.feed import load_data_and_model
+
+    data, model = load_data_and_model(cfg)
+    batch = cfg.data.batch_size
+    x = data.x_train[:batch]
+    if len(x) < batch:  # a tiny dataset: repeat samples to reach the batch size
+        x = x.repeat(math.ceil(batch / len(x)), *([1] * (x.dim() - 1)))[:batch]
+    y = data.y_train[:len(x)] if len(data.y_train) >= len(x) else torch.zeros(len(x), dtype=torch.long)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        sequential = isinstance(model, nn.Sequential)
+        if sequential:
+            layer_seconds, activations = _layers(model, x, repeats)
+            layer_params = [4 * sum(p.numel() for p in layer.parameters() if p.requires_grad)
+                            for layer in model]
+        else:
+            layer_seconds, activations, layer_params = [], [], []
+        step_seconds = {}
+        for t in _thread_counts(cores):
+            torch.set_num_threads(t)
+            step_seconds[t] = _whole_step(model, x, y, repeats)
+        if not sequential:
+            layer_seconds = [step_seconds[1]]
+        torch.set_num_threads(1)
+        augmenter = Augmenter(cfg.augment, data.input_shape)
+        augment = 0.0
+        if augmenter.enabled:
+            augment = _best(lambda: augmenter(x.clone(), augment_generator(0, 0, 0)), repeats)
+        rules = {rule: _rule_seconds(rule) for rule in RULES}
+    finally:
+        torch.set_num_threads(threads)
+    return Profile(
+        batch_size=batch, parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        layer_seconds=layer_seconds, layer_param_bytes=layer_params,
+        activation_bytes=activations, step_seconds=step_seconds,
+        units_split=_units_splittable(model), sequential=sequential, augment_seconds=augment,
+        batch_bytes=x.numel() * x.element_size() + 8 * len(x),
+        train_samples=len(data.y_train),
+        dataset_bytes=sum(t.numel() * t.element_size()
+                          for t in (data.x_train, data.y_train, data.x_test, data.y_test)),
+        rule_seconds=rules, base_memory=resident_bytes())
+
+
+def _units_splittable(model: nn.Module) -> bool:
+    """Whether --split units can cut it: every layer with parameters is Linear or locally
+    connected (`distbelief.model.units`)."""
+    from distbelief.model.locally_connected import LocallyConnected1d, LocallyConnected2d
+
+    if not isinstance(model, nn.Sequential):
+        return False
+    kinds = [isinstance(layer, (nn.Linear, LocallyConnected1d, LocallyConnected2d))
+             for layer in model if any(p.requires_grad for p in layer.parameters())]
+    return bool(kinds) and all(kinds)
+
+
+def _thread_counts(cores: int) -> list[int]:
+    counts, t = [], 1
+    while t < cores:
+        counts.append(t)
+        t *= 2
+    return counts + [max(1, cores)]
+
+
+def _best(fn, repeats: int) -> float:
+    fn()  # warm-up: first calls allocate
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _layers(model: nn.Sequential, x: torch.Tensor, repeats: int) -> tuple[list[float], list[int]]:
+    times, sizes = [], []
+    for layer in model:
+        inp = x.detach().requires_grad_()
+        out = layer(inp)
+
+        def step(layer=layer, inp=inp):
+            out = layer(inp)
+            out.backward(torch.ones_like(out))
+
+        times.append(_best(step, repeats))
+        layer.zero_grad(set_to_none=True)
+        sizes.append(out.numel() * out.element_size())
+        x = out.detach()
+    return times, sizes
+
+
+def _whole_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int) -> float:
+    def step():
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+
+    seconds = _best(step, repeats)
+    model.zero_grad(set_to_none=True)
+    return seconds
+
+
+def _rule_seconds(rule: str, n: int = 1 << 20) -> float:
+    """Seconds per element of one in-place update with `rule` (as a shard or replica runs it)."""
+    w, g = torch.zeros(n), torch.full((n,), 1e-3)
+    state = [torch.zeros(n) for _ in range(2)]
+
+    def update():
+        if rule == "sgd":
+            w.add_(g, alpha=-0.01)
+        elif rule in ("momentum", "adagrad"):
+            state[0].mul_(0.9).add_(g) if rule == "momentum" else state[0].addcmul_(g, g)
+            w.add_(state[0], alpha=-0.01)
+        else:
+            state[0].mul_(0.9).add_(g, alpha=0.1)
+            state[1].mul_(0.999).addcmul_(g, g, value=0.001)
+            w.addcdiv_(state[0], state[1].sqrt().add_(1e-8), value=-0.01)
+
+    return _best(update, 2) / n
+
+
+def resident_bytes() -> int:
+    """This process's resident set (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
