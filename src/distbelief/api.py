@@ -47,6 +47,16 @@ def train(config: JobConfig | dict | str | Path | None = None, *, show_progress:
 
     Raises UserError for bad input and coordinator.JobFailed when the job cannot finish.
     """
+    if strategy not in STRATEGIES:
+        raise UserError(f"--strategy {strategy!r} is not one of {', '.join(STRATEGIES)}: "
+                        "give manual (the options as given) or auto (planned)")
+    if strategy != "auto" and (trials is not None or trial_seconds is not None):
+        raise UserError(f"--{'trials' if trials is not None else 'trial-seconds'} is for "
+                        "--strategy auto, which plans with trials: add --strategy auto or "
+                        "leave it out")
+    if strategy == "auto" and resume is not None:
+        raise UserError("--strategy auto plans a new run, but --resume continues one with its "
+                        "own config: leave --strategy out")
     if resume is not None:
         given = sorted(k for k, v in options.items() if v is not None)
         if config is not None or given:
@@ -58,16 +68,6 @@ def train(config: JobConfig | dict | str | Path | None = None, *, show_progress:
             raise UserError(f"--resume {str(resume)!r}: not a run directory (no config.toml): "
                             "give the directory a train run printed")
         config = saved
-    if strategy not in STRATEGIES:
-        raise UserError(f"--strategy {strategy!r} is not one of {', '.join(STRATEGIES)}: "
-                        "give manual (the options as given) or auto (planned)")
-    if strategy != "auto" and (trials is not None or trial_seconds is not None):
-        raise UserError(f"--{'trials' if trials is not None else 'trial-seconds'} is for "
-                        "--strategy auto, which plans with trials: add --strategy auto or "
-                        "leave it out")
-    if strategy == "auto" and resume is not None:
-        raise UserError("--strategy auto plans a new run, but --resume continues one with its "
-                        "own config: leave --strategy out")
     cfg = resolve_config(config, options)
     planned = None
     if strategy == "auto":
