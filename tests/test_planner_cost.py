@@ -73,6 +73,23 @@ def test_cpu_share(busy, cores, share):
     assert cost.cpu_share(busy, cores) == pytest.approx(share)
 
 
+@pytest.mark.parametrize("busy, cores, threads, share", [
+    (2, 2, 1, 1.0), (3, 2, 1, 2 / 3), (3, 2, 2, 4 / 9),  # two threads both wait
+    (2.5, 2, 2, 0.64)])
+def test_oversubscribed_share(busy, cores, threads, share):
+    assert cost.oversubscribed_share(busy, cores, threads) == pytest.approx(share)
+
+
+def test_shards_take_cores_from_the_replicas():
+    # a shard whose rule costs a lot per element: its core is taken from the replicas'
+    profile = _profile(rule_seconds={"adagrad": 1e-8})
+    idle = predict(Layout(replicas=2, shards=1, pull=1.0, push=1.0), profile,
+                   _hardware(cores_per_host=2))
+    busy = predict(Layout(replicas=2, shards=1, pull=1.0, push=1.0, shard_rule=True,
+                          rule="adagrad"), profile, _hardware(cores_per_host=2))
+    assert busy.parts["compute"] > idle.parts["compute"] * 1.2
+
+
 @pytest.mark.parametrize("steps, quorum, rate", [
     ([0.1, 0.1], None, 20.0),          # independent replicas add up
     ([0.1, 0.4], None, 12.5),          # a slow one adds less
@@ -138,6 +155,18 @@ def test_loss_slope_and_window():
 
 # ---- predict, on a made-up profile --------------------------------------------------------
 
+@pytest.fixture(autouse=True)
+def no_idle_processes(request, monkeypatch):
+    """The predict tests below count only what they set up: the idle processes' cores
+    (`cost.AUX_BUSY`) are left out except where a test asks for them."""
+    if "aux" not in request.fixturenames:
+        monkeypatch.setattr(cost, "AUX_BUSY", 0.0)
+
+
+@pytest.fixture
+def aux():
+    return cost.AUX_BUSY
+
 def _profile(**changes) -> Profile:
     base = Profile(batch_size=100, parameters=1_000_000, layer_seconds=[0.01, 0.01],
                    layer_param_bytes=[2_000_000, 2_000_000], activation_bytes=[40_000, 4_000],
@@ -165,7 +194,9 @@ def test_predict_parameter_server_traffic():
     # 4 MB each way per step over shm (8 GB/s a copy, two copies): 1 ms each way
     p = predict(Layout(replicas=1, shards=1, pull=1.0, push=1.0), _profile(), _hardware())
     assert p.parts["transfer"] == pytest.approx(2e-3)
-    assert p.step_seconds == pytest.approx(0.022)
+    # the shard's work takes a little of the cores the replica's 4 threads use
+    assert 0.02 < p.parts["compute"] < 0.021
+    assert p.step_seconds == pytest.approx(p.parts["compute"] + 2e-3)
     fewer = predict(Layout(replicas=1, shards=1, pull=0.25, push=0.25), _profile(), _hardware())
     assert fewer.parts["transfer"] == pytest.approx(0.5e-3)
 
@@ -175,6 +206,15 @@ def test_predict_oversubscribed_cores_slow_every_replica():
     p = predict(Layout(replicas=4), _profile(), hw)
     assert p.step_seconds == pytest.approx(0.02 / 0.5)  # 4 busy threads on 2 cores
     assert p.samples_per_second == pytest.approx(4 * 100 / 0.04)
+
+
+def test_idle_processes_cost_most_to_a_replica_of_many_threads(aux):
+    hw = _hardware(cores_per_host=2)
+    one = predict(Layout(replicas=1, shards=1), _profile(), hw)  # 2 threads
+    two = predict(Layout(replicas=2, shards=1), _profile(), hw)  # 1 thread each
+    share = 2 / (2 + 2 * aux)  # the coordinator's and the shard's
+    assert two.step_seconds == pytest.approx(0.02 / share)
+    assert one.step_seconds == pytest.approx(0.02 / share ** 2)
 
 
 def test_predict_allreduce_between_hosts_uses_the_network():
@@ -207,12 +247,14 @@ def test_predict_pipeline_and_units():
 
 def test_predict_data_servers_take_augmentation_off_the_replicas():
     profile = _profile(augment_seconds=0.03)
-    inline = predict(Layout(replicas=1), profile, _hardware())
-    served = predict(Layout(replicas=1, data_servers=1), profile, _hardware())
+    hw = _hardware(cores_per_host=5)  # two replicas of 2 threads, a core for the server
+    inline = predict(Layout(replicas=2), profile, hw)
+    served = predict(Layout(replicas=2, data_servers=1), profile, hw)
     assert inline.step_seconds == pytest.approx(0.05)
     assert served.samples_per_second == pytest.approx(100 / 0.03)  # one server's rate
     assert served.bottleneck == "data"
-    assert served.samples_per_second > inline.samples_per_second
+    two = predict(Layout(replicas=2, data_servers=2), profile, _hardware(cores_per_host=6))
+    assert two.samples_per_second > inline.samples_per_second
 
 
 def test_predict_memory_counts_every_process():

@@ -107,6 +107,8 @@ class Exchange:
     """One parameter tensor in this host's memory (no transfer at all)."""
     full_batch: bool = False
     """Iterations over the whole training set (a step is a portion of one)."""
+    store_ops: float = 0.0
+    """Round trips to the job store per step (claiming work, announcing results)."""
 
 
 RULE_STATE = {"sgd": 0, "momentum": 1, "adagrad": 1, "adam": 2, None: 0}

@@ -132,6 +132,7 @@ class Layout:
     rule: str | None = None
     rule_state: int = 0
     shared: bool = False
+    store_ops: float = 0.0
     extra_shard_vectors: int = 0
     """Vectors a shard keeps besides the parameters and rule state (ADMM's members)."""
 
@@ -153,13 +154,41 @@ class Prediction:
 def predict(layout: Layout, profile, hardware) -> Prediction:
     """Samples per second and memory of `layout` for a `Profile` on `Hardware` (see the module
     docstring). Pure: every number comes from the arguments."""
-    r, k, s, d = layout.replicas, layout.partitions, layout.shards, layout.data_servers
+    r, k, s = layout.replicas, layout.partitions, layout.shards
     hosts, cores = hardware.hosts, hardware.cores_per_host
     compute_procs = max(1, math.ceil(r * k / hosts))
     threads = max(1, cores // compute_procs)
-    busy = compute_procs * threads + (d if profile.augment_seconds else 0) / hosts
-    share = cpu_share(busy, cores)
-    whole = profile.compute_seconds(threads) / share
+    serving = layout.data_servers if profile.augment_seconds else 0
+    aux = AUX_BUSY * (1 + s + layout.data_servers - serving)  # coordinator, shards, idle servers
+    shard_busy, result = 0.0, None
+    for _ in range(ITERATIONS):  # the shards' cores depend on the rate, the rate on the cores
+        busy = compute_procs * threads + (serving + shard_busy + aux) / hosts
+        result = _rate(layout, profile, hardware, compute_threads=threads,
+                       share=oversubscribed_share(busy, cores, threads))
+        shard_busy = max(0.0, min(float(s), result.parts.pop("shard_busy", 0.0)) - AUX_BUSY * s)
+    return result
+
+
+ITERATIONS = 4
+AUX_BUSY = 0.25
+"""Cores a process that is not computing (the coordinator, an idle shard) keeps busy
+between messages: heartbeats, polling, Python. Calibrated on a 2-core host, where one
+replica of 2 threads ran 40% slower beside them than alone; what it costs matters most to
+a process of several threads, which waits for its slowest one."""
+
+
+def oversubscribed_share(busy_threads: float, cores: int, threads: int) -> float:
+    """The speed of a process of `threads` threads when `busy_threads` share `cores`: each
+    thread's `cpu_share`, and a process of several threads waits at every parallel region
+    for the slowest one, so it pays the share once per thread."""
+    return cpu_share(busy_threads, cores) ** threads
+
+
+def _rate(layout: Layout, profile, hardware, *, compute_threads: int, share: float
+          ) -> Prediction:
+    r, k, s, d = layout.replicas, layout.partitions, layout.shards, layout.data_servers
+    hosts = hardware.hosts
+    whole = profile.compute_seconds(compute_threads) / share
     scale = whole / max(sum(profile.layer_seconds), 1e-12)  # per-layer times at this share
     link = hardware.link_bandwidth if hosts > 1 else hardware.shm_bandwidth / 2  # two copies
     tcp = hardware.link_bandwidth
@@ -186,12 +215,16 @@ def predict(layout: Layout, profile, hardware) -> Prediction:
     parts["compute"] = compute
     transfer = 0.0
     if layout.allreduce:
-        transfer = allreduce_seconds(r, nbytes, tcp if hosts > 1 else link) + 2 * latency * (r > 1)
+        transfer = (allreduce_seconds(r, nbytes, tcp if hosts > 1 else link)
+                    + hardware.allreduce_latency * (r - 1))
         parts["all-reduce"] = transfer
     elif layout.pull or layout.push:
         transfer = ps_transfer_seconds(layout.pull, layout.push, part_bytes, link,
                                        max(1, math.ceil(s / k)), latency)
         parts["transfer"] = transfer
+    if layout.store_ops:
+        parts["store"] = layout.store_ops * hardware.store_latency
+        transfer += parts["store"]
     update = (profile.rule_seconds.get(layout.rule or "sgd", 0.0) * part_bytes / 4 / share
               if layout.local_rule else 0.0)
     if update:
@@ -215,19 +248,21 @@ def predict(layout: Layout, profile, hardware) -> Prediction:
         rate = min(free_rate, quorum_rate * r / quorum)
     else:
         rate = job_steps_per_second(steps, quorum)
-    samples = rate * profile.batch_size
     if max(transfer, parts.get("all-reduce", 0.0)) > compute:
         bottleneck = "all-reduce" if layout.allreduce else "transfer"
     if data > compute:
         bottleneck = "data"
     if s and (layout.pull or layout.push):
+        # each shard: the rule and copies of its slice, and a message's handling per request
         per_step = shard_seconds_per_step(
             layout.pull, layout.push, profile.parameters, s,
             profile.rule_seconds.get(layout.rule or "sgd", 0.0) if layout.shard_rule else 0.0,
-            hardware.shm_bandwidth)
-        shard_cap = 1 / per_step if per_step else math.inf
-        if rate > shard_cap:
-            samples, bottleneck = shard_cap * profile.batch_size, "shards"
+            hardware.shm_bandwidth) + (layout.pull + layout.push) * latency / 2
+        parts["shard_busy"] = rate * k * per_step  # cores the shards keep busy
+        shard_cap = 1 / (per_step * k / s) if per_step else math.inf
+        if rate > shard_cap * s:
+            rate, bottleneck = shard_cap * s, "shards"
+    samples = rate * profile.batch_size
     if d and profile.augment_seconds:
         server_cap = d / profile.augment_seconds * profile.batch_size
         if samples > server_cap:

@@ -1,9 +1,11 @@
 """The hardware a plan is for: cores, memory and links, measured here or given.
 
-`Hardware.measure()` reads this host's cores and memory and times its two
-links: a copy into shared memory (how tensors move between processes on one
-host) and a TCP stream over loopback (gloo's path). Every figure can be given
-instead, to plan for a cluster you do not have yet::
+`Hardware.measure()` reads this host's cores and memory and times its links: a
+copy into shared memory (how tensors move between processes on one host), gloo
+(two process groups of this process, over loopback: the round trip of a command
+header, the bandwidth of a large tensor, the fixed cost of an all-reduce), and a
+round trip to a c10d store (the job store's). Every figure can be given instead,
+to plan for a cluster you do not have yet::
 
     hw = Hardware.measure(hosts=8, cores_per_host=32, link_bandwidth=parse_bandwidth("10Gbit"))
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -63,9 +66,13 @@ class Hardware:
     shm_bandwidth: float
     """One copy into shared memory (a transfer between processes on one host makes two)."""
     link_bandwidth: float
-    """Between processes over TCP: loopback on one host, the network between hosts."""
+    """gloo between processes: over loopback on one host, the network between hosts."""
     latency: float
-    """Seconds of one round trip of a small message (a command header) over TCP."""
+    """Seconds of one gloo round trip of a small message (a command header)."""
+    allreduce_latency: float = 0.0
+    """Seconds of an all-reduce of a few numbers between two members (its fixed cost)."""
+    store_latency: float = 0.0
+    """Seconds of one round trip to the job store (a c10d TCPStore)."""
     measured: tuple[str, ...] = ()
     """Which of the figures were measured here (the rest were given)."""
 
@@ -94,13 +101,16 @@ class Hardware:
         if shm_bandwidth is None:
             shm_bandwidth = measure_copy_bandwidth()
             measured.append("shm_bandwidth")
+        gloo = measure_gloo()
         if link_bandwidth is None:
-            link_bandwidth = measure_tcp_bandwidth()
+            link_bandwidth = gloo["bandwidth"]
             measured.append("link_bandwidth")
         if latency is None:
-            latency = measure_tcp_latency()
+            latency = gloo["latency"]
             measured.append("latency")
-        return cls(hosts=hosts or 1, latency=latency, cores_per_host=cores_per_host,
+        measured += ["allreduce_latency", "store_latency"]
+        return cls(hosts=hosts or 1, latency=latency, allreduce_latency=gloo["allreduce"],
+                   store_latency=measure_store_latency(), cores_per_host=cores_per_host,
                    memory_per_host=memory_per_host, shm_bandwidth=shm_bandwidth,
                    link_bandwidth=link_bandwidth, measured=tuple(measured))
 
@@ -132,90 +142,87 @@ def measure_copy_bandwidth(nbytes: int = 32 << 20, repeats: int = 3) -> float:
     return nbytes / best
 
 
-def measure_tcp_bandwidth(nbytes: int = 32 << 20, timeout: float = 2.0) -> float:
-    """Bytes per second of one TCP stream over loopback (gloo's path between two processes
-    of one host); gives up after `timeout` seconds and reports what had arrived by then."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(timeout)
-    received = [0]
+def measure_gloo(nbytes: int = 8 << 20, timeout: float = 5.0) -> dict[str, float]:
+    """gloo between two process groups of this process (each in its own thread, over
+    loopback): the bandwidth of an `nbytes` tensor each way, and an all-reduce of 2
+    numbers (the lower quartile of many), which is also a small message's round trip.
+    Every wait is bounded by `timeout` (gloo raises past it)."""
+    import datetime
 
-    def sink() -> None:
+    import torch
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    groups: list = [None, None]
+    errors: list[BaseException] = []
+    result: dict[str, float] = {}
+
+    def member(rank: int) -> None:
         try:
-            conn, _ = listener.accept()
-        except OSError:
-            return
-        with conn:
-            conn.settimeout(timeout)
-            while received[0] < nbytes:
-                try:
-                    chunk = conn.recv(1 << 20)
-                except OSError:
-                    return
-                if not chunk:
-                    return
-                received[0] += len(chunk)
+            pg = dist.ProcessGroupGloo(store, rank, 2, datetime.timedelta(seconds=timeout))
+            groups[rank] = pg
+            peer = 1 - rank
+            small, big = torch.zeros(2), torch.zeros(nbytes // 4)
 
-    thread = threading.Thread(target=sink, daemon=True, name="tcp-sink")
-    thread.start()
-    payload = memoryview(bytearray(1 << 20))
-    start = time.perf_counter()
-    try:
-        with socket.create_connection(listener.getsockname(), timeout=timeout) as conn:
-            sent = 0
-            while sent < nbytes and time.perf_counter() - start < timeout:
-                conn.sendall(payload)
-                sent += len(payload)
-            thread.join(max(0.0, timeout - (time.perf_counter() - start)))
-    finally:
-        listener.close()
-    elapsed = time.perf_counter() - start
-    if received[0] == 0:
-        raise UserError("could not measure the loopback link (no byte arrived in "
-                        f"{timeout:g} s): give --link-bandwidth instead")
-    return received[0] / elapsed
+            def ping(buf: torch.Tensor) -> None:
+                if rank == 0:
+                    pg.send([buf], peer, 0).wait()
+                    pg.recv([buf], peer, 0).wait()
+                else:
+                    pg.recv([buf], peer, 0).wait()
+                    pg.send([buf], peer, 0).wait()
 
-
-def measure_tcp_latency(rounds: int = 200, timeout: float = 2.0) -> float:
-    """Seconds of one round trip of a 48-byte message over loopback (the median)."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(timeout)
-
-    def echo() -> None:
-        try:
-            conn, _ = listener.accept()
-        except OSError:
-            return
-        with conn:
-            conn.settimeout(timeout)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            try:
-                while data := conn.recv(48):
-                    conn.sendall(data)
-            except OSError:
-                return
-
-    thread = threading.Thread(target=echo, daemon=True, name="tcp-echo")
-    thread.start()
-    times = []
-    try:
-        with socket.create_connection(listener.getsockname(), timeout=timeout) as conn:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            message = bytes(48)
-            deadline = time.perf_counter() + timeout
-            for _ in range(rounds):
+            ping(big)  # warm: the first large transfer allocates
+            start = time.perf_counter()
+            ping(big)
+            big_seconds = time.perf_counter() - start
+            reduces = []
+            for _ in range(30):
                 start = time.perf_counter()
-                conn.sendall(message)
-                got = 0
-                while got < len(message):
-                    chunk = conn.recv(48 - got)
-                    if not chunk:
-                        break
-                    got += len(chunk)
-                times.append(time.perf_counter() - start)
-                if start > deadline:
-                    break
+                pg.allreduce([small]).wait()
+                reduces.append(time.perf_counter() - start)
+            if rank == 0:
+                # a two-member all-reduce is one exchange each way: a header's round
+                # trip (a send/recv ping-pong between two threads of one process
+                # sometimes waits ~4 ms for the other's wake-up, two processes do not)
+                quick = sorted(reduces)[len(reduces) // 4]  # lower quartile
+                result.update(latency=quick, bandwidth=2 * nbytes / big_seconds,
+                              allreduce=quick)
+        except BaseException as exc:  # re-raised below, in the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=member, args=(r,), daemon=True, name=f"gloo-{r}")
+               for r in range(2)]
+    # two processes would not share a GIL: hand it over at once, not every 5 ms
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(4 * timeout)
     finally:
-        listener.close()
-    thread.join(timeout)
-    times.sort()
-    return times[len(times) // 2]
+        sys.setswitchinterval(interval)
+    if errors or not result:
+        raise UserError(f"could not measure gloo on this host ({errors[0] if errors else 'timeout'}):"
+                        " give --link-bandwidth instead")
+    return result
+
+
+def measure_store_latency(rounds: int = 200, timeout: float = 5.0) -> float:
+    """The median round trip of a get to a c10d TCPStore over loopback (the job store)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    wait = datetime.timedelta(seconds=timeout)
+    server = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=wait, wait_for_workers=False)
+    client = dist.TCPStore("127.0.0.1", server.port, 1, False, timeout=wait)
+    client.set("planner/probe", "1")
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        client.get("planner/probe")
+        times.append(time.perf_counter() - start)
+    del client, server
+    return sorted(times)[rounds // 2]
