@@ -152,6 +152,29 @@ def test_the_readme_torchrun_example_trains_across_hosts(hosts, tmp_path):
     assert {r["host"] for r in roles} == {h.name for h in hosts.hosts}
 
 
+def test_plan_on_every_host_measures_the_links_between_them(hosts, tmp_path):
+    """`distbelief plan` started as a job is, one rank per host: rank 0 plans for 3 hosts with
+    the links it measured to the others over gloo; the other ranks answer and exit."""
+    token = secrets.token_hex(16)
+    procs = []
+    for rank, host in enumerate(hosts.hosts):
+        env = role_env(token, hosts[0].address, rank, 3)
+        procs.append(host.popen(
+            ["env", "-i", *(f"{k}={v}" for k, v in env.items()), "distbelief", "plan",
+             "--dataset", "digits", "--model", "mlp", "--trials", "0", "--quiet",
+             "-o", str(tmp_path / "plan")],
+            stdout=open(tmp_path / f"rank{rank}.log", "w"), stderr=subprocess.STDOUT,
+            cwd=tmp_path))
+    wait_all(procs, tmp_path, timeout=120)
+    assert [p.returncode for p in procs] == [0] * 3, [log(tmp_path, i)[-1500:] for i in range(3)]
+    assert "measured the links for rank 0's plan" in log(tmp_path, 1)
+    plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    hardware = plan["hardware"]
+    assert hardware["hosts"] == 3 and "link_bandwidth between hosts" in hardware["measured"]
+    assert hardware["link_bandwidth"] > 1e6 and 0 < hardware["latency"] < 1.0
+    assert len(plan["commands"]) == 3 and plan["choice"]["algorithm"] != "hogwild"
+
+
 def test_hosts_whose_names_resolve_to_nothing_still_reach_each_other(tmp_path):
     # gloo binds what the hostname resolves to, else loopback: each rank picks the interface
     # that reaches MASTER_ADDR instead (without it this job times out: no pair connects)

@@ -93,7 +93,7 @@ def test_plan_for_hosts_not_here_chooses_by_the_cost_model(main, tmp_path):
                           "--link-bandwidth", "10Gbit", "-o", tmp_path / "p", "--quiet")
     assert code == 0, err
     plan = json.loads((tmp_path / "p" / "plan.json").read_text())
-    assert "not here to try" in plan["why"]
+    assert "trials run on one host and this plan is for 4" in plan["why"]
     assert all(c["measured"] is None for c in plan["candidates"])
     assert len(plan["commands"]) == 4 and plan["hardware"]["link_bandwidth"] == 1.25e9
     chosen = load_config(tmp_path / "p" / "plan.toml").validate()

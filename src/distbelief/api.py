@@ -134,7 +134,10 @@ def plan(config: JobConfig | dict | str | Path | None = None, *, trials: int = 3
     `config` and `options` are as for `train`; the options given are kept and the planner
     chooses the rest: the algorithm, replicas, shards, partitions and split, data servers
     and the algorithm's own cadence. `trials`: candidates tried for `trial_seconds` each
-    (0: choose by the cost model alone). Example::
+    (0: choose by the cost model alone). Started as one rank of a multi-host job
+    (RANK/WORLD_SIZE and the job's token set, on every host), it first measures the hosts
+    and the links between them; rank 0 plans for them, every other rank returns
+    ``{"role": "peer", "rank": r}``. Example::
 
         plan = distbelief.plan(dataset="mnist1d", model="cnn", output="plan")
         distbelief.train("plan/plan.toml")
@@ -143,7 +146,32 @@ def plan(config: JobConfig | dict | str | Path | None = None, *, trials: int = 3
     from distbelief.planner.plan import minimal_toml, plan_table
 
     cfg = resolve_config(config, options)
-    hardware = Hardware.measure(
+    from distbelief.runtime.launch import EnvRole
+
+    env = EnvRole.detect(token_file=cfg.cluster.token_file)
+    if env is not None:  # every host runs the planner: measure them, rank 0 plans
+        given = [n for n, v in (("hosts", hosts), ("cores-per-host", cores_per_host),
+                                ("memory-per-host", memory_per_host),
+                                ("link-bandwidth", link_bandwidth)) if v is not None]
+        if given:
+            raise UserError(f"--{given[0]} describes hosts that are not here, but this process "
+                            "is one rank of a multi-host job (RANK/WORLD_SIZE set), whose hosts "
+                            f"are measured: leave --{given[0]} out, or plan outside the job")
+        from distbelief.planner.hosts import measure_between_hosts
+
+        _ = env.token  # refused before connecting without the job's secret token
+        _choose_gloo_interface(env.master_addr)
+        try:
+            measured = measure_between_hosts(env, timeout=cfg.cluster.timeout)
+        except TimeoutError as exc:
+            raise UserError(f"{exc} (after {cfg.cluster.timeout:g} s): start 'distbelief plan' "
+                            "with the same rank variables on every host") from None
+        if measured is None:
+            return {"role": "peer", "rank": env.rank}
+        hardware = measured
+    else:
+        hardware = None
+    hardware = hardware or Hardware.measure(
         hosts=hosts, cores_per_host=cores_per_host,
         memory_per_host=(parse_memory(memory_per_host) if isinstance(memory_per_host, str)
                          else memory_per_host),

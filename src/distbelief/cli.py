@@ -220,6 +220,9 @@ def _plan(args: argparse.Namespace) -> int:
                   hosts=args.hosts, cores_per_host=args.cores_per_host,
                   memory_per_host=args.memory_per_host, link_bandwidth=args.link_bandwidth,
                   output=args.output, show_progress=not args.quiet, **options)
+    if result.get("role") == "peer":
+        print(f"rank {result['rank']}: measured the links for rank 0's plan")
+        return 0
     print(result["table"])
     print(f"wrote {result['files'][0]} and {result['files'][1]}; run:")
     for command in result["commands"]:

@@ -196,7 +196,7 @@ def choose(shortlist: list[Candidate], tried: list[Candidate], hardware: Hardwar
     best = shortlist[0]
     reason = ("no trial ran" if not tried else "no trial reported a falling loss")
     if hardware.hosts > 1:
-        reason = f"the {hardware.hosts} hosts are not here to try"
+        reason = f"trials run on one host and this plan is for {hardware.hosts}"
     p = best.prediction
     return best, (f"{best.name}: the fastest predicted ({p.samples_per_second:,.0f} samples/s, "
                   f"bound by {p.bottleneck}); chosen on the cost model alone as {reason}")
