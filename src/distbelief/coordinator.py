@@ -65,7 +65,7 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
     check_model(model, data.input_shape, data.num_classes)
     Augmenter(cfg.augment, data.input_shape)  # augmentation that does not fit: one line, now
     home = home_for(algorithm.parameters, cfg, model, data)
-    steps = algorithm.steps(cfg, len(data.x_train))
+    steps = algorithm.steps(cfg, len(data.train))
     if env is None:
         host, port = cfg.cluster.host, cfg.cluster.port
         store = JobStore.host(host, port, new_token(), timeout=cfg.cluster.timeout)
@@ -217,7 +217,7 @@ def _summary(cfg: JobConfig, algorithm: Algorithm, job: dict, watch: Watch, test
         "samples_per_second": watch.samples / wall if wall > 0 else 0.0,
         "final_loss": sum(e["loss"] for e in last) / len(last) if last else None,
         "test_loss": test_loss, "test_accuracy": test_acc,
-        "test_samples": len(data.y_test), "replicas_lost": len(watch.lost),
+        "test_samples": len(data.test), "replicas_lost": len(watch.lost),
         "lost_replicas": sorted(watch.lost),
         "mean_staleness": sum(stale) / len(stale) if stale else None,
         "late_gradients_dropped": watch.dropped,

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from distbelief.model.evaluate import evaluate
+from distbelief.data.datasets import evaluate_split
 from distbelief.model.flat import flatten_parameters, load_flat
 from distbelief.model.partition import plan_partitions
 from distbelief.ps.client import PSClient
@@ -31,7 +31,7 @@ class Served:
         self.cfg, m, c = cfg, cfg.model, cfg.cluster
         self.plan = plan_partitions(model, partitions=m.partitions, split=m.split,
                                     balance=m.balance, micro_batches=m.micro_batches,
-                                    sample=data.x_train[: cfg.data.batch_size])
+                                    sample=data.train.head(cfg.data.batch_size)[0])
         self.perm = self.plan.permutation(model)  # shard order -> the model's parameter order
         self.initial = flatten_parameters(model)
         if self.perm is not None:
@@ -73,7 +73,7 @@ class Served:
             whole[self.perm] = current
             current = whole
         load_flat(model, current)
-        return evaluate(model, data.x_test, data.y_test)
+        return evaluate_split(model, data.test)
 
     def stop(self, store: JobStore) -> None:
         """After the job's last pull; `final_stats` next."""
@@ -144,7 +144,7 @@ class Shared:
         """(test loss, accuracy) of a snapshot of the shared parameters, loaded into `model`."""
         assert self.shared is not None
         load_flat(model, self.shared.tensor[: self.initial.numel()].clone())
-        return evaluate(model, data.x_test, data.y_test)
+        return evaluate_split(model, data.test)
 
     def stop(self, store: JobStore) -> None:
         pass

@@ -10,14 +10,23 @@
   features = shape (440,), 8192 classes (DistBelief's speech model's sizes),
   labelled by a seeded random linear teacher; 4,096 samples by default.
 - ``"path/to/data.npz"``: arrays ``x``, ``y`` (optional ``x_test``, ``y_test``).
-- ``"module:function"`` / ``"file.py:function"``: a factory returning such a dict.
+- ``"path/to/dir"``: a directory of ``x.npy``, ``y.npy`` (optional
+  ``x_test.npy``, ``y_test.npy``), memory-mapped, never loaded whole
+  (`distbelief.data.npydir`): data larger than memory.
+- ``"module:function"`` / ``"file.py:function"``: a factory returning such a
+  dict of arrays, or a map-style ``torch.utils.data.Dataset``, or
+  ``{"train": Dataset, "test": Dataset}`` (`distbelief.data.torchdata`), read a
+  batch at a time.
 
 Where no test set is given, 20% of the samples chosen by a seeded permutation
-become the test set. Example::
+become the test set (the same for arrays, a directory and a Dataset). Each
+split is a `Samples` (`distbelief.data.samples`): in memory for the built-in
+data, .npz files and arrays; read by position for a directory or a Dataset.
+Example::
 
     ds = load_dataset("digits", seed=0)
-    part = replica_indices(len(ds.y_train), replica=0, replicas=4, seed=0)
-    stream = BatchStream(ds.x_train, ds.y_train, part, batch_size=32, seed=0)
+    part = replica_indices(len(ds.train), replica=0, replicas=4, seed=0)
+    stream = BatchStream(ds.train, None, part, batch_size=32, seed=0)
     xb, yb = stream.next()
 """
 
@@ -33,28 +42,65 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from distbelief.data.sampling import BatchStream, replica_indices
+from distbelief.data.checks import check_inputs as _inputs, check_labels as _labels
+from distbelief.data.npydir import open_npy_dir
+from distbelief.data.samples import Samples, TensorSamples
+from distbelief.data.sampling import TEST_FRACTION, BatchStream, holdout_split, replica_indices
+from distbelief.data.torchdata import is_map_dataset, is_split_dict, open_torch_dataset
 from distbelief.errors import UserError
+from distbelief.model.evaluate import evaluate_batches
 from distbelief.plugins import load_callable
 from distbelief.rundir import write_atomic
 
-__all__ = ["Dataset", "load_dataset", "default_cache_dir", "replica_indices", "BatchStream"]
+__all__ = ["Dataset", "load_dataset", "default_cache_dir", "replica_indices", "BatchStream",
+           "evaluate_split", "TEST_FRACTION"]
 
 BUILTIN = ("digits", "mnist1d", "synthetic", "speech")
-TEST_FRACTION = 0.2
+EVAL_BATCH = 2048
+
+Known = tuple[tuple[int, ...], int]  # (input shape, number of classes), from the job description
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """A classification dataset held in memory as CPU tensors."""
+    """A classification dataset: a train and a test split (`Samples`), the shape of one
+    input and the number of classes.
+
+    ``x_train``, ``y_train``, ``x_test``, ``y_test`` are each split as whole
+    tensors: free for data in memory, but for a directory or a torch Dataset
+    they read the whole split; the replicas, data servers and the coordinator
+    read ``train`` and ``test`` by batch instead.
+    """
 
     name: str
-    x_train: torch.Tensor  # float32, shape (N, *input_shape)
-    y_train: torch.Tensor  # int64, shape (N,)
-    x_test: torch.Tensor
-    y_test: torch.Tensor
+    train: Samples
+    test: Samples
     input_shape: tuple[int, ...]
     num_classes: int
+
+    @property
+    def x_train(self) -> torch.Tensor:  # float32, shape (N, *input_shape)
+        return self.train.tensors()[0]
+
+    @property
+    def y_train(self) -> torch.Tensor:  # int64, shape (N,)
+        return self.train.tensors()[1]
+
+    @property
+    def x_test(self) -> torch.Tensor:
+        return self.test.tensors()[0]
+
+    @property
+    def y_test(self) -> torch.Tensor:
+        return self.test.tensors()[1]
+
+
+def evaluate_split(model: torch.nn.Module, samples: Samples, batch_size: int = EVAL_BATCH
+                   ) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``model`` over every sample of a split, read a
+    batch at a time (`distbelief.model.evaluate.evaluate_batches`)."""
+    with samples.in_order(batch_size) as batches:
+        return evaluate_batches(model, batches)
 
 
 def default_cache_dir() -> Path:
@@ -63,13 +109,17 @@ def default_cache_dir() -> Path:
 
 
 def load_dataset(
-    spec: str, *, seed: int = 0, num_samples: int | None = None, cache_dir: Path | None = None
+    spec: str, *, seed: int = 0, num_samples: int | None = None, cache_dir: Path | None = None,
+    known: Known | None = None,
 ) -> Dataset:
     """Load the dataset named by ``spec`` (see the module docstring).
 
     ``num_samples`` is how many samples to generate for mnist1d (default 50,000),
-    synthetic (default 20,000) and speech (default 4,096); for digits, .npz and factories it caps the
-    number of training samples used. ``seed`` fixes generation and the split.
+    synthetic (default 20,000) and speech (default 4,096); for digits, .npz, directories and
+    factories it caps the number of training samples used. ``seed`` fixes generation and the
+    split. ``known`` = (input shape, number of classes) as the coordinator found them (the
+    job description): a directory or a torch Dataset is then opened without reading any
+    sample or label.
 
     Raises:
         UserError: unknown spec, bad ``num_samples``, or malformed data.
@@ -90,17 +140,27 @@ def load_dataset(
         return _speech(seed, num_samples or 4096)
     if spec.endswith(".npz"):
         return _from_arrays(spec, _read_npz(Path(spec)), seed, num_samples)
+    if Path(spec).is_dir():
+        train, test, shape, classes = open_npy_dir(Path(spec), seed=seed, num_samples=num_samples,
+                                                   known=known)
+        return Dataset(spec, train, test, shape, classes)
     if ":" in spec:
-        arrays = load_callable(spec, "dataset factory")()
-        if not isinstance(arrays, Mapping):
+        made = load_callable(spec, "dataset factory")()
+        source = f"dataset factory {spec!r}"
+        if is_split_dict(made) or is_map_dataset(made):
+            train, test, shape, classes = open_torch_dataset(made, source, seed=seed,
+                                                             num_samples=num_samples, known=known)
+            return Dataset(spec, train, test, shape, classes)
+        if not isinstance(made, Mapping):
             raise UserError(
-                f"dataset factory {spec!r} returned a {type(arrays).__name__}: "
-                "return a dict with keys 'x', 'y' (and optionally 'x_test', 'y_test')"
+                f"dataset factory {spec!r} returned a {type(made).__name__}: "
+                "return a dict with keys 'x', 'y' (and optionally 'x_test', 'y_test'), a map-style "
+                "torch.utils.data.Dataset, or {'train': Dataset, 'test': Dataset}"
             )
-        return _from_arrays(spec, arrays, seed, num_samples, source=f"dataset factory {spec!r}")
+        return _from_arrays(spec, made, seed, num_samples, source=source)
     raise UserError(
-        f"unknown dataset {spec!r}: use one of {', '.join(BUILTIN)}, a path to a .npz file, "
-        "or 'module:function'"
+        f"unknown dataset {spec!r}: use one of {', '.join(BUILTIN)}, a path to a .npz file or "
+        "to a directory of .npy files, or 'module:function'"
     )
 
 
@@ -132,48 +192,6 @@ def _as_numpy(value: Any) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().numpy()
     return np.asarray(value)
-
-
-def _labels(y: np.ndarray, key: str, source: str) -> np.ndarray:
-    """Check that ``y`` holds non-negative integer labels; return them as int64.
-
-    Raises:
-        UserError: not 1-D, not integer-valued, or negative.
-    """
-    if y.ndim != 1:
-        raise UserError(f"{source}: {key!r} has shape {y.shape}: give 1-D integer class labels, not one-hot")
-    if y.dtype.kind not in "iub":
-        if y.dtype.kind != "f" or not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
-            raise UserError(
-                f"{source}: {key!r} has dtype {y.dtype} with non-integer values: labels must be class ids 0..C-1"
-            )
-    if len(y) and y.min() < 0:
-        raise UserError(f"{source}: {key!r} has label {int(y.min())}: labels must be class ids 0..C-1")
-    return y.astype(np.int64)
-
-
-def _inputs(x: np.ndarray, key: str, source: str) -> np.ndarray:
-    """Check that ``x`` is a finite numeric (N, ...) array; return it as float32.
-
-    Raises:
-        UserError: 1-D, non-numeric, or containing NaN/inf.
-    """
-    if x.ndim < 2:
-        raise UserError(f"{source}: {key!r} has shape {x.shape}: give inputs of shape (N, features...)")
-    if x.dtype.kind not in "iubf":
-        raise UserError(f"{source}: {key!r} has dtype {x.dtype}: give numeric inputs")
-    x = x.astype(np.float32)
-    if not np.all(np.isfinite(x)):
-        bad = int(np.count_nonzero(~np.isfinite(x)))
-        raise UserError(f"{source}: {key!r} has {bad} non-finite values (NaN or inf): clean or impute them")
-    return x
-
-
-def _split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded (train, test) index split with 20% (at least one sample) for test."""
-    perm = np.random.default_rng(seed).permutation(n)
-    n_test = min(max(1, int(n * TEST_FRACTION)), n - 1)
-    return perm[n_test:], perm[:n_test]
 
 
 def _from_arrays(
@@ -211,17 +229,15 @@ def _from_arrays(
                 f"{source}: x_test samples have shape {x_test.shape[1:]} but x samples {x.shape[1:]}: make them match"
             )
     else:
-        train, test = _split(len(x), seed)
+        train, test = holdout_split(len(x), seed)
         x, y, x_test, y_test = x[train], y[train], x[test], y[test]
     if num_samples is not None and num_samples < len(x):
         x, y = x[:num_samples], y[:num_samples]
     num_classes = int(max(y.max(), y_test.max() if len(y_test) else 0)) + 1
     return Dataset(
         name=name,
-        x_train=torch.from_numpy(np.ascontiguousarray(x)),
-        y_train=torch.from_numpy(y),
-        x_test=torch.from_numpy(np.ascontiguousarray(x_test)),
-        y_test=torch.from_numpy(y_test),
+        train=TensorSamples(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)),
+        test=TensorSamples(torch.from_numpy(np.ascontiguousarray(x_test)), torch.from_numpy(y_test)),
         input_shape=tuple(int(d) for d in x.shape[1:]),
         num_classes=num_classes,
     )

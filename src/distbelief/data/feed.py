@@ -5,7 +5,10 @@
 generator seeded by (seed, replica, step). A data server and a replica that
 loads its data itself (`InlineFeed`) therefore give the same batches, and a
 stream can be taken up at any step (a resumed or replaced replica, a data
-server that took over another's replicas).
+server that took over another's replicas). The batches are read from the
+training split's `Samples` in order (`Samples.stream`): only the replica's own
+rows, through a DataLoader for a torch Dataset (whose reader processes, if
+any, `ReplicaFeed.close` stops).
 
 `open_feed` is what a replica trains from: its own `InlineFeed` when the job
 has no data servers, else a `DataClient` streaming from them. Both count the
@@ -26,6 +29,7 @@ import torch
 
 from distbelief.data.augment import Augmenter, augment_generator
 from distbelief.data.datasets import load_dataset
+from distbelief.data.samples import Batches, Samples, TensorSamples
 from distbelief.data.sampling import BatchStream, replica_indices
 from distbelief.model.zoo import build_model
 
@@ -34,30 +38,49 @@ if TYPE_CHECKING:
 
 
 class ReplicaFeed:
-    """Replica `replica`'s batches of the training data, step by step. Not thread-safe."""
+    """Replica `replica`'s batches of the training data, step by step. Not thread-safe.
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, cfg: JobConfig, replica: int):
-        self.x, self.y, self.replica = x, y, replica
+    ``x`` and ``y`` are the training tensors, or ``x`` is the training split's
+    `Samples` and ``y`` None. Call `close` when done (it stops a DataLoader's
+    reader processes; a no-op for data in memory).
+    """
+
+    def __init__(self, x: torch.Tensor | Samples, y: torch.Tensor | None, cfg: JobConfig,
+                 replica: int):
+        self.samples = x if y is None else TensorSamples(x, y)
+        self.replica = replica
         self.seed, self.batch_size = cfg.train.seed, cfg.data.batch_size
-        self.indices = replica_indices(len(y), replica, cfg.cluster.replicas, cfg.train.seed)
-        self.augmenter = Augmenter(cfg.augment, tuple(x.shape[1:]))
-        self._stream = self._fresh()
+        self.timeout = cfg.cluster.timeout
+        self.indices = replica_indices(len(self.samples), replica, cfg.cluster.replicas,
+                                       cfg.train.seed)
+        self.augmenter = Augmenter(cfg.augment, self.samples.input_shape)
+        self._fresh()  # a bad batch size or an empty partition: UserError now
+        self._batches: Batches | None = None
         self._next = 0
 
     def _fresh(self) -> BatchStream:
-        return BatchStream(self.x, self.y, self.indices, self.batch_size,
+        return BatchStream(self.samples, None, self.indices, self.batch_size,
                            seed=self.seed * 1000 + self.replica)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The (augmented) batch of `step`; fastest when steps are asked for in order."""
-        if step != self._next:
-            self._stream = self._fresh()
-            self._stream.skip(step)
-        xb, yb = self._stream.next()
+        if self._batches is None or step != self._next:
+            self.close()
+            stream = self._fresh()
+            stream.skip(step)
+            self._batches = self.samples.stream(stream.index_batches(), timeout=self.timeout,
+                                                seed=self.seed * 1000 + self.replica)
+        xb, yb = next(self._batches)
         self._next = step + 1
         if self.augmenter.enabled:
             xb = self.augmenter(xb, augment_generator(self.seed, self.replica, step))
         return xb, yb
+
+    def close(self) -> None:
+        """End the current stream (its reader processes, if any). Idempotent."""
+        batches, self._batches = self._batches, None
+        if batches is not None:
+            batches.close()
 
 
 class InlineFeed:
@@ -81,16 +104,26 @@ class InlineFeed:
         return self
 
     def __exit__(self, *exc) -> None:
-        pass
+        self.feed.close()
 
 
-def load_data_and_model(cfg) -> tuple:
+def known_shapes(job: dict | None):
+    """(input shape, number of classes) from a job description, or None without one."""
+    if not job or "input_shape" not in job or "num_classes" not in job:
+        return None
+    return tuple(job["input_shape"]), int(job["num_classes"])
+
+
+def load_data_and_model(cfg, job: dict | None = None) -> tuple:
     """The job's dataset and its initial model (`cfg`: a JobConfig), the same in every process.
 
     The model is built right after seeding torch with the job's seed, so the
     coordinator, every replica and every worker start from identical weights.
+    `job`: the job description, whose shapes spare a role re-reading samples or labels
+    to find them (a directory or a torch Dataset).
     """
-    data = load_dataset(cfg.data.dataset, seed=cfg.train.seed, num_samples=cfg.data.num_samples)
+    data = load_dataset(cfg.data.dataset, seed=cfg.train.seed, num_samples=cfg.data.num_samples,
+                        known=known_shapes(job))
     torch.manual_seed(cfg.train.seed)
     return data, build_model(cfg.model.name, data.input_shape, data.num_classes)
 
@@ -100,7 +133,7 @@ def replica_data_and_model(ctx) -> tuple:
     read it instead: the model is built from the shapes in the job description."""
     cfg = ctx.config
     if not cfg.cluster.data_servers:
-        return load_data_and_model(cfg)
+        return load_data_and_model(cfg, ctx.job)
     torch.manual_seed(cfg.train.seed)  # as load_data_and_model: every process the same weights
     return None, build_model(cfg.model.name, tuple(ctx.job["input_shape"]),
                              ctx.job["num_classes"])
@@ -112,7 +145,7 @@ def open_feed(ctx, data, start: int, total: int):
     the job has some) on entry."""
     cfg = ctx.config
     if data is not None:
-        return InlineFeed(ReplicaFeed(data.x_train, data.y_train, cfg, ctx.ident), start)
+        return InlineFeed(ReplicaFeed(data.train, None, cfg, ctx.ident), start)
     from distbelief.data.client import DataClient
 
     return DataClient(ctx.store, replica=ctx.ident, servers=cfg.cluster.data_servers,

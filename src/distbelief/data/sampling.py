@@ -1,19 +1,34 @@
-"""Each replica's slice of a dataset, and an endless stream of batches over it.
+"""The test split, each replica's slice of a dataset, and an endless stream of batches over it.
 
-Both are pure functions of their seed, so every process (and a replica that
-restarts) computes the same partition and the same batch order::
+All are pure functions of their seed, so every process (and a replica that
+restarts) computes the same split, partition and batch order, whatever holds
+the data (tensors, a memory-mapped file, a torch Dataset: `distbelief.data.samples`)::
 
     part = replica_indices(len(y), replica=1, replicas=4, seed=0)
     stream = BatchStream(x, y, part, batch_size=32, seed=0)
     xb, yb = stream.next()
+    stream = BatchStream(samples, None, part, batch_size=32, seed=0)   # any Samples
 """
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 import torch
 
+from distbelief.data.samples import Samples, TensorSamples
 from distbelief.errors import UserError
+
+TEST_FRACTION = 0.2
+
+
+def holdout_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (train, test) positions of ``range(n)``: 20% (at least one, at most n - 1) for
+    test, chosen by a permutation seeded ``seed``."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_test = min(max(1, int(n * TEST_FRACTION)), n - 1)
+    return perm[n_test:], perm[:n_test]
 
 
 def replica_indices(n: int, replica: int, replicas: int, seed: int) -> torch.Tensor:
@@ -38,6 +53,10 @@ def replica_indices(n: int, replica: int, replicas: int, seed: int) -> torch.Ten
 class BatchStream:
     """An endless stream of mini-batches over ``x[indices]``, ``y[indices]``.
 
+    ``x`` is a tensor and ``y`` its labels, or ``x`` is any `Samples` and ``y``
+    None: the batch order depends only on ``indices`` and ``seed``, and
+    `next_indices` gives it without reading anything (`Samples.stream` reads it).
+
     Each epoch visits the indices in a fresh order drawn from a generator
     seeded by ``(seed, epoch)``, so a stream is reproducible from its seed and a
     restarted replica can rebuild it. The last partial batch of an epoch is
@@ -49,13 +68,14 @@ class BatchStream:
         steps_per_epoch: batches per epoch.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, batch_size: int, seed: int):
+    def __init__(self, x: torch.Tensor | Samples, y: torch.Tensor | None, indices: torch.Tensor,
+                 batch_size: int, seed: int):
         """Raises UserError if ``batch_size`` < 1 or ``indices`` is empty."""
         if batch_size < 1:
             raise UserError(f"batch size must be >= 1, got {batch_size}: use a positive batch size")
         if len(indices) == 0:
             raise UserError("this replica's data partition is empty: use fewer replicas or more samples")
-        self.x, self.y = x, y
+        self.samples = x if y is None else TensorSamples(x, y)
         self.indices = torch.as_tensor(indices, dtype=torch.int64)
         self.batch_size = min(batch_size, len(self.indices))
         self.seed = seed
@@ -78,8 +98,8 @@ class BatchStream:
         self._order = self._shuffled(self.epoch)
         self._step = (batches - 1) % self.steps_per_epoch + 1
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return the next ``(xb, yb)`` batch, starting a reshuffled epoch when one ends."""
+    def next_indices(self) -> torch.Tensor:
+        """The positions of the next batch, starting a reshuffled epoch when one ends."""
         if self._step == self.steps_per_epoch:
             self.epoch += 1
             self._order = self._shuffled(self.epoch)
@@ -87,4 +107,13 @@ class BatchStream:
         start = self._step * self.batch_size
         batch = self._order[start : start + self.batch_size]
         self._step += 1
-        return self.x.index_select(0, batch), self.y.index_select(0, batch)
+        return batch
+
+    def index_batches(self) -> Iterator[torch.Tensor]:
+        """`next_indices`, endlessly: what `Samples.stream` reads (and may read ahead)."""
+        while True:
+            yield self.next_indices()
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the next ``(xb, yb)`` batch, starting a reshuffled epoch when one ends."""
+        return self.samples.gather(self.next_indices())

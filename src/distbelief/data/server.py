@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 from distbelief.data import protocol as P
-from distbelief.data.feed import ReplicaFeed
+from distbelief.data.feed import ReplicaFeed, known_shapes
 from distbelief.runtime.channel import Channel, ChannelClosed
 from distbelief.runtime.store import JobStore
 
@@ -168,16 +168,19 @@ class _Connection:
         """Send steps start..total-1 as credit allows (until the replica says BYE); when the
         server stops first, tell the replica (END), which then connects elsewhere."""
         feed = self.server.feed_for(replica)
-        for step in range(start, total):
-            if not self._take_credit():
-                if not (self._bye or self._broken):  # the replica waits for a batch
-                    down.send_header(P.END)
-                return
-            xb, yb = feed.batch(step)
-            down.send_header(P.BATCH, step, len(yb))
-            down.send(xb.contiguous())
-            down.send(yb.to(torch.int64).contiguous())
-            self.server.count(replica)
+        try:
+            for step in range(start, total):
+                if not self._take_credit():
+                    if not (self._bye or self._broken):  # the replica waits for a batch
+                        down.send_header(P.END)
+                    return
+                xb, yb = feed.batch(step)
+                down.send_header(P.BATCH, step, len(yb))
+                down.send(xb.contiguous())
+                down.send(yb.to(torch.int64).contiguous())
+                self.server.count(replica)
+        finally:
+            feed.close()  # its DataLoader's reader processes, if any
 
     def _take_credit(self) -> bool:
         """Wait for one credit; False when the replica or the server is gone."""
@@ -215,9 +218,10 @@ def run_data_server(ctx) -> None:
     torch.set_num_threads(1)  # small per-batch work; concurrent replicas use threads instead
     restart = store.try_get_json(P.restart_key(d))  # this process replaces a lost one
     generation = restart["generation"] if restart else 0
-    data = load_dataset(cfg.data.dataset, seed=cfg.train.seed, num_samples=cfg.data.num_samples)
+    data = load_dataset(cfg.data.dataset, seed=cfg.train.seed, num_samples=cfg.data.num_samples,
+                        known=known_shapes(ctx.job))  # opening reads no sample
     server = DataServer(store, d, generation=generation, timeout=cfg.cluster.timeout,
-                        feed_for=lambda r: ReplicaFeed(data.x_train, data.y_train, cfg, r))
+                        feed_for=lambda r: ReplicaFeed(data.train, None, cfg, r))
     # requests made before now are addressed to a predecessor
     skip = store.add(P.conn_counter(d), 0)
     store.set_json(P.generation_key(d), generation)

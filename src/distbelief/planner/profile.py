@@ -47,7 +47,7 @@ class Profile:
     """One batch of inputs and labels, as sent by a data server."""
     train_samples: int
     dataset_bytes: int
-    """The whole dataset in memory (every process that loads it holds it all)."""
+    """The dataset held in memory by every process that loads it (0 when read by batch)."""
     rule_seconds: dict[str, float] = field(default_factory=dict)
     """Applying each update rule to one parameter (seconds per element)."""
     base_memory: int = 0
@@ -81,10 +81,10 @@ def profile_job(cfg, cores: int, repeats: int = 3) -> Profile:
 
     data, model = load_data_and_model(cfg)
     batch = cfg.data.batch_size
-    x = data.x_train[:batch]
+    x, y = data.train.head(batch)  # read only a batch, whatever the source
     if len(x) < batch:  # a tiny dataset: repeat samples to reach the batch size
-        x = x.repeat(math.ceil(batch / len(x)), *([1] * (x.dim() - 1)))[:batch]
-    y = data.y_train[:len(x)] if len(data.y_train) >= len(x) else torch.zeros(len(x), dtype=torch.long)
+        reps = math.ceil(batch / len(x))
+        x, y = x.repeat(reps, *([1] * (x.dim() - 1)))[:batch], y.repeat(reps)[:batch]
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -115,10 +115,17 @@ def profile_job(cfg, cores: int, repeats: int = 3) -> Profile:
         activation_bytes=activations, step_seconds=step_seconds,
         units_split=_units_splittable(model), sequential=sequential, augment_seconds=augment,
         batch_bytes=x.numel() * x.element_size() + 8 * len(x),
-        train_samples=len(data.y_train),
-        dataset_bytes=sum(t.numel() * t.element_size()
-                          for t in (data.x_train, data.y_train, data.x_test, data.y_test)),
+        train_samples=len(data.train), dataset_bytes=_resident_bytes(data),
         rule_seconds=rules, base_memory=resident_bytes())
+
+
+def _resident_bytes(data) -> int:
+    """What every process that loads the dataset holds of it: the arrays of data in memory;
+    nothing for a memory-mapped directory or a torch Dataset, read a batch at a time."""
+    from distbelief.data.samples import TensorSamples
+
+    return sum(t.numel() * t.element_size() for split in (data.train, data.test)
+               if isinstance(split, TensorSamples) for t in split.tensors())
 
 
 def _units_splittable(model: nn.Module) -> bool:

@@ -49,7 +49,9 @@ def run_partition(ctx: RoleContext) -> None:
     plan = PartitionPlan.from_json(ctx.job["partition"])
     module = plan.part_module(model, k)
     del model  # a partition keeps only its own layers
-    rows = replica_indices(len(data.y_train), r, cfg.cluster.replicas, cfg.train.seed)
+    rows = replica_indices(len(data.train), r, cfg.cluster.replicas, cfg.train.seed)
+    # this replica's rows only, in the partitions that read data (the first and the last)
+    x_rows, y_rows = data.train.gather(rows) if k in (0, K - 1) else (None, None)
     steps = ctx.job["steps"]
     ctx.store.get_json("job/ready", what="the coordinator to initialise the shards")
     layout = Layout.from_json(ctx.job["layout"]).subset(ctx.job["partition"]["shards"][k])
@@ -63,7 +65,7 @@ def run_partition(ctx: RoleContext) -> None:
             ps.vector(ZERO, member_vector(r)).wait(cfg.cluster.timeout)
             member.pull()
             flat.params.copy_(member.z)
-            inputs = data.x_train[rows] if k == 0 else left.recv()  # one pipelined forward
+            inputs = x_rows if k == 0 else left.recv()  # one pipelined forward
             a = cfg.admm
             config = DualLayersConfig(
                 rho=a.boundary_rho, lr=cfg.optimizer.lr, lr_p=a.boundary_step,
@@ -71,7 +73,7 @@ def run_partition(ctx: RoleContext) -> None:
                 seed=cfg.train.seed * 1000 + r, weight_decay=cfg.optimizer.weight_decay,
                 decay_rounds=steps // a.local_steps)
             part = DualLayersPart(module, k, K, inputs,
-                                  targets=data.y_train[rows] if k == K - 1 else None,
+                                  targets=y_rows if k == K - 1 else None,
                                   config=config, regularizer=_consensus_pull(module, member))
             if right is not None:
                 right.send(part.initial_output)

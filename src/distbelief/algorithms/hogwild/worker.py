@@ -56,9 +56,9 @@ def shared_views(tensor: torch.Tensor, numel: int, slots: int
 def run_worker(ctx: RoleContext) -> None:
     cfg, w, workers = ctx.config, ctx.ident, ctx.config.hogwild.workers
     torch.set_num_threads(cfg.cluster.threads_per_process(workers))
-    data, model = load_data_and_model(cfg)
-    stream = BatchStream(data.x_train, data.y_train,
-                         replica_indices(len(data.x_train), w, workers, cfg.train.seed),
+    data, model = load_data_and_model(cfg, ctx.job)
+    stream = BatchStream(data.train, None,  # reads only this worker's rows
+                         replica_indices(len(data.train), w, workers, cfg.train.seed),
                          cfg.data.batch_size, seed=cfg.train.seed * 1000 + w)
     ctx.store.get_json("job/ready", what="the coordinator to create the shared parameters")
     info = ctx.job["shared"]
