@@ -133,7 +133,9 @@ def log(text: str) -> None:
 
 
 def worker(spec: dict) -> None:
-    """One plain process or one DDP rank; writes its reports and evaluations to spec["out"]."""
+    """One plain process or one DDP rank; writes its reports and evaluations to spec["out"].
+    With spec["device"] == "cuda" (benchmarks/gpu.py) each rank trains on GPU rank mod
+    count, over spec["backend"] (NCCL); otherwise on the CPU over gloo."""
     from datetime import timedelta
 
     import torch
@@ -151,13 +153,24 @@ def worker(spec: dict) -> None:
 
     torch.set_num_threads(1)
     rank, world, batch = spec["rank"], spec["world"], spec["batch_size"]
+    device = torch.device("cpu")
+    if spec.get("device") == "cuda":
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+
+    def finished() -> None:  # a report or snapshot counts finished steps only
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     if world > 1:  # a file rendezvous: no port to pick, so none to collide with other jobs
-        dist.init_process_group("gloo", init_method=f"file://{spec['rendezvous']}", rank=rank,
+        dist.init_process_group(spec.get("backend", "gloo"),
+                                init_method=f"file://{spec['rendezvous']}", rank=rank,
                                 world_size=world, timeout=timedelta(seconds=spec["timeout"]))
     data = load_dataset(spec["dataset"], seed=spec["seed"], num_samples=spec["num_samples"])
     torch.manual_seed(spec["seed"])  # as load_data_and_model: the distbelief workers' weights
-    model = build_model(spec["model"], data.input_shape, data.num_classes)
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    model = build_model(spec["model"], data.input_shape, data.num_classes).to(device)
+    ids = [device.index] if device.type == "cuda" else None
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids) if world > 1 else model
     optimizer = torch.optim.Adagrad(model.parameters(), lr=spec["lr"])
     steps = steps_per_replica(steps=None, epochs=spec["epochs"], train_samples=len(data.y_train),
                               replicas=world, batch_size=batch)
@@ -167,15 +180,17 @@ def worker(spec: dict) -> None:
     snap_every = spec["eval_samples"] // (batch * world)
     reports, snapshots, samples, began = [], [], 0, now()
     for step in range(1, steps + 1):
-        xb, yb = stream.next()
+        xb, yb = (t.to(device, non_blocking=True) for t in stream.next())
         optimizer.zero_grad()
         F.cross_entropy(net(xb), yb).backward()
         optimizer.step()
         samples += len(yb)
         if step % LOG_EVERY == 0 or step == steps:
+            finished()
             reports.append({"time": now(), "step": step, "samples": samples})
             samples = 0
         if rank == 0 and (step % snap_every == 0 or step == steps):  # a copy; evaluated below
+            finished()
             snapshots.append((now(), step, parameters_to_vector(model.parameters()).clone()))
     if world > 1:
         # both ranks done with every collective before either tears its pairs down: a rank
@@ -183,11 +198,12 @@ def worker(spec: dict) -> None:
         # called without an active exception", seen once)
         dist.barrier()
         dist.destroy_process_group()
+    model.cpu()
     evals = []
     for i, (seconds, step, params) in enumerate(snapshots):  # the clock is stopped now
         if evals and evals[-1]["test_accuracy"] >= spec["target"] and i < len(snapshots) - 1:
             continue  # the first crossing is known: only the final one is still needed
-        vector_to_parameters(params, model.parameters())
+        vector_to_parameters(params.cpu(), model.parameters())
         evals.append({"seconds": seconds, "step": step, "samples": step * batch * world,
                       "test_accuracy": evaluate(model, data.x_test, data.y_test)[1]})
     Path(spec["out"]).write_text(json.dumps({"began": began, "reports": reports,
@@ -227,15 +243,17 @@ def run_children(commands: list[list[str]], logs: list[Path], timeout: float) ->
                 proc.wait(timeout=30)
 
 
-def run_local(peer: Peer, plan: Plan, seed: int, root: Path) -> dict:
-    """plain or ddp: this script's workers; their reports and evaluations."""
+def run_local(peer: Peer, plan: Plan, seed: int, root: Path, *, script: str = __file__,
+              extra: dict | None = None) -> dict:
+    """plain or ddp: `script`'s workers (this one's by default, with `extra` in their spec);
+    their reports and evaluations."""
     spec = {"world": peer.workers, "t0": time.time(), "dataset": plan.dataset,
             "num_samples": plan.num_samples, "model": plan.model, "batch_size": plan.batch_size,
             "lr": plan.lr, "epochs": plan.epochs, "seed": seed, "target": TARGET_ACCURACY,
             "eval_samples": eval_samples(plan), "timeout": RUN_TIMEOUT,
-            "rendezvous": str(root / "rendezvous")}
+            "rendezvous": str(root / "rendezvous"), **(extra or {})}
     outs = [root / f"rank{r}.json" for r in range(peer.workers)]
-    commands = [[sys.executable, __file__, "--worker",
+    commands = [[sys.executable, script, "--worker",
                  json.dumps({**spec, "rank": r, "out": str(outs[r])})] for r in range(peer.workers)]
     wall = run_children(commands, [root / f"rank{r}.log" for r in range(peer.workers)],
                         RUN_TIMEOUT)

@@ -8,6 +8,7 @@ and the quick runs learn (their test accuracy is well above chance).
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -214,3 +215,12 @@ def test_paper_quick_reports_and_plots_one_algorithm(tmp_path) -> None:
     assert 0 <= easgd["final_accuracy"] <= 1
     assert set(report["order_to_0.90"]) | set(report["not_reached"]) == {"easgd"}
     assert out.stat().st_size > 10_000  # the curves
+
+
+def test_gpu_without_cuda_says_skipped_and_exits_0() -> None:
+    """benchmarks/gpu.py on a machine without CUDA (made so with CUDA_VISIBLE_DEVICES="")."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--quick"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout) == {"benchmark": "gpu", "skipped": "no CUDA device"}

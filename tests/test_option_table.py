@@ -10,6 +10,8 @@ must pass. A new option or algorithm has to be added here.
 
 from __future__ import annotations
 
+import torch
+
 from distbelief.algorithms.registry import ALGORITHMS
 from distbelief.errors import UserError
 from distbelief.job import OPTIONS, JobConfig, apply_options
@@ -34,6 +36,8 @@ TABLE: dict[str, tuple[object, tuple[str, ...]]] = {
     "shard_layout":     ("chunks",      (U, U, U, R, U, U)),
     "chunk_bytes":      (4096,          (U, U, U, R, U, U)),
     "data_servers":     (1,             (U, U, R, R, R, R)),   # sandblaster's worker loads its data
+    # only downpour's and sync's replicas have a GPU path; hogwild's workers share /dev/shm
+    "device":           ("cuda",        (U, U, R, R, R, R)),
     # each algorithm's own section
     "n_fetch":          (2,             (U, R, R, R, R, R)),
     "n_push":           (2,             (U, R, R, R, R, R)),
@@ -116,7 +120,10 @@ def option_flag(option: str) -> str:
     return "--" + option.replace("_", "-")
 
 
-def test_every_option_is_used_or_refused_as_the_table_says():
+def test_every_option_is_used_or_refused_as_the_table_says(monkeypatch):
+    # --device cuda is valid only where CUDA is: one GPU is faked (validation runs nothing)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert tuple(ALGORITHMS) == COLUMNS, "an algorithm is missing from the table's columns"
     assert set(TABLE) == set(OPTIONS) - {"algorithm"}, (
         f"options missing from the table: {sorted(set(OPTIONS) - {'algorithm'} - set(TABLE))}; "

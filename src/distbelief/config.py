@@ -97,6 +97,8 @@ class ClusterConfig:
     """Start a replacement for a lost replica (local cluster): it pulls fresh parameters and takes over the lost one's remaining steps."""
     threads: int | None = option(None, unset="this host's cores shared among the replica processes")
     """Torch threads of each replica (or partition) process."""
+    device: str = "cpu"
+    """Where each replica (or partition) process of downpour or sync computes: cpu, cuda (GPU N = its local rank on the host modulo the GPUs it sees: the replica index, or replica*K+partition, on a local cluster; LOCAL_RANK under torchrun, SLURM_LOCALID under SLURM) or cuda:N. The shards always keep the parameters on the CPU; gradients and parameters cross through pinned host memory."""
     shard_layout: str = option("ranges", choices=SHARD_LAYOUTS)
     """How parameters are cut into shards: ranges (one contiguous range each) or chunks (Project Adam: --chunk-bytes pieces hashed to the shards, bytes balanced within 1.2x from 11 chunks per shard)."""
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
@@ -142,7 +144,7 @@ class OptimizerConfig:
 @dataclass(kw_only=True)
 class DataConfig:
     dataset: str = "mnist1d"
-    """digits, mnist1d, synthetic, PATH.npz (arrays x, y) or MODULE:FUNCTION."""
+    """digits, mnist1d, synthetic, PATH.npz (arrays x, y), DIR (x.npy, y.npy, memory-mapped) or MODULE:FUNCTION (arrays or a torch Dataset)."""
     batch_size: int = 64
     """Samples per replica step."""
     num_samples: int | None = option(None, unset="the dataset's own size")
@@ -282,6 +284,7 @@ def validate_shared(cfg: Any) -> None:
         raise UserError(f"--num-samples must be >= 10, got {d.num_samples}: "
                         "leave it out for the dataset's own size")
     _validate_slow_worker(c)
+    parse_device(c.device, check=True)
     if t.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise UserError("--tensorboard needs the tensorboard package: "
                         "pip install 'distbelief[tensorboard]'")
@@ -305,6 +308,37 @@ def _validate_slow_worker(c: ClusterConfig) -> None:
     if not 1 <= parsed[1] < math.inf:
         raise UserError(f"--slow-worker {spec!r}: the factor must be a finite number >= 1 "
                         "(how many times slower), e.g. 4")
+
+
+def parse_device(spec: str, *, check: bool = False) -> int | None:
+    """The CUDA index of a --device value: None for "cpu" and for "cuda" (the process picks by
+    its local rank), N for "cuda:N". UserError for anything else; with `check`, also when
+    this machine has no CUDA device, or not device N (torch is imported only then).
+
+    Example::
+
+        parse_device("cuda:1")   # 1
+    """
+    kind, sep, index = spec.partition(":")
+    if kind == "cpu" and not sep:
+        return None
+    number = int(index) if sep and index.isascii() and index.isdigit() else None
+    if kind != "cuda" or (sep and number is None):
+        raise UserError(f"--device {spec!r} is not cpu, cuda or cuda:N: give cpu (the default), "
+                        "cuda (one GPU per replica process) or cuda:N (GPU N for all)")
+    if check:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {spec}: this machine has no CUDA device "
+                            "(torch.cuda.is_available() is False): leave --device out to train "
+                            "on CPU")
+        count = torch.cuda.device_count()
+        if number is not None and number >= count:
+            raise UserError(f"--device {spec}: this machine has {count} CUDA device"
+                            f"{'s' if count != 1 else ''} (cuda:0..cuda:{count - 1}): pick one "
+                            "of them, or give --device cuda to spread the replicas over all")
+    return number
 
 
 def parse_every(text: str | None) -> tuple[int | None, float | None]:

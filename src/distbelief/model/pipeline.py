@@ -6,8 +6,9 @@ receives its input from stage k-1 (stage 0 reads the data), keeps what
 backward needs, and sends its output to stage k+1; a backward receives the
 output's gradient from stage k+1 (the last stage starts from the loss) and
 sends the input's gradient to stage k-1. Only these activations and gradients
-travel. The parameter gradients accumulate over the micro-batches into
-whatever ``.grad`` the stage's parameters point at (the partition's push
+travel, through host memory (a stage on a GPU copies what it sends to the host
+and what it receives to its device). The parameter gradients accumulate over the
+micro-batches into whatever ``.grad`` the stage's parameters point at (the partition's push
 buffer), scaled so that their sum is the gradient of the whole batch's mean
 loss. The Linear layers' weight gradients are deferred (`model.deferred`) and
 computed, a layer at a time, whenever the stage would otherwise wait for its
@@ -75,7 +76,7 @@ class Link:
         if tensor.dim() > MAX_DIMS:
             raise ValueError(f"{self.name}: a tensor crossing a partition boundary may have at "
                              f"most {MAX_DIMS} dimensions, got shape {tuple(tensor.shape)}")
-        tensor = tensor.detach().float().contiguous()
+        tensor = tensor.detach().to("cpu", torch.float32).contiguous()  # gloo sends host memory
         self.bytes_sent += tensor.numel() * tensor.element_size()
         self._outgoing.put(tensor)
 
@@ -154,6 +155,7 @@ class PipelineStage:
         self.micro_batches, self.kind = micro_batches, kind
         self.first, self.last = stage == 0, stage == stages - 1
         self.weights = DeferredWeights(module)
+        self.device = _device_of(module)  # where the tensors it receives go
 
     def flush(self) -> None:
         """Complete the parameter gradients (the Linear weights' are deferred, see
@@ -202,7 +204,7 @@ class PipelineStage:
         gradients (the pipeline's bubbles do the work that would otherwise wait)."""
         while not link.ready() and self.weights.flush_one():
             pass
-        return link.recv()
+        return link.recv().to(self.device)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor | None) -> torch.Tensor | None:
@@ -224,3 +226,8 @@ class PipelineStage:
             else:
                 self.next.send(out)
         return torch.cat(outs) if self.last else None
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    """Where `module`'s parameters are (the CPU for a module without any)."""
+    return next((p.device for p in module.parameters()), torch.device("cpu"))

@@ -45,7 +45,7 @@ import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Sequence, Union
+from typing import Protocol, Sequence, Union
 
 import torch
 
@@ -60,6 +60,12 @@ from distbelief.runtime.store import JobStore
 
 Slice = Union[torch.Tensor, list]
 """A shard's part of a flat vector: one view, or (chunk layout) the views of its segments."""
+
+
+class Waitable(Protocol):
+    """Work in flight that a request must wait for (`PSClient.push`'s `after`)."""
+
+    def wait(self, timeout: float | None = None) -> object: ...
 
 
 class ShardUnreachable(ChannelClosed, JobFailed):
@@ -267,10 +273,13 @@ class PSClient:
     is reached over shm they live in /dev/shm and the shard reads its range of
     them directly, so pushing one of them copies nothing: write (or let
     backward() accumulate) into ``ps.grad_buffers[k]`` and call ``push(k)``.
+    With `pinned` (a replica on a GPU) the buffers not in /dev/shm are allocated in
+    pinned memory, so that a copy from the device into them is asynchronous (the
+    replica pins the shared ones in place, see `runtime.device`).
     """
 
     def __init__(self, store: JobStore, layout: Layout, client: str, *, transport: str,
-                 timeout: float, grad_buffers: int = 2):
+                 timeout: float, grad_buffers: int = 2, pinned: bool = False):
         self.layout = layout
         self.timeout = timeout
         self.client = client
@@ -288,16 +297,18 @@ class PSClient:
         self._label_cache: dict[str, list[str]] = {}
         try:
             self._kinds = [resolve_transport(transport, store, s) for s in layout.shard_ids]
-            self.grad_buffers = self._make_grad_buffers(store, grad_buffers, "shm" in self._kinds)
+            self.grad_buffers = self._make_grad_buffers(store, grad_buffers, "shm" in self._kinds,
+                                                        pinned)
             # no deadline here: each connection gives up by itself, with ShardUnreachable
             Handle([pool.submit(self._connect, i) for i, pool in enumerate(self._pools)]).wait()
         except BaseException:
             self._shutdown()
             raise
 
-    def _make_grad_buffers(self, store: JobStore, count: int, shared: bool) -> list[torch.Tensor]:
+    def _make_grad_buffers(self, store: JobStore, count: int, shared: bool,
+                           pinned: bool) -> list[torch.Tensor]:
         if not shared:
-            return [torch.zeros(self.layout.numel) for _ in range(count)]
+            return [torch.zeros(self.layout.numel, pin_memory=pinned) for _ in range(count)]
         instance = f"{os.getpid()}x{id(self):x}"
         self._grad_names = [P.grad_file(self.client, instance, k) for k in range(count)]
         self._grad_shm = [SharedTensor(job_file(store.token, name), self.layout.numel,
@@ -378,20 +389,25 @@ class PSClient:
         self.fetched_versions[shard] = version
         return version
 
-    def push(self, buffer: int, versions: Sequence[int] | None = None) -> Handle:
+    def push(self, buffer: int, versions: Sequence[int] | None = None, *,
+             after: Waitable | None = None) -> Handle:
         """Push gradient buffer `buffer` to every shard; the handle gives (version, staleness).
 
         `versions` are the shard versions the gradient was computed against
-        (default: those of the last completed pull). Do not write to the buffer
-        until the handle is done.
+        (default: those of the last completed pull). `after`: what must finish before
+        the buffer is read (a copy from a GPU into it, `runtime.device.Copy`); each
+        shard's thread waits for it (up to the timeout), the caller does not. Do not
+        write to the buffer until the handle is done.
         """
         if not 0 <= buffer < len(self.grad_buffers):
             raise IndexError(f"gradient buffer {buffer} does not exist "
                              f"(the client has {len(self.grad_buffers)})")
         versions = list(self.fetched_versions if versions is None else versions)
         grad = self.grad_buffers[buffer]
-        return Handle([self._pools[s].submit(self._run, s, _call("push_from", self._slice(grad, s),
-                                                                 buffer, versions[s]))
+        return Handle([self._pools[s].submit(self._run, s, _after(after, self.timeout,
+                                                                  _call("push_from",
+                                                                        self._slice(grad, s),
+                                                                        buffer, versions[s])))
                        for s in range(self.layout.shards)], self._labels("push to"))
 
     def accumulate(self, buffer: int, vector: int, replace: bool = False) -> Handle:
@@ -476,6 +492,17 @@ def _dtype(part: Slice) -> torch.dtype:
 def _call(method: str, *args):
     """A function calling `method` of a connection with `args`."""
     return lambda conn: getattr(conn, method)(*args)
+
+
+def _after(ready: Waitable | None, timeout: float, op):
+    """`op`, once `ready` (None: at once) is done."""
+    if ready is None:
+        return op
+
+    def run(conn):
+        ready.wait(timeout)
+        return op(conn)
+    return run
 
 
 def resolve_transport(transport: str, store: JobStore, shard: int) -> str:

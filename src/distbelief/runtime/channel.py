@@ -7,8 +7,9 @@ late and a dead peer breaks only its own channels (its pending `recv` raises
 numbers; tensors follow when the transport is TCP.
 
 `Group` is a gloo process group of any size over the same store, for the
-collectives of synchronous training (all-reduce); a dead member makes the
-others' pending collective raise `ChannelClosed`.
+collectives of synchronous training (all-reduce), or an NCCL one when every
+member computes on a GPU of its own; a dead member makes the others' pending
+collective raise `ChannelClosed`.
 
 `SharedTensor` maps a file under /dev/shm into both processes, so peers on one
 host exchange parameters and gradients with one memory copy while only the
@@ -130,7 +131,8 @@ class Posted:
 
 
 class Group:
-    """A gloo process group of `size` members, for collectives (synchronous training).
+    """A gloo (or NCCL) process group of `size` members, for collectives (synchronous
+    training).
 
     Every member calls ``Group(store, name, rank, size, timeout)`` with the same
     name and size and its own rank in 0..size-1; the constructor blocks until
@@ -139,6 +141,11 @@ class Group:
     others get `ChannelClosed` instead of hanging. One group must be used by
     one thread at a time. The join goes over a store connection of its own (see
     the module doc), so members in one process may pass the same store.
+
+    With ``device=`` a CUDA device (every member giving one, each its own GPU) the
+    group is NCCL's on that device and its tensors must live there; a collective
+    that does not finish within the timeout raises `ChannelClosed` too, and the
+    communicator is aborted.
 
     Example::
 
@@ -149,13 +156,19 @@ class Group:
             group.close()
     """
 
-    def __init__(self, store: dist.Store, name: str, rank: int, size: int, timeout: float):
+    def __init__(self, store: dist.Store, name: str, rank: int, size: int, timeout: float, *,
+                 device: torch.device | None = None):
         if not 0 <= rank < size:
             raise ValueError(f"group {name}: rank {rank} is not in 0..{size - 1}")
         self.name, self.rank, self.size = name, rank, size
+        self.backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+        self._timeout = datetime.timedelta(seconds=timeout)
+        prefixed = dist.PrefixStore(name, own_connection(store))
         try:
-            self._pg = dist.ProcessGroupGloo(dist.PrefixStore(name, own_connection(store)),
-                                             rank, size, datetime.timedelta(seconds=timeout))
+            if self.backend == "nccl":
+                self._pg = _nccl_group(prefixed, rank, size, self._timeout, device)
+            else:
+                self._pg = dist.ProcessGroupGloo(prefixed, rank, size, self._timeout)
         except RuntimeError as exc:
             raise ChannelClosed(f"group {name}: not every member joined ({_short(exc)})") from None
 
@@ -166,9 +179,14 @@ class Group:
         options = dist.AllreduceOptions()
         options.reduceOp = dist.ReduceOp.SUM
         try:
-            self._pg.allreduce([tensor], options).wait()
+            work = self._pg.allreduce([tensor], options)
+            if self.backend == "nccl":  # with a timeout NCCL's wait blocks this thread too
+                work.wait(self._timeout)
+            else:
+                work.wait()
         except RuntimeError as exc:
             detail = _short(exc).split(". This is typically")[0]  # drop gloo's boilerplate
+            self._abort()
             raise ChannelClosed(f"group {self.name}: a member went away or stopped answering "
                                 f"({detail})") from None
 
@@ -207,6 +225,12 @@ class Group:
         pg, self._pg = self._pg, None
         if pg is not None:
             pg.shutdown()
+
+    def _abort(self) -> None:
+        """An NCCL collective failed: abort the communicator (a shutdown would wait for it)."""
+        if self.backend == "nccl" and self._pg is not None:
+            pg, self._pg = self._pg, None
+            pg.abort()
 
 
 class Pending:
@@ -252,6 +276,16 @@ def remove_job_files(token: str) -> int:
         path.unlink(missing_ok=True)
         removed += 1
     return removed
+
+
+def _nccl_group(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta,
+                device: torch.device):
+    """An NCCL process group on `device`, its communicator made now (as gloo's is)."""
+    options = dist.ProcessGroupNCCL.Options()
+    options._timeout = timeout
+    pg = dist.ProcessGroupNCCL(store, rank, size, options)
+    pg.eager_connect_single_device(device)
+    return pg
 
 
 def own_connection(store: dist.Store) -> dist.Store:

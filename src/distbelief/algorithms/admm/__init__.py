@@ -63,7 +63,9 @@ class Admm(Algorithm):
     refusal_fixes = {"model.split": "the dual-layers split cuts contiguous layers (--split "
                                     "layers, the default); leave it out",
                      "model.micro_batches": "the dual-layers split exchanges each boundary "
-                                            "once per round, not per micro-batch; leave it out"}
+                                            "once per round, not per micro-batch; leave it out",
+                     "cluster.device": "its replicas keep their local copy, duals and rule "
+                                       "state on the CPU (no GPU path yet); leave it out"}
     shard_rule = False
     role_modules = ("distbelief.algorithms.admm.replica",)
 
@@ -71,7 +73,8 @@ class Admm(Algorithm):
         # every round: contribute x + u, pull z; the round closes on the fastest ceil(F*R)
         k = cfg.admm.local_steps
         return Exchange(pull=1 / k, push=1 / k, quorum=True, rounds_every=k, local_rule=True,
-                        rule_state=RULE_STATE[cfg.optimizer.rule] + 1)  # + the dual u
+                        rule_state=RULE_STATE[cfg.optimizer.rule] + 1,  # + the dual u
+                        store_ops=3 / k)  # announce, await the answer, read it
 
     def validate(self, cfg) -> None:
         a = cfg.admm

@@ -39,7 +39,7 @@ class Downpour(Algorithm):
     title = "R model replicas push gradients to and fetch parameters from S parameter shards"
     section = DownpourConfig
     honours = (COMMON | SERVED | RULE | BATCHES | REPORTS | DATA_SERVING | PARTITIONS
-               | {"train.checkpoint_every", "cluster.restart_replicas"})
+               | {"train.checkpoint_every", "cluster.restart_replicas", "cluster.device"})
     defaults = {"optimizer.rule": "adagrad", "optimizer.lr": 0.02, "train.on_nonfinite": "skip"}
     role_modules = ("distbelief.algorithms.downpour.replica",)
 
@@ -72,6 +72,14 @@ class Downpour(Algorithm):
                     raise UserError(f"--max-staleness does not work with {option_name} "
                                     f"(replica clocks count whole, unpartitioned replicas "
                                     "that start together): leave one of them out")
+        if cfg.cluster.device != "cpu" and d.replica_workers > 1:
+            raise UserError(f"--device {cfg.cluster.device} does not work with --replica-workers "
+                            f"{d.replica_workers}: the threads update one local copy in host "
+                            "memory without locks; use --replica-workers 1 or leave --device out")
+        if cfg.cluster.device != "cpu" and cfg.model.partitions > 1 and cfg.model.split == "units":
+            raise UserError(f"--device {cfg.cluster.device} does not work with --split units: its "
+                            "partitions exchange every layer's blocks through gloo on the host; "
+                            "use --split layers (a pipeline) or leave --device out")
         if d.replica_workers > 1 and cfg.model.partitions > 1:
             raise UserError(f"--replica-workers {d.replica_workers} does not work with "
                             f"--partitions {cfg.model.partitions}: the threads share one whole "
@@ -105,12 +113,15 @@ class Downpour(Algorithm):
         return store.get_json("job")["config"]
 
     def summary(self, cfg, watch, done: list[dict]) -> dict:
+        from distbelief.runtime.device import device_summary
+
+        device = {"device": device_summary(cfg.cluster.device, done)}
         if cfg.downpour.max_staleness is None:
-            return super().summary(cfg, watch, done)
+            return {**super().summary(cfg, watch, done), **device}
         gaps = [d["max_clock_gap"] for d in done if "max_clock_gap" in d]
         return {"downpour": {**watch.extra, "max_clock_gap": max(gaps, default=None),
                              "staleness_wait_seconds": sum(d.get("staleness_wait_seconds", 0)
-                                                           for d in done)}}
+                                                           for d in done)}, **device}
 
     def summary_config(self, cfg) -> dict:
         d = cfg.downpour

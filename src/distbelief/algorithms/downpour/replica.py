@@ -34,6 +34,14 @@ the earlier ones), so they all leave that step out; a gradient non-finite in
 one partition only, with a finite loss, is left out of that partition's push
 alone, while the others apply theirs.
 
+With ``--device cuda`` the model, its gradient buffers and the batches live on
+the process's GPU (`runtime.device`): a fetch lands in a pinned host buffer and
+is copied to the device on a side stream before the next forward; a push first
+copies the window's gradient from the device into the client's buffer (pinned
+in place), on the side stream, and the shard threads send it once it landed,
+while this thread goes on to the next step. On the CPU the model's parameters
+and gradients are those host buffers themselves and no copy is made.
+
 Reports to the coordinator through the store stream ``events``: a "train" event
 every `log_every` steps (`metrics.report.Reporter`); sets ``done/replica<r>`` at the end.
 """
@@ -59,6 +67,7 @@ from distbelief.ps.client import PSClient
 from distbelief.ps.layout import Layout
 from distbelief.ps.rules import all_finite
 from distbelief.runtime.context import RoleContext
+from distbelief.runtime.device import DeviceMirror, local_rank, replica_device
 
 
 def run_replica(ctx: RoleContext) -> None:
@@ -70,7 +79,8 @@ def run_replica(ctx: RoleContext) -> None:
     data, model = replica_data_and_model(ctx)  # data None: data servers read it
     plan = PartitionPlan.from_json(ctx.job["partition"])
     part = ctx.part or 0
-    module = plan.part_module(model, part)
+    device = replica_device(cfg.cluster.device, local_rank(r, ctx.part, cfg.model.partitions))
+    module = plan.part_module(model, part).to(device)
     del model  # a partition keeps only its own layers
     total = ctx.job["steps"]  # steps_per_replica, computed by the coordinator
     threads = cfg.downpour.replica_workers  # a step takes one batch per worker thread
@@ -91,7 +101,8 @@ def run_replica(ctx: RoleContext) -> None:
     peers = ctx.store.clone()  # the partition's channels join through their own connection
     try:
         with PSClient(ctx.store, layout, name, transport=cfg.cluster.transport,
-                      timeout=cfg.cluster.timeout) as ps, \
+                      timeout=cfg.cluster.timeout, pinned=device.type == "cuda") as ps, \
+                DeviceMirror(device) as mirror, \
                 open_partition(plan, module, part, store=peers.raw,
                                name=f"replica{r}.g{restart['generation'] if restart else 0}",
                                timeout=cfg.cluster.timeout) as runner, \
@@ -100,18 +111,21 @@ def run_replica(ctx: RoleContext) -> None:
             if runner.reports_loss:
                 ctx.store.append("events", {"event": "replica_joined", "time": _now(ctx),
                                             "replica": r})
-            for grad in ps.grad_buffers:
+            # on the CPU backward() writes where the shards read; on a GPU into device twins
+            grads = [mirror.device_twin(grad) for grad in ps.grad_buffers]
+            for grad in grads:
                 grad.zero_()
-            grads = list(ps.grad_buffers)  # backward() writes where shards read
             scratch = None
             if cfg.downpour.n_push > 1 and threads == 1:  # a step's gradient, checked alone
                 scratch = len(grads)
                 grads.append(torch.zeros_like(grads[0]))
             flat = FlatModel(module, grads=grads)
-            acked, bounded = _train(ctx, ps, PushWindow(flat, scratch), runner, feed, start,
-                                    total)
+            mirror.host_twin(flat.params)  # where fetches land (the parameters, on the CPU)
+            acked, bounded = _train(ctx, ps, mirror, PushWindow(flat, scratch), runner, feed,
+                                    start, total)
             boundary_bytes = runner.bytes_sent
             data_stats = feed.stats()
+            copies = mirror.stats()
     finally:
         peers.close()
     if r == 0:  # a warm start longer than the run must not leave the others waiting
@@ -119,7 +133,7 @@ def run_replica(ctx: RoleContext) -> None:
     ctx.store.set_json(f"done/replica{ctx.member}", {"steps": total, "acked": acked,
                                                      "boundary_bytes": boundary_bytes,
                                                      "transport_bytes": ps.transport_bytes(),
-                                                     **bounded, **data_stats})
+                                                     "device": copies, **bounded, **data_stats})
 
 
 class PushWindow:
@@ -174,8 +188,8 @@ class PushWindow:
         self.flat.grads[self.bound].zero_()
 
 
-def _train(ctx: RoleContext, ps: PSClient, window: PushWindow, runner, feed, start: int,
-           total: int) -> tuple[int, dict]:
+def _train(ctx: RoleContext, ps: PSClient, mirror: DeviceMirror, window: PushWindow, runner,
+           feed, start: int, total: int) -> tuple[int, dict]:
     """Train steps start..total-1; returns how many pushes the shards acknowledged, and the
     bounded-staleness figures (none when unbounded)."""
     cfg, r = ctx.config, ctx.ident
@@ -193,7 +207,7 @@ def _train(ctx: RoleContext, ps: PSClient, window: PushWindow, runner, feed, sta
         workers = (stack.enter_context(ReplicaWorkers(window.flat, threads, cfg.optimizer.lr,
                                                       cfg.cluster.timeout))
                    if threads > 1 else None)
-        acked = _steps(ctx, ps, window, runner, feed, start, total, gate, report, slow,
+        acked = _steps(ctx, ps, mirror, window, runner, feed, start, total, gate, report, slow,
                        workers, clocks)
     if clocks is None:
         return acked, {}
@@ -202,12 +216,14 @@ def _train(ctx: RoleContext, ps: PSClient, window: PushWindow, runner, feed, sta
                    "staleness_wait_seconds": clocks.wait_seconds}
 
 
-def _steps(ctx: RoleContext, ps: PSClient, window: PushWindow, runner, feed,
-           start: int, total: int, gate, report: Reporter, slow: Slowdown,
+def _steps(ctx: RoleContext, ps: PSClient, mirror: DeviceMirror, window: PushWindow, runner,
+           feed, start: int, total: int, gate, report: Reporter, slow: Slowdown,
            workers: ReplicaWorkers | None, clocks: Clocks | None) -> int:
     """The step loop of `_train`; `workers`: the replica's threads (None: T = 1); `clocks`:
-    the bounded staleness (None: unbounded)."""
+    the bounded staleness (None: unbounded); `mirror`: the copies between the replica's
+    device and the client's host buffers (none on the CPU)."""
     cfg, r, flat = ctx.config, ctx.ident, window.flat
+    host_params = mirror.host_twin(flat.params)
     n_fetch, n_push, timeout = cfg.downpour.n_fetch, cfg.downpour.n_push, cfg.cluster.timeout
     pending = [None, None]  # the push handle still reading each gradient buffer
     buf = 0
@@ -216,13 +232,17 @@ def _steps(ctx: RoleContext, ps: PSClient, window: PushWindow, runner, feed,
     for step in range(start, total):
         if clocks is not None:
             clocks.before_step()
+        arrived = None
         if fetch_before(step, n_fetch) or step == start:  # a resumed replica fetches first
-            ps.pull(flat.params).wait(timeout)
+            ps.pull(host_params).wait(timeout)
+            arrived = mirror.from_host_async(flat.params)  # overlaps with reading the batch
         if window_versions is None:  # the versions this push window's gradients are computed on
             window_versions = list(ps.fetched_versions)
         if workers is None:
             grad = window.target()
-            xb, yb = feed.next()
+            xb, yb = mirror.to_device(*feed.next())
+            if arrived is not None:
+                arrived.wait(timeout)
             with slow.compute():
                 loss = runner.train_step(xb, yb)
                 runner.flush()  # a pipeline stage may still owe the step's weight gradients
@@ -232,7 +252,9 @@ def _steps(ctx: RoleContext, ps: PSClient, window: PushWindow, runner, feed,
             else:
                 window.drop()
                 _nonfinite(ctx, report, step, loss, len(yb))
-        else:  # T batches, the finite gradients summed into the push buffer
+        else:  # T batches, the finite gradients summed into the push buffer (CPU only)
+            if arrived is not None:
+                arrived.wait(timeout)
             with slow.compute():
                 loss, samples = workers.step(feed, flat.grads[buf])
             window.kept += workers.threads - len(workers.skipped)
@@ -242,7 +264,10 @@ def _steps(ctx: RoleContext, ps: PSClient, window: PushWindow, runner, feed,
                 _nonfinite(ctx, report, step, bad_loss, bad_samples)
         if push_after(step, n_push, total):
             if window.kept:  # a window of non-finite steps only has nothing to send
-                pending[buf] = ps.push(buf, versions=window_versions)
+                # the shard threads send it once it is in the client's buffer (on the CPU it is
+                # already); this thread goes on meanwhile
+                pending[buf] = ps.push(buf, versions=window_versions,
+                                       after=mirror.to_host_async(flat.grads[buf]))
                 buf ^= 1
                 if pending[buf] is not None:  # the other buffer's push must finish before reuse
                     report.acks(pending[buf].wait(timeout))

@@ -38,6 +38,8 @@ class Easgd(Algorithm):
     honours = (COMMON | SERVED | RULE | BATCHES | REPORTS
                | {"train.checkpoint_every", "cluster.restart_replicas"})
     defaults = {"optimizer.rule": "momentum", "optimizer.lr": 0.1, "train.on_nonfinite": "skip"}
+    refusal_fixes = {"cluster.device": "its replicas keep their local copy and rule state on "
+                                       "the CPU (no GPU path yet); leave it out"}
     shard_rule = False
     role_modules = ("distbelief.algorithms.easgd.replica",)
 

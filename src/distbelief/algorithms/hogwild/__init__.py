@@ -36,6 +36,8 @@ class Hogwild(Algorithm):
         "cluster.replicas": "use --workers W for the processes that share the parameters",
         "cluster.shards": "the workers share one tensor in this host's memory; leave it out",
         "cluster.transport": "the workers share one tensor in this host's memory; leave it out",
+        "cluster.device": "the workers update one parameter tensor in this host's shared memory "
+                          "(/dev/shm) in place, which a GPU cannot; leave it out",
     }
     parameters = "shared"
     replica_noun, replica_kind = "hogwild worker", "worker"

@@ -50,6 +50,8 @@ class Sandblaster(Algorithm):
         "train.log_every": "L-BFGS reports every iteration; leave it out",
         "train.on_nonfinite": "L-BFGS cannot skip a batch, a NaN/inf loss always ends the job; "
                               "leave it out",
+        "cluster.device": "its workers compute gradients of whole portions on the CPU and the "
+                          "L-BFGS vectors live in the shards; leave it out",
     }
     replica_noun = "worker"
     drives_itself = True
@@ -60,8 +62,9 @@ class Sandblaster(Algorithm):
         # portions; the L-BFGS vectors live in the shards (history pairs of x and g)
         portions = cfg.sandblaster.portions or PORTIONS_PER_WORKER * cfg.cluster.replicas
         per_worker = max(1.0, portions / cfg.cluster.replicas)
+        # each portion: claim it, read the evaluation's point, append its result
         return Exchange(pull=1 / per_worker, push=1 / cfg.sandblaster.push_every,
-                        full_batch=True, rule_state=2 * cfg.sandblaster.history)
+                        full_batch=True, rule_state=2 * cfg.sandblaster.history, store_ops=3)
 
     def validate(self, cfg) -> None:
         b = cfg.sandblaster

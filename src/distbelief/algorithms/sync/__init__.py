@@ -17,7 +17,7 @@ class Sync(Algorithm):
     name = "sync"
     title = "synchronous all-reduce of the replicas' gradients, ending a step on a fraction"
     honours = (COMMON | SERVED | RULE | BATCHES | REPORTS | DATA_SERVING | QUORUM
-               | {"train.checkpoint_every"})
+               | {"train.checkpoint_every", "cluster.device"})
     defaults = {"optimizer.rule": "adagrad", "optimizer.lr": 0.02, "train.on_nonfinite": "skip"}
     lost_replica = "synchronous training cannot go on without it"
     role_modules = ("distbelief.algorithms.sync.replica",)
@@ -37,6 +37,12 @@ class Sync(Algorithm):
 
     def poller(self, co) -> Poller:
         return _TrimQuorumKeys(co.store, co.config.cluster.replicas)
+
+    def summary(self, cfg, watch: Watch, done: list[dict]) -> dict:
+        from distbelief.runtime.device import device_summary
+
+        return {**super().summary(cfg, watch, done),
+                "device": device_summary(cfg.cluster.device, done)}
 
     def summary_config(self, cfg) -> dict:
         return {"sync_fraction": cfg.cluster.sync_fraction}

@@ -20,6 +20,12 @@ is stale and dropped, and the replica starts afresh on the current parameters
 at the first step it is idle. The k replicas of a quorum are idle at the next
 step, so every step gets at least k arrivals. With k = R there is no thread.
 
+With ``--device cuda`` each replica keeps the model, the rule's state and the
+reduce buffer on its GPU; the replicas tell each other (through the store) where
+they compute, and all-reduce over NCCL when every one is on a GPU of its own,
+over gloo otherwise (`runtime.device.collective_backend`). Parameters cross to
+and from the shards through a pinned host buffer (`runtime.device.DeviceMirror`).
+
 Replica 0 writes the parameters into the shards before each "train" event and
 at the end, so the coordinator's evaluations and checkpoint see the model.
 Reports through the store stream ``events`` like Downpour (`metrics.report.Reporter`),
@@ -29,6 +35,7 @@ with ``dropped``: this replica's gradients dropped since its last report.
 from __future__ import annotations
 
 import math
+import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -47,6 +54,8 @@ from distbelief.ps.layout import Layout
 from distbelief.ps.rules import all_finite, make_rule
 from distbelief.runtime.channel import Group
 from distbelief.runtime.context import RoleContext
+from distbelief.runtime.device import (DeviceMirror, collective_backend, local_rank,
+                                       replica_device, to_cpu, use_device)
 from distbelief.runtime.store import JobStore
 
 GROUP = "pg/sync"
@@ -63,34 +72,59 @@ def run_replica(ctx: RoleContext) -> None:
     total = ctx.job["steps"]  # steps_per_replica, computed by the coordinator
     resume = ctx.job.get("resume")
     start = resume["replica_steps"].get(ctx.member, 0) if resume else 0
-    # built before the job is ready: the first torch.optim takes a second to import
-    trainer = _Trainer(ctx, model, start, total)
-    if resume:  # the parameters come from the shards, the rule's state from the checkpoint
-        trainer.rule.load_state_dict(load_file(ctx.job["run_dir"], resume, "sync.pt")["rule"])
-    ctx.store.get_json("job/ready", what="the coordinator to initialise the shards")
+    device = replica_device(cfg.cluster.device, local_rank(r, None, 1))
+    with DeviceMirror(device) as mirror:
+        # built before the job is ready: the first torch.optim takes a second to import
+        trainer = _Trainer(ctx, model.to(device), start, total, mirror)
+        if resume:  # the parameters come from the shards, the rule's state from the checkpoint
+            trainer.rule.load_state_dict(load_file(ctx.job["run_dir"], resume,
+                                                   "sync.pt")["rule"])
+        ctx.store.get_json("job/ready", what="the coordinator to initialise the shards")
+        dropped, stats = _run(ctx, trainer, data, start, total)
+    ctx.store.set_json(f"done/replica{r}", {"steps": total, "dropped": dropped,
+                                            "device": mirror.stats(), **stats})
+
+
+def _run(ctx: RoleContext, trainer: _Trainer, data, start: int, total: int) -> tuple[int, dict]:
+    """Connect to the shards and the other replicas, train; (dropped gradients, statistics)."""
+    cfg, r, replicas = ctx.config, ctx.ident, ctx.config.cluster.replicas
     layout = Layout.from_json(ctx.job["layout"])
     with PSClient(ctx.store, layout, f"replica{r}", transport=cfg.cluster.transport,
                   timeout=cfg.cluster.timeout, grad_buffers=0) as ps, \
             open_feed(ctx, data, start, total) as feed:  # from the checkpoint's position
-        ps.pull(trainer.params).wait(cfg.cluster.timeout)  # every replica starts from here
-        group = Group(ctx.store.raw, GROUP, r, replicas, cfg.cluster.timeout)
+        trainer.fetch(ps)  # every replica starts from here
+        backend = _agree_on_backend(ctx, trainer.mirror.device)
+        group = Group(ctx.store.raw, GROUP, r, replicas, cfg.cluster.timeout,
+                      device=trainer.mirror.device if backend == "nccl" else None)
         try:
             ctx.store.append("events", {"event": "replica_joined", "time": _now(ctx),
                                         "replica": r})
             dropped = trainer.run(ps, group, feed)
         finally:
             group.close()
-    ctx.store.set_json(f"done/replica{r}", {"steps": total, "dropped": dropped,
-                                            "transport_bytes": ps.transport_bytes(),
-                                            **feed.stats()})
+    return dropped, {"transport_bytes": ps.transport_bytes(), "collective": backend,
+                     **feed.stats()}
+
+
+def _agree_on_backend(ctx: RoleContext, device) -> str:
+    """Publish where this replica computes, read where every replica does, and pick the
+    all-reduce's backend from that (the same answer in every replica)."""
+    replicas, timeout = ctx.config.cluster.replicas, ctx.config.cluster.timeout
+    ctx.store.set_json(f"sync/device/{ctx.ident}", {"host": socket.gethostname(),
+                                                    "device": str(device)})
+    members = [ctx.store.get_json(f"sync/device/{i}", timeout=timeout,
+                                  what=f"replica {i} to say where it computes")
+               for i in range(replicas)]
+    return collective_backend(members)
 
 
 class _Trainer:
     """One replica's synchronous loop. Owns the parameters, the rule and the reduce buffer."""
 
-    def __init__(self, ctx: RoleContext, model, start: int, total: int):
+    def __init__(self, ctx: RoleContext, model, start: int, total: int, mirror: DeviceMirror):
         cfg = ctx.config
-        self.ctx, self.start, self.total = ctx, start, total
+        self.ctx, self.start, self.total, self.mirror = ctx, start, total, mirror
+        device = mirror.device  # the model is there already
         self.feed = None  # the batches (`data.feed`), given to `run`
         self.gate = (ReplicaGate(ctx.store, ctx.member, cfg.cluster.timeout)
                      if cfg.train.checkpoint_every is not None else None)
@@ -98,19 +132,30 @@ class _Trainer:
         self.quorum = quorum_size(cfg.cluster.sync_fraction, cfg.cluster.replicas)
         self.threaded = self.quorum < cfg.cluster.replicas
         numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self.buf = torch.zeros(numel + EXTRA)
+        self.buf = torch.zeros(numel + EXTRA, device=device)
         self.grad = self.buf[:numel]
         slow = Slowdown.for_worker(cfg, ctx.ident)
         if self.threaded:  # the thread computes on its own copy while the step goes on
-            self.compute = _Gradient(model, torch.zeros(numel), slow)
+            self.compute = _Gradient(model, torch.zeros(numel, device=device), slow)
             self.params = self.compute.flat.params.clone()
         else:  # the model is the parameters, and backward() writes into the reduce buffer
             self.compute = _Gradient(model, self.grad, slow)
             self.params = self.compute.flat.params
         self.rule = make_rule(cfg.optimizer, self.params)
+        self.host_params = mirror.host_twin(self.params)  # the parameters on the CPU
         self.report: Reporter | None = None
         self.ps: PSClient | None = None
         self.group: Group | None = None
+
+    def fetch(self, ps: PSClient) -> None:
+        """Pull the parameters from the shards (to the device). Blocks."""
+        ps.pull(self.host_params).wait(self.timeout)
+        self.mirror.from_host_async(self.params).wait(self.timeout)
+
+    def _on_host(self) -> torch.Tensor:
+        """The parameters in host memory (copied there from a GPU). Blocks."""
+        self.mirror.to_host_async(self.params).wait(self.timeout)
+        return self.host_params
 
     def run(self, ps: PSClient, group: Group, feed) -> int:
         """Train every step; returns how many of this replica's gradients were dropped."""
@@ -120,14 +165,14 @@ class _Trainer:
         self.report = Reporter.for_role(self.ctx, self.total, count_dropped=True)
         if not self.threaded:
             for step in range(self.start, self.total):
-                xb, yb = self.feed.next()
+                xb, yb = self.mirror.to_device(*self.feed.next())
                 loss = self.compute(xb, yb)
                 self.buf[-EXTRA:] = torch.tensor([loss, len(yb), 1.0, self._saw_request()])
                 self._reduce_and_apply(step, len(yb))
                 self._maybe_report(step)
         else:
             with _Background(self.compute, self.ctx.store, self.quorum,
-                             f"replica{self.ctx.ident}-gradient") as worker:
+                             f"replica{self.ctx.ident}-gradient", self.mirror.device) as worker:
                 for step in range(self.start, self.total):
                     self._quorum_step(step, worker)
                     self._maybe_report(step)
@@ -140,7 +185,7 @@ class _Trainer:
         if worker.busy and worker.done:
             self.report.drop(worker.take_stale())
         if not worker.busy:  # start on the current parameters
-            worker.start(step, self.params, *self.feed.next())
+            worker.start(step, self.params, *self.mirror.to_device(*self.feed.next()))
         _wait_for_quorum(self.ctx, step, worker, self.quorum, self.timeout)
         result = worker.take(step, self.timeout)
         if result is None:  # late or still computing: this step goes on without it
@@ -170,10 +215,11 @@ class _Trainer:
         the shards and the rule's state into the checkpoint set."""
         number = self.ctx.store.get_json("ckpt/request", timeout=self.timeout)
         if self.ctx.ident == 0:
-            self.ps.set(self.params).wait(self.timeout)
+            self.ps.set(self._on_host()).wait(self.timeout)
             folder = set_dir(self.ctx.job["run_dir"], number)
             folder.mkdir(parents=True, exist_ok=True)
-            write_atomic(folder / "sync.pt", {"rule": self.rule.state_dict()})
+            # on the CPU, so that a run on a GPU resumes anywhere
+            write_atomic(folder / "sync.pt", {"rule": to_cpu(self.rule.state_dict())})
         self.gate.pause(number, step + 1)
 
     def _apply(self, step: int, own_samples: int, loss_sum: float, samples: float,
@@ -205,7 +251,7 @@ class _Trainer:
     def _publish(self) -> None:
         """Replica 0 writes the synchronous model into the shards (for evaluation, checkpoint)."""
         if self.ctx.ident == 0:
-            self.ps.set(self.params).wait(self.timeout)
+            self.ps.set(self._on_host()).wait(self.timeout)
 
 
 class _Gradient:
@@ -240,9 +286,11 @@ class _Background:
     thread is joined on exit (waiting for a computation still running).
     """
 
-    def __init__(self, compute: _Gradient, store: JobStore, quorum: int, name: str):
+    def __init__(self, compute: _Gradient, store: JobStore, quorum: int, name: str, device):
         self.compute, self.store, self.quorum = compute, store, quorum
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+        # the thread computes on the replica's device (CUDA: made its current one)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name, initializer=use_device,
+                                        initargs=(device,))
         self._lock = threading.Lock()
         self._future: Future | None = None
         self._arrival: tuple[int, int] | None = None  # (step, arrival number), set by the thread
