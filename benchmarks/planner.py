@@ -42,7 +42,7 @@ from torch import nn
 
 from distbelief.job import JobConfig
 from distbelief.planner import Hardware, make_plan
-from distbelief.planner.plan import trial
+from distbelief.planner.plan import trial, untriable
 
 HERE = Path(__file__).resolve()
 
@@ -108,7 +108,7 @@ def spearman(xs: list[float], ys: list[float]) -> float | None:
 def considered(plan, extra: int) -> list:
     """The shortlist plus `extra` layouts spread over the rest of the predicted ranking."""
     chosen = list(plan.shortlist)
-    rest = [c for c in plan.candidates if c not in chosen]
+    rest = [c for c in plan.candidates if c not in chosen and not c.layout.full_batch]
     if rest and extra:
         step = max(1, (len(rest) - 1) // max(1, extra - 1)) if extra > 1 else len(rest)
         chosen += rest[::step][:extra]
@@ -127,7 +127,11 @@ def run_scenario(name: str, description: str, settings: dict, *, trials: int,
     rows = []
     for c in considered(plan, extra):
         tried_by_planner = c.measured is not None
-        if not tried_by_planner:
+        reason = untriable(c, plan.profile, seconds)
+        if reason:
+            log(f"{name}: not measuring {c.name}: {reason}")
+            c.measured = {"status": "untriable", "reason": reason}
+        elif not tried_by_planner:
             log(f"{name}: measuring {c.name}")
             c.measured = trial(c, seconds)
         m = c.measured

@@ -69,9 +69,13 @@ def test_options_and_config_fields_match_one_to_one():
     assert len(options) == len(set(options)), "two options set one field"
     assert set(TOML_ONLY) == TOML_ONLY_FIELDS
     assert set(options) | TOML_ONLY_FIELDS == fields and not set(options) & TOML_ONLY_FIELDS
-    parser = build_parser()._subparsers._group_actions[0].choices["train"]
-    dests = {a.dest for a in parser._actions} - {"help", "config", "quiet", "resume"}
+    commands = build_parser()._subparsers._group_actions[0].choices
+    dests = {a.dest for a in commands["train"]._actions} - {
+        "help", "config", "quiet", "resume", "strategy", "trials", "trial_seconds"}
     assert dests == set(OPTION_FIELDS)
+    planning = {"help", "config", "quiet", "trials", "trial_seconds", "hosts", "cores_per_host",
+                "memory_per_host", "link_bandwidth", "output"}
+    assert {a.dest for a in commands["plan"]._actions} - planning == set(OPTION_FIELDS)
 
 
 def test_toml_file_is_read(tmp_path):

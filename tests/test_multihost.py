@@ -40,17 +40,9 @@ def test_torchrun_starts_one_role_per_rank(tmp_path):
     _check_run(run_dir)
 
 
-def test_roles_from_rank_variables_without_torchrun(tmp_path):
-    run_dir = tmp_path / "run"
-    with rank_processes([*ARGS, "--run-dir", str(run_dir)], 4, tmp_path) as procs:
-        outputs = [p.communicate(timeout=240) for p in procs]
-        assert [p.returncode for p in procs] == [0, 0, 0, 0], [o[1][-500:] for o in outputs]
-        assert "test accuracy" in outputs[0][0]
-        _check_run(run_dir)
-
-
 def test_partitioned_replicas_from_rank_variables(tmp_path):
-    """--partitions 2: ranks 1..S are shards, then each replica's two partitions in turn."""
+    """Rank variables set by hand, without torchrun (as tests/test_namespaces.py does across
+    hosts); --partitions 2: ranks 1..S are shards, then each replica's two partitions."""
     run_dir = tmp_path / "run"
     args = ["train", "--dataset", "digits", "--model", "mlp", "--replicas", "1", "--shards", "2",
             "--partitions", "2", "--steps", "60", "--quiet", "--run-dir", str(run_dir)]

@@ -134,19 +134,17 @@ def test_a_ticket_whose_request_never_came_does_not_stop_the_shard(monkeypatch):
     assert not thread.is_alive()
 
 
-def test_small_jobs_of_every_kind_reach_their_first_train_event_in_time():
-    """One job of each configuration (downpour on shm and gloo, chunks, partitions by
-    layers and units, data servers, sync with and without a quorum, Sandblaster,
-    Hogwild, ADMM), back to back: none hangs or fails, each trains within 30 s of its start."""
-    report = run_quick("startup_stress", "--runs", "11", "--bound", "30", "--timeout", "30",
+def test_small_jobs_reach_their_first_train_event_in_time():
+    """The benchmark's first three configurations (downpour on shm and on gloo, chunks),
+    back to back: none hangs or fails, each trains within 30 s of its start. (Every other
+    kind of job starts in its own tests; the benchmark runs them all, many times.)"""
+    report = run_quick("startup_stress", "--runs", "3", "--bound", "30", "--timeout", "30",
                        "--no-peer", timeout=240)
 
-    assert report["runs"] == 11
+    assert report["runs"] == 3
     assert report["hangs"] == 0 and report["failures"] == 0 and report["slow"] == 0, \
         report["problems"]
-    assert set(report["configurations"]) == {
-        "downpour", "downpour_gloo", "chunks", "partitions_layers", "partitions_units",
-        "data_servers", "sync", "sync_quorum", "sandblaster", "hogwild", "admm"}
+    assert set(report["configurations"]) == {"downpour", "downpour_gloo", "chunks"}
     assert all(c["runs"] == c["ok"] == 1 for c in report["configurations"].values())
     assert 0 < report["startup_seconds"]["p50"] <= report["startup_seconds"]["slowest"] < 30
     assert report["met"] is True

@@ -132,6 +132,7 @@ class Layout:
     rule: str | None = None
     rule_state: int = 0
     shared: bool = False
+    full_batch: bool = False
     store_ops: float = 0.0
     extra_shard_vectors: int = 0
     """Vectors a shard keeps besides the parameters and rule state (ADMM's members)."""

@@ -65,7 +65,7 @@ class Plan:
 
 def _row(c: Candidate) -> dict:
     p = c.prediction
-    return {"name": c.name, "algorithm": c.algorithm, "options": c.options,
+    return {"name": c.name, "algorithm": c.algorithm, "options": c.options, "notes": c.notes,
             "predicted_samples_per_second": p.samples_per_second,
             "predicted_step_seconds": p.step_seconds,
             "predicted_memory_per_process": p.memory_per_process,
@@ -109,14 +109,34 @@ def make_plan(cfg: JobConfig, fixed: set[str], *, hardware: Hardware | None = No
     shortlist = _best_per_algorithm(fits)
     message(f"{len(candidates)} candidates, {len(fits)} fit in memory; shortlist: "
             + ", ".join(c.name for c in shortlist))
-    tried = shortlist[:trials] if hardware.hosts == 1 else []
-    for c in tried:
+    tried = []
+    for c in shortlist if hardware.hosts == 1 else []:
+        if len(tried) == trials:
+            break
+        reason = untriable(c, profile, trial_seconds)
+        if reason:
+            c.notes.append(reason)
+            message(f"no trial for {c.name}: {reason}")
+            continue
         message(f"trial: {c.name} for {trial_seconds:g} s")
         c.measured = trial(c, trial_seconds)
+        tried.append(c)
     choice, why = choose(shortlist, tried, hardware)
     return Plan(hardware=hardware, profile=profile, candidates=fits, shortlist=shortlist,
                 choice=choice, why=why, trial_seconds=trial_seconds, fixed=sorted(fixed),
                 seconds=time.monotonic() - began)
+
+
+def untriable(c: Candidate, profile: Profile, seconds: float) -> str | None:
+    """Why a trial of `seconds` could not measure `c` (None: it can): an algorithm that
+    reports once per pass over the data needs two reports in the window."""
+    if not c.layout.full_batch:
+        return None
+    iteration = profile.train_samples / max(c.prediction.samples_per_second, 1e-9)
+    if 2 * iteration > seconds:
+        return (f"a pass over the {profile.train_samples:,} samples takes about "
+                f"{iteration:.1f} s, and a trial of {seconds:g} s needs two")
+    return None
 
 
 def check_fixed(cfg: JobConfig, fixed: set[str], profile: Profile) -> None:

@@ -69,7 +69,7 @@ def window_stats(events: list[dict], seconds: float) -> dict:
 
 
 def run_trial(config_toml: str, seconds: float, *, log_every: int | None = None,
-              startup_timeout: float = 120.0, keep_dir: Path | None = None) -> dict:
+              startup_timeout: float = 60.0, keep_dir: Path | None = None) -> dict:
     """Train `config_toml` (a TOML text) for about `seconds` after its first report; the
     window's statistics plus "status": "ok", "failed" (with the command's last words) or
     "no start" (nothing reported within `startup_timeout`)."""
