@@ -151,6 +151,14 @@ def test_loss_slope_and_window():
     assert stats["events"] == 4 and stats["window_seconds"] == 3.0
     assert stats["samples_per_second"] == pytest.approx(100.0)  # the first's samples excluded
     assert stats["loss_drop_per_second"] == pytest.approx(1.0)
+    # from the untrained model's loss to the window's last quarter: a blow-up that came
+    # part of the way down again is no drop at all
+    blown = [{"event": "train", "time": float(t), "loss": loss, "samples": 10}
+             for t, loss in enumerate([500.0, 300.0, 100.0, 50.0, 30.0])]
+    stats = window_stats(blown, seconds=4.0, start_loss=2.3)
+    assert stats["end_loss"] == 40.0  # the reports at 3 and 4 s: the last quarter
+    assert stats["loss_drop_per_second"] == pytest.approx((2.3 - 40.0) / 4)
+    assert stats["loss_slope"] < 0  # which a slope would have counted as a fast fall
 
 
 # ---- predict, on a made-up profile --------------------------------------------------------
@@ -225,7 +233,7 @@ def test_predict_allreduce_between_hosts_uses_the_network():
 
 
 def test_predict_slow_replica_and_quorum():
-    fast_links = _hardware(shm_bandwidth=1e15)  # all-reduce time ~0: the compute decides
+    fast_links = _hardware(allreduce_bandwidth=1e15)  # all-reduce time ~0: compute decides
     everyone = predict(Layout(replicas=2, allreduce=True, quorum=True, slow_factor=4.0),
                        _profile(), fast_links)
     fastest = predict(Layout(replicas=2, allreduce=True, quorum=True, slow_factor=4.0,
@@ -266,3 +274,23 @@ def test_predict_memory_counts_every_process():
     coordinator = 1e6 + 2 * 4e6 + 1e8
     assert p.memory_per_process == pytest.approx(replica)
     assert p.memory_per_host == pytest.approx(2 * replica + 2 * shard + coordinator)
+
+
+def test_trials_alternate_synchronous_and_asynchronous_candidates():
+    from distbelief.planner.candidates import Candidate
+    from distbelief.planner.plan import trial_order
+
+    def candidate(name, quorum):
+        return Candidate(name, {}, None, Layout(replicas=2, quorum=quorum))
+
+    a, b, c, s, t = (candidate("a", False), candidate("b", False), candidate("c", False),
+                     candidate("s", True), candidate("t", True))
+    assert [x.algorithm for x in trial_order([a, b, s, c, t])] == ["a", "s", "b", "t", "c"]
+    assert [x.algorithm for x in trial_order([s, a, t])] == ["s", "a", "t"]
+    assert [x.algorithm for x in trial_order([a, b])] == ["a", "b"]
+
+
+def test_the_allreduce_uses_its_own_measured_bandwidth_on_one_host():
+    p = predict(Layout(replicas=2, allreduce=True, quorum=True), _profile(),
+                _hardware(allreduce_bandwidth=4e8, link_bandwidth=1e12))
+    assert p.parts["all-reduce"] == pytest.approx(4e6 / 4e8)  # 2 * 1/2 * P / B

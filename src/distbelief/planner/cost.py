@@ -216,7 +216,8 @@ def _rate(layout: Layout, profile, hardware, *, compute_threads: int, share: flo
     parts["compute"] = compute
     transfer = 0.0
     if layout.allreduce:
-        transfer = (allreduce_seconds(r, nbytes, tcp if hosts > 1 else link)
+        reduce_bandwidth = (hardware.allreduce_bandwidth or tcp) if hosts == 1 else tcp
+        transfer = (allreduce_seconds(r, nbytes, reduce_bandwidth)
                     + hardware.allreduce_latency * (r - 1))
         parts["all-reduce"] = transfer
     elif layout.pull or layout.push:

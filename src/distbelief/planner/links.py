@@ -71,6 +71,9 @@ class Hardware:
     """Seconds of one gloo round trip of a small message (a command header)."""
     allreduce_latency: float = 0.0
     """Seconds of an all-reduce of a few numbers between two members (its fixed cost)."""
+    allreduce_bandwidth: float = 0.0
+    """B of an all-reduce's 2(n-1)/n * P / B, from one of a large tensor between two members
+    (gloo on one host: the reduction's arithmetic and copies included; 0: link_bandwidth)."""
     store_latency: float = 0.0
     """Seconds of one round trip to the job store (a c10d TCPStore)."""
     measured: tuple[str, ...] = ()
@@ -110,6 +113,8 @@ class Hardware:
             measured.append("latency")
         measured += ["allreduce_latency", "store_latency"]
         return cls(hosts=hosts or 1, latency=latency, allreduce_latency=gloo["allreduce"],
+                   allreduce_bandwidth=(gloo["allreduce_bandwidth"] if "link_bandwidth" in measured
+                                        else 0.0),
                    store_latency=measure_store_latency(), cores_per_host=cores_per_host,
                    memory_per_host=memory_per_host, shm_bandwidth=shm_bandwidth,
                    link_bandwidth=link_bandwidth, measured=tuple(measured))
@@ -144,8 +149,9 @@ def measure_copy_bandwidth(nbytes: int = 32 << 20, repeats: int = 3) -> float:
 
 def measure_gloo(nbytes: int = 8 << 20, timeout: float = 5.0) -> dict[str, float]:
     """gloo between two process groups of this process (each in its own thread, over
-    loopback): the bandwidth of an `nbytes` tensor each way, and an all-reduce of 2
-    numbers (the lower quartile of many), which is also a small message's round trip.
+    loopback): the bandwidth of an `nbytes` tensor each way, an all-reduce of 2 numbers
+    (the lower quartile of many), which is also a small message's round trip, and the
+    bandwidth of an all-reduce of `nbytes`.
     Every wait is bounded by `timeout` (gloo raises past it)."""
     import datetime
 
@@ -181,13 +187,18 @@ def measure_gloo(nbytes: int = 8 << 20, timeout: float = 5.0) -> dict[str, float
                 start = time.perf_counter()
                 pg.allreduce([small]).wait()
                 reduces.append(time.perf_counter() - start)
+            pg.allreduce([big]).wait()  # warm
+            start = time.perf_counter()
+            pg.allreduce([big]).wait()
+            reduce_seconds = time.perf_counter() - start
             if rank == 0:
                 # a two-member all-reduce is one exchange each way: a header's round
                 # trip (a send/recv ping-pong between two threads of one process
                 # sometimes waits ~4 ms for the other's wake-up, two processes do not)
                 quick = sorted(reduces)[len(reduces) // 4]  # lower quartile
+                # 2(n-1)/n * P / B with n = 2: the bandwidth B the formula needs
                 result.update(latency=quick, bandwidth=2 * nbytes / big_seconds,
-                              allreduce=quick)
+                              allreduce=quick, allreduce_bandwidth=nbytes / reduce_seconds)
         except BaseException as exc:  # re-raised below, in the caller's thread
             errors.append(exc)
 

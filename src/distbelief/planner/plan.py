@@ -8,10 +8,12 @@
    drop those whose processes do not fit in a host's memory;
 3. predict each one's samples/s (`cost.predict`), keep each algorithm's
    fastest layout, and shortlist those, fastest first;
-4. run the first `trials` of the shortlist for `trial_seconds` each through the
-   real launcher (`trials`) and choose the one whose training loss fell fastest
-   per second (statistical efficiency, which no cost model of samples/s sees);
-   without trials (or for hosts not here), the fastest predicted.
+4. run `trials` of the shortlist for `trial_seconds` each through the real
+   launcher (`trials`), fastest predicted first but alternating between
+   synchronous and asynchronous candidates (`trial_order`), and choose the one
+   whose training loss fell fastest per second (statistical efficiency, which no
+   cost model of samples/s sees); without trials (or for hosts not here), the
+   fastest predicted.
 
 The cost model prunes within an algorithm (replicas, shards, partitions,
 cadence), where samples/s decides; the trials decide between algorithms, where
@@ -87,6 +89,10 @@ def make_plan(cfg: JobConfig, fixed: set[str], *, hardware: Hardware | None = No
     if trial_seconds <= 0:
         raise UserError(f"--trial-seconds {trial_seconds:g}: give a positive number of seconds")
     cfg = cfg.validate()
+    if cfg.cluster.device != "cpu":
+        raise UserError(f"--device {cfg.cluster.device}: the planner profiles the model on this "
+                        "host's CPU and has no cost model of GPUs yet: plan without --device, or "
+                        "choose the layout by hand")
     hardware = hardware or Hardware.measure()
     message(f"profiling the model and data on this host ({hardware.cores_per_host} cores)")
     profile = profile_job(cfg, hardware.cores_per_host)
@@ -110,7 +116,7 @@ def make_plan(cfg: JobConfig, fixed: set[str], *, hardware: Hardware | None = No
     message(f"{len(candidates)} candidates, {len(fits)} fit in memory; shortlist: "
             + ", ".join(c.name for c in shortlist))
     tried = []
-    for c in shortlist if hardware.hosts == 1 else []:
+    for c in trial_order(shortlist) if hardware.hosts == 1 else []:
         if len(tried) == trials:
             break
         reason = untriable(c, profile, trial_seconds)
@@ -119,7 +125,7 @@ def make_plan(cfg: JobConfig, fixed: set[str], *, hardware: Hardware | None = No
             message(f"no trial for {c.name}: {reason}")
             continue
         message(f"trial: {c.name} for {trial_seconds:g} s")
-        c.measured = trial(c, trial_seconds)
+        c.measured = trial(c, trial_seconds, profile.initial_loss)
         tried.append(c)
     choice, why = choose(shortlist, tried, hardware)
     return Plan(hardware=hardware, profile=profile, candidates=fits, shortlist=shortlist,
@@ -166,8 +172,9 @@ def minimal_toml(cfg: JobConfig) -> str:
     return tomli_w.dumps(out)
 
 
-def trial(c: Candidate, seconds: float) -> dict:
-    """Run one candidate's trial (see `trials.run_trial`)."""
+def trial(c: Candidate, seconds: float, start_loss: float | None = None) -> dict:
+    """Run one candidate's trial (see `trials.run_trial`); `start_loss`: the untrained
+    model's loss (`Profile.initial_loss`), where every candidate starts."""
     from distbelief.planner.trials import run_trial
 
     from distbelief.algorithms.registry import get_algorithm
@@ -175,7 +182,8 @@ def trial(c: Candidate, seconds: float) -> dict:
     log_every = None
     if "train.log_every" in get_algorithm(c.algorithm).honours:
         log_every = max(1, round(LOG_SECONDS / max(c.prediction.step_seconds, 1e-6)))
-    return run_trial(trial_config(c.config), seconds, log_every=log_every)
+    return run_trial(trial_config(c.config), seconds, log_every=log_every,
+                     start_loss=start_loss)
 
 
 def trial_config(cfg: JobConfig) -> str:
@@ -185,6 +193,20 @@ def trial_config(cfg: JobConfig) -> str:
     data["train"].update(steps=TRIAL_STEPS, epochs=None, eval_every=0, checkpoint_every=None,
                          run_dir=None)
     return JobConfig.from_dict(data).to_toml()
+
+
+def trial_order(shortlist: list[Candidate]) -> list[Candidate]:
+    """The shortlist in the order to try it: fastest predicted first, alternating between
+    candidates whose steps wait for the others (synchronous: sync, ADMM's rounds) and those
+    that run on their own (asynchronous), so that a few trials see both. What a sample is
+    worth differs most between the two, and the cost model sees only samples/s."""
+    waits = [c for c in shortlist if c.layout.quorum]
+    free = [c for c in shortlist if not c.layout.quorum]
+    first, second = (waits, free) if waits and shortlist[0] is waits[0] else (free, waits)
+    order = []
+    for i in range(max(len(first), len(second))):
+        order += [group[i] for group in (first, second) if i < len(group)]
+    return order
 
 
 def _best_per_algorithm(ranked: list[Candidate]) -> list[Candidate]:

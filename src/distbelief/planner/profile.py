@@ -50,6 +50,9 @@ class Profile:
     """The dataset held in memory by every process that loads it (0 when read by batch)."""
     rule_seconds: dict[str, float] = field(default_factory=dict)
     """Applying each update rule to one parameter (seconds per element)."""
+    initial_loss: float | None = None
+    """Cross-entropy of the untrained model on the profiled batch: where every candidate's
+    training loss starts (they all start from the same seeded weights)."""
     base_memory: int = 0
     """Resident bytes of a process that has imported torch and nothing else of the job."""
 
@@ -95,6 +98,8 @@ def profile_job(cfg, cores: int, repeats: int = 3) -> Profile:
                             for layer in model]
         else:
             layer_seconds, activations, layer_params = [], [], []
+        with torch.no_grad():
+            initial_loss = nn.functional.cross_entropy(model(x), y).item()
         step_seconds = {}
         for t in _thread_counts(cores):
             torch.set_num_threads(t)
@@ -116,7 +121,7 @@ def profile_job(cfg, cores: int, repeats: int = 3) -> Profile:
         units_split=_units_splittable(model), sequential=sequential, augment_seconds=augment,
         batch_bytes=x.numel() * x.element_size() + 8 * len(x),
         train_samples=len(data.train), dataset_bytes=_resident_bytes(data),
-        rule_seconds=rules, base_memory=resident_bytes())
+        rule_seconds=rules, initial_loss=initial_loss, base_memory=resident_bytes())
 
 
 def _resident_bytes(data) -> int:

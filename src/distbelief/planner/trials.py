@@ -9,9 +9,12 @@ the events of that window:
 
 - samples per second: the samples reported after the first event over the
   window's length;
-- loss drop per second: minus the least-squares slope of the training loss
-  against time (every replica's reports pooled): statistical efficiency, what
-  the planner ranks by.
+- loss drop per second: from `start_loss` (the untrained model's loss, the same
+  for every candidate: they all start from the same seeded weights) to the mean
+  training loss reported in the window's last quarter (every replica's reports
+  pooled), over the window's length: statistical efficiency, what the planner
+  ranks by. A run whose loss blew up and came down again gets what it ends at,
+  not credit for the fall (a slope would give it that).
 
 Blocks for start-up plus `seconds` (bounded by `startup_timeout`).
 """
@@ -19,6 +22,7 @@ Blocks for start-up plus `seconds` (bounded by `startup_timeout`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -51,8 +55,9 @@ def loss_slope(points: list[tuple[float, float]]) -> float | None:
     return sum((t - mt) * (v - ml) for t, v in points) / var
 
 
-def window_stats(events: list[dict], seconds: float) -> dict:
-    """Samples/s and loss drop/s of the train events within `seconds` of the first one."""
+def window_stats(events: list[dict], seconds: float, start_loss: float | None = None) -> dict:
+    """Samples/s and loss drop/s of the train events within `seconds` of the first one (see
+    the module docstring); `start_loss` None: the first report's loss."""
     train = [e for e in events if e.get("event") == "train" and e.get("loss") is not None]
     if not train:
         return {"samples_per_second": 0.0, "loss_drop_per_second": None, "events": 0,
@@ -61,15 +66,22 @@ def window_stats(events: list[dict], seconds: float) -> dict:
     window = [e for e in train if e["time"] <= t0 + seconds]
     span = window[-1]["time"] - t0
     samples = sum(e.get("samples", 0) for e in window[1:])
+    last = [e["loss"] for e in window if e["time"] >= t0 + 0.75 * span] or [window[-1]["loss"]]
+    end_loss = sum(last) / len(last)
+    start = window[0]["loss"] if start_loss is None else start_loss
     slope = loss_slope([(e["time"], e["loss"]) for e in window])
+    finite = math.isfinite(end_loss)
     return {"samples_per_second": samples / span if span > 0 else None,
-            "loss_drop_per_second": -slope if slope is not None else None,
-            "events": len(window), "window_seconds": span,
-            "first_loss": window[0]["loss"], "last_loss": window[-1]["loss"]}
+            "loss_drop_per_second": ((start - end_loss) / span if span > 0 and len(window) > 1
+                                     and finite else None),
+            "events": len(window), "window_seconds": span, "start_loss": start,
+            "end_loss": end_loss if finite else None,
+            "loss_slope": slope, "first_loss": window[0]["loss"]}
 
 
 def run_trial(config_toml: str, seconds: float, *, log_every: int | None = None,
-              startup_timeout: float = 60.0, keep_dir: Path | None = None) -> dict:
+              start_loss: float | None = None, startup_timeout: float = 60.0,
+              keep_dir: Path | None = None) -> dict:
     """Train `config_toml` (a TOML text) for about `seconds` after its first report; the
     window's statistics plus "status": "ok", "failed" (with the command's last words) or
     "no start" (nothing reported within `startup_timeout`)."""
@@ -95,7 +107,7 @@ def run_trial(config_toml: str, seconds: float, *, log_every: int | None = None,
             log.seek(0)
             tail = log.read().strip().splitlines()[-1:] or [""]
         events = _read_events(run_dir / "metrics.jsonl")
-        stats = window_stats(events, seconds)
+        stats = window_stats(events, seconds, start_loss)
         if status == "exited" and proc.returncode not in (0, None) and stats["events"] < 2:
             status = "failed"
         stats["status"] = "ok" if status in ("window", "exited") else status
