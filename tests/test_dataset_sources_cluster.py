@@ -51,6 +51,17 @@ def test_arrays_a_dataset_and_a_npy_directory_train_exactly_the_same_parameters(
     assert "dataserver0" in readers and "replica0" not in readers  # the server read for it
 
 
+def test_sandblaster_reads_its_portions_from_a_npy_directory(tmp_path):
+    """Sandblaster's workers gather each portion's rows (memory-mapped from a directory)
+    rather than holding the split: one worker's L-BFGS iterations match the arrays'."""
+    npy = _sources.write_npy_dir(tmp_path / "npy")
+    options = dict(algorithm="sandblaster", steps=3, portions=4, n_fetch=None, n_push=None,
+                   rule=None, batch_size=None, lr=None)
+    arrays = run(tmp_path, "arrays", f"{SOURCES}:arrays", **options)
+    mapped = run(tmp_path, "npy", str(npy), **options)
+    assert all(torch.equal(a, b) for a, b in zip(arrays, mapped))
+
+
 def test_each_replica_reads_only_its_own_samples(tmp_path, monkeypatch):
     """Two replicas on a Dataset that logs every read (through a DataLoader reader process):
     each read only the samples of its own part; the coordinator only the first sample (the

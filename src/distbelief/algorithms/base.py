@@ -109,6 +109,10 @@ class Exchange:
     """Iterations over the whole training set (a step is a portion of one)."""
     store_ops: float = 0.0
     """Round trips to the job store per step (claiming work, announcing results)."""
+    poll_seconds: float = 0.0
+    """A wait on the store polled this often each step (half of it lost on average)."""
+    local_passes: float = 0.0
+    """Passes over the parameters per step besides the update rule (ADMM's proximal pull)."""
 
 
 RULE_STATE = {"sgd": 0, "momentum": 1, "adagrad": 1, "adam": 2, None: 0}

@@ -160,7 +160,8 @@ def make_layout(algorithm: Algorithm, cfg: JobConfig, profile) -> Layout:
         pull=ex.pull, push=ex.push, allreduce=ex.allreduce, quorum=ex.quorum,
         rounds_every=ex.rounds_every, shard_rule=ex.shard_rule, local_rule=ex.local_rule,
         rule=cfg.optimizer.rule, rule_state=ex.rule_state, shared=ex.shared,
-        store_ops=ex.store_ops, full_batch=ex.full_batch, extra_shard_vectors=extra)
+        store_ops=ex.store_ops, poll_seconds=ex.poll_seconds, local_passes=ex.local_passes,
+        full_batch=ex.full_batch, extra_shard_vectors=extra)
 
 
 def stage_ranges(profile, partitions: int, balance: str | None) -> tuple[tuple[int, int], ...]:

@@ -134,6 +134,8 @@ class Layout:
     shared: bool = False
     full_batch: bool = False
     store_ops: float = 0.0
+    poll_seconds: float = 0.0
+    local_passes: float = 0.0
     extra_shard_vectors: int = 0
     """Vectors a shard keeps besides the parameters and rule state (ADMM's members)."""
 
@@ -224,11 +226,12 @@ def _rate(layout: Layout, profile, hardware, *, compute_threads: int, share: flo
         transfer = ps_transfer_seconds(layout.pull, layout.push, part_bytes, link,
                                        max(1, math.ceil(s / k)), latency)
         parts["transfer"] = transfer
-    if layout.store_ops:
-        parts["store"] = layout.store_ops * hardware.store_latency
+    if layout.store_ops or layout.poll_seconds:
+        parts["store"] = layout.store_ops * hardware.store_latency + layout.poll_seconds / 2
         transfer += parts["store"]
     update = (profile.rule_seconds.get(layout.rule or "sgd", 0.0) * part_bytes / 4 / share
               if layout.local_rule else 0.0)
+    update += layout.local_passes * profile.rule_seconds.get("sgd", 0.0) * part_bytes / 4 / share
     if update:
         parts["update"] = update
     data = 0.0

@@ -74,7 +74,8 @@ class Admm(Algorithm):
         k = cfg.admm.local_steps
         return Exchange(pull=1 / k, push=1 / k, quorum=True, rounds_every=k, local_rule=True,
                         rule_state=RULE_STATE[cfg.optimizer.rule] + 1,  # + the dual u
-                        store_ops=3 / k)  # announce, await the answer, read it
+                        store_ops=3 / k,  # announce, await the answer, read it
+                        local_passes=3)  # grad += rho (x - z + u)
 
     def validate(self, cfg) -> None:
         a = cfg.admm

@@ -44,6 +44,7 @@ class ConsensusMember:
         self.timeout = ctx.config.cluster.timeout
         self.z = torch.empty_like(x)
         self.u = torch.zeros_like(x)
+        self._pull = torch.empty_like(x)  # x - z + u, every step: no allocation per step
         self.rho = ctx.config.admm.rho
         self.based_on = 0  # the round whose z the current phase started from
         self.seq = 0  # contributions made
@@ -74,7 +75,8 @@ class ConsensusMember:
 
     def prox_grad(self, grad: torch.Tensor) -> None:
         """grad += rho (x - z + u): the augmented Lagrangian's pull towards the consensus."""
-        grad.add_(self.x - self.z + self.u, alpha=self.rho)
+        torch.sub(self.x, self.z, out=self._pull)
+        grad.add_(self._pull.add_(self.u), alpha=self.rho)
 
     def contribute(self, extra: dict | None = None) -> None:
         """Make x + u this member's vector on its shards, then announce it (with `extra`

@@ -70,7 +70,7 @@ class _Worker:
         self.inbox = ctx.store.clone()  # this thread blocks on it; the compute thread reports
         self.w = ctx.ident
         self.timeout = ctx.config.cluster.timeout
-        self.x, self.y = data.x_train, data.y_train
+        self.train = data.train  # read a portion at a time (a .npy directory: memory-mapped)
         self.portions = ctx.config.sandblaster.portions
         self.flat = FlatModel(model, grads=1)  # backward() writes here, a private buffer
         self.acc = ps.grad_buffers[0]          # winning gradients; the shards read it on shm
@@ -122,12 +122,13 @@ class _Worker:
         if self.fetched != evaluation:  # a new batch: fetch the parameters it is computed at
             self.ps.pull(self.flat.params).wait(self.timeout)
             self.fetched = evaluation
-        start, stop = portion_bounds(len(self.x), self.portions, portion)
+        n = len(self.train)
+        start, stop = portion_bounds(n, self.portions, portion)
+        x, y = self.train.gather(torch.arange(start, stop))
         began = time.perf_counter()
         self.flat.grads[0].zero_()
         with self.slow.compute():
-            loss = F.cross_entropy(self.model(self.x[start:stop]), self.y[start:stop],
-                                   reduction="sum") / len(self.x)
+            loss = F.cross_entropy(self.model(x), y, reduction="sum") / n
             loss.backward()
         loss = loss.detach()
         accepted = self.ctx.store.add(claim_key(evaluation, portion, task["generation"]), 1) == 1

@@ -13,6 +13,9 @@ if TYPE_CHECKING:
     from distbelief.runtime.store import JobStore
 
 
+QUORUM_POLL_SECONDS = 0.002
+"""How often a replica asks the store whether its step's quorum formed."""
+
 class Sync(Algorithm):
     name = "sync"
     title = "synchronous all-reduce of the replicas' gradients, ending a step on a fraction"
@@ -23,8 +26,10 @@ class Sync(Algorithm):
     role_modules = ("distbelief.algorithms.sync.replica",)
 
     def exchange(self, cfg) -> Exchange:
+        # each step: count the arrival in the store, then poll it for the quorum
         return Exchange(allreduce=True, quorum=True, local_rule=True,
-                        rule_state=RULE_STATE[cfg.optimizer.rule])
+                        rule_state=RULE_STATE[cfg.optimizer.rule], store_ops=2,
+                        poll_seconds=QUORUM_POLL_SECONDS)
 
     def plan_variants(self, cfg) -> tuple[dict, ...]:
         # every replica, or the fastest half (Project Adam): pays when one replica is slow

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from distbelief.algorithms.schedule import quorum_size
 from distbelief.algorithms.slowdown import Slowdown
+from distbelief.algorithms.sync import QUORUM_POLL_SECONDS
 from distbelief.checkpoint import ReplicaGate, load_file, set_dir, write_atomic
 from distbelief.data.feed import open_feed, replica_data_and_model
 from distbelief.metrics.report import Reporter
@@ -62,7 +63,6 @@ GROUP = "pg/sync"
 # entries after the gradient in the all-reduced vector: loss sum, samples, contributors, and
 # how many replicas saw a checkpoint request (so that all of them pause at the same step)
 EXTRA = 4
-QUORUM_POLL_SECONDS = 0.002
 
 
 def run_replica(ctx: RoleContext) -> None:
