@@ -27,7 +27,7 @@ ONE JSON document on stdout; progress goes to stderr.
 Example::
 
     python benchmarks/planner.py            # ~15 minutes on 2 cores
-    python benchmarks/planner.py --quick    # smoke test: one small scenario
+    python benchmarks/planner.py --quick    # smoke test: one small scenario, two candidates
 """
 
 from __future__ import annotations
@@ -119,7 +119,8 @@ def considered(plan, extra: int) -> list:
 
 
 def run_scenario(name: str, description: str, settings: dict, *, trials: int,
-                 seconds: float, extra: int, hardware: Hardware) -> dict:
+                 seconds: float, extra: int, hardware: Hardware, limit: int | None = None
+                 ) -> dict:
     log(f"{name}: planning ({description})")
     cfg = JobConfig.from_dict(settings)
     fixed = {f"{s}.{k}" for s, values in settings.items() for k in values}
@@ -128,7 +129,8 @@ def run_scenario(name: str, description: str, settings: dict, *, trials: int,
                      message=lambda s: log(f"{name}: {s}"))
     planning = time.monotonic() - began
     rows = []
-    for c in considered(plan, extra):
+    measured = [plan.choice] + [c for c in considered(plan, extra) if c is not plan.choice]
+    for c in measured[:limit]:
         tried_by_planner = c.measured is not None
         reason = untriable(c, plan.profile, seconds)
         if reason:
@@ -179,9 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     seconds = args.trial_seconds or (1.0 if args.quick else 3.0)
     trials = args.trials if args.trials is not None else (1 if args.quick else 3)
     extra = 1 if args.quick else 3
+    limit = 2 if args.quick else None  # the smoke test: the choice and one more
     hardware = Hardware.measure()
     results = [run_scenario(name, description, settings, trials=trials, seconds=seconds,
-                            extra=extra, hardware=hardware)
+                            extra=extra, hardware=hardware, limit=limit)
                for name, (description, settings) in scenarios.items()]
     regrets = [r["regret"] for r in results if r["regret"] is not None]
     rhos = [r["rank_correlation"] for r in results if r["rank_correlation"] is not None]

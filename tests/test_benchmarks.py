@@ -224,3 +224,18 @@ def test_gpu_without_cuda_says_skipped_and_exits_0() -> None:
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout) == {"benchmark": "gpu", "skipped": "no CUDA device"}
+
+
+def test_planner_quick_reports_regret_and_rank_correlation() -> None:
+    report = run_quick("planner", "--quick", timeout=240)
+
+    assert report["benchmark"] == "planner" and report["quick"]
+    [scenario] = report["scenarios"]
+    rows = scenario["candidates"]
+    assert len(rows) == 2 and rows[0]["chosen"] and rows[0]["tried_by_planner"]
+    assert all(r["status"] == "ok" and r["measured_samples_per_second"] > 0 for r in rows)
+    drops = [r["loss_drop_per_second"] for r in rows]
+    best = max(drops)
+    assert scenario["regret"] == drops[0] / best  # the choice's over the best measured
+    assert scenario["rank_correlation"] is None  # Spearman needs three points
+    assert report["summary"]["regret"] == {scenario["scenario"]: scenario["regret"]}
