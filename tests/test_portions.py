@@ -233,6 +233,45 @@ def test_a_backup_refused_because_the_dead_original_claimed_first():
     assert work.complete and work.accepted == {0: 2, 1: 2}
 
 
+def test_no_backup_of_a_generation_another_copy_claimed():
+    """Regression: worker 1 claims portion 1 and dies before answering. The backup on
+    worker 0 is refused; handing out backups of the same generation again (to worker 0,
+    then to worker 2 beside it) refused them one after the other for ever, and the
+    driver's evaluation never ended. A refused generation is backed up no more; once the
+    dead claimer is lost, the portion goes out with a new generation."""
+    work = Portions(2, backups=True)
+    play(work, [
+        ("free", 1, new(0)), ("free", 2, new(1)),
+        ("done", 1, 0, True),
+        ("free", 1, backup(1)),          # worker 1 backs up 1 ... and claims it, and dies
+        ("done", 2, 1, False),           # worker 2's original is refused: 1 claimed it
+        ("free", 2, None),               # no backup of a claimed generation
+        ("free", 0, None),
+        ("lost", 1, set(), [1]),         # the claimer is gone: out again, a new generation
+        ("free", 0, new(1, gen=1)),
+        ("done", 0, 1, True),
+    ])
+    assert work.complete and work.accepted == {0: 1, 1: 0}
+
+
+def test_a_refused_copy_with_others_running_stops_the_backups_until_they_end():
+    """The other order: worker 1 (the claimer) is lost first while a backup runs on 0,
+    another idle worker may back it up once; each refused answer leaves the rest, and the
+    last one hands the portion out anew."""
+    work = Portions(1, backups=True)
+    play(work, [
+        ("free", 1, new(0)), ("free", 0, backup(0)),
+        ("lost", 1, set(), []),          # 0 still runs on worker 0
+        ("free", 2, backup(0)),          # not refused yet: one more copy
+        ("done", 0, 0, False),           # refused: no more backups of generation 0
+        ("free", 0, None),
+        ("done", 2, 0, False),           # the last copy: out again
+        ("free", 0, new(0, gen=1)),
+        ("done", 0, 0, True),
+    ])
+    assert work.complete
+
+
 def test_lost_twice_bumps_generation_again():
     work = Portions(3, backups=False)
     play(work, [

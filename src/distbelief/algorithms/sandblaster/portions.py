@@ -43,6 +43,7 @@ class Portions:
         self.running: dict[int, list[int]] = {}   # portion -> workers computing it
         self.accepted: dict[int, int] = {}        # portion -> worker whose answer won
         self.generation = [0] * count
+        self.refused: set[int] = set()            # portions whose generation another copy claimed
         self._order: dict[int, int] = {}          # portion -> when it was first handed out
         self._handed = 0
         self.backups_issued = 0
@@ -67,9 +68,11 @@ class Portions:
             return Assignment(portion, self.generation[portion], backup=False)
         if not self.backups:
             return None
+        # a generation a copy already claimed (an answer of it was refused) is no use to
+        # back up: the claimer answers, or dies and `lost` hands the portion out anew
         candidates = [p for p, workers in self.running.items()
-                      if workers and p not in self.accepted and worker not in workers
-                      and len(workers) < self.max_copies]
+                      if workers and p not in self.accepted and p not in self.refused
+                      and worker not in workers and len(workers) < self.max_copies]
         if not candidates:
             return None
         portion = min(candidates, key=lambda p: (len(self.running[p]), self._order[p]))
@@ -80,9 +83,13 @@ class Portions:
     def finished(self, worker: int, portion: int, *, accepted: bool) -> None:
         """A worker answered `portion`; `accepted` is whether its answer was the first.
 
-        A refused answer with no accepted one and no copy still running means the
-        copy that claimed first died before its answer came (after `lost` had left
-        the portion to this one): the portion is handed out again, as `lost` does.
+        A refused answer with no accepted one means another copy claimed this
+        generation first: no backup of it is handed out any more (none could win).
+        With no copy still running, that claimer died before its answer came (after
+        `lost` had left the portion to this one): the portion is handed out again, as
+        `lost` does. (Handing out backups of a claimed generation kept two live
+        workers computing copies that were refused, one after the other, for ever,
+        when the claimer had died: the driver never finished the evaluation.)
         """
         workers = self.running.get(portion, [])
         if worker in workers:
@@ -91,8 +98,10 @@ class Portions:
             self.accepted[portion] = worker
             return
         self.discarded += 1
-        if portion not in self.accepted and not workers:
-            self._again([portion])
+        if portion not in self.accepted:
+            self.refused.add(portion)
+            if not workers:
+                self._again([portion])
 
     def lost(self, worker: int, unpushed: set[int] | frozenset[int] = frozenset()) -> list[int]:
         """A worker died. Its running portions that nobody else computes, and its accepted
@@ -115,6 +124,7 @@ class Portions:
         """Hand `portions` out again, first in line, with a new generation."""
         for portion in sorted(portions, reverse=True):
             self.generation[portion] += 1
+            self.refused.discard(portion)
             self.queue.appendleft(portion)
 
 
