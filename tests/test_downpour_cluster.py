@@ -149,8 +149,15 @@ def test_local_job_listens_on_loopback_only(tmp_path):
                           if c.status == psutil.CONN_LISTEN]
         assert listening, "the coordinator listens for the store"
         assert all(addr.ip in ("127.0.0.1", "::1") for addr in listening), listening
-        job_files = set(Path("/dev/shm").glob("distbelief-*")) - files_before
-        assert job_files, "the job's tensors live in /dev/shm"
+        # this job's files only (other tests' jobs come and go beside it): named by its token,
+        # which the shard's mapped parameters show
+        shard = next(r["pid"] for r in roles if r["kind"] == "shard")
+        mapped = {Path(m.path).name for m in psutil.Process(shard).memory_maps()
+                  if m.path.startswith("/dev/shm/distbelief-")}
+        assert mapped, "the job's tensors live in /dev/shm"
+        token = next(iter(mapped)).split("-")[1]
+        job_files = {f for f in set(Path("/dev/shm").glob(f"distbelief-{token}-*")) - files_before}
+        assert job_files
         proc.terminate()  # SIGTERM: the command reaps its roles and removes its files
         assert proc.wait(30) == 143
         assert not [r for r in roles if r["kind"] != "coordinator" and alive(r["pid"])]

