@@ -43,8 +43,8 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from vs_ddp import (LOG_EVERY, RUN_TIMEOUT, TARGET_ACCURACY, Peer, Plan, _median, eval_samples,
-                    log, prepare, run_children, run_distbelief, run_local, steady_rate)
+from vs_ddp import (TARGET_ACCURACY, Peer, Plan, _median, log, prepare, run_distbelief,
+                    run_local, steady_rate)
 
 COMMON = ("--algorithm", "downpour", "--replicas", "2", "--shards", "2", "--device", "cuda")
 PEERS = {p.name: p for p in (

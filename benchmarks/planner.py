@@ -111,7 +111,7 @@ def spearman(xs: list[float], ys: list[float]) -> float | None:
 def considered(plan, extra: int) -> list:
     """The shortlist plus `extra` layouts spread over the rest of the predicted ranking."""
     chosen = list(plan.shortlist)
-    rest = [c for c in plan.candidates if c not in chosen and not c.layout.full_batch]
+    rest = [c for c in plan.candidates if c not in chosen and not c.layout.exchange.full_batch]
     if rest and extra:
         step = max(1, (len(rest) - 1) // max(1, extra - 1)) if extra > 1 else len(rest)
         chosen += rest[::step][:extra]

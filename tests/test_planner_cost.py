@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 
+from distbelief.algorithms.base import Exchange
 from distbelief.errors import UserError
 from distbelief.planner import cost
 from distbelief.planner.cost import Layout, predict
@@ -83,10 +84,11 @@ def test_oversubscribed_share(busy, cores, threads, share):
 def test_shards_take_cores_from_the_replicas():
     # a shard whose rule costs a lot per element: its core is taken from the replicas'
     profile = _profile(rule_seconds={"adagrad": 1e-8})
-    idle = predict(Layout(replicas=2, shards=1, pull=1.0, push=1.0), profile,
+    idle = predict(Layout(replicas=2, shards=1, exchange=Exchange(pull=1.0, push=1.0)), profile,
                    _hardware(cores_per_host=2))
-    busy = predict(Layout(replicas=2, shards=1, pull=1.0, push=1.0, shard_rule=True,
-                          rule="adagrad"), profile, _hardware(cores_per_host=2))
+    busy = predict(Layout(replicas=2, shards=1, rule="adagrad",
+                          exchange=Exchange(pull=1.0, push=1.0, shard_rule=True)),
+                   profile, _hardware(cores_per_host=2))
     assert busy.parts["compute"] > idle.parts["compute"] * 1.2
 
 
@@ -106,7 +108,7 @@ def test_job_steps_per_second(steps, quorum, rate):
 def test_quorum_size(fraction, replicas, size):
     from distbelief.algorithms.schedule import quorum_size
 
-    assert cost.quorum_size(fraction, replicas) == size == quorum_size(fraction, replicas)
+    assert quorum_size(fraction, replicas) == size
 
 
 @pytest.mark.parametrize("params, state, local, buffers, acts, data, base, total", [
@@ -192,7 +194,8 @@ def _hardware(**changes) -> Hardware:
 
 
 def test_predict_compute_bound_replicas_add_up():
-    p = predict(Layout(replicas=2, shards=1, pull=0.0, push=0.0), _profile(), _hardware())
+    p = predict(Layout(replicas=2, shards=1, exchange=Exchange(pull=0.0, push=0.0)),
+                _profile(), _hardware())
     assert p.step_seconds == pytest.approx(0.02)
     assert p.samples_per_second == pytest.approx(2 * 100 / 0.02)
     assert p.bottleneck == "compute"
@@ -200,12 +203,14 @@ def test_predict_compute_bound_replicas_add_up():
 
 def test_predict_parameter_server_traffic():
     # 4 MB each way per step over shm (8 GB/s a copy, two copies): 1 ms each way
-    p = predict(Layout(replicas=1, shards=1, pull=1.0, push=1.0), _profile(), _hardware())
+    p = predict(Layout(replicas=1, shards=1, exchange=Exchange(pull=1.0, push=1.0)),
+                _profile(), _hardware())
     assert p.parts["transfer"] == pytest.approx(2e-3)
     # the shard's work takes a little of the cores the replica's 4 threads use
     assert 0.02 < p.parts["compute"] < 0.021
     assert p.step_seconds == pytest.approx(p.parts["compute"] + 2e-3)
-    fewer = predict(Layout(replicas=1, shards=1, pull=0.25, push=0.25), _profile(), _hardware())
+    fewer = predict(Layout(replicas=1, shards=1, exchange=Exchange(pull=0.25, push=0.25)),
+                    _profile(), _hardware())
     assert fewer.parts["transfer"] == pytest.approx(0.5e-3)
 
 
@@ -227,17 +232,19 @@ def test_idle_processes_cost_most_to_a_replica_of_many_threads(aux):
 
 def test_predict_allreduce_between_hosts_uses_the_network():
     hw = _hardware(hosts=2, link_bandwidth=1e8)
-    p = predict(Layout(replicas=2, allreduce=True, quorum=True), _profile(), hw)
+    p = predict(Layout(replicas=2, exchange=Exchange(allreduce=True, quorum=True)), _profile(), hw)
     assert p.parts["all-reduce"] == pytest.approx(2 * 0.5 * 4e6 / 1e8)
     assert p.bottleneck == "all-reduce"
 
 
 def test_predict_slow_replica_and_quorum():
     fast_links = _hardware(allreduce_bandwidth=1e15)  # all-reduce time ~0: compute decides
-    everyone = predict(Layout(replicas=2, allreduce=True, quorum=True, slow_factor=4.0),
+    everyone = predict(Layout(replicas=2, slow_factor=4.0,
+                              exchange=Exchange(allreduce=True, quorum=True)),
                        _profile(), fast_links)
-    fastest = predict(Layout(replicas=2, allreduce=True, quorum=True, slow_factor=4.0,
-                             sync_fraction=0.5), _profile(), fast_links)
+    fastest = predict(Layout(replicas=2, slow_factor=4.0, sync_fraction=0.5,
+                             exchange=Exchange(allreduce=True, quorum=True)),
+                      _profile(), fast_links)
     async_ = predict(Layout(replicas=2, slow_factor=4.0), _profile(), _hardware())
     assert everyone.samples_per_second == pytest.approx(2 * 100 / 0.08, rel=1e-3)
     assert fastest.samples_per_second == pytest.approx(100 / 0.02, rel=1e-3)
@@ -267,7 +274,8 @@ def test_predict_data_servers_take_augmentation_off_the_replicas():
 
 def test_predict_memory_counts_every_process():
     profile = _profile()
-    p = predict(Layout(replicas=2, shards=2, pull=1.0, push=1.0, shard_rule=True, rule_state=1),
+    p = predict(Layout(replicas=2, shards=2,
+                       exchange=Exchange(pull=1.0, push=1.0, shard_rule=True, rule_state=1)),
                 profile, _hardware())
     replica = 4 * 4e6 + 2 * 44_000 + 1e6 + 1e8
     shard = 2 * 4e6 / 2 + 1e8
@@ -281,7 +289,7 @@ def test_trials_alternate_synchronous_and_asynchronous_candidates():
     from distbelief.planner.plan import trial_order
 
     def candidate(name, quorum):
-        return Candidate(name, {}, None, Layout(replicas=2, quorum=quorum))
+        return Candidate(name, {}, None, Layout(replicas=2, exchange=Exchange(quorum=quorum)))
 
     a, b, c, s, t = (candidate("a", False), candidate("b", False), candidate("c", False),
                      candidate("s", True), candidate("t", True))
@@ -291,6 +299,6 @@ def test_trials_alternate_synchronous_and_asynchronous_candidates():
 
 
 def test_the_allreduce_uses_its_own_measured_bandwidth_on_one_host():
-    p = predict(Layout(replicas=2, allreduce=True, quorum=True), _profile(),
+    p = predict(Layout(replicas=2, exchange=Exchange(allreduce=True, quorum=True)), _profile(),
                 _hardware(allreduce_bandwidth=4e8, link_bandwidth=1e12))
     assert p.parts["all-reduce"] == pytest.approx(4e6 / 4e8)  # 2 * 1/2 * P / B

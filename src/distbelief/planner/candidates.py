@@ -72,7 +72,8 @@ def enumerate_candidates(base: JobConfig, fixed: set[str], profile, hardware) ->
             resolved = cfg.resolved()
             key = resolved.to_toml()
             if key not in found:
-                found[key] = Candidate(name, options, cfg, make_layout(algorithm, resolved, profile))
+                layout = make_layout(algorithm, resolved, profile)
+                found[key] = Candidate(name, options, cfg, layout)
     return list(found.values())
 
 
@@ -157,11 +158,7 @@ def make_layout(algorithm: Algorithm, cfg: JobConfig, profile) -> Layout:
         partitions=k, split=cfg.model.split, micro_batches=cfg.model.micro_batches or 1,
         stages=stages, data_servers=cfg.cluster.data_servers,
         slow_factor=slow[1] if slow else 1.0, sync_fraction=cfg.cluster.sync_fraction,
-        pull=ex.pull, push=ex.push, allreduce=ex.allreduce, quorum=ex.quorum,
-        rounds_every=ex.rounds_every, shard_rule=ex.shard_rule, local_rule=ex.local_rule,
-        rule=cfg.optimizer.rule, rule_state=ex.rule_state, shared=ex.shared,
-        store_ops=ex.store_ops, poll_seconds=ex.poll_seconds, local_passes=ex.local_passes,
-        full_batch=ex.full_batch, extra_shard_vectors=extra)
+        exchange=ex, rule=cfg.optimizer.rule, extra_shard_vectors=extra)
 
 
 def stage_ranges(profile, partitions: int, balance: str | None) -> tuple[tuple[int, int], ...]:

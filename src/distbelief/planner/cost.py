@@ -24,6 +24,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from distbelief.algorithms.base import Exchange
+from distbelief.algorithms.schedule import quorum_size
+
 GATHERS_PER_LINEAR = 2
 """--split units: a Linear's output is gathered forwards and its input's gradient summed
 backwards, once each per step."""
@@ -88,11 +91,6 @@ def job_steps_per_second(step_seconds: list[float], quorum: int | None) -> float
     return quorum / sorted(step_seconds)[quorum - 1]
 
 
-def quorum_size(fraction: float, replicas: int) -> int:
-    """ceil(F*R), at least 1 (as `distbelief.algorithms.schedule.quorum_size`)."""
-    return max(1, min(replicas, math.ceil(fraction * replicas - 1e-9)))
-
-
 def replica_memory(param_bytes: float, rule_state: int, local_rule: bool, buffers: int,
                    activation_bytes: float, data_bytes: float, base: float) -> float:
     """One replica (or partition) process: its parameters and their gradients, its update
@@ -122,20 +120,9 @@ class Layout:
     slow_factor: float = 1.0
     """One replica runs this many times slower (--slow-worker)."""
     sync_fraction: float = 1.0
-    pull: float = 0.0
-    push: float = 0.0
-    allreduce: bool = False
-    quorum: bool = False
-    rounds_every: int = 1
-    shard_rule: bool = False
-    local_rule: bool = False
+    exchange: Exchange = Exchange()
+    """How a replica step moves parameters (the algorithm's `Algorithm.exchange`)."""
     rule: str | None = None
-    rule_state: int = 0
-    shared: bool = False
-    full_batch: bool = False
-    store_ops: float = 0.0
-    poll_seconds: float = 0.0
-    local_passes: float = 0.0
     extra_shard_vectors: int = 0
     """Vectors a shard keeps besides the parameters and rule state (ADMM's members)."""
 
@@ -190,6 +177,7 @@ def oversubscribed_share(busy_threads: float, cores: int, threads: int) -> float
 def _rate(layout: Layout, profile, hardware, *, compute_threads: int, share: float
           ) -> Prediction:
     r, k, s, d = layout.replicas, layout.partitions, layout.shards, layout.data_servers
+    ex = layout.exchange
     hosts = hardware.hosts
     whole = profile.compute_seconds(compute_threads) / share
     scale = whole / max(sum(profile.layer_seconds), 1e-12)  # per-layer times at this share
@@ -217,21 +205,21 @@ def _rate(layout: Layout, profile, hardware, *, compute_threads: int, share: flo
         part_bytes = nbytes
     parts["compute"] = compute
     transfer = 0.0
-    if layout.allreduce:
+    if ex.allreduce:
         reduce_bandwidth = (hardware.allreduce_bandwidth or tcp) if hosts == 1 else tcp
         transfer = (allreduce_seconds(r, nbytes, reduce_bandwidth)
                     + hardware.allreduce_latency * (r - 1))
         parts["all-reduce"] = transfer
-    elif layout.pull or layout.push:
-        transfer = ps_transfer_seconds(layout.pull, layout.push, part_bytes, link,
+    elif ex.pull or ex.push:
+        transfer = ps_transfer_seconds(ex.pull, ex.push, part_bytes, link,
                                        max(1, math.ceil(s / k)), latency)
         parts["transfer"] = transfer
-    if layout.store_ops or layout.poll_seconds:
-        parts["store"] = layout.store_ops * hardware.store_latency + layout.poll_seconds / 2
+    if ex.store_ops or ex.poll_seconds:
+        parts["store"] = ex.store_ops * hardware.store_latency + ex.poll_seconds / 2
         transfer += parts["store"]
     update = (profile.rule_seconds.get(layout.rule or "sgd", 0.0) * part_bytes / 4 / share
-              if layout.local_rule else 0.0)
-    update += layout.local_passes * profile.rule_seconds.get("sgd", 0.0) * part_bytes / 4 / share
+              if ex.local_rule else 0.0)
+    update += ex.local_passes * profile.rule_seconds.get("sgd", 0.0) * part_bytes / 4 / share
     if update:
         parts["update"] = update
     data = 0.0
@@ -245,8 +233,8 @@ def _rate(layout: Layout, profile, hardware, *, compute_threads: int, share: flo
     steps = [step] * r
     if layout.slow_factor > 1 and r:
         steps[0] = step + (layout.slow_factor - 1) * (compute + update)
-    quorum = quorum_size(layout.sync_fraction, r) if layout.quorum else None
-    if layout.quorum and layout.rounds_every > 1:
+    quorum = quorum_size(layout.sync_fraction, r) if ex.quorum else None
+    if ex.quorum and ex.rounds_every > 1:
         # rounds every few steps: a replica waits only at a round, for the quorum's slowest
         quorum_rate = job_steps_per_second(steps, quorum)
         free_rate = job_steps_per_second(steps, None)
@@ -254,15 +242,15 @@ def _rate(layout: Layout, profile, hardware, *, compute_threads: int, share: flo
     else:
         rate = job_steps_per_second(steps, quorum)
     if max(transfer, parts.get("all-reduce", 0.0)) > compute:
-        bottleneck = "all-reduce" if layout.allreduce else "transfer"
+        bottleneck = "all-reduce" if ex.allreduce else "transfer"
     if data > compute:
         bottleneck = "data"
-    if s and (layout.pull or layout.push):
+    if s and (ex.pull or ex.push):
         # each shard: the rule and copies of its slice, and a message's handling per request
         per_step = shard_seconds_per_step(
-            layout.pull, layout.push, profile.parameters, s,
-            profile.rule_seconds.get(layout.rule or "sgd", 0.0) if layout.shard_rule else 0.0,
-            hardware.shm_bandwidth) + (layout.pull + layout.push) * latency / 2
+            ex.pull, ex.push, profile.parameters, s,
+            profile.rule_seconds.get(layout.rule or "sgd", 0.0) if ex.shard_rule else 0.0,
+            hardware.shm_bandwidth) + (ex.pull + ex.push) * latency / 2
         parts["shard_busy"] = rate * k * per_step  # cores the shards keep busy
         shard_cap = 1 / (per_step * k / s) if per_step else math.inf
         if rate > shard_cap * s:
@@ -280,17 +268,18 @@ def _rate(layout: Layout, profile, hardware, *, compute_threads: int, share: flo
 
 def _memory(layout: Layout, profile, part_bytes: float, hosts: int) -> tuple[float, float]:
     r, k, s, d = layout.replicas, layout.partitions, layout.shards, layout.data_servers
+    ex = layout.exchange
     data_bytes = 0 if d else profile.dataset_bytes
     activations = (max(sum(profile.activation_bytes[a:b]) for a, b in layout.stages)
                    if layout.stages else sum(profile.activation_bytes) / max(1, k))
-    buffers = 0 if layout.shared else 2
-    replica = replica_memory(part_bytes, layout.rule_state, layout.local_rule, buffers,
+    buffers = 0 if ex.shared else 2
+    replica = replica_memory(part_bytes, ex.rule_state, ex.local_rule, buffers,
                              activations, data_bytes, profile.base_memory)
     processes = [replica] * (r * k)
-    if layout.shared:
+    if ex.shared:
         processes.append(profile.param_bytes)  # the one shared tensor, in /dev/shm
     if s:
-        state = (layout.rule_state if layout.shard_rule or not layout.local_rule else 0)
+        state = (ex.rule_state if ex.shard_rule or not ex.local_rule else 0)
         processes += [shard_memory(profile.param_bytes, s, state + layout.extra_shard_vectors,
                                    profile.base_memory)] * s
     processes += [profile.dataset_bytes + profile.base_memory] * d

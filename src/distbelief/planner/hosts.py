@@ -12,11 +12,10 @@ Every wait is bounded by `timeout`; the whole exchange takes about a second.
 from __future__ import annotations
 
 import datetime
-import os
 import socket
 import time
 
-from distbelief.planner.links import Hardware, available_memory
+from distbelief.planner.links import Hardware, available_cores, available_memory
 
 PROBE_BYTES = 16 << 20
 SMALL_ROUNDS = 20
@@ -35,8 +34,8 @@ def measure_between_hosts(env, timeout: float = 60.0) -> Hardware | None:
     else:
         store = JobStore.connect(env.master_addr, env.master_port, env.token, timeout=timeout)
     try:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        store.set_json(f"plan/host/{env.rank}", {"host": socket.gethostname(), "cores": cores,
+        store.set_json(f"plan/host/{env.rank}", {"host": socket.gethostname(),
+                                                  "cores": available_cores(),
                                                   "memory": available_memory()})
         hosts = [store.get_json(f"plan/host/{r}", what=f"rank {r} to start 'distbelief plan'")
                  for r in range(env.world_size)]

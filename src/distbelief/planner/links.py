@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import sys
 import threading
 import time
@@ -95,8 +94,7 @@ class Hardware:
         if cores_per_host is not None and cores_per_host < 1:
             raise UserError(f"--cores-per-host {cores_per_host}: give at least 1")
         if cores_per_host is None:
-            cores_per_host = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
-                else (os.cpu_count() or 1)
+            cores_per_host = available_cores()
             measured.append("cores_per_host")
         if memory_per_host is None:
             memory_per_host = available_memory()
@@ -118,6 +116,13 @@ class Hardware:
                    store_latency=measure_store_latency(), cores_per_host=cores_per_host,
                    memory_per_host=memory_per_host, shm_bandwidth=shm_bandwidth,
                    link_bandwidth=link_bandwidth, measured=tuple(measured))
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity), else the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def available_memory() -> int:
@@ -159,14 +164,12 @@ def measure_gloo(nbytes: int = 8 << 20, timeout: float = 5.0) -> dict[str, float
     import torch.distributed as dist
 
     store = dist.HashStore()
-    groups: list = [None, None]
     errors: list[BaseException] = []
     result: dict[str, float] = {}
 
     def member(rank: int) -> None:
         try:
             pg = dist.ProcessGroupGloo(store, rank, 2, datetime.timedelta(seconds=timeout))
-            groups[rank] = pg
             peer = 1 - rank
             small, big = torch.zeros(2), torch.zeros(nbytes // 4)
 
@@ -215,8 +218,9 @@ def measure_gloo(nbytes: int = 8 << 20, timeout: float = 5.0) -> dict[str, float
     finally:
         sys.setswitchinterval(interval)
     if errors or not result:
-        raise UserError(f"could not measure gloo on this host ({errors[0] if errors else 'timeout'}):"
-                        " give --link-bandwidth instead")
+        why = errors[0] if errors else "timeout"
+        raise UserError(f"could not measure gloo on this host ({why}): give --link-bandwidth "
+                        "instead")
     return result
 
 

@@ -136,7 +136,7 @@ def make_plan(cfg: JobConfig, fixed: set[str], *, hardware: Hardware | None = No
 def untriable(c: Candidate, profile: Profile, seconds: float) -> str | None:
     """Why a trial of `seconds` could not measure `c` (None: it can): an algorithm that
     reports once per pass over the data needs two reports in the window."""
-    if not c.layout.full_batch:
+    if not c.layout.exchange.full_batch:
         return None
     iteration = profile.train_samples / max(c.prediction.samples_per_second, 1e-9)
     if 2 * iteration > seconds:
@@ -200,8 +200,8 @@ def trial_order(shortlist: list[Candidate]) -> list[Candidate]:
     candidates whose steps wait for the others (synchronous: sync, ADMM's rounds) and those
     that run on their own (asynchronous), so that a few trials see both. What a sample is
     worth differs most between the two, and the cost model sees only samples/s."""
-    waits = [c for c in shortlist if c.layout.quorum]
-    free = [c for c in shortlist if not c.layout.quorum]
+    waits = [c for c in shortlist if c.layout.exchange.quorum]
+    free = [c for c in shortlist if not c.layout.exchange.quorum]
     first, second = (waits, free) if waits and shortlist[0] is waits[0] else (free, waits)
     order = []
     for i in range(max(len(first), len(second))):

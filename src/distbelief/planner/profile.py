@@ -81,6 +81,7 @@ def profile_job(cfg, cores: int, repeats: int = 3) -> Profile:
     one process could be given."""
     from distbelief.data.augment import Augmenter, augment_generator
     from distbelief.data.feed import load_data_and_model
+    from distbelief.model.partition import measure_layers
 
     data, model = load_data_and_model(cfg)
     batch = cfg.data.batch_size
@@ -93,7 +94,9 @@ def profile_job(cfg, cores: int, repeats: int = 3) -> Profile:
         torch.set_num_threads(1)
         sequential = isinstance(model, nn.Sequential)
         if sequential:
-            layer_seconds, activations = _layers(model, x, repeats)
+            # timed as the pipeline's balance times them (`plan_partitions`)
+            layer_seconds = measure_layers(model, x, repeats)
+            activations = _activation_bytes(model, x)
             layer_params = [4 * sum(p.numel() for p in layer.parameters() if p.requires_grad)
                             for layer in model]
         else:
@@ -163,21 +166,14 @@ def _best(fn, repeats: int) -> float:
     return best
 
 
-def _layers(model: nn.Sequential, x: torch.Tensor, repeats: int) -> tuple[list[float], list[int]]:
-    times, sizes = [], []
-    for layer in model:
-        inp = x.detach().requires_grad_()
-        out = layer(inp)
-
-        def step(layer=layer, inp=inp):
-            out = layer(inp)
-            out.backward(torch.ones_like(out))
-
-        times.append(_best(step, repeats))
-        layer.zero_grad(set_to_none=True)
-        sizes.append(out.numel() * out.element_size())
-        x = out.detach()
-    return times, sizes
+def _activation_bytes(model: nn.Sequential, x: torch.Tensor) -> list[int]:
+    """Bytes of each layer's output for the batch `x` (what a cut after it sends)."""
+    sizes = []
+    with torch.no_grad():
+        for layer in model:
+            x = layer(x)
+            sizes.append(x.numel() * x.element_size())
+    return sizes
 
 
 def _whole_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int) -> float:

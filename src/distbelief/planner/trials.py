@@ -21,7 +21,6 @@ Blocks for start-up plus `seconds` (bounded by `startup_timeout`).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -30,6 +29,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from distbelief.metrics.log import read_metrics
 
 RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
                   "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
@@ -155,14 +156,5 @@ def _stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
 
 
 def _read_events(path: Path) -> list[dict]:
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return []
-    events = []
-    for line in lines:
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:  # the line being written
-            break
-    return events
+    """The run's metrics so far (none before the job has written any)."""
+    return read_metrics(path) if path.is_file() else []
