@@ -28,5 +28,11 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ps_bandwidth.py
 
+# The whole suite 10 times back to back, each run from a fresh clone as CI does:
+# pass/fail counts, wall time and the failing tests' ids per run, as one JSON document.
+.PHONY: repeat
+repeat: $(STAMP)
+	$(BIN)/python benchmarks/suite_repeat.py --runs 10
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache
