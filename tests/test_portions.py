@@ -15,6 +15,7 @@ import random
 import pytest
 
 from distbelief.algorithms.sandblaster.portions import Assignment, Portions, portion_bounds, wants_push
+from distbelief.algorithms.sandblaster.reduction import InOrder
 
 
 def new(p: int, gen: int = 0) -> Assignment:
@@ -386,3 +387,84 @@ def test_portion_bounds_cover_exactly_once(samples, portions):
     assert min(sizes) >= 1
     assert max(sizes) - min(sizes) <= 1
     assert sum(sizes) == samples
+
+
+# ---- InOrder: the fixed summation order (algorithms/sandblaster/reduction.py) ----------
+
+@pytest.mark.parametrize("count, pushes, added", [
+    # pushes as they arrive -> what each arrival lets the driver add, in order
+    (1, [[0]], [[0]]),
+    (4, [[0, 1, 2, 3]], [[0, 1, 2, 3]]),
+    (4, [[3, 2, 1, 0]], [[0, 1, 2, 3]]),               # one push, listed in any order
+    (4, [[0], [1], [2], [3]], [[0], [1], [2], [3]]),   # in order: each at once
+    (4, [[3], [2], [1], [0]], [[], [], [], [0, 1, 2, 3]]),  # reversed: all at the end
+    (4, [[2, 1], [0], [3]], [[], [0, 1, 2], [3]]),     # the docstring's example
+    # a slow worker holds portion 0: the others' pushes wait for it
+    (6, [[1, 4], [2, 5], [3], [0]], [[], [], [], [0, 1, 2, 3, 4, 5]]),
+    # worker A pushed 0, 3; B holds 1 and 2; B pushes them last
+    (5, [[0, 3], [4], [1, 2]], [[0], [], [1, 2, 3, 4]]),
+])
+def test_in_order_table(count, pushes, added):
+    order = InOrder(count)
+    assert [order.arrived(p) for p in pushes] == added
+    assert order.complete
+
+
+def test_in_order_docstring_example():
+    order = InOrder(4)
+    assert order.arrived([2, 1]) == []
+    assert order.arrived([0]) == [0, 1, 2]
+    assert not order.complete
+    assert order.arrived([3]) == [3]
+    assert order.complete
+
+
+@pytest.mark.parametrize("pushes", [
+    [[0], [0]],          # pushed twice, after it was added
+    [[2], [2]],          # pushed twice, while waiting
+    [[1, 1]],            # twice in one push
+    [[4]], [[-1]],       # out of range
+])
+def test_in_order_refuses_a_portion_twice_or_out_of_range(pushes):
+    order = InOrder(4)
+    with pytest.raises(ValueError):
+        for p in pushes:
+            order.arrived(p)
+
+
+def test_in_order_needs_a_portion():
+    with pytest.raises(ValueError):
+        InOrder(0)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_in_order_sum_is_the_same_bits_whatever_the_arrival(seed):
+    """Portions pushed in random groups and orders, added as `arrived` says: always the
+    left-to-right sum in portion order, bit for bit. Float32 addition does not associate:
+    adding in arrival order gives other bits for each of these seeds."""
+    import torch
+
+    count = 12
+    gen = torch.Generator().manual_seed(1000 + seed)
+    grads = [torch.randn(50, generator=gen) * 10.0 ** float(torch.randint(-4, 4, (1,),
+                                                                      generator=gen))
+             for _ in range(count)]
+    reference = grads[0].clone()
+    for g in grads[1:]:
+        reference.add_(g)
+    rng = random.Random(seed)
+    arrival = list(range(count))
+    rng.shuffle(arrival)
+    as_arrived = grads[arrival[0]].clone()
+    for p in arrival[1:]:
+        as_arrived.add_(grads[p])
+    assert not torch.equal(as_arrived, reference)  # the order matters here
+    order, total, added = InOrder(count), None, []
+    while arrival:
+        k = rng.randint(1, 4)
+        group, arrival = arrival[:k], arrival[k:]
+        for p in order.arrived(group):
+            added.append(p)
+            total = grads[p].clone() if p == 0 else total.add_(grads[p], alpha=1.0)
+    assert added == list(range(count))
+    assert torch.equal(total, reference)

@@ -3,7 +3,8 @@ by the coordinator, its vectors kept in the parameter shards, each gradient comp
 over portions of the data handed out to the workers, with backup copies.
 
 `driver.py` is the coordinator side, `worker.py` a worker, `lbfgs.py` the L-BFGS
-maths over a vector space (`vector_space.py`), `portions.py` the hand-out.
+maths over a vector space (`vector_space.py`), `portions.py` the hand-out,
+`reduction.py` the fixed order in which the portions are summed.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class SandblasterConfig:
     backups: bool = True
     """Give idle workers backup copies of the portions still outstanding; the first answer wins."""
     push_every: int = 4
-    """A worker sends its accumulated gradient to the shards every K accepted portions."""
+    """A worker sends its accepted portions' gradients to the shards every K of them."""
     history: int = 10
     """L-BFGS history size: the (s, y) pairs the shards keep."""
     line_search: str = option("strong_wolfe", choices=LINE_SEARCHES)
@@ -58,13 +59,17 @@ class Sandblaster(Algorithm):
     role_modules = ("distbelief.algorithms.sandblaster.worker",)
 
     def exchange(self, cfg) -> Exchange:
-        # a worker pulls x once per iteration (its portions) and pushes every push_every
-        # portions; the L-BFGS vectors live in the shards (history pairs of x and g)
+        # a worker pulls x once per iteration (its portions) and sends every portion's
+        # gradient on its own (into a slot the shards sum in portion order, so the result
+        # does not depend on who computed what); the L-BFGS vectors live in the shards
+        # (history pairs of x and g, a few more, and the slots of portions pushed ahead of
+        # the first missing one: about push_every per worker)
         portions = cfg.sandblaster.portions or PORTIONS_PER_WORKER * cfg.cluster.replicas
         per_worker = max(1.0, portions / cfg.cluster.replicas)
+        slots = min(portions, cfg.cluster.replicas * cfg.sandblaster.push_every)
         # each portion: claim it, read the evaluation's point, append its result
-        return Exchange(pull=1 / per_worker, push=1 / cfg.sandblaster.push_every,
-                        full_batch=True, rule_state=2 * cfg.sandblaster.history, store_ops=3)
+        return Exchange(pull=1 / per_worker, push=1.0, full_batch=True,
+                        rule_state=2 * cfg.sandblaster.history + slots, store_ops=3)
 
     def validate(self, cfg) -> None:
         b = cfg.sandblaster

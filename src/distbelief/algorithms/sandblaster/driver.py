@@ -6,15 +6,18 @@ parameter shards: it sends them small commands (`ps.vectors`) and gets scalars
 back. Each gradient evaluation is a batch over all the training data, cut into
 many portions (`sandblaster.portions`) handed out to the workers as they become
 free; near the end, idle workers get backup copies of the portions still
-outstanding and the first answer wins. The workers add their winning gradients
-straight into a shard vector (`sandblaster.worker`), so no gradient
-moves through the coordinator either.
+outstanding and the first answer wins. The workers send each winning gradient
+straight into a shard vector of its own (its slot, `sandblaster.worker`), and
+the coordinator has the shards add the slots into the batch's gradient in
+portion order (`sandblaster.reduction`): no gradient moves through the
+coordinator, and who computed which portion changes no bit of the result.
 
 Everything the coordinator hears arrives on one store stream, ``sb/results``:
 the workers' results and pushes, and "lost" notes from a watchdog thread that
-checks the workers' liveness. A lost worker's unfinished portions are handed
-out again; if it died in the middle of sending gradients (some shards may
-hold them, others not), the evaluation starts over into a fresh vector.
+checks the workers' liveness. A lost worker's unfinished portions, and those
+it had not reported sent, are handed out again; a slot it was asked to fill
+(it may have died half-way through, or still write late if only silent) is
+never used again, and the portion's new answer goes into a fresh slot.
 
 Example (inside the coordinator, once the shards hold the initial parameters)::
 
@@ -32,6 +35,7 @@ from typing import Any, Callable
 
 from distbelief.algorithms.sandblaster.lbfgs import LBFGS, LBFGSSettings
 from distbelief.algorithms.sandblaster.portions import Portions, wants_push
+from distbelief.algorithms.sandblaster.reduction import InOrder
 from distbelief.algorithms.sandblaster.worker import RESULTS, claim_key, message_key
 
 from distbelief.ps.client import PSClient
@@ -57,13 +61,10 @@ class SandblasterJob:
     start_time: float
 
 
-class _Restart(Exception):
-    """A worker died while sending gradients: the batch's gradient vector is unreliable."""
-
-
 class PortionEvaluator:
     """`evaluate(g)` for `LBFGS`: the loss and gradient over all portions, at the shards'
-    current parameters, with the gradient left in shard vector g. Blocks."""
+    current parameters, with the gradient left in shard vector g, both summed in portion
+    order. Blocks. A context manager: leaving it frees the slot vectors."""
 
     def __init__(self, job: SandblasterJob, space: RemoteVectors):
         cfg = job.config
@@ -74,50 +75,54 @@ class PortionEvaluator:
         self.alive = set(range(cfg.cluster.replicas))
         self.lost: list[int] = []
         self.busy: set[int] = set()             # workers computing a portion (maybe a stale one)
-        self.in_flight: dict[int, list[int]] = {}  # worker -> portions it is sending right now
+        self.spare_slots: list[int] = []        # slot vectors the sum has passed: reused
+        self.dead_slots: list[int] = []         # slots a lost worker was asked to fill: unused
         self.sent = [0] * cfg.cluster.replicas  # messages sent to each worker
         self.results = self.inbox.stream(RESULTS)  # the watchdog seals a dead worker's hole
         self.copies: dict[str, int] = {}        # claim key -> copies handed out, unanswered
         self.evaluation = 0
         self.stats = {"evaluations": 0, "portions_computed": 0, "backups_issued": 0,
-                      "answers_discarded": 0, "portions_reissued": 0, "restarts": 0,
+                      "answers_discarded": 0, "portions_reissued": 0, "slots": 0,
                       "samples": 0}
 
     def __call__(self, g: int) -> float:
-        target = g
-        try:
-            while True:
-                try:
-                    loss = self._evaluate_into(target)
-                    break
-                except _Restart:
-                    self.stats["restarts"] += 1
-                    if target == g:
-                        target = self.space.new()
-            if target != g:
-                self.space.copy(g, target)
-        finally:
-            if target != g:
-                self.space.free(target)
+        loss = self._evaluate_into(g)
         self.stats["evaluations"] += 1
         return loss
+
+    def __enter__(self) -> PortionEvaluator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        # the dead slots stay: a silent (not dead) worker could still write one late
+        for v in self.spare_slots:
+            self.space.free(v)
+        self.spare_slots.clear()
+
+    def _slot(self) -> int:
+        """A vector for one portion's gradient (its contents do not matter: the push
+        replaces them)."""
+        if self.spare_slots:
+            return self.spare_slots.pop()
+        self.stats["slots"] += 1
+        return self.space.new()
 
     # ---- one batch ---------------------------------------------------------
 
     def _evaluate_into(self, vector: int) -> float:
         self.evaluation += 1
         e = self.evaluation
-        self.space.zero(vector)
         work = Portions(self.portions, backups=self.backups)
+        order = InOrder(self.portions)
         unpushed: dict[int, set[int]] = {w: set() for w in self.alive}
-        asked_to_push: set[int] = set()
-        pushed: set[int] = set()
+        asked: dict[int, dict[int, int]] = {}  # worker -> {portion: slot} of the push asked of it
+        ready: dict[int, int] = {}             # portion -> its filled slot, not yet added
         # portion -> (loss, samples) of its accepted answer: a portion a lost worker answered
         # but never pushed is computed again, and its new answer replaces the lost one's
         answers: dict[int, tuple[float, int]] = {}
         for w in sorted(self.alive - self.busy):
-            self._give(w, work, e, vector)
-        while not (work.complete and len(pushed) == self.portions and not self.in_flight):
+            self._give(w, work, e)
+        while not order.complete:
             m = self._next()
             w = m.get("worker")
             if m["kind"] == "result":
@@ -133,36 +138,48 @@ class PortionEvaluator:
                         self.stats["answers_discarded"] += 1
                 else:  # a backup's original (or vice versa) from an earlier batch
                     self.stats["answers_discarded"] += 1
-            elif m["kind"] == "pushing":
-                self.in_flight[w] = m["portions"]
             elif m["kind"] == "pushed":
-                self.in_flight.pop(w, None)
-                asked_to_push.discard(w)
-                if m["eval"] == e:
-                    pushed.update(m["portions"])
-                    unpushed[w].difference_update(m["portions"])
+                # a lost worker's late report is ignored: its portions were handed out again
+                if m["eval"] == e and w in self.alive:
+                    slots = asked.pop(w)
+                    if sorted(slots) != sorted(m["portions"]):
+                        raise RuntimeError(f"worker {w} pushed portions {m['portions']}, "
+                                           f"asked for {sorted(slots)}")
+                    unpushed[w].difference_update(slots)
+                    ready.update(slots)
+                    for p in order.arrived(slots):
+                        self._add(vector, p, ready.pop(p))
             elif m["kind"] == "lost":
-                self._lose(w, work, unpushed)
+                self._lose(w, work, unpushed, asked)
             for w in sorted(self.alive):
                 if w not in self.busy:
-                    self._give(w, work, e, vector)
-                if w not in asked_to_push and wants_push(len(unpushed[w]), self.push_every,
-                                                         work.unassigned):
-                    self._send(w, {"do": "push", "eval": e, "vector": vector})
-                    asked_to_push.add(w)
+                    self._give(w, work, e)
+                if w not in asked and wants_push(len(unpushed[w]), self.push_every,
+                                                 work.unassigned):
+                    asked[w] = {p: self._slot() for p in sorted(unpushed[w])}
+                    self._send(w, {"do": "push", "eval": e,
+                                   "slots": {str(p): v for p, v in asked[w].items()}})
         self.stats["backups_issued"] += work.backups_issued
-        self.stats["samples"] += sum(samples for _, samples in answers.values())
-        loss = sum(portion_loss for portion_loss, _ in answers.values())
+        self.stats["samples"] += sum(answers[p][1] for p in range(self.portions))
+        loss = sum(answers[p][0] for p in range(self.portions))  # portion order, as the gradient
         if not math.isfinite(loss):
             raise SandblasterFailed(f"the training loss is {loss} at L-BFGS evaluation {e}: "
                                     "lower --lr or check the data")
         return loss
 
-    def _give(self, w: int, work: Portions, e: int, vector: int) -> None:
+    def _add(self, vector: int, portion: int, slot: int) -> None:
+        """vector (+)= the gradient of `portion`, the next one in portion order."""
+        if portion == 0:
+            self.space.copy(vector, slot)
+        else:
+            self.space.axpy(1.0, slot, vector)
+        self.spare_slots.append(slot)
+
+    def _give(self, w: int, work: Portions, e: int) -> None:
         task = work.next_for(w)
         if task is not None:
             self._send(w, {"do": "portion", "eval": e, "portion": task.portion,
-                           "generation": task.generation, "vector": vector})
+                           "generation": task.generation})
             self.busy.add(w)
             key = claim_key(e, task.portion, task.generation)
             self.copies[key] = self.copies.get(key, 0) + 1
@@ -175,7 +192,8 @@ class PortionEvaluator:
             del self.copies[key]
             self.store.delete(key)
 
-    def _lose(self, w: int, work: Portions, unpushed: dict[int, set[int]]) -> None:
+    def _lose(self, w: int, work: Portions, unpushed: dict[int, set[int]],
+              asked: dict[int, dict[int, int]]) -> None:
         if w not in self.alive:
             return
         self.alive.discard(w)
@@ -185,8 +203,9 @@ class PortionEvaluator:
                               "replica": w, "step": self.evaluation})
         if not self.alive:
             raise SandblasterFailed(f"all {len(self.sent)} workers were lost")
-        if self.in_flight.pop(w, None):  # some shards may have added its gradient, others not
-            raise _Restart()
+        # it may have filled these slots on some shards and not others (or, silent but
+        # alive, fill them later): they are never read nor reused
+        self.dead_slots.extend(asked.pop(w, {}).values())
         self.stats["portions_reissued"] += len(work.lost(w, unpushed.pop(w, set())))
 
     # ---- messages ----------------------------------------------------------
@@ -246,7 +265,8 @@ def drive(job: SandblasterJob) -> dict:
     iterations, converged, last_loss = 0, None, None
     began = time.perf_counter()
     try:
-        with _Watchdog(job, evaluator.results), LBFGS(space, PARAMS, evaluator, settings) as optimizer:
+        with (_Watchdog(job, evaluator.results), evaluator,
+              LBFGS(space, PARAMS, evaluator, settings) as optimizer):
             for k in range(cfg.train.steps):
                 samples_before, since = evaluator.stats["samples"], time.perf_counter()
                 it = optimizer.step()

@@ -4,10 +4,12 @@ A worker computes the gradient of the training loss over the portions of the
 data the coordinator hands it, one at a time. It fetches the parameters from
 the shards at the start of each batch (each gradient evaluation), claims every
 answer in the store (the first answer for a portion wins, so a backup copy and
-its original are never both counted), keeps the winning gradients in one
-accumulator, and sends the accumulator to the shards when the coordinator says
-so (every few portions, and when the batch is nearly done). The shards add it
-into the vector the coordinator named; they apply no update rule.
+its original are never both counted), keeps each winning gradient apart, and
+when the coordinator says so (every few portions, and when the batch is nearly
+done) sends each one into the shard vector (the portion's *slot*) the
+coordinator named for it. The coordinator then adds the slots into the batch's
+gradient in portion order (`sandblaster.reduction`), so which worker computed
+which portion changes no bit of the sum. The shards apply no update rule.
 
 Two threads: this one reads the coordinator's messages and sends gradients
 (so a push is never stuck behind a slow portion); one compute thread works
@@ -16,12 +18,18 @@ cross-entropy divided by the training-set size, so the portions of a batch add
 up to the mean loss and its gradient.
 
 Messages from the coordinator, in order, at ``sb/worker{w}/{n}``:
-    {"do": "portion", "eval": e, "portion": p, "generation": g, "vector": v}
-    {"do": "push", "eval": e, "vector": v}
+    {"do": "portion", "eval": e, "portion": p, "generation": g}
+    {"do": "push", "eval": e, "slots": {"p": v, ...}}   (portion -> its slot vector)
     {"do": "stop"}
 Reports, on the store stream ``sb/results``:
     {"kind": "result", "worker", "eval", "portion", "accepted", "loss", "samples", "seconds"}
-    {"kind": "pushing" | "pushed", "worker", "eval", "portions": [...]}
+    {"kind": "pushed", "worker", "eval", "portions": [...]}
+
+Fault points (`runtime.faults`, for tests), crossed as ``worker{w}``:
+    ``sandblaster.worker.claimed``  a portion computed and its claim taken (won or
+                                    not), before the result is reported
+    ``sandblaster.worker.sent``     one portion of a push sent into its slot, before
+                                    the next one (and before "pushed")
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from distbelief.data.feed import load_data_and_model
 from distbelief.ps.client import PSClient
 from distbelief.ps.layout import Layout
 from distbelief.runtime.context import RoleContext
+from distbelief.runtime.faults import fault
 
 RESULTS = "sb/results"
 
@@ -73,11 +82,10 @@ class _Worker:
         self.train = data.train  # read a portion at a time (a .npy directory: memory-mapped)
         self.portions = ctx.config.sandblaster.portions
         self.flat = FlatModel(model, grads=1)  # backward() writes here, a private buffer
-        self.acc = ps.grad_buffers[0]          # winning gradients; the shards read it on shm
-        self.acc.zero_()
-        self.acc_eval: int | None = None
-        self.acc_portions: list[int] = []
-        self.lock = threading.Lock()           # guards acc, acc_eval, acc_portions
+        self.out = ps.grad_buffers[0]          # the portion being sent; shards read it on shm
+        self.held: dict[int, torch.Tensor] = {}  # accepted portion -> its gradient, until sent
+        self.held_eval: int | None = None
+        self.lock = threading.Lock()           # guards held, held_eval
         self.fetched: int | None = None        # the evaluation whose parameters are loaded
         self.slow = Slowdown.for_worker(ctx.config, self.w)
 
@@ -92,7 +100,7 @@ class _Worker:
                 if message["do"] == "portion":
                     pending.append(compute.submit(self._compute, message))
                 elif message["do"] == "push":
-                    self._push(message["eval"], message["vector"])
+                    self._push(message["eval"], message["slots"])
                 elif message["do"] == "stop":
                     break
                 else:
@@ -134,30 +142,32 @@ class _Worker:
         accepted = self.ctx.store.add(claim_key(evaluation, portion, task["generation"]), 1) == 1
         if accepted:
             with self.lock:
-                if self.acc_eval != evaluation:  # whatever is left belongs to an abandoned batch
-                    self.acc.zero_()
-                    self.acc_portions = []
-                    self.acc_eval = evaluation
-                self.acc.add_(self.flat.grads[0])
-                self.acc_portions.append(portion)
+                if self.held_eval != evaluation:  # whatever is left belongs to an abandoned batch
+                    self.held.clear()
+                    self.held_eval = evaluation
+                self.held[portion] = self.flat.grads[0].clone()
+        fault("sandblaster.worker.claimed", who=f"worker{self.w}")
         self.ctx.store.append(RESULTS, {
             "kind": "result", "worker": self.w, "eval": evaluation, "portion": portion,
             "generation": task["generation"], "accepted": accepted, "loss": loss.item(), "samples": stop - start,
             "seconds": time.perf_counter() - began})
 
-    def _push(self, evaluation: int, vector: int) -> None:
-        """Send the accumulated winning gradients of `evaluation` into the shards' `vector`."""
-        with self.lock:
-            portions = self.acc_portions if self.acc_eval == evaluation else []
-            if portions:
-                self.ctx.store.append(RESULTS, {"kind": "pushing", "worker": self.w,
-                                                "eval": evaluation, "portions": portions})
-                self.ps.accumulate(0, vector).wait(self.timeout)
-            if self.acc_eval is None or self.acc_eval <= evaluation:  # sent, or abandoned
-                self.acc.zero_()
-                self.acc_portions = []
+    def _push(self, evaluation: int, slots: dict[str, int]) -> None:
+        """Send each named accepted portion of `evaluation` into its slot vector (replacing
+        what the slot held), one after the other in portion order; then report them."""
+        order = sorted((int(p), v) for p, v in slots.items())
+        with self.lock:  # the compute thread adds to `held`; sending needs no lock
+            missing = [p for p, _ in order if self.held_eval != evaluation or p not in self.held]
+            if missing:  # the coordinator asks only for answers this worker reported
+                raise RuntimeError(f"worker {self.w}: asked to push portions {missing} of "
+                                   f"evaluation {evaluation}, which it does not hold")
+            grads = [(p, v, self.held.pop(p)) for p, v in order]
+        for p, v, grad in grads:
+            self.out.copy_(grad)
+            self.ps.accumulate(0, v, replace=True).wait(self.timeout)
+            fault("sandblaster.worker.sent", who=f"worker{self.w}")
         self.ctx.store.append(RESULTS, {"kind": "pushed", "worker": self.w, "eval": evaluation,
-                                        "portions": portions})
+                                        "portions": [p for p, _ in order]})
 
 
 def _reraise_failures(pending: list[Future]) -> list[Future]:
