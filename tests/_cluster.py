@@ -72,3 +72,36 @@ def role_pid(run_dir: Path, kind: str, ident: int) -> int | None:
         return None
     roles = json.loads((run_dir / "cluster.json").read_text())["roles"]
     return next(r["pid"] for r in roles if r["kind"] == kind and r["id"] == ident)
+
+
+def train_steps(run_dir: Path) -> dict[int, int]:
+    """The last step each replica reported in the run's metrics.jsonl so far ({} before it
+    exists)."""
+    from distbelief.metrics.log import read_metrics
+
+    if not (run_dir / "metrics.jsonl").exists():
+        return {}
+    return {e["replica"]: e["step"] for e in read_metrics(run_dir / "metrics.jsonl")
+            if e["event"] == "train"}
+
+
+def kill_when(run_dir: Path, ready, kind: str, ident: int, timeout: float) -> None:
+    """SIGKILL role `kind` `ident` of the job in `run_dir` once ``ready(train_steps(run_dir))``
+    holds (AssertionError after `timeout` s)."""
+    import signal
+
+    def victim():
+        return role_pid(run_dir, kind, ident) if ready(train_steps(run_dir)) else None
+
+    os.kill(wait_until(victim, timeout, f"{kind} {ident}'s moment to be killed"), signal.SIGKILL)
+
+
+def job_summary(proc: subprocess.Popen, run_dir: Path, timeout: float) -> dict:
+    """Wait up to `timeout` s for a `distbelief train` started by the `cli_job` fixture to end;
+    its summary.json (AssertionError with the end of its stderr if it failed or ran over)."""
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the job did not end within {timeout} s") from None
+    assert proc.returncode == 0, f"exit {proc.returncode}: {err[-2000:]}"
+    return json.loads((run_dir / "summary.json").read_text())

@@ -1,4 +1,5 @@
-"""Table tests for distbelief.algorithms.schedule: Downpour's fetch/push cadence."""
+"""Table tests for distbelief.algorithms.schedule: Downpour's fetch/push cadence, and the
+bounded-staleness schedule on top of it (downpour.staleness)."""
 
 import doctest
 import math
@@ -6,6 +7,8 @@ import math
 import pytest
 
 from distbelief.algorithms import schedule
+from distbelief.algorithms.downpour import staleness
+from distbelief.algorithms.downpour.staleness import bounded_schedule, must_fetch, stale, tick_to
 from distbelief.algorithms.schedule import (downpour_schedule, fetch_before, push_after,
                                             steps_per_replica)
 
@@ -74,3 +77,57 @@ def test_module_docstring_example():
 def test_steps_per_replica_table(steps, epochs, train_samples, replicas, batch_size, expected):
     assert steps_per_replica(steps=steps, epochs=epochs, train_samples=train_samples,
                              replicas=replicas, batch_size=batch_size) == expected
+
+
+# ---- bounded staleness (--max-staleness): distbelief.algorithms.downpour.staleness ----------
+
+T, N = True, None
+
+
+@pytest.mark.parametrize("total, n_fetch, n_push, bound, table", [
+    # (step, the slowest clock it waits for, fetch?, its clock after the step)
+    (4, 4, 1, 1, [(0, -1, T, 1), (1, 0, False, 2), (2, 1, T, 3), (3, 2, False, 4)]),
+    (6, 1, 2, 1, [(0, -1, T, N), (1, 0, T, 2), (2, 1, T, N), (3, 2, T, 4), (4, 3, T, N),
+                  (5, 4, T, 6)]),                  # the clock moves only with a push
+    (5, 3, 2, 1, [(0, -1, T, N), (1, 0, False, 2), (2, 1, T, N), (3, 2, T, 4),
+                  (4, 3, T, 5)]),                  # a stale copy is fetched between the cadence's
+    (6, 8, 1, 2, [(0, -2, T, 1), (1, -1, False, 2), (2, 0, False, 3), (3, 1, T, 4),
+                  (4, 2, False, 5), (5, 3, False, 6)]),  # bound 2: fetch every 3rd step at least
+    (3, 2, 4, 3, [(0, -3, T, N), (1, -2, False, N), (2, -1, T, 3)]),  # one partial window
+    (3, 1, 1, 0, [(0, 0, T, 1), (1, 1, T, 2), (2, 2, T, 3)]),  # lockstep
+])
+def test_bounded_schedule_table(total, n_fetch, n_push, bound, table):
+    assert bounded_schedule(total, n_fetch, n_push, bound) == table
+
+
+@pytest.mark.parametrize("total", [1, 5, 12])
+@pytest.mark.parametrize("n_fetch", [1, 2, 5])
+@pytest.mark.parametrize("n_push", [1, 2, 4])
+@pytest.mark.parametrize("extra", [0, 1, 3])
+def test_bounded_schedule_keeps_the_bound(total, n_fetch, n_push, extra):
+    """Every step computes on a copy fetched once the slowest clock was at least
+    step - bound; the clock moves exactly at the pushes, to the step after; and the
+    replica holding the slowest clock never waits (bound >= n_push - 1)."""
+    bound = n_push - 1 + extra
+    clock, fetched = 0, None
+    for step, need, fetch, after in bounded_schedule(total, n_fetch, n_push, bound):
+        assert need <= clock  # it never waits for itself
+        fetched = clock if fetch else fetched
+        assert fetched >= need
+        assert fetch or not fetch_before(step, n_fetch)
+        assert after == (step + 1 if push_after(step, n_push, total) else None)
+        clock = after if after is not None else clock
+    assert clock == total
+
+
+def test_tick_to_and_must_fetch():
+    assert [tick_to(t, 3, 5) for t in range(5)] == [None, None, 3, None, 5]
+    # n_fetch 4, bound 1, a copy fetched at slowest clock 2: good for steps up to 3
+    assert [must_fetch(t, 4, 1, 2) for t in range(2, 7)] == [False, False, True, True, True]
+    assert must_fetch(5, 4, 1, None)  # never fetched
+    assert stale(4, 1, 2) and not stale(3, 1, 2) and stale(0, 0, None)
+
+
+def test_staleness_docstring_example():
+    failures, tried = doctest.testmod(staleness)
+    assert tried >= 1 and failures == 0

@@ -31,7 +31,7 @@ class DownpourConfig:
     replica_workers: int = 1
     """Threads per replica (Project Adam), each on its own batches, updating the replica's local copy lock-free with plain SGD between fetches; a step is one batch per thread."""
     max_staleness: int | None = option(None, unset="unbounded")
-    """Stale synchronous parallel (Ho et al. 2013): a replica that has finished c steps waits until every live replica has finished c - s before its next one (0: lockstep); its pushes are applied before it counts a step finished."""
+    """Stale synchronous parallel (Ho et al. 2013): a replica waits before step t until every live replica has finished step t - s (0: lockstep), and fetches again if its parameters may miss a gradient of those steps; a step counts finished once its push is applied, so with --n-push n it needs s >= n - 1."""
 
 
 class Downpour(Algorithm):
@@ -72,6 +72,13 @@ class Downpour(Algorithm):
                     raise UserError(f"--max-staleness does not work with {option_name} "
                                     f"(replica clocks count whole, unpartitioned replicas "
                                     "that start together): leave one of them out")
+            if d.max_staleness < d.n_push - 1:
+                raise UserError(
+                    f"--max-staleness {d.max_staleness} does not work with --n-push {d.n_push}: "
+                    f"a replica's clock moves only when it pushes, every {d.n_push} steps, so "
+                    "with a bound below n-push - 1 every replica would wait inside its push "
+                    f"window for pushes no one can make; use --max-staleness {d.n_push - 1} or "
+                    f"more, or --n-push {d.max_staleness + 1} or less")
         if cfg.cluster.device != "cpu" and d.replica_workers > 1:
             raise UserError(f"--device {cfg.cluster.device} does not work with --replica-workers "
                             f"{d.replica_workers}: the threads update one local copy in host "

@@ -56,7 +56,7 @@ import torch
 
 from distbelief.algorithms.downpour.workers import ReplicaWorkers
 from distbelief.algorithms.schedule import fetch_before, push_after
-from distbelief.algorithms.downpour.staleness import Clocks
+from distbelief.algorithms.downpour.staleness import Clocks, resume_step, tick_to
 from distbelief.algorithms.slowdown import Slowdown
 from distbelief.checkpoint import ReplicaGate
 from distbelief.data.feed import open_feed, replica_data_and_model
@@ -89,6 +89,8 @@ def run_replica(ctx: RoleContext) -> None:
     start = resume["replica_steps"].get(ctx.member, 0) if resume else 0
     if restart is not None:
         start = max(start, restart["start"])
+        if cfg.downpour.max_staleness is not None:  # the clock never goes back
+            start = resume_step(ctx.store, r, start)
     # the shards hold the initial parameters once the coordinator says the job is ready
     ctx.store.get_json("job/ready", what="the coordinator to initialise the shards")
     if r > 0 and cfg.downpour.warm_start_steps > 0 and not _wait_for_warm_start(ctx):
@@ -230,10 +232,11 @@ def _steps(ctx: RoleContext, ps: PSClient, mirror: DeviceMirror, window: PushWin
     window.begin(buf)
     window_versions = None
     for step in range(start, total):
-        if clocks is not None:
-            clocks.before_step()
+        fetch = fetch_before(step, n_fetch) or step == start  # a resumed replica fetches first
+        if clocks is not None:  # may wait; then fetches too if its copy is older than the bound
+            fetch = clocks.before_step(step, fetch)
         arrived = None
-        if fetch_before(step, n_fetch) or step == start:  # a resumed replica fetches first
+        if fetch:
             ps.pull(host_params).wait(timeout)
             arrived = mirror.from_host_async(flat.params)  # overlaps with reading the batch
         if window_versions is None:  # the versions this push window's gradients are computed on
@@ -275,6 +278,12 @@ def _steps(ctx: RoleContext, ps: PSClient, mirror: DeviceMirror, window: PushWin
                 flat.grads[buf].zero_()
             window.begin(buf)
             window_versions = None
+            if clocks is not None:  # the window's steps count once its push is applied
+                for other in range(2):
+                    if pending[other] is not None:
+                        report.acks(pending[other].wait(timeout))
+                        pending[other] = None
+                clocks.tick(tick_to(step, n_push, total))
             number = gate.due() if gate is not None else None
             if number is not None:  # a checkpoint: every push of ours applied, then pause
                 for other in range(2):
@@ -282,12 +291,6 @@ def _steps(ctx: RoleContext, ps: PSClient, mirror: DeviceMirror, window: PushWin
                         report.acks(pending[other].wait(timeout))
                         pending[other] = None
                 gate.pause(number, step + 1)
-        if clocks is not None:  # a step counts once its pushes are applied
-            for other in range(2):
-                if pending[other] is not None:
-                    report.acks(pending[other].wait(timeout))
-                    pending[other] = None
-            clocks.after_step()
         report.maybe_log(step, ps.fetched_versions)
         if step == cfg.downpour.warm_start_steps - 1 and r == 0:
             ctx.store.set_json("warm/done", True)
