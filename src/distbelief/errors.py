@@ -14,3 +14,8 @@ class UserError(Exception):
 
 class JobFailed(RuntimeError):
     """The job could not finish (a shard died, nothing progressed, every replica was lost)."""
+
+
+class Tampered(JobFailed):
+    """A value in the job's store failed its authentication, or was replayed: someone
+    without the job's token wrote to (or deleted from) the store. Never acted on."""

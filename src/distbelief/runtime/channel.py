@@ -35,6 +35,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from distbelief.errors import Tampered
+from distbelief.runtime.secret import JobSecret
+
 HEADER_LEN = 6
 TENSOR_TAG = 1
 """The gloo tag of tensors that follow a header (headers travel on tag 0)."""
@@ -65,9 +68,12 @@ class Channel:
         self.name = name
         self.rank = rank
         self.peer = 1 - rank
+        self._store = own_connection(store)  # kept: c10d holds only its C++ part
         try:
-            self._pg = dist.ProcessGroupGloo(dist.PrefixStore(name, own_connection(store)),
+            self._pg = dist.ProcessGroupGloo(dist.PrefixStore(name, self._store),
                                              rank, 2, datetime.timedelta(seconds=timeout))
+        except Tampered:
+            raise
         except RuntimeError as exc:
             raise ChannelClosed(f"channel {name}: peer did not connect ({_short(exc)})") from None
         self._header = torch.zeros(HEADER_LEN, dtype=torch.int64)
@@ -163,12 +169,15 @@ class Group:
         self.name, self.rank, self.size = name, rank, size
         self.backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
         self._timeout = datetime.timedelta(seconds=timeout)
-        prefixed = dist.PrefixStore(name, own_connection(store))
+        self._store = own_connection(store)  # kept: c10d holds only its C++ part
+        prefixed = dist.PrefixStore(name, self._store)
         try:
             if self.backend == "nccl":
                 self._pg = _nccl_group(prefixed, rank, size, self._timeout, device)
             else:
                 self._pg = dist.ProcessGroupGloo(prefixed, rank, size, self._timeout)
+        except Tampered:
+            raise
         except RuntimeError as exc:
             raise ChannelClosed(f"group {name}: not every member joined ({_short(exc)})") from None
 
@@ -246,15 +255,18 @@ class Pending:
 class SharedTensor:
     """A 1-D tensor backed by a file in /dev/shm, visible to every process that maps it.
 
-    The creator makes the file; peers `attach` by path. The mapping outlives the
-    file name, so a creator may `unlink` once every peer has attached; the
-    launcher also removes a job's leftovers (see `remove_job_files`).
+    The creator makes the file, readable and writable by its owner only (0600);
+    peers `attach` by path. The mapping outlives the file name, so a creator may
+    `unlink` once every peer has attached; the launcher also removes a job's
+    leftovers (see `remove_job_files`).
     """
 
     def __init__(self, path: Path, numel: int, dtype: torch.dtype, *, create: bool):
         self.path = Path(path)
         if create:
             self.path.unlink(missing_ok=True)
+            # made private before torch maps it: from_file would create it world-readable
+            os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600))
         elif not self.path.exists():
             raise FileNotFoundError(f"shared tensor {self.path} does not exist")
         self.tensor = torch.from_file(str(self.path), shared=True, size=max(numel, 1),
@@ -265,14 +277,15 @@ class SharedTensor:
 
 
 def job_file(token: str, name: str) -> Path:
-    """Path of a shared-memory file belonging to the job with this token."""
-    return SHM_DIR / f"distbelief-{token[:16]}-{name}"
+    """Path of a shared-memory file belonging to the job with this token: named by the
+    job's id, a one-way function of the token (`JobSecret.job_id`), never the token."""
+    return SHM_DIR / f"distbelief-{JobSecret(token).job_id}-{name}"
 
 
 def remove_job_files(token: str) -> int:
     """Remove every shared-memory file of a job (after it ended); returns how many."""
     removed = 0
-    for path in SHM_DIR.glob(f"distbelief-{token[:16]}-*"):
+    for path in SHM_DIR.glob(f"distbelief-{JobSecret(token).job_id}-*"):
         path.unlink(missing_ok=True)
         removed += 1
     return removed

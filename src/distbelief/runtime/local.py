@@ -9,12 +9,14 @@ slices. A Unix stream socket hands the bytes straight to the thread blocked in
 `recv`, which is all a header needs; a peer that dies closes it, so the other
 side's pending call fails at once instead of at its timeout.
 
-A `LocalListener` is bound to a path under /dev/shm named by the job's token
-(`job_file`), readable by its owner only. A client connects with
-`LocalChannel.connect`, sending the job's token and a small JSON request in
-the same breath; the listener's `accept` gives back the channel, and the
-connection thread checks the request with `read_request` (a wrong token or a
-malformed request ends that connection only).
+A `LocalListener` is bound to a path under /dev/shm named by the job's id
+(`job_file`: a one-way function of the token), readable by its owner only. A
+client connects with `LocalChannel.connect`, sending a small JSON request in
+the same breath, with a fresh nonce and an HMAC tag made with the job's token
+over the socket's name, the nonce and the request (the token itself never
+travels); the listener's `accept` gives back the channel, and the connection
+thread checks the request with `read_request` (a wrong tag, a nonce seen
+before or a malformed request ends that connection only).
 
 `LocalChannel` has the header half of `channel.Channel`'s interface
 (`send_header`, `recv_header`, `close`, `name`), so a protocol written against
@@ -34,15 +36,18 @@ Example::
 
 from __future__ import annotations
 
+import collections
 import hmac
 import json
 import os
 import select
 import socket
 import struct
+import threading
 from pathlib import Path
 
 from distbelief.runtime.channel import HEADER_LEN, ChannelClosed
+from distbelief.runtime.secret import JobSecret
 
 _HEADER = struct.Struct(f"<{HEADER_LEN}q")
 _LENGTH = struct.Struct("<I")
@@ -64,12 +69,14 @@ class LocalChannel:
 
     @classmethod
     def connect(cls, path: Path, token: str, request: dict, timeout: float) -> LocalChannel:
-        """Connect to the listener at `path` and send `request` with the job's token."""
+        """Connect to the listener at `path` and send `request`, tagged with the job's token."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
+        text, nonce = json.dumps(request), os.urandom(16)
+        tag = JobSecret(token).request_tag(path.name, nonce, text.encode())
         try:
             sock.connect(str(path))
-            body = json.dumps({"token": token, "request": request}).encode()
+            body = json.dumps({"request": text, "nonce": nonce.hex(), "tag": tag}).encode()
             sock.sendall(_LENGTH.pack(len(body)) + body)
         except OSError as exc:
             sock.close()
@@ -77,10 +84,11 @@ class LocalChannel:
         return cls(sock, path.name, timeout)
 
     def read_request(self, token: str) -> dict:
-        """The request the client sent with its connect, after checking its token.
+        """The request the client sent with its connect, after checking its tag.
 
-        Raises ChannelClosed (wrong token, malformed or silent client); the
-        connection is then closed."""
+        Raises ChannelClosed (a tag not made with the job's token, a nonce this
+        process saw before, a malformed or silent client); the connection is then
+        closed."""
         old = self._sock.gettimeout()
         self._sock.settimeout(REQUEST_SECONDS)
         try:
@@ -88,10 +96,19 @@ class LocalChannel:
             if length > MAX_REQUEST:
                 raise ChannelClosed(f"channel {self.name}: a request of {length} bytes")
             message = json.loads(self._read(length))
-            if not (isinstance(message, dict) and isinstance(message.get("token"), str)
-                    and hmac.compare_digest(message["token"].encode(), token.encode())
-                    and isinstance(message.get("request"), dict)):
+            if not (isinstance(message, dict)
+                    and all(isinstance(message.get(k), str) for k in ("request", "nonce", "tag"))):
+                raise ValueError("not a request")
+            nonce, text = bytes.fromhex(message["nonce"]), message["request"]
+            expected = JobSecret(token).request_tag(self.name, nonce, text.encode())
+            if not hmac.compare_digest(message["tag"].encode(), expected.encode()):
                 raise ChannelClosed(f"channel {self.name}: a client without the job's token")
+            if not _first_use(nonce):
+                raise ChannelClosed(f"channel {self.name}: a connection request sent again "
+                                    "(replayed)")
+            request = json.loads(text)
+            if not isinstance(request, dict):
+                raise ValueError("not an object")
         except (ValueError, UnicodeDecodeError):
             self.close()
             raise ChannelClosed(f"channel {self.name}: a malformed connection request") from None
@@ -99,7 +116,7 @@ class LocalChannel:
             self.close()
             raise
         self._sock.settimeout(old)
-        return message["request"]
+        return request
 
     def send_header(self, *values: int) -> None:
         if len(values) > HEADER_LEN:
@@ -173,3 +190,20 @@ def _describe(exc: OSError) -> str:
     if isinstance(exc, TimeoutError):
         return "no answer within the timeout"
     return exc.strerror or type(exc).__name__
+
+
+_nonces: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+_nonces_lock = threading.Lock()
+NONCES_KEPT = 1 << 16
+"""How many recent request nonces a process remembers, to refuse a replayed request."""
+
+
+def _first_use(nonce: bytes) -> bool:
+    """True the first time this process sees `nonce` (among the last NONCES_KEPT)."""
+    with _nonces_lock:
+        if nonce in _nonces:
+            return False
+        _nonces[nonce] = None
+        if len(_nonces) > NONCES_KEPT:
+            _nonces.popitem(last=False)
+        return True
