@@ -6,6 +6,14 @@ compared. Unit tests of the record (a fake clock) and of the heartbeat thread
 (a store that fails now and then), then one job in which two replicas' clocks
 are an hour off either way and a third hangs (SIGSTOP): the hung one is declared
 lost within 10 s and killed, the skewed ones never are, and the job finishes.
+
+Liveness means progress: a role beats only while its main loop advances
+(`Watchdog`, fed by the loop; a wait for other roles is no stall). Unit tests of
+the watchdog and of a heartbeat that stops when it starves, then jobs in which
+a replica's (or a shard's) main thread blocks for ever at a fault point while
+its process and heartbeat thread live on: it is lost within --progress-timeout
+plus a few seconds, and handled like a dead one (replaced, counted, or the end
+of the job in one line saying it made no progress).
 """
 
 from __future__ import annotations
@@ -21,7 +29,9 @@ import pytest
 
 from distbelief.metrics.log import read_metrics
 from distbelief.roles import skew_clock
-from distbelief.runtime.context import Heartbeat, Liveness, beat_key
+from distbelief.runtime.context import Heartbeat, Liveness, Watchdog, beat_key, stuck_key
+from distbelief.runtime.faults import ENV as FAULTS
+from distbelief.watch import LOST_AFTER
 
 from _cluster import alive, role_pid, wait_until
 
@@ -166,6 +176,10 @@ class FlakyStore:
     def has(self, key: str) -> bool:
         return key == "job/stop" and self.stopped.is_set()
 
+    def delete(self, *keys: str) -> None:
+        for key in keys:
+            self.values.pop(key, None)
+
     def add(self, key: str, amount: int) -> int:
         if self.failing.is_set():
             raise ConnectionResetError("store unreachable")
@@ -173,7 +187,7 @@ class FlakyStore:
         return self.values[key]
 
     def set_json(self, key, value) -> None:
-        pass
+        self.values[key] = value
 
     def count(self) -> int:
         return self.values.get(beat_key("replica/0"), 0)
@@ -286,3 +300,190 @@ def test_skewed_clocks_are_no_death_and_a_hung_replica_is_lost_within_10_s(
     last = {e["replica"]: e["step"] for e in train}
     assert last[0] == last[1] == STEPS and last[HUNG] < STEPS
     assert not alive(pid)
+
+
+def test_watchdog_counts_a_stall_from_the_last_feed_and_not_while_waiting_for_others():
+    clock = Clock()
+    dog = Watchdog(clock)
+    clock.now += 100
+    assert dog.stalled_for() == 0.0  # starting up: not judged before the first feed
+    dog.feed()
+    clock.now += 3.5
+    assert dog.stalled_for() == pytest.approx(3.5)
+    with dog.waiting():  # a barrier for a slower replica, however long
+        clock.now += 1000
+        assert dog.stalled_for() == 0.0
+        with dog.waiting():  # nested waits
+            clock.now += 10
+        assert dog.stalled_for() == 0.0
+    assert dog.stalled_for() == 0.0  # the loop's own time counts from the wait's end
+    clock.now += 2
+    assert dog.stalled_for() == pytest.approx(2)
+    dog.feed()
+    assert dog.stalled_for() == 0.0
+
+
+def test_heartbeat_stops_while_the_loop_makes_no_progress_and_says_so_once(caplog):
+    store, dog = FlakyStore(), Watchdog()
+    with caplog.at_level(logging.INFO, logger="distbelief.runtime.context"), \
+            Heartbeat(store, "replica", "0", period=0.01, watchdog=dog, bound=0.3):
+        wait_until(lambda: store.count() >= 3, 10, "beats before the first feed")
+        for _ in range(30):  # a loop that advances beats, however long it runs
+            dog.feed()
+            time.sleep(0.02)
+        assert stuck_key("replica/0") not in store.values
+        wait_until(lambda: stuck_key("replica/0") in store.values, 10, "the stall noticed")
+        stalled = store.count()
+        time.sleep(0.2)
+        assert store.count() == stalled  # no beat while stuck: the coordinator loses it
+        assert store.values[stuck_key("replica/0")] == {"seconds": 0.3}
+        dog.feed()  # it was only slow: it beats again, the record goes
+        wait_until(lambda: store.count() > stalled, 10, "beats after progress")
+        assert stuck_key("replica/0") not in store.values
+    text = caplog.text
+    assert text.count("made no progress") == 1 and "makes progress again" in text
+    # the log names where the role's thread (this one) stood
+    assert "test_heartbeat_stops_while_the_loop_makes_no_progress" in text
+
+
+def test_progress_timeout_is_validated_up_front(tmp_path):
+    import subprocess
+
+    from _cluster import CLI
+
+    for bad in ("0", "0.5", "-3", "inf", "nan"):
+        done = subprocess.run([*CLI, "train", "--progress-timeout", bad, "--steps", "1"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.count("\n") == 1 and "--progress-timeout" in done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+BOUND = 2  # --progress-timeout of the jobs below
+HANG_AT = 21  # replica 1's main thread blocks at its 21st step: 20 steps are done
+LOST_WITHIN = BOUND + LOST_AFTER + 4  # its last feed + the bound, the beats' silence, slack
+
+
+def _hang_job(tmp_path, cli_job, monkeypatch, *extra: str, steps: int = 30,
+              fault: str = f"replica.step/replica1/{HANG_AT}=hang"):
+    """A job whose replica 1 (or the role `fault` names) hangs; returns (proc, run_dir, events)."""
+    monkeypatch.setenv(FAULTS, fault)
+    run_dir = tmp_path / "run"
+    proc = cli_job("--dataset", "digits", "--model", "mlp", "--replicas", "2", "--shards", "1",
+                   "--steps", str(steps), "--log-every", "10", "--run-dir", str(run_dir),
+                   "--progress-timeout", str(BOUND), "--quiet", *extra)
+
+    def events() -> list[dict]:
+        path = run_dir / "metrics.jsonl"
+        return read_metrics(path) if path.exists() else []
+
+    return proc, run_dir, events
+
+
+def _time_to_loss(events, event: str) -> float:
+    """Seconds from replica 1's last step before its hang (its step-20 report, which
+    it makes just before) to the coordinator's `event` for it, as this test saw them."""
+    wait_until(lambda: any(e["event"] == "train" and e["replica"] == 1 and e["step"] == 20
+                           for e in events()), 120, "replica 1 to train 20 steps", poll=0.05)
+    hung = time.monotonic()
+    wait_until(lambda: any(e["event"] == event and e["replica"] == 1 for e in events()),
+               LOST_WITHIN + 20, f"replica 1 to be declared lost ({event})", poll=0.05)
+    took = time.monotonic() - hung
+    print(f"replica 1 hung; {event} after {took:.1f} s")  # shown with pytest -s
+    return took
+
+
+@pytest.mark.timeout(240)
+def test_a_replica_whose_main_thread_hangs_is_replaced_and_the_job_finishes(
+        tmp_path, cli_job, monkeypatch):
+    """Replica 1 blocks for ever before its 21st step; its heartbeat thread would beat on.
+    It is lost within the bound plus a few seconds, replaced (--restart-replicas: the
+    replacement does the last 10 steps and never reaches a 21st), and the job finishes."""
+    proc, run_dir, events = _hang_job(tmp_path, cli_job, monkeypatch, "--restart-replicas")
+    took = _time_to_loss(events, "replica_restarted")
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-3000:]
+    assert BOUND <= took <= LOST_WITHIN, f"declared lost after {took:.1f} s"
+    every = events()
+    restarted = [e for e in every if e["event"] == "replica_restarted"]
+    assert [(e["replica"], e["step"], e.get("no_progress_seconds")) for e in restarted] == \
+        [(1, 20, BOUND)]
+    assert not [e for e in every if e["event"] in ("replica_lost", "shard_lost")]
+    last = {e["replica"]: e["step"] for e in every if e["event"] == "train"}
+    assert last == {0: 30, 1: 30}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["replicas_lost"] == 0 and summary["shards_lost"] == []
+    assert "made no progress" in (run_dir / "logs" / "replica1.log").read_text()
+
+
+@pytest.mark.timeout(240)
+def test_a_replica_whose_main_thread_hangs_is_counted_lost_like_a_dead_one(
+        tmp_path, cli_job, monkeypatch):
+    """Without --restart-replicas Downpour counts the hung replica out, kills it, and the
+    other finishes; the shard, idle between requests, is never declared lost."""
+    proc, run_dir, events = _hang_job(tmp_path, cli_job, monkeypatch, steps=300)
+    took = _time_to_loss(events, "replica_lost")
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-3000:]
+    assert BOUND <= took <= LOST_WITHIN, f"declared lost after {took:.1f} s"
+    assert "(--progress-timeout 2)" in (run_dir / "logs" / "replica1.log").read_text()
+    every = events()
+    assert [(e["replica"], e.get("no_progress_seconds")) for e in every
+            if e["event"] == "replica_lost"] == [(1, BOUND)]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["replicas_lost"] == 1 and summary["lost_replicas"] == [1]
+    assert summary["shards_lost"] == []
+    assert summary["exit_codes"]["replica1"] == -signal.SIGKILL  # the coordinator's kill
+    assert summary["exit_codes"]["replica0"] == summary["exit_codes"]["shard0"] == 0
+
+
+@pytest.mark.timeout(240)
+def test_a_hung_sync_replica_ends_the_job_in_one_line_and_its_waiting_peer_is_not_blamed(
+        tmp_path, cli_job, monkeypatch):
+    """Synchronous training cannot go on without a replica: the job fails, naming replica 1
+    and that it made no progress; replica 0, waiting in the all-reduce for it, is not lost."""
+    proc, run_dir, events = _hang_job(tmp_path, cli_job, monkeypatch, "--algorithm", "sync",
+                                      steps=300)
+    began = time.monotonic()
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 1, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("distbelief: job failed: replica 1 was lost at step 20 ("), line
+    assert "made no progress for 2 s" in line and "cannot go on without it" in line
+    assert time.monotonic() - began < 120
+
+
+@pytest.mark.timeout(240)
+def test_a_shard_whose_accept_loop_hangs_is_lost_and_ends_the_job(tmp_path, cli_job,
+                                                                   monkeypatch):
+    """The shard's main thread (its accept loop) blocks; its client threads and heartbeat
+    thread run on. Without a checkpoint to restart it from, the job fails in one line."""
+    proc, run_dir, events = _hang_job(tmp_path, cli_job, monkeypatch, steps=100000,
+                                      fault="shard.pass/shard0/100=hang")
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 1, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("distbelief: job failed: parameter shard 0 was lost ("), line
+    assert "made no progress for 2 s" in line
+    assert "made no progress" in (run_dir / "logs" / "shard0.log").read_text()
+
+
+@pytest.mark.timeout(240)
+def test_a_data_server_whose_accept_loop_hangs_is_replaced_and_its_replicas_wait_unblamed(
+        tmp_path, cli_job, monkeypatch):
+    """The first data server's accept loop blocks (its streams run on until it is killed);
+    it is replaced, the replicas, waiting for batches meanwhile, are not lost, and the job
+    finishes. Each replica step sleeps 10 ms, so the job outlasts the detection."""
+    proc, run_dir, events = _hang_job(
+        tmp_path, cli_job, monkeypatch, "--data-servers", "1", steps=1500,
+        fault="dataserver.pass/dataserver0.g0/5=hang,replica.step/*/*=sleep:0.01")
+    out, err = proc.communicate(timeout=200)
+    assert proc.returncode == 0, err[-3000:]
+    every = events()
+    lost = [e for e in every if e["event"] == "dataserver_lost"]
+    assert [(e["server"], e["generation"], e.get("no_progress_seconds")) for e in lost] == \
+        [(0, 1, BOUND)]
+    assert not [e for e in every if e["event"] in ("replica_lost", "replica_restarted")]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["replicas_lost"] == 0
+    assert "made no progress" in (run_dir / "logs" / "dataserver0.log").read_text()

@@ -30,6 +30,8 @@ TABLE: dict[str, tuple[object, tuple[str, ...]]] = {
     "transport":        ("gloo",        (U, U, U, R, U, U)),
     "timeout":          (60.0,          (U, U, U, U, U, U)),
     "token_file":       ("token.txt",   (U, U, U, U, U, U)),
+    # every role's heartbeat stops when its main loop stalls (shards, replicas, workers)
+    "progress_timeout": (30.0,          (U, U, U, U, U, U)),
     "slow_worker":      ("1:2",         (U, U, U, R, U, U)),   # hogwild's worker has no Slowdown
     "restart_replicas": (True,          (U, R, R, R, U, U)),
     "threads":          (1,             (U, U, U, U, U, U)),

@@ -39,6 +39,8 @@ TRANSPORTS = ("auto", "shm", "gloo")
 SHARD_LAYOUTS = ("ranges", "chunks")
 DEFAULT_CHUNK_BYTES = 1 << 20  # Project Adam's ~1 MB chunks
 DEFAULT_EPOCHS = 4.0
+DEFAULT_PROGRESS_TIMEOUT = 300.0
+"""--progress-timeout: ~1000 steps of the speech model (batch 64, one thread), 2.5x --timeout."""
 MICRO_BATCHES_PER_STAGE = 1  # pipeline micro-batches per partition when --micro-batches is unset
 
 
@@ -89,6 +91,8 @@ class ClusterConfig:
     """How tensors move between replica and shard: shm (same host), gloo (TCP), auto (shm when on one host)."""
     timeout: float = 120.0
     """Seconds any single wait (connect, pull, push, join) may block before the job fails."""
+    progress_timeout: float = DEFAULT_PROGRESS_TIMEOUT
+    """Seconds a role's main loop may go without progress (a replica's step, a shard's or data server's pass over its requests) before the role is declared lost like a dead one, though its process lives on: replaced with --restart-replicas, counted, or the end of the job. Waits for slower peers (a staleness barrier, an all-reduce, a checkpoint pause) do not count. Keep it far above your slowest step: one step of the 42M-parameter speech model takes about 0.3 s on one core (batch 64)."""
     token_file: str | None = option(None, unset="none: a multi-host job reads DISTBELIEF_TOKEN")
     """A file holding the job's secret token (16 characters or more, e.g. from python -c 'import secrets; print(secrets.token_hex(16))'), read on every host of a multi-host job in place of DISTBELIEF_TOKEN: give the same file, readable by you only, on every host. A job on one host checks the file the same way but keeps a fresh random token of its own (its store listens on loopback only)."""
     slow_worker: str | None = option(None, unset="none")
@@ -258,6 +262,10 @@ def validate_shared(cfg: Any) -> None:
     if not 0 < c.timeout < math.inf:
         raise UserError(f"--timeout must be a finite number of seconds > 0, got {c.timeout}: "
                         "try 120")
+    if not 1 <= c.progress_timeout < math.inf:
+        raise UserError(f"--progress-timeout must be a finite number of seconds >= 1 (the "
+                        f"heartbeat's period), got {c.progress_timeout}: keep it far above the "
+                        f"slowest step, e.g. {DEFAULT_PROGRESS_TIMEOUT:g}")
     if o.lr is not None and not 0 < o.lr < math.inf:
         raise UserError(f"--lr must be a finite number > 0, got {o.lr}: "
                         "try 0.02 for adagrad, 1e-3 for adam")

@@ -46,7 +46,8 @@ def run_role(store: JobStore, role: str, ident: int, part: int | None = None) ->
     ctx = RoleContext(store, config, job, role, ident, part)
     store.register(role, ctx.member, {"kind": role, "id": ident, "part": part,
                                       "pid": os.getpid(), "host": socket.gethostname()})
-    with Heartbeat(store, role, ctx.member):
+    with Heartbeat(store, role, ctx.member, watchdog=ctx.watchdog,
+                   bound=config.cluster.progress_timeout):
         if role == "shard":
             from distbelief.ps.serve import run_shard
             run_shard(ctx, rule=get_algorithm(config.algorithm).shard_rule)

@@ -5,7 +5,10 @@ evaluates the test split every ``eval_every`` steps, takes checkpoints when
 they are due, and notices lost roles: a local process that exited, or a role
 whose heartbeat counter stood still for `LOST_AFTER` seconds of the
 coordinator's own clock (`runtime.context.Liveness`; a local one that hangs is
-then killed). What a lost replica means is the
+then killed). A role beats only while its main loop advances, so one whose
+loop made no progress for ``--progress-timeout`` seconds is lost the same way,
+`LOST_AFTER` later, though its process lives on (`runtime.context.Heartbeat`);
+the messages then say so (``stuck/<role>/<id>``). What a lost replica means is the
 algorithm's to say (`Algorithm.lost_replica`): counted, replaced with
 ``--restart-replicas``, or the end of the job. A lost shard is restarted from
 the last checkpoint, or ends the job with `JobFailed`. Coordinator thread only.
@@ -21,7 +24,7 @@ import torch
 from distbelief.algorithms.base import Algorithm, Coordination, Poller, Watch
 from distbelief.checkpoint import CheckpointDriver, read_manifest
 from distbelief.errors import JobFailed, UserError
-from distbelief.runtime.context import Liveness, beat_key, member_name
+from distbelief.runtime.context import Liveness, beat_key, member_name, stuck_key
 from distbelief.runtime.launch import LocalCluster, log_tail
 from distbelief.runtime.store import JobStore, StreamReader
 
@@ -107,10 +110,11 @@ def _watch(co: Coordination, algorithm: Algorithm, local: LocalCluster | None,
                 _lose_replica(co, algorithm, local, liveness, r)
         for s in range(shards):
             if is_lost(store, local, liveness, "shard", s):
-                detail = exit_detail(local, "shard", s)
+                detail = exit_detail(local, "shard", s, store)
                 lost = _restart_shard(cfg, store, local, liveness, watch, s)
                 if lost is None:
-                    raise JobFailed(f"parameter shard {s} died{detail}; the job cannot continue "
+                    raise JobFailed(f"parameter shard {s} {_died(detail)}{detail}; the job "
+                                    "cannot continue "
                                     "without it (with --checkpoint-every it is restarted from "
                                     "its last checkpoint)")
                 co.write_event({"event": "shard_lost", "time": time.time() - co.start_time,
@@ -123,7 +127,7 @@ def _watch(co: Coordination, algorithm: Algorithm, local: LocalCluster | None,
                 _replace_dataserver(co, local, liveness, d)
         if watch.lost and len(watch.lost) == watch.replicas:
             raise JobFailed(f"all {watch.replicas} replicas were lost"
-                            f"{exit_detail(local, 'replica', 0)}")
+                            f"{exit_detail(local, 'replica', 0, store)}")
         if time.monotonic() - watch.last_event > cfg.cluster.timeout:
             raise JobFailed(f"no {algorithm.replica_noun} reported progress for "
                             f"{cfg.cluster.timeout:.0f} s")
@@ -145,14 +149,18 @@ def _lose_replica(co: Coordination, algorithm: Algorithm, local: LocalCluster | 
     """Replica r died: replace it, count it, or end the job, as the algorithm says."""
     cfg, store, watch = co.config, co.store, co.watch
     step = watch.steps.get(r, 0)
+    stuck = no_progress(store, local, "replica", r)  # read before a replacement clears it
+    why = {} if stuck is None else {"no_progress_seconds": stuck}
+    note = "" if stuck is None else f" (its main loop made no progress for {stuck:g} s)"
     if _restart_replica(cfg, store, local, liveness, watch, r):
         co.write_event({"event": "replica_restarted", "time": time.time() - co.start_time,
-                        "replica": r, "step": step, "restarts": watch.restarts[r]})
-        co.message(f"replica {r} was lost at step {step}; a replacement takes over")
+                        "replica": r, "step": step, "restarts": watch.restarts[r], **why})
+        co.message(f"replica {r} was lost at step {step}{note}; a replacement takes over")
         return
     if algorithm.lost_replica is not None:
-        raise JobFailed(f"{algorithm.replica_noun} {r} died at step {step}"
-                        f"{exit_detail(local, 'replica', r)}; {algorithm.lost_replica}")
+        detail = exit_detail(local, "replica", r, store)
+        raise JobFailed(f"{algorithm.replica_noun} {r} {_died(detail)} at step {step}"
+                        f"{detail}; {algorithm.lost_replica}")
     watch.lost.add(r)
     if local is not None:  # one that hangs is counted out for good: it must not wake and push
         for child in local.children:
@@ -162,8 +170,8 @@ def _lose_replica(co: Coordination, algorithm: Algorithm, local: LocalCluster | 
                 except ProcessLookupError:  # it ended meanwhile
                     pass
     co.write_event({"event": "replica_lost", "time": time.time() - co.start_time,
-                    "replica": r, "step": step})
-    co.message(f"replica {r} was lost at step {step}; the others go on")
+                    "replica": r, "step": step, **why})
+    co.message(f"replica {r} was lost at step {step}{note}; the others go on")
     algorithm.on_replica_lost(store, r)
 
 
@@ -186,7 +194,7 @@ def _restart_replica(cfg, store: JobStore, local: LocalCluster | None, liveness:
     store.set_json(f"restart/replica{r}", {"generation": generation,
                                            "start": watch.steps.get(r, 0)})
     for child in old:  # the replacement's record starts at its spawn, past the old beats
-        liveness.expect(f"replica/{member_name(r, child.part)}")
+        _expect_anew(store, liveness, f"replica/{member_name(r, child.part)}")
         local.spawn("replica", r, part=child.part)
     watch.restarts[r] = generation
     return True
@@ -208,12 +216,19 @@ def _restart_shard(cfg, store: JobStore, local: LocalCluster | None, liveness: L
     restored = manifest["shards"][s]["version"]
     generation = 1 + len([x for x in watch.shards_lost if x["shard"] == s])
     store.set_json(f"restart/shard{s}", {"generation": generation})
-    liveness.expect(f"shard/{s}")
+    _expect_anew(store, liveness, f"shard/{s}")
     local.spawn("shard", s)
     lost = {"shard": s, "checkpoint": manifest["checkpoint"], "version_at_loss": at_loss,
             "restored_version": restored, "updates_lost": max(0, at_loss - restored)}
     watch.shards_lost.append(lost)
     return lost
+
+
+def _expect_anew(store: JobStore, liveness: Liveness, name: str) -> None:
+    """A replacement for role `name` is about to start: its beats count from now, and its
+    predecessor's record of a stuck loop is not its own."""
+    store.delete(stuck_key(name))
+    liveness.expect(name)
 
 
 def _replace_dataserver(co: Coordination, local: LocalCluster | None, liveness: Liveness,
@@ -223,17 +238,19 @@ def _replace_dataserver(co: Coordination, local: LocalCluster | None, liveness: 
     from distbelief.data.protocol import restart_key
 
     store, watch = co.store, co.watch
-    detail = exit_detail(local, "dataserver", d)
+    detail = exit_detail(local, "dataserver", d, store)
     earlier = [x for x in watch.dataservers_lost if x["server"] == d]
     if local is None or len(earlier) >= MAX_RESTARTS:
-        raise JobFailed(f"data server {d} died{detail}; it could not be replaced "
+        raise JobFailed(f"data server {d} {_died(detail)}{detail}; it could not be replaced "
                         f"({len(earlier)} replacements so far)")
+    stuck = no_progress(store, local, "dataserver", d)
     local.retire("dataserver", d)
     generation = len(earlier) + 1
     store.set_json(restart_key(d), {"generation": generation})
-    liveness.expect(f"dataserver/{d}")
+    _expect_anew(store, liveness, f"dataserver/{d}")
     local.spawn("dataserver", d)
-    lost = {"server": d, "generation": generation, "time": time.time() - co.start_time}
+    lost = {"server": d, "generation": generation, "time": time.time() - co.start_time,
+            **({} if stuck is None else {"no_progress_seconds": stuck})}
     watch.dataservers_lost.append(lost)
     co.write_event({"event": "dataserver_lost", **lost})
     co.message(f"data server {d} was lost{detail}; a replacement takes over")
@@ -309,8 +326,9 @@ def _replica_done(store: JobStore, cfg, r: int) -> bool:
 def is_lost(store: JobStore, local: LocalCluster | None, liveness: Liveness, role: str,
             ident: int, partitions: int = 1) -> bool:
     """A role process (any partition of a replica) exited, or its heartbeat counter stood
-    still for `LOST_AFTER` seconds of this process's clock. Thread-safe as far as the
-    store and `liveness` go (Sandblaster's watchdog asks from a thread of its own)."""
+    still for `LOST_AFTER` seconds of this process's clock (it hangs, or its main loop made
+    no progress for --progress-timeout, and the heartbeat stopped). Thread-safe as far as
+    the store and `liveness` go (Sandblaster's watchdog asks from a thread of its own)."""
 
     def finished(member: str) -> bool:  # a partition that finished may end before its siblings
         return role == "replica" and store.has(f"done/replica{member}")
@@ -323,8 +341,16 @@ def is_lost(store: JobStore, local: LocalCluster | None, liveness: Liveness, rol
     return any(liveness.lost(f"{role}/{n}") and not finished(n) for n in names)
 
 
-def exit_detail(local: LocalCluster | None, role: str, ident: int) -> str:
+def exit_detail(local: LocalCluster | None, role: str, ident: int,
+                store: JobStore | None = None) -> str:
+    """Why role `ident` counts as lost, in parentheses: its exit code and log, or that it made
+    no progress (its heartbeat's ``stuck`` record, read from `store` when given), or that it
+    was silent."""
     silent = f"no heartbeat for {LOST_AFTER:.0f} s"
+    seconds = no_progress(store, local, role, ident) if store is not None else None
+    if seconds is not None:
+        silent = (f"its main loop made no progress for {seconds:g} s though its process "
+                  "lives: see --progress-timeout")
     if local is None:
         return f" ({silent})"
     mine = [c for c in local.children if c.role == role and c.ident == ident]
@@ -337,6 +363,26 @@ def exit_detail(local: LocalCluster | None, role: str, ident: int) -> str:
     if mine:  # running but silent: it hangs
         return f" (pid {mine[0].pid}, {silent}; full log: {mine[0].log_path})"
     return ""
+
+
+def _died(detail: str) -> str:
+    """The verb for a lost role: one whose loop made no progress did not die."""
+    return "was lost" if "made no progress" in detail else "died"
+
+
+def no_progress(store: JobStore, local: LocalCluster | None, role: str,
+                ident: int) -> float | None:
+    """The --progress-timeout that role `ident` (any partition of it) reported it passed
+    without progress (its heartbeat then stopped); None when it did not."""
+    members = {str(ident)}
+    if local is not None:
+        members |= {member_name(ident, c.part) for c in local.children
+                    if c.role == role and c.ident == ident}
+    for m in sorted(members):
+        stuck = store.try_get_json(stuck_key(f"{role}/{m}"))
+        if stuck is not None:
+            return float(stuck["seconds"])
+    return None
 
 
 def wait_for_keys(store: JobStore, keys: list[str], local: LocalCluster | None, timeout: float,

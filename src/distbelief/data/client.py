@@ -7,7 +7,10 @@ training loop asks for it. When its server dies or stops answering, the client
 connects to another live server or to the dead one's replacement (the
 coordinator starts one) and asks for the stream from the first step it has not
 received; the batches are a pure function of (seed, replica, step), so
-training sees exactly the same data. Every wait is bounded by `timeout`: when
+training sees exactly the same data. A server counts as alive while its
+heartbeat counter moves, and a server beats only while its accept loop makes
+progress (``--progress-timeout``, `runtime.context.Heartbeat`): one whose main
+thread hangs is failed over like a dead one, though its process lives on. Every wait is bounded by `timeout`: when
 no server can serve, `next` raises `DataUnavailable` naming the data server.
 
 Blocking: `next` blocks until the batch is there (or the timeout); the client
@@ -21,10 +24,12 @@ is used by one thread (the training loop). Example::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
+from typing import Callable, ContextManager
 
 import torch
 
@@ -36,6 +41,7 @@ from distbelief.runtime.store import JobStore
 log = logging.getLogger(__name__)
 
 FRESH_HEARTBEAT = 5.0  # seconds of this replica's clock: a server that beat since is alive
+# (and its accept loop advanced within --progress-timeout: a stalled one stops beating)
 
 
 class DataUnavailable(RuntimeError):
@@ -46,12 +52,16 @@ class DataClient:
     """Replica `replica`'s batches, steps start..total-1, from the job's data servers."""
 
     def __init__(self, store: JobStore, *, replica: int, servers: int, start: int, total: int,
-                 input_shape: tuple[int, ...], prefetch: int, timeout: float):
+                 input_shape: tuple[int, ...], prefetch: int, timeout: float,
+                 waiting: Callable[[], ContextManager[None]] = contextlib.nullcontext):
+        """`waiting`: the replica's watchdog's wait marker (`RoleContext.waiting`), entered
+        while `next` waits for a server: a slow or lost server is no stall of the replica."""
         # a channel joins over a store connection of its own (runtime/channel.py), so the
         # replica's heartbeat and reports never wait behind a join
         self.store, self.replica, self.servers = store, replica, servers
         self.step, self.total = start, total
         self.input_shape, self.prefetch, self.timeout = tuple(input_shape), prefetch, timeout
+        self._waiting = waiting
         self.wait_seconds = 0.0
         self.failovers = 0  # connections lost and made again to another (or a new) server
         self.served_by: dict[int, int] = {}  # batches received, by data server
@@ -72,15 +82,19 @@ class DataClient:
         began = time.perf_counter()
         deadline = time.monotonic() + self.timeout
         try:
-            while True:
-                if self._conn is None:
-                    self._conn = self._connect(deadline)
-                item = self._conn.get(max(0.0, deadline - time.monotonic()))
-                if isinstance(item, tuple):
-                    return self._take(*item)
-                self._drop(item or f"sent nothing for {self.timeout:g} s (--timeout)")
+            with self._waiting():  # for a server: a slow or lost one is no stall of ours
+                return self._receive(deadline)
         finally:
             self.wait_seconds += time.perf_counter() - began
+
+    def _receive(self, deadline: float) -> tuple[torch.Tensor, torch.Tensor]:
+        while True:
+            if self._conn is None:
+                self._conn = self._connect(deadline)
+            item = self._conn.get(max(0.0, deadline - time.monotonic()))
+            if isinstance(item, tuple):
+                return self._take(*item)
+            self._drop(item or f"sent nothing for {self.timeout:g} s (--timeout)")
 
     def _take(self, step: int, xb: torch.Tensor, yb: torch.Tensor):
         if step != self.step:

@@ -150,4 +150,5 @@ def open_feed(ctx, data, start: int, total: int):
 
     return DataClient(ctx.store, replica=ctx.ident, servers=cfg.cluster.data_servers,
                       start=start, total=total, input_shape=tuple(ctx.job["input_shape"]),
-                      prefetch=cfg.data.prefetch, timeout=cfg.cluster.timeout)
+                      prefetch=cfg.data.prefetch, timeout=cfg.cluster.timeout,
+                      waiting=ctx.waiting)

@@ -31,6 +31,7 @@ import torch
 from distbelief.data import protocol as P
 from distbelief.data.feed import ReplicaFeed, known_shapes
 from distbelief.runtime.channel import Channel, ChannelClosed
+from distbelief.runtime.faults import fault
 from distbelief.runtime.store import JobStore
 
 log = logging.getLogger(__name__)
@@ -53,12 +54,16 @@ class DataServer:
         self._connections: list[_Connection] = []
         self._stopping = threading.Event()
 
-    def serve(self, stop: Callable[[], bool], poll: float = 0.02, skip_tickets: int = 0) -> None:
-        """Accept connection requests until `stop()` is true. Blocks; always cleans up."""
+    def serve(self, stop: Callable[[], bool], poll: float = 0.02, skip_tickets: int = 0,
+              tick: Callable[[], None] | None = None) -> None:
+        """Accept connection requests until `stop()` is true, calling `tick()` (if given) once
+        a pass (the role's progress). Blocks; always cleans up."""
         seen = skip_tickets
         next_publish = 0.0
         try:
             while not stop():
+                if tick is not None:
+                    tick()
                 count = self.store.add(P.conn_counter(self.ident), 0)
                 while seen < count:
                     seen += 1
@@ -225,8 +230,13 @@ def run_data_server(ctx) -> None:
     # requests made before now are addressed to a predecessor
     skip = store.add(P.conn_counter(d), 0)
     store.set_json(P.generation_key(d), generation)
+
+    def tick() -> None:  # a pass of the accept loop: the data server's main loop advances
+        ctx.progress()
+        fault("dataserver.pass", f"dataserver{d}.g{generation}")
+
     try:
-        server.serve(stop=ctx.stopping, skip_tickets=skip)
+        server.serve(stop=ctx.stopping, skip_tickets=skip, tick=tick)
     finally:
         store.set_json(P.stats_key(d), server.stats())
 

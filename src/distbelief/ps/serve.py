@@ -22,6 +22,7 @@ from distbelief.ps.protocol import conn_counter
 from distbelief.ps.layout import Layout
 from distbelief.ps.shard import ShardServer
 from distbelief.runtime.context import RoleContext
+from distbelief.runtime.faults import fault
 
 
 def run_shard(ctx: RoleContext, rule: bool = True) -> None:
@@ -57,6 +58,8 @@ def run_shard(ctx: RoleContext, rule: bool = True) -> None:
         """Write the checkpoint the coordinator asks for (see distbelief.checkpoint); publish
         the version now and then (what a restart from a checkpoint loses is measured by it)."""
         nonlocal written, next_report
+        ctx.progress()  # one pass of the accept loop: the shard's main loop advances
+        fault("shard.pass", f"shard{s}")
         number = store.try_get_json("ckpt/write") or 0
         if number > written:
             folder = set_dir(ctx.job["run_dir"], number)

@@ -3,18 +3,26 @@
 `RoleContext` is handed to every role's entry point (shard, replica, data
 server, predictor) by the dispatcher (`distbelief.roles`). `Heartbeat` keeps
 the coordinator from declaring the process lost while it works: it counts
-``beat/<role>/<id>`` up once a period. `Liveness` is the coordinator's side:
-when each counter last changed, by the coordinator's own monotonic clock, so no
-two hosts' clocks are ever compared.
+``beat/<role>/<id>`` up once a period, but only while the role's main loop
+advances. The loop says so through its `Watchdog` (``ctx.progress()`` each
+step or pass, ``ctx.waiting()`` around a wait for other roles); a loop that
+made no progress for ``--progress-timeout`` seconds stops the beats and writes
+``stuck/<role>/<id>``, so a role whose main thread hangs is lost exactly like a
+dead one, though its process and the heartbeat thread live on. `Liveness` is
+the coordinator's side: when each counter last changed, by the coordinator's
+own monotonic clock, so no two hosts' clocks are ever compared.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import threading
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+import traceback
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from distbelief.runtime.store import JobStore
 
@@ -35,6 +43,8 @@ class RoleContext:
     ident: int
     part: int | None = None
     """This process's partition of a model-parallel replica (None: not partitioned)."""
+    watchdog: Watchdog = field(default_factory=lambda: Watchdog())
+    """Whether this role's main loop advances (`progress`, `waiting`); the heartbeat reads it."""
 
     @property
     def member(self) -> str:
@@ -43,6 +53,17 @@ class RoleContext:
 
     def stopping(self) -> bool:
         return self.store.has("job/stop")
+
+    def progress(self) -> None:
+        """The main loop advanced (a step trained, a pass over requests made). Call it from
+        the role's main loop only: a feed from another thread would hide a stuck loop."""
+        self.watchdog.feed()
+
+    def waiting(self) -> contextlib.AbstractContextManager[None]:
+        """Context manager around a wait for other roles (a staleness barrier, an all-reduce
+        with slower peers, a checkpoint pause): its time is no lack of progress. Only for
+        waits that end by themselves within --timeout."""
+        return self.watchdog.waiting()
 
 
 def member_name(ident: int, part: int | None) -> str:
@@ -54,28 +75,121 @@ def beat_key(name: str) -> str:
     return f"beat/{name}"
 
 
-class Heartbeat:
-    """Adds 1 to ``beat/<role>/<id>`` every `period` seconds, in a thread of its own.
+def stuck_key(name: str) -> str:
+    """The store key a role's heartbeat writes when its main loop stopped advancing:
+    ``{"seconds": bound}``; `name` is "<role>/<member>"."""
+    return f"stuck/{name}"
 
-    A counter, not a time: the coordinator notes on its own clock when the
-    counter last changed (`Liveness`), so a host whose clock is off is judged
-    like any other. A store error is logged and the beat tried again on a new
-    connection; the thread ends only when the block exits, the job stops
-    (``job/stop``), or the store has not answered for the store's timeout (the
-    job is then over). Context manager: the thread always stops on exit.
+
+class Watchdog:
+    """How long a role's main loop has gone without progress, fed by the loop itself.
+
+    The loop calls `feed()` once per step (a replica) or pass (a shard's or data
+    server's accept loop); a wait for other roles runs inside `waiting()`, and
+    counts as progress for as long as it lasts: such a wait ends by itself within
+    --timeout (the role then fails, or goes on), and a slower peer is no fault of
+    this role. Until its first feed the role is starting up and is not judged
+    (its start is bounded by the registration waits). `stalled_for` is read by
+    the heartbeat thread. Thread-safe; never blocks.
 
     Example::
 
-        with Heartbeat(store, "replica", "0"):
-            train()  # the coordinator sees replica 0 beat meanwhile
+        dog = Watchdog()
+        for step in range(total):
+            dog.feed()
+            with dog.waiting():
+                barrier.wait()          # a slow peer: no stall
+            train_step()
+        dog.stalled_for()               # seconds since the last feed (0 while waiting)
     """
 
-    def __init__(self, store: JobStore, role: str, ident: int | str, period: float = 1.0):
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._fed: float | None = None
+        self._waits = 0
+
+    def feed(self) -> None:
+        with self._lock:
+            self._fed = self._clock()
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        with self._lock:
+            self._waits += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._waits -= 1
+                if self._fed is not None:  # the wait is over: the loop's time counts anew
+                    self._fed = self._clock()
+
+    def stalled_for(self) -> float:
+        """Seconds since the last feed; 0 before the first one and during a wait."""
+        with self._lock:
+            if self._fed is None or self._waits:
+                return 0.0
+            return self._clock() - self._fed
+
+
+class Heartbeat:
+    """Adds 1 to ``beat/<role>/<id>`` every `period` seconds, in a thread of its own, while
+    the role's main loop advances.
+
+    A counter, not a time: the coordinator notes on its own clock when the
+    counter last changed (`Liveness`), so a host whose clock is off is judged
+    like any other. With a `watchdog` and a `bound`, a beat is left out while
+    the watchdog says the loop has made no progress for more than `bound`
+    seconds: the role then reads as lost to everyone who judges it by its beats
+    (the coordinator, the data clients), like a dead process. The first such
+    beat left out writes ``stuck/<role>/<id>`` (the bound, for the coordinator's
+    message) and logs where the role's thread (the one that made the Heartbeat)
+    stands; a loop that advances again beats again. A store error is logged and
+    the beat tried again on a new connection; the thread ends only when the
+    block exits, the job stops (``job/stop``), or the store has not answered for
+    the store's timeout (the job is then over). Context manager: the thread
+    always stops on exit.
+
+    Example::
+
+        with Heartbeat(store, "replica", "0", watchdog=ctx.watchdog, bound=300):
+            train()  # feeds ctx.watchdog: the coordinator sees replica 0 beat meanwhile
+    """
+
+    def __init__(self, store: JobStore, role: str, ident: int | str, period: float = 1.0, *,
+                 watchdog: Watchdog | None = None, bound: float | None = None):
         self._store, self._period = store, period
+        self._watchdog, self._bound = watchdog, bound
         self._key = beat_key(f"{role}/{ident}")
+        self._stuck_key = stuck_key(f"{role}/{ident}")
         self._name = f"{role} {ident}"
+        self._owner = threading.get_ident()  # the role's thread, whose stack a stall logs
+        self._stalled = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def _advancing(self, store: JobStore) -> bool:
+        """Whether the role's loop made progress within the bound; says so once when not."""
+        if self._watchdog is None or self._bound is None:
+            return True
+        stalled = self._watchdog.stalled_for()
+        if stalled <= self._bound:
+            if self._stalled:
+                log.warning("%s makes progress again; it may have been declared lost meanwhile",
+                            self._name)
+                self._stalled = False
+                store.delete(self._stuck_key)
+            return True
+        if not self._stalled:
+            frame = sys._current_frames().get(self._owner)
+            where = "".join(traceback.format_stack(frame)) if frame is not None else "?\n"
+            log.error("%s made no progress for %.1f s (--progress-timeout %g): the heartbeat "
+                      "stops, so the job counts it as lost. Its thread stands at:\n%s",
+                      self._name, stalled, self._bound, where.rstrip())
+            store.set_json(self._stuck_key, {"seconds": self._bound})
+            self._stalled = True
+        return False
 
     def _run(self) -> None:
         store: JobStore | None = None
@@ -89,7 +203,8 @@ class Heartbeat:
                     store = self._store.clone()
                 if store.has("job/stop"):
                     return  # the job is over: nobody watches any more
-                store.add(self._key, 1)
+                if self._advancing(store):
+                    store.add(self._key, 1)
             except Exception as exc:  # noqa: BLE001 - any store failure: retry, bounded below
                 store = None  # the connection may be broken: make a new one next time
                 now = time.monotonic()

@@ -109,7 +109,8 @@ class _Replica:
                 if self._phase():
                     break
                 self.member.contribute()
-            answer = self.member.await_answer(self.gate, self._save)
+            with self.ctx.waiting():  # the round closes once the slower replicas contributed
+                answer = self.member.await_answer(self.gate, self._save)
             if answer is None or self.member.take(answer):
                 break
         self.report.maybe_log(self.step - 1, force=True)
@@ -123,6 +124,7 @@ class _Replica:
         return False
 
     def _local_step(self) -> None:
+        self.ctx.progress()  # the watchdog (--progress-timeout)
         local_step(self.model, self.grad, self.rule, self.feed, self.slow, self.report,
                    self.step, extra=self.member.prox_grad)
         self.step += 1

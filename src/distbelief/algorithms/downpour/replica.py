@@ -68,6 +68,7 @@ from distbelief.ps.layout import Layout
 from distbelief.ps.rules import all_finite
 from distbelief.runtime.context import RoleContext
 from distbelief.runtime.device import DeviceMirror, local_rank, replica_device
+from distbelief.runtime.faults import fault
 
 
 def run_replica(ctx: RoleContext) -> None:
@@ -232,12 +233,16 @@ def _steps(ctx: RoleContext, ps: PSClient, mirror: DeviceMirror, window: PushWin
     window.begin(buf)
     window_versions = None
     for step in range(start, total):
+        ctx.progress()  # the watchdog: a loop that stops coming here is lost (--progress-timeout)
+        fault("replica.step", f"replica{ctx.member}")
         fetch = fetch_before(step, n_fetch) or step == start  # a resumed replica fetches first
         if clocks is not None:  # may wait; then fetches too if its copy is older than the bound
-            fetch = clocks.before_step(step, fetch)
+            with ctx.waiting():  # for slower replicas: no lack of progress of this one
+                fetch = clocks.before_step(step, fetch)
         arrived = None
         if fetch:
-            ps.pull(host_params).wait(timeout)
+            with ctx.waiting():
+                ps.pull(host_params).wait(timeout)
             arrived = mirror.from_host_async(flat.params)  # overlaps with reading the batch
         if window_versions is None:  # the versions this push window's gradients are computed on
             window_versions = list(ps.fetched_versions)
@@ -290,7 +295,8 @@ def _steps(ctx: RoleContext, ps: PSClient, mirror: DeviceMirror, window: PushWin
                     if pending[other] is not None:
                         report.acks(pending[other].wait(timeout))
                         pending[other] = None
-                gate.pause(number, step + 1)
+                with ctx.waiting():
+                    gate.pause(number, step + 1)
         report.maybe_log(step, ps.fetched_versions)
         if step == cfg.downpour.warm_start_steps - 1 and r == 0:
             ctx.store.set_json("warm/done", True)

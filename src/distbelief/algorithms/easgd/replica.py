@@ -85,6 +85,7 @@ class _Replica:
 
     def run(self, start: int, total: int) -> None:
         for step in range(start, total):
+            self.ctx.progress()  # the watchdog (--progress-timeout)
             if step % self.period == 0:
                 if self.gate is not None and (number := self.gate.due()) is not None:
                     self._checkpoint(number, step)  # the exchange of `step` comes after

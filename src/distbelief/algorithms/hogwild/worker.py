@@ -87,6 +87,7 @@ def _train(ctx: RoleContext, flat: FlatModel, rule: InPlaceRule, stream: BatchSt
     report = Reporter.for_role(ctx, total)
     grad, applied = flat.grads[0], 0
     for step in range(total):
+        ctx.progress()  # the watchdog (--progress-timeout)
         xb, yb = stream.next()
         grad.zero_()
         loss = F.cross_entropy(flat.model(xb), yb)

@@ -57,6 +57,7 @@ from distbelief.runtime.channel import Group
 from distbelief.runtime.context import RoleContext
 from distbelief.runtime.device import (DeviceMirror, collective_backend, local_rank,
                                        replica_device, to_cpu, use_device)
+from distbelief.runtime.faults import fault
 from distbelief.runtime.store import JobStore
 
 GROUP = "pg/sync"
@@ -165,6 +166,8 @@ class _Trainer:
         self.report = Reporter.for_role(self.ctx, self.total, count_dropped=True)
         if not self.threaded:
             for step in range(self.start, self.total):
+                self.ctx.progress()  # the watchdog (--progress-timeout)
+                fault("replica.step", f"replica{self.ctx.member}")
                 xb, yb = self.mirror.to_device(*self.feed.next())
                 loss = self.compute(xb, yb)
                 self.buf[-EXTRA:] = torch.tensor([loss, len(yb), 1.0, self._saw_request()])
@@ -174,6 +177,8 @@ class _Trainer:
             with _Background(self.compute, self.ctx.store, self.quorum,
                              f"replica{self.ctx.ident}-gradient", self.mirror.device) as worker:
                 for step in range(self.start, self.total):
+                    self.ctx.progress()
+                    fault("replica.step", f"replica{self.ctx.member}")
                     self._quorum_step(step, worker)
                     self._maybe_report(step)
                 self.report.drop(worker.finish(self.timeout))
@@ -186,7 +191,8 @@ class _Trainer:
             self.report.drop(worker.take_stale())
         if not worker.busy:  # start on the current parameters
             worker.start(step, self.params, *self.mirror.to_device(*self.feed.next()))
-        _wait_for_quorum(self.ctx, step, worker, self.quorum, self.timeout)
+        with self.ctx.waiting():  # for the fastest replicas
+            _wait_for_quorum(self.ctx, step, worker, self.quorum, self.timeout)
         result = worker.take(step, self.timeout)
         if result is None:  # late or still computing: this step goes on without it
             self.buf.zero_()
@@ -199,7 +205,8 @@ class _Trainer:
         self._reduce_and_apply(step, samples)
 
     def _reduce_and_apply(self, step: int, own_samples: int) -> None:
-        self.group.all_reduce_sum(self.buf)
+        with self.ctx.waiting():  # for the slowest replica: no lack of progress of this one
+            self.group.all_reduce_sum(self.buf)
         loss_sum, samples, contributors, requested = self.buf[-EXTRA:].tolist()
         try:
             self._apply(step, own_samples, loss_sum, samples, contributors)
@@ -220,7 +227,8 @@ class _Trainer:
             folder.mkdir(parents=True, exist_ok=True)
             # on the CPU, so that a run on a GPU resumes anywhere
             write_atomic(folder / "sync.pt", {"rule": to_cpu(self.rule.state_dict())})
-        self.gate.pause(number, step + 1)
+        with self.ctx.waiting():
+            self.gate.pause(number, step + 1)
 
     def _apply(self, step: int, own_samples: int, loss_sum: float, samples: float,
                contributors: float) -> None:
