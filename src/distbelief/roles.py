@@ -41,6 +41,7 @@ def preload() -> None:
 
 def run_role(store: JobStore, role: str, ident: int, part: int | None = None) -> None:
     """Register, then run `role` until it finishes. Blocks."""
+    store.act_as(f"{role} {ident}")
     job = store.get_json("job", what="the job description from the coordinator")
     config = JobConfig.from_dict(job["config"])
     ctx = RoleContext(store, config, job, role, ident, part)

@@ -23,10 +23,10 @@ import torch
 
 from distbelief.algorithms.base import Algorithm, Coordination, Poller, Watch
 from distbelief.checkpoint import CheckpointDriver, read_manifest
-from distbelief.errors import JobFailed, UserError
+from distbelief.errors import JobFailed, Tampered, UserError
 from distbelief.runtime.context import Liveness, beat_key, member_name, stuck_key
 from distbelief.runtime.launch import LocalCluster, log_tail
-from distbelief.runtime.store import JobStore, StreamReader
+from distbelief.runtime.store import TAMPERED_KEY, JobStore, StreamReader
 
 LOST_AFTER = 6.0  # seconds without a heartbeat before a role counts as lost (beats come every 1 s)
 
@@ -91,7 +91,9 @@ def _watch(co: Coordination, algorithm: Algorithm, local: LocalCluster | None,
     next_eval = cfg.train.eval_every or None
     while not watch.finished:
         follow_events(co, events)
-        # before the lost replicas: a replica that stops on a NaN then exits
+        # before the lost replicas: a replica that met a forged value, or stops on a NaN,
+        # then exits
+        check_tampering(store)
         bad = store.try_get_json("job/nonfinite")
         if bad is not None:
             raise JobFailed(f"{bad['client']} produced a non-finite "
@@ -385,11 +387,21 @@ def no_progress(store: JobStore, local: LocalCluster | None, role: str,
     return None
 
 
+def check_tampering(store: JobStore) -> None:
+    """`Tampered`, naming the role and the value, when a role met a forged or replayed
+    value in the store (`SealedStore` reports it under TAMPERED_KEY)."""
+    tampered = store.try_get_json(TAMPERED_KEY)
+    if tampered is not None:
+        raise Tampered(f"{tampered['role']} stopped: {tampered['what']}; check who can reach "
+                       "the job's store port")
+
+
 def wait_for_keys(store: JobStore, keys: list[str], local: LocalCluster | None, timeout: float,
                   what: str) -> None:
     """Block until every key is set; JobFailed if a local child exits first or on timeout."""
     deadline = time.monotonic() + timeout
     while not all(store.has(k) for k in keys):
+        check_tampering(store)
         if local is not None:
             for child in local.exited():
                 raise JobFailed(f"{child.role} {child.ident} exited while waiting for {what}"
