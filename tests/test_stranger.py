@@ -25,7 +25,7 @@ from _hosts import Hosts
 from _stranger import Stranger
 
 SECRET = "9d0c4b7a61e2f3580a1b2c3d4e5f6a7b"
-# sync over gloo (its group's rendezvous goes through the store) with a shard-less layout:
+# sync over gloo (its group's rendezvous goes through the store):
 # coordinator + 1 shard + 2 replicas; all-reduce in a fixed order, so a rerun is bit-identical
 SYNC = ["train", "--algorithm", "sync", "--dataset", "digits", "--model", "mlp",
         "--replicas", "2", "--shards", "1", "--steps", "60", "--quiet", "--timeout", "20"]
