@@ -22,13 +22,31 @@ connection of their own (``store.clone()``): a caller may pass the connection
 its other threads use (heartbeat, reports, another channel's join) and none of
 them waits behind the rendezvous.
 
+Authentication: gloo's TCP pairs carry no credentials, and a stranger who
+reaches a member's listening port could connect in a peer's place. So right
+after its process group is made, every `Channel` and `Group` over the job's
+`SealedStore` (`JobStore.raw`) runs a handshake before any caller's message:
+each member draws a fresh 16-byte nonce, the members exchange nonces (a channel
+on `HANDSHAKE_TAG`, a group with an all-gather), then each sends
+``JobSecret.channel_tag(name, nonces in rank order, own rank)`` and checks every
+peer's with `hmac.compare_digest`. A wrong tag shuts the channel down and raises
+`Tampered` (reported to the coordinator like a forged store value); a peer that
+dies meanwhile gives `ChannelClosed`. Two small messages each way, once per
+channel; `send`/`recv` are untouched. Over a plain c10d store (unit tests pass a
+`HashStore` or a bare TCPStore) there is no token and no handshake, unless the
+caller gives ``secret=``. The handshake proves who answered when the channel was
+made; it does not tag each later message (an attacker on the path between two
+hosts is out of its reach, as with the store).
+
 Blocking: `send`/`recv` block until the peer matches them or the channel's
 timeout passes. One channel must be used by one thread at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import hmac
 import os
 from pathlib import Path
 
@@ -36,11 +54,16 @@ import torch
 import torch.distributed as dist
 
 from distbelief.errors import Tampered
+from distbelief.runtime.faults import fault
 from distbelief.runtime.secret import JobSecret
+from distbelief.runtime.store import SealedStore
 
 HEADER_LEN = 6
 TENSOR_TAG = 1
 """The gloo tag of tensors that follow a header (headers travel on tag 0)."""
+HANDSHAKE_TAG = 0x68616E64
+"""The gloo tag of a channel's handshake; callers never use it."""
+NONCE_BYTES = 16
 SHM_DIR = Path(os.environ.get("DISTBELIEF_SHM_DIR", "/dev/shm"))
 
 
@@ -52,8 +75,12 @@ class Channel:
     """A two-party tensor channel over its own gloo process group.
 
     Both sides call ``Channel(store, name, rank, timeout)`` with the same name and
-    ranks 0 and 1; the constructor blocks until both have joined (or timeout), over
-    a store connection of its own: other threads may use `store` meanwhile.
+    ranks 0 and 1; the constructor blocks until both have joined and proved that
+    they hold the job's token (or timeout), over a store connection of its own:
+    other threads may use `store` meanwhile. `secret` defaults to the store's when
+    it is a `SealedStore`; with none there is no handshake (see the module doc).
+    Raises `ChannelClosed` when the peer did not join or went away, `Tampered` when
+    it failed the handshake.
 
     Example::
 
@@ -62,7 +89,8 @@ class Channel:
         ch.send_header(1, 42)
     """
 
-    def __init__(self, store: dist.Store, name: str, rank: int, timeout: float):
+    def __init__(self, store: dist.Store, name: str, rank: int, timeout: float, *,
+                 secret: JobSecret | None = None):
         if rank not in (0, 1):
             raise ValueError(f"a channel has ranks 0 and 1, got {rank}")
         self.name = name
@@ -77,6 +105,37 @@ class Channel:
         except RuntimeError as exc:
             raise ChannelClosed(f"channel {name}: peer did not connect ({_short(exc)})") from None
         self._header = torch.zeros(HEADER_LEN, dtype=torch.int64)
+        secret = secret or _secret_of(store)
+        if secret is not None:
+            _shut_on_failure(self._drop, self._store, lambda: self._handshake(secret))
+
+    def _handshake(self, secret: JobSecret) -> None:
+        mine = os.urandom(NONCE_BYTES)
+        theirs = self._swap(mine)
+        nonces = [mine, theirs] if self.rank == 0 else [theirs, mine]
+        fault("channel.handshake", who=self.name)
+        answer = self._swap(secret.channel_tag(self.name, nonces, self.rank))
+        if not hmac.compare_digest(answer, secret.channel_tag(self.name, nonces, self.peer)):
+            raise Tampered(f"channel {self.name}: a peer without the job's token answered "
+                           "its handshake; the channel is shut down")
+
+    def _drop(self) -> None:
+        """Shut the process group down and let it go: only then are its connections closed
+        (a stranger who answered the handshake is cut off)."""
+        pg, self._pg = self._pg, None
+        pg.shutdown()
+
+    def _swap(self, data: bytes) -> bytes:
+        """Send `data` to the peer on HANDSHAKE_TAG and receive as many bytes from it."""
+        out = torch.empty(len(data) // 8, dtype=torch.int64)
+        try:
+            posted = self._pg.recv([out], self.peer, HANDSHAKE_TAG)
+            self._pg.send([_words(data)], self.peer, HANDSHAKE_TAG).wait()
+            posted.wait()
+        except RuntimeError as exc:
+            raise ChannelClosed(f"channel {self.name}: the peer went away during the "
+                                f"handshake ({_short(exc)})") from None
+        return _bytes(out)
 
     def send(self, tensor: torch.Tensor, tag: int = 0) -> None:
         self._wait(lambda: self._pg.send([tensor], self.peer, tag))
@@ -142,8 +201,9 @@ class Group:
 
     Every member calls ``Group(store, name, rank, size, timeout)`` with the same
     name and size and its own rank in 0..size-1; the constructor blocks until
-    all have joined (or timeout). A collective blocks until every member has
-    entered it; when a member dies or stays away longer than the timeout, the
+    all have joined and proved that they hold the job's token (or timeout; the
+    handshake and `secret` as `Channel`'s). A collective blocks until every member
+    has entered it; when a member dies or stays away longer than the timeout, the
     others get `ChannelClosed` instead of hanging. One group must be used by
     one thread at a time. The join goes over a store connection of its own (see
     the module doc), so members in one process may pass the same store.
@@ -163,11 +223,12 @@ class Group:
     """
 
     def __init__(self, store: dist.Store, name: str, rank: int, size: int, timeout: float, *,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, secret: JobSecret | None = None):
         if not 0 <= rank < size:
             raise ValueError(f"group {name}: rank {rank} is not in 0..{size - 1}")
         self.name, self.rank, self.size = name, rank, size
         self.backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+        self._device = device if self.backend == "nccl" else torch.device("cpu")
         self._timeout = datetime.timedelta(seconds=timeout)
         self._store = own_connection(store)  # kept: c10d holds only its C++ part
         prefixed = dist.PrefixStore(name, self._store)
@@ -180,6 +241,22 @@ class Group:
             raise
         except RuntimeError as exc:
             raise ChannelClosed(f"group {name}: not every member joined ({_short(exc)})") from None
+        secret = secret or _secret_of(store)
+        if secret is not None and size > 1:
+            _shut_on_failure(self._abort if self.backend == "nccl" else self.close, self._store,
+                             lambda: self._handshake(secret))
+
+    def _handshake(self, secret: JobSecret) -> None:
+        mine = _words(os.urandom(NONCE_BYTES)).to(self._device)
+        nonces = [_bytes(t) for t in self.all_gather(mine)]
+        fault("channel.handshake", who=self.name)
+        proof = _words(secret.channel_tag(self.name, nonces, self.rank)).to(self._device)
+        answers = [_bytes(t) for t in self.all_gather(proof)]
+        strangers = [r for r, answer in enumerate(answers) if r != self.rank and
+                     not hmac.compare_digest(answer, secret.channel_tag(self.name, nonces, r))]
+        if strangers:
+            raise Tampered(f"group {self.name}: a peer without the job's token answered its "
+                           f"handshake as member {strangers[0]}; the group is shut down")
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> None:
         """Replace `tensor` (contiguous) with the element-wise sum over all members. Blocks."""
@@ -223,7 +300,10 @@ class Group:
 
     def _finish(self, work) -> None:
         try:
-            work.wait()
+            if self.backend == "nccl":  # with a timeout NCCL's wait blocks this thread too
+                work.wait(self._timeout)
+            else:
+                work.wait()
         except RuntimeError as exc:
             detail = _short(exc).split(". This is typically")[0]
             raise ChannelClosed(f"group {self.name}: a member went away or stopped answering "
@@ -309,6 +389,34 @@ def own_connection(store: dist.Store) -> dist.Store:
     themselves. The process group that joins through it keeps it open while it
     lives."""
     return store.clone()
+
+
+def _secret_of(store: dist.Store) -> JobSecret | None:
+    """The job's keys when `store` is the job's sealed store, else None (no token)."""
+    return store.secret if isinstance(store, SealedStore) else None
+
+
+def _shut_on_failure(shut, store: dist.Store, handshake) -> None:
+    """Run `handshake`; when it fails, shut the channel down (`shut`) and re-raise. A
+    `Tampered` is also reported to the coordinator through `store`, as a forged store
+    value is, so that the job fails in one line naming it."""
+    try:
+        handshake()
+    except BaseException as exc:
+        with contextlib.suppress(RuntimeError):
+            shut()
+        if isinstance(exc, Tampered) and isinstance(store, SealedStore):
+            store._report("channel handshake", exc)  # the store's own report
+        raise
+
+
+def _words(data: bytes) -> torch.Tensor:
+    """`data` (a multiple of 8 bytes) as an int64 tensor of its own."""
+    return torch.frombuffer(bytearray(data), dtype=torch.int64)
+
+
+def _bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.cpu().numpy().tobytes()
 
 
 def _short(exc: BaseException) -> str:

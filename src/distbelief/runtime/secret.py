@@ -1,8 +1,8 @@
 """The job's token, used only through keyed one-way functions.
 
 The token never leaves the processes of the job: no key name, file name or
-message carries it or anything it can be recovered from. From it come three
-keys (HMAC-SHA256 of the token with a purpose label):
+message carries it or anything it can be recovered from. From it come keys
+(HMAC-SHA256 of the token with a purpose label), one per use:
 
 - names: a store key ``K`` is stored under ``db/<HMAC(names, K)>``, so a process
   that lists the store's keys learns nothing about the job's names or token;
@@ -10,7 +10,12 @@ keys (HMAC-SHA256 of the token with a purpose label):
   and sequence number and the payload (`seal` / `open`), so a value that a
   stranger forged, or copied from another key, fails `open` with `Tampered`;
 - files: the job's shared-memory files and Unix sockets are named
-  ``distbelief-<job id>-<name>``, the job id a one-way function of the token.
+  ``distbelief-<job id>-<name>``, the job id a one-way function of the token;
+- local: a local client's connection request carries a tag and a one-use nonce
+  (`request_tag`, `runtime.local`);
+- channels: the members of a gloo or NCCL channel prove to each other that they
+  hold the token before any tensor flows (`channel_tag`, `runtime.channel`): a
+  stranger who connected to a channel's port in a peer's place is caught there.
 
 Thread-safe: a `JobSecret` holds only immutable keys; `Freshness` has a lock.
 
@@ -30,6 +35,7 @@ import hmac
 import os
 import struct
 import threading
+from collections.abc import Sequence
 
 from distbelief.errors import Tampered
 
@@ -50,6 +56,7 @@ class JobSecret:
         self._names = _hmac(root, b"store key names")
         self._values = _hmac(root, b"store values")
         self._local = _hmac(root, b"local connection requests")
+        self._channels = _hmac(root, b"channel handshakes")
         self.job_id = _hmac(root, b"job files").hex()[:16]
         self._writer = os.urandom(8)  # this process's identity as a writer (a fork makes its own)
         self._pid = os.getpid()
@@ -87,6 +94,19 @@ class JobSecret:
     def request_tag(self, where: str, nonce: bytes, body: bytes) -> str:
         """The tag a local client sends with its connection request (`runtime.local`)."""
         return _hmac(self._local, where.encode() + b"\0" + nonce + body).hex()
+
+    def channel_tag(self, name: str, nonces: Sequence[bytes], rank: int) -> bytes:
+        """The tag member `rank` of channel (or group) `name` sends in its handshake:
+        HMAC over the name, every member's fresh nonce in rank order and `rank`.
+
+        The nonces make a tag good for one handshake only; the rank keeps a stranger
+        from answering a member with that member's own tag."""
+        label = name.encode()
+        data = [struct.pack(">I", len(label)), label, struct.pack(">I", len(nonces))]
+        for nonce in nonces:
+            data += [struct.pack(">I", len(nonce)), bytes(nonce)]
+        data.append(struct.pack(">I", rank))
+        return _hmac(self._channels, b"".join(data))
 
     def _tag(self, key: str, stamp: bytes, payload: bytes) -> bytes:
         return _hmac(self._values, struct.pack(">I", len(key)) + key.encode() + stamp + payload)
