@@ -71,7 +71,7 @@ from distbelief.config import ClusterConfig, OptimizerConfig, TrainConfig
 from distbelief.job import JobConfig
 from distbelief.ps.client import PSClient
 from distbelief.ps.layout import Layout
-from distbelief.runtime.channel import remove_job_files
+from distbelief.runtime.shm import remove_job_files
 from distbelief.runtime.launch import LocalCluster
 from distbelief.runtime.store import JobStore, new_token
 

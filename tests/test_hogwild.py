@@ -17,7 +17,7 @@ from distbelief.job import JobConfig, apply_options
 from distbelief.errors import JobFailed, UserError
 from distbelief.metrics.log import read_metrics
 from distbelief.ps.rules import STATE_SLOTS, InPlaceRule
-from distbelief.runtime.channel import SHM_DIR
+from distbelief.runtime.shm import SHM_DIR
 
 from _reference import one_process_parameters
 

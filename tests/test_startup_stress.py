@@ -26,7 +26,8 @@ from distbelief.ps import protocol as P
 from distbelief.ps.client import Handle, PSClient, ShardTimeout, ShardUnreachable
 from distbelief.ps.layout import Layout
 from distbelief.ps.shard import ShardServer
-from distbelief.runtime.channel import Channel, Group, remove_job_files
+from distbelief.runtime.channel import Channel, Group
+from distbelief.runtime.shm import remove_job_files
 from distbelief.runtime.store import JobStore, new_token
 
 from _cluster import wait_until

@@ -22,7 +22,7 @@ from distbelief.ps import vectors as V
 from distbelief.ps.client import PSClient
 from distbelief.ps.layout import Layout
 from distbelief.ps.shard import ShardServer
-from distbelief.runtime.channel import remove_job_files
+from distbelief.runtime.shm import remove_job_files
 from distbelief.runtime.store import JobStore, new_token
 
 TIMEOUT = 30.0

@@ -22,7 +22,8 @@ from distbelief.ps.layout import Layout
 from distbelief.ps.shard import ShardServer
 from distbelief.ps.vectors import (MAX_VECTORS, PARAMS, RemoteVectors, ShardVectors,
                                    VectorError, bits_float, float_bits)
-from distbelief.runtime.channel import ChannelClosed, remove_job_files
+from distbelief.runtime.channel import ChannelClosed
+from distbelief.runtime.shm import remove_job_files
 from distbelief.runtime.store import JobStore, new_token
 
 N = 1001      # not divisible by the shard count: slices of 334, 334, 333

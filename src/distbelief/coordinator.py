@@ -34,7 +34,7 @@ from distbelief.model.zoo import check_model
 from distbelief.parameters import home_for
 from distbelief.rundir import (CHECKPOINT, choose_run_dir, create_run_dir, write_atomic,
                                write_cluster, write_text_atomic)
-from distbelief.runtime.channel import remove_job_files
+from distbelief.runtime.shm import remove_job_files
 from distbelief.runtime.launch import EnvRole, LocalCluster, loopback_env, role_env
 from distbelief.runtime.store import JobStore, new_token
 from distbelief.watch import (exit_detail, is_lost, parts, replica_members, start_liveness,

@@ -20,7 +20,7 @@ from distbelief.model.flat import flatten_parameters, load_flat
 from distbelief.model.partition import plan_partitions
 from distbelief.ps.client import PSClient
 from distbelief.ps.layout import Layout
-from distbelief.runtime.channel import SharedTensor, job_file
+from distbelief.runtime.shm import SharedTensor, job_file
 from distbelief.runtime.store import JobStore
 
 

@@ -29,7 +29,8 @@ from distbelief.ps.client import PSClient, ShardConnection
 from distbelief.ps.layout import Layout
 from distbelief.ps.shard import ShardServer
 from distbelief.ps import protocol as P
-from distbelief.runtime.channel import ChannelClosed, job_file, remove_job_files
+from distbelief.runtime.channel import ChannelClosed
+from distbelief.runtime.shm import job_file, remove_job_files
 from distbelief.runtime.local import LocalChannel
 from distbelief.runtime.store import JobStore, new_token
 

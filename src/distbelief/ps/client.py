@@ -53,8 +53,8 @@ from distbelief.errors import JobFailed
 from distbelief.ps import protocol as P
 from distbelief.ps import vectors as V
 from distbelief.ps.layout import Layout
-from distbelief.runtime.channel import (TENSOR_TAG, Channel, ChannelClosed, SharedTensor,
-                                        job_file)
+from distbelief.runtime.channel import TENSOR_TAG, Channel, ChannelClosed
+from distbelief.runtime.shm import SharedTensor, job_file
 from distbelief.runtime.local import LocalChannel
 from distbelief.runtime.store import JobStore
 

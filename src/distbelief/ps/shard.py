@@ -30,8 +30,8 @@ from distbelief.ps import protocol as P
 from distbelief.ps.rules import all_finite, make_rule
 from distbelief.ps.vectors import (PARAMS, ShardVectors, VectorError, bits_float,
                                    float_bits)
-from distbelief.runtime.channel import (TENSOR_TAG, Channel, ChannelClosed, SharedTensor,
-                                        job_file)
+from distbelief.runtime.channel import TENSOR_TAG, Channel, ChannelClosed
+from distbelief.runtime.shm import SharedTensor, job_file
 from distbelief.runtime.local import LocalListener
 from distbelief.runtime.store import JobStore
 

@@ -1,4 +1,4 @@
-"""Tensor channels between two processes, and shared-memory tensors.
+"""Tensor channels between two processes, and groups of any size.
 
 `Channel` is one gloo process group of size two, made on demand over the job's
 store with a `PrefixStore`; no global collective is needed, so peers may join
@@ -11,9 +11,8 @@ collectives of synchronous training (all-reduce), or an NCCL one when every
 member computes on a GPU of its own; a dead member makes the others' pending
 collective raise `ChannelClosed`.
 
-`SharedTensor` maps a file under /dev/shm into both processes, so peers on one
-host exchange parameters and gradients with one memory copy while only the
-headers travel over the channel.
+On one host the tensors themselves go through shared memory (`runtime.shm`) and
+only the headers travel over a channel.
 
 Rendezvous: a c10d TCPStore client serves one request at a time, and gloo's
 rendezvous blocks in a `get` on its store until every member has joined, which
@@ -48,7 +47,6 @@ import contextlib
 import datetime
 import hmac
 import os
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -56,7 +54,7 @@ import torch.distributed as dist
 from distbelief.errors import Tampered
 from distbelief.runtime.faults import fault
 from distbelief.runtime.secret import JobSecret
-from distbelief.runtime.store import SealedStore
+from distbelief.runtime.sealed import SealedStore
 
 HEADER_LEN = 6
 TENSOR_TAG = 1
@@ -64,7 +62,6 @@ TENSOR_TAG = 1
 HANDSHAKE_TAG = 0x68616E64
 """The gloo tag of a channel's handshake; callers never use it."""
 NONCE_BYTES = 16
-SHM_DIR = Path(os.environ.get("DISTBELIEF_SHM_DIR", "/dev/shm"))
 
 
 class ChannelClosed(ConnectionError):
@@ -332,45 +329,6 @@ class Pending:
         self._group._finish(self._work)
 
 
-class SharedTensor:
-    """A 1-D tensor backed by a file in /dev/shm, visible to every process that maps it.
-
-    The creator makes the file, readable and writable by its owner only (0600);
-    peers `attach` by path. The mapping outlives the file name, so a creator may
-    `unlink` once every peer has attached; the launcher also removes a job's
-    leftovers (see `remove_job_files`).
-    """
-
-    def __init__(self, path: Path, numel: int, dtype: torch.dtype, *, create: bool):
-        self.path = Path(path)
-        if create:
-            self.path.unlink(missing_ok=True)
-            # made private before torch maps it: from_file would create it world-readable
-            os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600))
-        elif not self.path.exists():
-            raise FileNotFoundError(f"shared tensor {self.path} does not exist")
-        self.tensor = torch.from_file(str(self.path), shared=True, size=max(numel, 1),
-                                      dtype=dtype)[:numel]
-
-    def unlink(self) -> None:
-        self.path.unlink(missing_ok=True)
-
-
-def job_file(token: str, name: str) -> Path:
-    """Path of a shared-memory file belonging to the job with this token: named by the
-    job's id, a one-way function of the token (`JobSecret.job_id`), never the token."""
-    return SHM_DIR / f"distbelief-{JobSecret(token).job_id}-{name}"
-
-
-def remove_job_files(token: str) -> int:
-    """Remove every shared-memory file of a job (after it ended); returns how many."""
-    removed = 0
-    for path in SHM_DIR.glob(f"distbelief-{JobSecret(token).job_id}-*"):
-        path.unlink(missing_ok=True)
-        removed += 1
-    return removed
-
-
 def _nccl_group(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta,
                 device: torch.device):
     """An NCCL process group on `device`, its communicator made now (as gloo's is)."""
@@ -406,7 +364,7 @@ def _shut_on_failure(shut, store: dist.Store, handshake) -> None:
         with contextlib.suppress(RuntimeError):
             shut()
         if isinstance(exc, Tampered) and isinstance(store, SealedStore):
-            store._report("channel handshake", exc)  # the store's own report
+            store.report_tampered("channel handshake", exc)  # the store's own report
         raise
 
 

@@ -213,7 +213,7 @@ def read_token_file(path: str) -> str:
 
 
 def _check_characters(token: str, where: str) -> None:
-    # the token names the job's files in /dev/shm (`channel.job_file`), hence no '/'
+    # a token with whitespace, '/' or control characters is a copy-and-paste accident
     if not token.isprintable() or any(c.isspace() or c == "/" for c in token):
         raise UserError(f"{where}: the token holds whitespace, '/' or control characters: "
                         f"use letters and digits, e.g. the output of {MAKE_TOKEN}")

@@ -38,7 +38,7 @@ from distbelief.metrics.report import Reporter
 from distbelief.model.flat import FlatModel
 from distbelief.data.feed import load_data_and_model
 from distbelief.ps.rules import STATE_SLOTS, InPlaceRule, all_finite
-from distbelief.runtime.channel import SharedTensor
+from distbelief.runtime.shm import SharedTensor
 from distbelief.runtime.context import RoleContext
 
 __all__ = ["run_worker", "shared_views"]
