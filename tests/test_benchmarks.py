@@ -89,7 +89,11 @@ def test_model_parallel_quick_reports_both_partitionings() -> None:
     assert [(r["partitions"], r["micro_batches"]) for r in report["runs"]] == [(1, None), (2, 2)]
     assert report["k1"]["samples_per_second"] > 0
     assert report["k2"]["samples_per_second"] > 0
-    assert report["k2"]["balance"] == [9, 1]
+    # the automatic balance comes from the layers' measured times: [9, 1] on an idle machine
+    # (the 8192-way output layer alone), another cut under load; any cut between the hidden
+    # layers passes one 2560-wide activation
+    balance = report["k2"]["balance"]
+    assert len(balance) == 2 and min(balance) >= 1 and sum(balance) == 10, balance
     assert report["speedup"] > 0
     assert report["speedup"] == report["k2"]["samples_per_second"] / report["k1"]["samples_per_second"]
     assert report["target"] == 1.6 and isinstance(report["target_met"], bool)

@@ -24,8 +24,10 @@ JOB = dict(dataset="digits", model="mlp", replicas=REPLICAS, shards=2, steps=STE
 
 
 def event_gaps(run_dir) -> list[int]:
-    """At each train event: the reporting replica's steps minus the fewest any other
-    replica had reported by then."""
+    """At each train event once every replica has reported: the most steps any replica had
+    reported minus the fewest. (Not the reporting replica's own lead: when one replica
+    starts so late under load that the others have finished before its first report,
+    every event after that is its own, and its own lead is 0 at each.)"""
     latest: dict[int, int] = {}
     gaps = []
     for e in read_metrics(run_dir / "metrics.jsonl"):
@@ -33,7 +35,7 @@ def event_gaps(run_dir) -> list[int]:
             continue
         latest[e["replica"]] = e["step"]
         if len(latest) == REPLICAS:
-            gaps.append(e["step"] - min(latest.values()))
+            gaps.append(max(latest.values()) - min(latest.values()))
     return gaps
 
 
