@@ -279,8 +279,10 @@ def test_sync_with_device_cpu_all_reduces_over_gloo(tmp_path):
     """Both replicas say where they compute and agree on gloo; the quorum's gradient thread
     (``--sync-fraction`` < 1) is started on the replica's device."""
     summary = distbelief.train(algorithm="sync", dataset="digits", model="mlp", replicas=2,
-                               shards=1, sync_fraction=0.5, batch_size=16, steps=8, seed=1,
+                               shards=1, sync_fraction=0.5, batch_size=16, steps=40, seed=1,
                                device="cpu", run_dir=str(tmp_path / "run"))
     assert summary["device"] == {"option": "cpu", "replicas": ["cpu", "cpu"], "copies": 0,
                                  "copy_bytes": 0, "copy_seconds": 0.0, "collective": "gloo"}
-    assert summary["test_accuracy"] > 0.2
+    # it trained: 40 steps reach 0.88-0.91 (8 steps gave 0.18-0.38, which quorum steps of
+    # the fastest half made a coin toss against this bound)
+    assert summary["test_accuracy"] > 0.5
