@@ -127,11 +127,8 @@ def load_dataset(
     if num_samples is not None and num_samples < 2:
         raise UserError(f"num_samples must be >= 2, got {num_samples}: ask for more samples")
     if spec == "digits":
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        x = (digits.images / 16.0).reshape(-1, 1, 8, 8)
-        return _from_arrays("digits", {"x": x, "y": digits.target}, seed, num_samples)
+        return _from_arrays("digits", _digits(cache_dir or default_cache_dir()), seed,
+                            num_samples)
     if spec == "mnist1d":
         return _mnist1d(seed, num_samples or 50_000, cache_dir or default_cache_dir())
     if spec == "synthetic":
@@ -241,6 +238,25 @@ def _from_arrays(
         input_shape=tuple(int(d) for d in x.shape[1:]),
         num_classes=num_classes,
     )
+
+
+def _digits(cache_dir: Path) -> dict[str, np.ndarray]:
+    """scikit-learn's digits as arrays x (N, 1, 8, 8) in [0, 1] and y, read from the cache
+    when it holds them: importing scikit-learn takes ~1.7 s of CPU, paid by every process
+    that loads the digits (a coordinator, each replica of a multi-host job)."""
+    path = Path(cache_dir) / "digits.npz"
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                return {k: npz[k] for k in ("x", "y")}
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError):
+            pass  # a damaged cache is replaced below
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    arrays = {"x": (digits.images / 16.0).reshape(-1, 1, 8, 8), "y": digits.target}
+    _write_cache(path, arrays)
+    return arrays
 
 
 def _mnist1d(seed: int, num_samples: int, cache_dir: Path) -> Dataset:
