@@ -95,7 +95,9 @@ class _Worker:
         index = 0
         with ThreadPoolExecutor(1, thread_name_prefix=f"worker{self.w}-compute") as compute:
             while True:
-                message = self._next_message(index, pending)
+                self.ctx.progress()  # the loop advances: a message was handled
+                with self.ctx.waiting():  # on the coordinator, bounded by --timeout
+                    message = self._next_message(index, pending)
                 index += 1
                 if message["do"] == "portion":
                     pending.append(compute.submit(self._compute, message))
