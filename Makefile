@@ -21,9 +21,10 @@ demo: $(STAMP)
 
 # Two pytest workers, a test file each at a time: most tests wait on the processes of
 # the jobs they start, so two of them share the two cores well (module fixtures that
-# share one job between tests stay within their file's worker).
+# share one job between tests stay within their file's worker). Files are handed out in
+# collection order, the longest first (tests/conftest.py), not by their number of tests.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ps_bandwidth.py

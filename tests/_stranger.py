@@ -25,11 +25,27 @@ import torch.distributed as dist
 SHM_DIR = Path(os.environ.get("DISTBELIEF_SHM_DIR", "/dev/shm"))
 
 
+# (key, value) the job's own names, as a stranger would guess them: each one, read by the
+# job, would stop it, fail it or end it early (a stop signal, a NaN flag, events that are
+# not JSON where the coordinator reads next, fake members, heartbeats and reports); None:
+# add 1000 to a counter. Written bare and under the namespaces of guessable tokens.
+GUESSED = [
+    ("job/stop", b"true"), ("job/nonfinite", b'{"shard": 0, "client": "stranger"}'),
+    ("job/tampered", b'{"role": "stranger", "what": "nothing"}'),
+    ("events/count", None), *((f"events/{i}", b"not json") for i in range(16)),
+    ("members/replica/0", b'{"id": 0, "pid": 1, "host": "stranger"}'),
+    ("members/shard/0", b"not json"), ("shard0/up", b"not json"),
+    ("beat/replica/0", None), ("beat/shard/0", None),
+    ("done/replica0", b'{"steps": 1}'), ("done/replica1", b'{"steps": 1}'),
+]
+
+
 class Stranger:
     """A thread that, without the token, attacks the store at host:port until stopped.
 
     `attack`: "read" (list and read every key, write forged values under names of its
-    own, race compare_set with values it guesses), "forge" (also overwrite every name
+    own and under the job's names as it would guess them, race compare_set with values it
+    guesses), "forge" (also overwrite every name
     it saw, with junk and with another key's value), "delete" (also delete them).
     Records every key name and value it saw."""
 
@@ -70,7 +86,18 @@ class Stranger:
                 store = None  # not up yet, or the job ended and its store with it
             self._stop.wait(0.05)
 
+    def _guess(self, store: dist.Store) -> None:
+        """Write the job's names as guessed: bare, and under the namespaces that guessable
+        tokens (torchrun's env-none-<port>, an empty one) would give."""
+        for prefix in ("", f"distbelief/env-none-{self.port}/", "distbelief//"):
+            for key, value in GUESSED:
+                if value is None:
+                    store.add(prefix + key, 1000)
+                else:
+                    store.set(prefix + key, value)
+
     def _pass(self, store: dist.Store) -> None:
+        self._guess(store)
         for path in SHM_DIR.glob("distbelief-*"):
             with contextlib.suppress(OSError):  # gone meanwhile
                 self.files[path.name] = stat.S_IMODE(path.stat().st_mode)

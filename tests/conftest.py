@@ -19,9 +19,10 @@ from _cluster import CLI
 
 
 # The files that take longest (each >= ~1 minute of a worker's time on 2 cores), longest
-# first. `make test` hands whole files to two workers in collection order, each taking the
-# next when it is done: started last, one of these would leave the other worker idle at the
-# end; started first, the many short files fill both workers' tails.
+# first. `make test` hands whole files to two workers in collection order
+# (--no-loadscope-reorder: xdist would otherwise order files by their number of tests),
+# each taking the next when it is done: started last, one of these would leave the other
+# worker idle at the end; started first, the many short files fill both workers' tails.
 LONGEST_FIRST = ("test_benchmarks.py", "test_liveness.py", "test_stranger.py",
                  "test_namespaces.py", "test_staleness.py", "test_checkpoint_resume.py",
                  "test_admm.py")
