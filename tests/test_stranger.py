@@ -29,7 +29,7 @@ SECRET = "9d0c4b7a61e2f3580a1b2c3d4e5f6a7b"
 # coordinator + 1 shard + 2 replicas; all-reduce in a fixed order, so a rerun is bit-identical
 SYNC = ["train", "--algorithm", "sync", "--dataset", "digits", "--model", "mlp",
         "--replicas", "2", "--shards", "1", "--steps", "30", "--quiet", "--timeout", "30"]
-# downpour with one replica (shared memory and a Unix socket to its shard): deterministic
+# downpour with one replica: shared memory and a Unix socket to its shard on one host
 DOWNPOUR = ["train", "--dataset", "digits", "--model", "mlp", "--replicas", "1",
             "--shards", "1", "--steps", "30", "--quiet", "--timeout", "30"]
 JOB_SECONDS = 150  # the jobs' --timeout is 30 s at most: every wait ends well before this
@@ -73,9 +73,8 @@ def _assert_equal_params(a: Path, b: Path) -> None:
         assert torch.equal(pa[key], pb[key]), key
 
 
-@pytest.mark.parametrize("args, world", [(SYNC, 4), (DOWNPOUR, 3)], ids=["sync", "downpour"])
-def test_a_stranger_who_reads_everything_learns_nothing_and_changes_nothing(tmp_path, args,
-                                                                          world):
+def test_a_stranger_who_reads_everything_learns_nothing_and_changes_nothing(tmp_path):
+    args, world = SYNC, 4
     quiet, codes, errors, _ = _job(tmp_path, "quiet", args, world, None)
     assert codes == [0] * world, [e[-500:] for e in errors]
     run_dir, codes, errors, stranger = _job(tmp_path, "watched", args, world, "read")
@@ -87,17 +86,23 @@ def test_a_stranger_who_reads_everything_learns_nothing_and_changes_nothing(tmp_
     assert summary["replicas_lost"] == 0
 
 
-@pytest.mark.parametrize("attack", ["forge", "delete"])
+@pytest.mark.parametrize("attack, args, world", [("forge", DOWNPOUR, 3), ("delete", SYNC, 4)],
+                         ids=["forge", "delete"])
 def test_a_stranger_who_writes_or_deletes_stops_the_job_in_one_line_or_not_at_all(
-        tmp_path, attack):
+        tmp_path, attack, args, world):
+    """Forged values against Downpour (its shard's shared memory and Unix socket, whose
+    names and modes the stranger lists too), deletions against sync (gloo's rendezvous)."""
     began = time.monotonic()
-    run_dir, codes, errors, stranger = _job(tmp_path, attack, [*SYNC, *ATTACKED], 4, attack)
+    run_dir, codes, errors, stranger = _job(tmp_path, attack, [*args, *ATTACKED], world, attack)
     assert time.monotonic() - began < JOB_SECONDS
     assert stranger.passes >= 1
+    seen = stranger.seen()
+    assert all(mode == 0o600 for mode in seen["files"].values()), seen["files"]
+    assert not any(SECRET[:8] in name for name in [*seen["names"], *seen["files"]])
     coordinator = errors[0].strip().splitlines()
     if codes[0] == 0:  # it finished: then on the job's own values only
         summary = json.loads((run_dir / "summary.json").read_text())
-        assert summary["total_steps"] == 60
+        assert summary["total_steps"] == 30 * (world - 2)
         return
     assert codes[0] == 1, errors[0][-2000:]
     assert len(coordinator) == 1, errors[0][-2000:]
