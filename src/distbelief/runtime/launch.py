@@ -13,8 +13,9 @@ torchrun's agent already hosts one there), ranks 1..S are the shards and ranks
 S+1.. the replicas (K consecutive ranks per replica with --partitions K);
 WORLD_SIZE must be 1 + S + R*K. Every host needs the same secret job token
 (`job_token`: ``--token-file`` or DISTBELIEF_TOKEN): the store listens on every
-interface, and its keys live under the token, so a process without it reaches
-none of them. There is no fallback: a multi-host job without one is refused.
+interface, and every value the job reads from it must carry a tag made with the
+token (`runtime.sealed`), so a process without it can neither read the token nor
+steer the job. There is no fallback: a multi-host job without one is refused.
 """
 
 from __future__ import annotations
