@@ -160,8 +160,9 @@ class SealedStore(dist.Store):
             current = self.inner.compare_set(name, _ABSENT, _ABSENT)
             if current == _ABSENT:
                 return expected
-            if self._open(key, current) != expected:
-                return self._open(key, current)
+            value = self._open(key, current)
+            if value != expected:
+                return value
             now = self.inner.compare_set(name, current, sealed)
             return desired if now == sealed else self._open(key, now)
 
