@@ -4,7 +4,7 @@ A job's configuration (`distbelief.job.JobConfig`) is the chosen algorithm,
 that algorithm's own section (`[downpour]`, `[sync]`, ... declared by the
 algorithm, see `distbelief.algorithms`) and the sections every algorithm shares,
 defined here: ``[cluster]``, ``[optimizer]``, ``[data]``, ``[model]``,
-``[train]`` and ``[augment]``.
+``[train]``, ``[augment]`` and ``[task]``.
 
 Every field is documented once, by the string under it: the command line's
 ``--help`` is read from those strings (`field_docs`). A field's metadata, set
@@ -37,6 +37,7 @@ SPLITS = ("layers", "units")
 ON_NONFINITE = ("skip", "stop")
 TRANSPORTS = ("auto", "shm", "gloo")
 SHARD_LAYOUTS = ("ranges", "chunks")
+TASKS = ("classify", "regress", "sequence")
 DEFAULT_CHUNK_BYTES = 1 << 20  # Project Adam's ~1 MB chunks
 DEFAULT_EPOCHS = 4.0
 DEFAULT_PROGRESS_TIMEOUT = 300.0
@@ -231,9 +232,22 @@ class TrainConfig:
         return self.epochs
 
 
+@dataclass(kw_only=True)
+class TaskConfig:
+    """What the job learns: the loss, the form of the targets and the metrics (`distbelief.task`)."""
+
+    name: str = option("classify", name="task", choices=TASKS)
+    """What is learned: classify (targets are class ids; cross-entropy; accuracy), regress (float targets of any shape per sample; --loss mse or l1; RMSE and MAE) or sequence (token ids of shape (N, T), logits (N, T, V); per-token cross-entropy; perplexity and token accuracy)."""
+    loss: str | None = option(None, unset="the task's own: cross_entropy, or mse for regress")
+    """The loss: mse or l1 for --task regress, or your own as MODULE:FUNCTION or FILE.py:FUNCTION, called as loss(output, target) and returning the batch's mean loss as a 0-d tensor."""
+    metrics: str | None = option(None, unset="the task's own only")
+    """Your own metrics as MODULE:FUNCTION or FILE.py:FUNCTION, called as metrics(output, target) and returning {name: the batch's mean}; evaluation reports each as test_<name>, a mean over the whole split."""
+
+
 SHARED_SECTIONS: dict[str, type] = {
     "cluster": ClusterConfig, "optimizer": OptimizerConfig, "data": DataConfig,
-    "model": ModelConfig, "train": TrainConfig, "augment": AugmentConfig}
+    "model": ModelConfig, "train": TrainConfig, "augment": AugmentConfig,
+    "task": TaskConfig}
 """The sections every job has, by their TOML table name."""
 
 
@@ -243,6 +257,7 @@ def validate_shared(cfg: Any) -> None:
     if o.rule is not None:
         choice("rule", o.rule, RULES, "--rule")
     choice("transport", c.transport, TRANSPORTS, "--transport")
+    choice("task", cfg.task.name, TASKS, "--task")
     if t.on_nonfinite is not None:
         choice("on_nonfinite", t.on_nonfinite, ON_NONFINITE, "--on-nonfinite")
     parse_every(t.checkpoint_every)

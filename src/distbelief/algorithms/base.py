@@ -62,7 +62,7 @@ def _fields(section: str, names: str) -> frozenset[str]:
 COMMON = (_fields("data", "dataset num_samples") | _fields("model", "name")
           | _fields("train", "steps seed eval_every run_dir tensorboard")
           | _fields("cluster", "host port timeout progress_timeout token_file threads")
-          | _fields("optimizer", "lr"))
+          | _fields("optimizer", "lr") | _fields("task", "name loss metrics"))
 """Used by every algorithm."""
 REPORTS = _fields("train", "log_every on_nonfinite")
 """Workers that report every few steps (`metrics.report.Reporter`) and skip a NaN/inf step

@@ -1,0 +1,440 @@
+"""What a job learns: the loss, the form of the targets and the metrics, in one object.
+
+Every place that computes a loss or a metric asks the job's `Task`: replicas,
+pipeline stages, the units split, ADMM's dual layers, Sandblaster's portions,
+evaluation and the planner's profile. Built in:
+
+- ``classify`` (the default): targets are class ids, shape (N,); the model
+  outputs logits (N, C); cross-entropy; metrics loss and accuracy.
+- ``regress``: float targets of any trailing shape (N, *S); the model outputs
+  (N, *S) (or (N, prod(S)), or (N, 1) for scalar targets); mean squared error
+  (``--loss mse``, the default) or mean absolute error (``--loss l1``); metrics
+  loss, rmse and mae over every target value.
+- ``sequence``: targets are token ids (N, T); the model outputs logits
+  (N, T, V); per-token cross-entropy; metrics loss (per token), perplexity and
+  token accuracy.
+
+A user's own loss is ``--loss MODULE:FUNCTION`` (or ``FILE.py:FUNCTION``):
+``loss(output, target)`` returns the mean loss of the batch as a 0-d tensor.
+A user's own metrics are ``--metrics MODULE:FUNCTION``: ``metrics(output,
+target)`` returns ``{name: value}``, each the mean over the batch's samples;
+evaluation weights them by batch size, so they are exact means over a split.
+
+Each sample's loss is the mean over its own values (a sequence's tokens, a
+regression target's elements), so ``reduction="sum"`` is the sum of those
+per-sample losses and ``reduction="mean"`` their mean: a batch cut into
+portions or micro-batches sums to the whole batch's loss. Example::
+
+    task = make_task("regress", loss="l1")
+    task.loss(model(x), y).backward()
+    meter = task.meter()
+    meter.update(model(x_test), y_test)
+    meter.result()          # {"loss": ..., "rmse": ..., "mae": ...}
+
+Metrics are exact sums kept here (correct counts, squared errors), not
+torchmetrics: importing it costs about a second in every process that
+evaluates, for sums of a few lines.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from distbelief.config import TASKS
+from distbelief.errors import UserError
+from distbelief.plugins import load_callable
+
+BUILTIN_LOSSES = {"classify": ("cross_entropy",), "regress": ("mse", "l1"),
+                  "sequence": ("cross_entropy",)}
+"""Each task's built-in losses, its default first."""
+
+
+@dataclass(frozen=True)
+class Targets:
+    """The form of a dataset's targets, as found from its data.
+
+    ``shape``: one sample's target shape (``()`` for a class id, ``(T,)`` for a
+    sequence, S for regression). ``classes``: the number of classes (classify) or
+    of token values (sequence); None for regression.
+    """
+
+    shape: tuple[int, ...] = ()
+    classes: int | None = None
+
+    @property
+    def outputs(self) -> int:
+        """The width of a built-in model's last layer: classes, or the target's values."""
+        if self.classes is not None:
+            return self.classes
+        return math.prod(self.shape)
+
+
+class Task:
+    """One job's loss, target form and metrics (see the module docstring).
+
+    Thread-safe: it holds no state beyond its configuration; `meter` gives a
+    fresh accumulator each call.
+    """
+
+    name = "task"
+    headline = "loss"
+    """The metric named in messages and plotted against time."""
+    higher_is_better = False
+    target_dtype = torch.float32
+
+    def __init__(self, loss: str | None = None, metrics: str | None = None):
+        builtin = BUILTIN_LOSSES[self.name]
+        self.loss_name = loss or builtin[0]
+        self._user_loss: Callable | None = None
+        if self.loss_name not in builtin:
+            if ":" not in self.loss_name:
+                raise UserError(f"--loss {self.loss_name!r} is not a loss of --task {self.name}: "
+                                f"use {' or '.join(builtin)}, or your own as MODULE:FUNCTION or "
+                                "FILE.py:FUNCTION")
+            self._user_loss = load_callable(self.loss_name, "loss")
+        self.metrics_spec = metrics
+        self._user_metrics = load_callable(metrics, "metrics") if metrics else None
+
+    # ---- the form of the targets -------------------------------------------
+
+    def check_target_layout(self, y: np.ndarray, key: str, source: str) -> None:
+        """Shape and dtype of a target array (N, ...) without reading its values.
+
+        Raises:
+            UserError: naming the array, what it has and what the task needs.
+        """
+        raise NotImplementedError
+
+    def check_targets(self, y: np.ndarray, key: str, source: str) -> np.ndarray:
+        """Check a target array's values and return it in the task's dtype (int64 or
+        float32). Raises UserError naming the problem and the fix."""
+        raise NotImplementedError
+
+    def targets_of(self, arrays: list[np.ndarray]) -> Targets:
+        """The `Targets` of checked target arrays (train and test)."""
+        raise NotImplementedError
+
+    def target(self, value: Any, source: str) -> torch.Tensor:
+        """One sample's target (``dataset[i][1]``) as a tensor of the task's dtype.
+
+        Raises:
+            UserError: a value the task cannot learn from.
+        """
+        array = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value)
+        return torch.as_tensor(self.check_targets(array[None], "a sample's target", source)[0])
+
+    # ---- the model's output ---------------------------------------------------
+
+    def check_output(self, out: Any, batch: int, targets: Targets, target: torch.Tensor,
+                     model: str) -> None:
+        """The model's output for a batch of ``batch`` fits the task and ``targets``.
+
+        ``target``: a batch of ``batch`` targets of the right form (zeros), on which a
+        user's loss and metrics are tried once. Raises UserError naming the model's
+        output, what the task needs and the fix.
+        """
+        if not isinstance(out, torch.Tensor):
+            raise UserError(f"model {model} returned a {type(out).__name__}: return one tensor "
+                            f"({self._expected(batch, targets)}) for --task {self.name}")
+        self._check_shape(out, batch, targets, model)
+        if self._user_loss is not None:
+            value = self._user_loss(out, target)
+            if not isinstance(value, torch.Tensor) or value.dim() != 0:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else None
+                raise UserError(f"--loss {self.loss_name}: returned "
+                                f"{type(value).__name__ if shape is None else f'a tensor of shape {shape}'}"
+                                ": return the batch's mean loss as a 0-d tensor")
+        if self._user_metrics is not None:
+            self._call_metrics(out, target)
+
+    def _expected(self, batch: int, targets: Targets) -> str:
+        raise NotImplementedError
+
+    def _check_shape(self, out: torch.Tensor, batch: int, targets: Targets, model: str) -> None:
+        raise NotImplementedError
+
+    def shaped(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The output in the form the loss compares with ``target`` (a view)."""
+        return output
+
+    # ---- the loss ----------------------------------------------------------------
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor, reduction: str = "mean"
+             ) -> torch.Tensor:
+        """The loss of a batch: ``mean`` or ``sum`` of the per-sample losses, or ``none``
+        (the per-sample losses, shape (N,))."""
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction {reduction!r}: use mean, sum or none")
+        if self._user_loss is None:
+            return self._builtin_loss(self.shaped(output, target), target, reduction)
+        if reduction == "none":  # a mean per call: one call per sample
+            return torch.stack([self._user_loss(output[i:i + 1], target[i:i + 1])
+                                for i in range(len(target))])
+        value = self._user_loss(output, target)
+        return value * len(target) if reduction == "sum" else value
+
+    def _builtin_loss(self, output: torch.Tensor, target: torch.Tensor, reduction: str
+                      ) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ---- metrics -----------------------------------------------------------------
+
+    def meter(self) -> Meter:
+        """A fresh accumulator of this task's metrics over a split."""
+        return Meter(self)
+
+    def _sums(self, output: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+        """The task's own sums over one batch (besides the loss and the sample count)."""
+        return {}
+
+    def _finish(self, sums: dict[str, float], count: int) -> dict[str, float]:
+        """The task's own metrics from the summed `_sums` over ``count`` samples."""
+        return {}
+
+    def _call_metrics(self, output: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+        values = self._user_metrics(output, target)  # type: ignore[misc]
+        if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
+            raise UserError(f"--metrics {self.metrics_spec}: returned a "
+                            f"{type(values).__name__}: return a dict {{name: batch mean}}")
+        out = {}
+        for name, value in values.items():
+            try:
+                out[name] = float(value)
+            except (TypeError, ValueError, RuntimeError):
+                raise UserError(f"--metrics {self.metrics_spec}: {name!r} is a "
+                                f"{type(value).__name__}: give each metric as one number "
+                                "(the batch's mean)") from None
+        return out
+
+
+class Meter:
+    """Sums of a task's metrics over the batches of a split; `result` gives the means."""
+
+    def __init__(self, task: Task):
+        self.task, self.count, self.loss_sum = task, 0, 0.0
+        self.sums: dict[str, float] = {}
+        self.user: dict[str, float] = {}
+
+    @torch.no_grad()
+    def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        n = len(target)
+        self.loss_sum += float(self.task.loss(output, target, reduction="sum"))
+        for key, value in self.task._sums(self.task.shaped(output, target), target).items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        if self.task._user_metrics is not None:
+            for key, value in self.task._call_metrics(output, target).items():
+                self.user[key] = self.user.get(key, 0.0) + value * n
+        self.count += n
+
+    def result(self) -> dict[str, float]:
+        """{"loss": mean per-sample loss, then the task's metrics, then the user's}."""
+        count = max(self.count, 1)
+        out = {"loss": self.loss_sum / count, **self.task._finish(self.sums, self.count)}
+        for key, value in self.user.items():
+            if key in out:
+                raise UserError(f"--metrics {self.task.metrics_spec}: returns {key!r}, which "
+                                f"--task {self.task.name} reports already: rename it")
+            out[key] = value / count
+        return out
+
+
+class Classify(Task):
+    name = "classify"
+    headline = "accuracy"
+    higher_is_better = True
+    target_dtype = torch.int64
+
+    def check_target_layout(self, y: np.ndarray, key: str, source: str) -> None:
+        if y.ndim != 1:
+            raise UserError(f"{source}: {key!r} has shape {y.shape}: --task classify needs 1-D "
+                            "integer class labels, not one-hot (for other targets use --task "
+                            "regress or --task sequence)")
+        if y.dtype.kind not in "iubf":
+            raise UserError(f"{source}: {key!r} has dtype {y.dtype}: labels must be integer "
+                            "class ids 0..C-1")
+
+    def check_targets(self, y: np.ndarray, key: str, source: str) -> np.ndarray:
+        self.check_target_layout(y, key, source)
+        return _class_ids(y, key, source, "labels must be class ids 0..C-1 (float targets: "
+                          "--task regress)")
+
+    def targets_of(self, arrays: list[np.ndarray]) -> Targets:
+        return Targets((), 1 + max((int(y.max()) for y in arrays if len(y)), default=0))
+
+    def _expected(self, batch: int, targets: Targets) -> str:
+        return f"logits of shape ({batch}, {targets.classes})"
+
+    def _check_shape(self, out: torch.Tensor, batch: int, targets: Targets, model: str) -> None:
+        if out.dim() != 2 or out.shape[0] != batch:
+            raise UserError(f"model {model} output has shape {tuple(out.shape)} for a batch of "
+                            f"{batch}, but --task classify needs ({batch}, {targets.classes}): "
+                            "end the model with a Linear layer giving one logit per class "
+                            "(or choose --task regress or sequence)")
+        if out.shape[1] != targets.classes:
+            raise UserError(f"model {model} output has width {out.shape[1]} but the dataset has "
+                            f"{targets.classes} classes: make the last layer output "
+                            f"{targets.classes} units")
+
+    def _builtin_loss(self, output, target, reduction):
+        return F.cross_entropy(output, target, reduction=reduction)
+
+    def _sums(self, output, target):
+        return {"correct": float((output.argmax(dim=1) == target).sum())}
+
+    def _finish(self, sums, count):
+        return {"accuracy": sums.get("correct", 0.0) / max(count, 1)}
+
+
+class Regress(Task):
+    name = "regress"
+    headline = "rmse"
+    higher_is_better = False
+    target_dtype = torch.float32
+
+    def check_target_layout(self, y: np.ndarray, key: str, source: str) -> None:
+        if y.ndim < 1:
+            raise UserError(f"{source}: {key!r} is a single number: give one target per sample")
+        if y.dtype.kind not in "iubf":
+            raise UserError(f"{source}: {key!r} has dtype {y.dtype}: --task regress needs "
+                            "numeric targets")
+
+    def check_targets(self, y: np.ndarray, key: str, source: str) -> np.ndarray:
+        self.check_target_layout(y, key, source)
+        values = y.astype(np.float32)
+        if not np.all(np.isfinite(values)):
+            bad = int(np.count_nonzero(~np.isfinite(values)))
+            raise UserError(f"{source}: {key!r} has {bad} non-finite targets (NaN or inf): "
+                            "clean or drop those samples")
+        return values
+
+    def targets_of(self, arrays: list[np.ndarray]) -> Targets:
+        return Targets(tuple(int(d) for d in arrays[0].shape[1:]), None)
+
+    def _expected(self, batch: int, targets: Targets) -> str:
+        return f"shape {(batch, *targets.shape) if targets.shape else (batch, 1)}"
+
+    def _check_shape(self, out: torch.Tensor, batch: int, targets: Targets, model: str) -> None:
+        values = math.prod(targets.shape)
+        if out.dim() < 1 or out.shape[0] != batch or out[0].numel() != values:
+            want = (batch, *targets.shape) if targets.shape else (batch, 1)
+            raise UserError(f"model {model} output has shape {tuple(out.shape)} for a batch of "
+                            f"{batch}, but the targets have shape {targets.shape or '()'} per "
+                            f"sample: make the model output {want} ({values} values per sample)")
+
+    def shaped(self, output, target):
+        return output.reshape(target.shape)
+
+    def _builtin_loss(self, output, target, reduction):
+        fn = F.mse_loss if self.loss_name == "mse" else F.l1_loss
+        if reduction == "mean":
+            return fn(output, target)
+        per = fn(output, target, reduction="none")
+        per = per.reshape(len(target), -1).mean(dim=1) if per.dim() > 1 else per
+        return per if reduction == "none" else per.sum()
+
+    def _sums(self, output, target):
+        error = (output - target).double()
+        return {"squared": float(error.square().sum()), "absolute": float(error.abs().sum()),
+                "values": float(target.numel())}
+
+    def _finish(self, sums, count):
+        values = max(sums.get("values", 0.0), 1.0)
+        return {"rmse": math.sqrt(sums.get("squared", 0.0) / values),
+                "mae": sums.get("absolute", 0.0) / values}
+
+
+class Sequence(Task):
+    name = "sequence"
+    headline = "perplexity"
+    higher_is_better = False
+    target_dtype = torch.int64
+
+    def check_target_layout(self, y: np.ndarray, key: str, source: str) -> None:
+        if y.ndim != 2:
+            raise UserError(f"{source}: {key!r} has shape {y.shape}: --task sequence needs "
+                            "token ids of shape (N, T)")
+        if y.dtype.kind not in "iubf":
+            raise UserError(f"{source}: {key!r} has dtype {y.dtype}: token ids must be "
+                            "integers 0..V-1")
+
+    def check_targets(self, y: np.ndarray, key: str, source: str) -> np.ndarray:
+        self.check_target_layout(y, key, source)
+        return _class_ids(y, key, source, "token ids must be integers 0..V-1")
+
+    def targets_of(self, arrays: list[np.ndarray]) -> Targets:
+        return Targets((int(arrays[0].shape[1]),),
+                       1 + max((int(y.max()) for y in arrays if y.size), default=0))
+
+    def _expected(self, batch: int, targets: Targets) -> str:
+        return f"logits of shape ({batch}, {targets.shape[0]}, {targets.classes})"
+
+    def _check_shape(self, out: torch.Tensor, batch: int, targets: Targets, model: str) -> None:
+        want = (batch, targets.shape[0])
+        if out.dim() != 3 or tuple(out.shape[:2]) != want:
+            raise UserError(f"model {model} output has shape {tuple(out.shape)} for a batch of "
+                            f"{batch}, but --task sequence needs ({batch}, {targets.shape[0]}, "
+                            f"{targets.classes}): logits for every position of the sequence")
+        if out.shape[2] < targets.classes:  # type: ignore[operator]
+            raise UserError(f"model {model} gives {out.shape[2]} logits per position but the "
+                            f"targets hold token ids up to {targets.classes - 1}: make the last "  # type: ignore[operator]
+                            f"layer output at least {targets.classes} units")
+
+    def _builtin_loss(self, output, target, reduction):
+        flat = F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1),
+                               reduction="mean" if reduction == "mean" else "none")
+        if reduction == "mean":
+            return flat
+        per = flat.reshape(target.shape).mean(dim=1)
+        return per if reduction == "none" else per.sum()
+
+    def _sums(self, output, target):
+        return {"correct": float((output.argmax(dim=-1) == target).sum()),
+                "tokens": float(target.numel())}
+
+    def _finish(self, sums, count):
+        tokens = max(sums.get("tokens", 0.0), 1.0)
+        return {"token_accuracy": sums.get("correct", 0.0) / tokens}
+
+
+_CLASSES: dict[str, type[Task]] = {"classify": Classify, "regress": Regress,
+                                   "sequence": Sequence}
+
+
+def make_task(name: str = "classify", *, loss: str | None = None,
+              metrics: str | None = None) -> Task:
+    """The task named ``name`` with its loss (None: the task's default) and the user's
+    metrics (None: the task's own only).
+
+    Raises:
+        UserError: an unknown task, a loss the task does not have, or a user loss or
+            metrics function that cannot be loaded.
+    """
+    if name not in TASKS:
+        raise UserError(f"--task {name!r} is not a task: use {', '.join(TASKS)}")
+    return _CLASSES[name](loss=loss, metrics=metrics)
+
+
+def task_of(cfg: Any) -> Task:
+    """The task of a job config (its ``[task]`` section)."""
+    section = cfg.task
+    return make_task(section.name, loss=section.loss, metrics=section.metrics)
+
+
+def _class_ids(y: np.ndarray, key: str, source: str, fix: str) -> np.ndarray:
+    """``y`` as int64 when it holds non-negative integers (floats holding integers too).
+
+    Raises:
+        UserError: non-integer or negative values.
+    """
+    if y.dtype.kind not in "iub":
+        if y.dtype.kind != "f" or not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+            raise UserError(f"{source}: {key!r} has dtype {y.dtype} with non-integer values: {fix}")
+    if y.size and y.min() < 0:
+        raise UserError(f"{source}: {key!r} has value {int(y.min())}: {fix}")
+    return y.astype(np.int64)
