@@ -19,7 +19,7 @@ tests/test_partition_oracle.py). Layers other than nn.Linear use autograd as usu
 Example::
 
     weights = DeferredWeights(model)            # model: an nn.Sequential
-    loss = F.cross_entropy(weights.forward(x), y)
+    loss = task.loss(weights.forward(x), y)     # task: the job's `distbelief.task.Task`
     loss.backward()                             # input gradients only, for the Linears
     weights.flush()                             # now every .grad is complete
 """

@@ -15,14 +15,16 @@ so the coordinator can evaluate, checkpoint and initialise the whole model.
 
 `open_partition` connects partition k of a replica to its peers over the
 runtime's channels and returns a runner whose ``train_step(x, y)`` does forward
-and backward of one batch, and whose ``predict(x)`` gives logits (on the
-partition that ends the model). K = 1 gives a plain in-process runner.
+and backward of one batch under the job's task's loss (`distbelief.task`), and
+whose ``predict(x)`` gives the model's output (on the partition that ends the
+model). K = 1 gives a plain in-process runner.
 
 Example (in partition k's process)::
 
     plan = PartitionPlan.from_json(job["partition"])
     part = plan.part_module(model, k)
-    with open_partition(plan, part, k, store=store.raw, name="replica0", timeout=60) as run:
+    with open_partition(plan, part, k, store=store.raw, name="replica0", timeout=60,
+                        task=task_of(cfg)) as run:
         loss = run.train_step(x, y)          # None on partitions that do not see the loss
 """
 
@@ -35,10 +37,10 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from distbelief.errors import UserError
+from distbelief.task import Task, make_task
 
 
 @dataclass(frozen=True)
@@ -179,19 +181,21 @@ def measure_layers(model: nn.Sequential, sample: torch.Tensor, repeats: int = 3)
 
 
 class WholeRunner:
-    """An unpartitioned replica: forward and backward in this process."""
+    """An unpartitioned replica: forward and backward in this process. `task`: whose loss
+    (None: classify's cross-entropy)."""
 
     reports_loss = True
     bytes_sent = 0
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, *, task: Task | None = None):
         from distbelief.model.deferred import DeferredWeights
 
-        self.module = module
+        self.module, self.task = module, task or make_task()
         self.weights = DeferredWeights(module)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        loss = F.cross_entropy(self.weights.forward(x), y)
+        """Forward and backward of one batch; its mean loss."""
+        loss = self.task.loss(self.weights.forward(x), y)
         loss.backward()
         self.weights.flush()  # one addmm_ per Linear, straight into .grad
         return loss.item()
@@ -208,8 +212,8 @@ class UnitsRunner(WholeRunner):
     """A units-split partition: every partition computes the (gathered) loss; partition 0
     reports it."""
 
-    def __init__(self, module: nn.Module, comm, part: int):
-        super().__init__(module)
+    def __init__(self, module: nn.Module, comm, part: int, *, task: Task | None = None):
+        super().__init__(module, task=task)
         self.comm, self.reports_loss = comm, part == 0
 
     @property
@@ -241,15 +245,16 @@ class PipelineRunner:
 
 @contextlib.contextmanager
 def open_partition(plan: PartitionPlan, part_module: nn.Module, part: int, *, store, name: str,
-                   timeout: float) -> Iterator:
+                   timeout: float, task: Task | None = None) -> Iterator:
     """Connect partition `part` of replica `name` to its peers; yield its runner.
 
     `store` is a raw c10d store (`JobStore.raw`); channel names start with
-    ``mp/<name>/``. Blocks until the peers joined (or `timeout`). Every channel
-    and thread is released on exit.
+    ``mp/<name>/``. `task`: the job's task, whose loss `train_step` computes (None:
+    classify's; `predict` needs none). Blocks until the peers joined (or `timeout`).
+    Every channel and thread is released on exit.
     """
     if plan.partitions == 1:
-        yield WholeRunner(part_module)
+        yield WholeRunner(part_module, task=task)
         return
     from distbelief.runtime.channel import Channel, Group
 
@@ -261,7 +266,7 @@ def open_partition(plan: PartitionPlan, part_module: nn.Module, part: int, *, st
         try:
             comm = UnitComm(group)
             part_module.attach(comm)
-            yield UnitsRunner(part_module, comm, part)
+            yield UnitsRunner(part_module, comm, part, task=task)
         finally:
             group.close()
         return
@@ -280,5 +285,5 @@ def open_partition(plan: PartitionPlan, part_module: nn.Module, part: int, *, st
             nxt = stack.enter_context(Link(recv=bwd, send=fwd, name=f"{name}/b{part}",
                                            timeout=timeout))
         stage = PipelineStage(part_module, part, plan.partitions,
-                              micro_batches=plan.micro_batches, prev=prev, next=nxt)
+                              micro_batches=plan.micro_batches, prev=prev, next=nxt, task=task)
         yield PipelineRunner(stage, [link for link in (prev, nxt) if link is not None])

@@ -5,7 +5,8 @@ A batch is cut into M micro-batches. Stage k runs the operations
 receives its input from stage k-1 (stage 0 reads the data), keeps what
 backward needs, and sends its output to stage k+1; a backward receives the
 output's gradient from stage k+1 (the last stage starts from the loss) and
-sends the input's gradient to stage k-1. Only these activations and gradients
+sends the input's gradient to stage k-1. The loss is the job's task's
+(`distbelief.task`). Only these activations and gradients
 travel, through host memory (a stage on a GPU copies what it sends to the host
 and what it receives to its device). The parameter gradients accumulate over the
 micro-batches into whatever ``.grad`` the stage's parameters point at (the partition's push
@@ -22,7 +23,7 @@ sending overlaps compute, and the stage can see whether a tensor has arrived.
 Example (stage k of K, inside its process)::
 
     with Link(recv=fwd_in, send=bwd_out, name="b0") as prev, Link(...) as nxt:
-        stage = PipelineStage(module, k, K, micro_batches=8, prev=prev, next=nxt)
+        stage = PipelineStage(module, k, K, micro_batches=8, prev=prev, next=nxt, task=task)
         loss = stage.train_step(x, y)   # a float on the last stage, None elsewhere
 """
 
@@ -32,12 +33,12 @@ import queue
 import threading
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from distbelief.model.deferred import DeferredWeights
 from distbelief.model.pipeline_schedule import stage_ops
 from distbelief.runtime.channel import HEADER_LEN, Channel, ChannelClosed
+from distbelief.task import Task, make_task
 
 MAX_DIMS = HEADER_LEN - 1  # the header carries ndim and the sizes
 
@@ -145,12 +146,15 @@ class PipelineStage:
     """Stage `stage` of `stages`: runs its part of the pipeline schedule for each batch.
 
     `prev` is the link to stage-1 (None on the first stage), `next` to stage+1
-    (None on the last). Used by one thread.
+    (None on the last). `task`: whose loss the last stage computes (None: classify's
+    cross-entropy). Used by one thread.
     """
 
     def __init__(self, module: nn.Module, stage: int, stages: int, *, micro_batches: int,
-                 prev: Link | None, next: Link | None, kind: str = "1f1b"):
+                 prev: Link | None, next: Link | None, kind: str = "1f1b",
+                 task: Task | None = None):
         self.module, self.stage, self.stages = module, stage, stages
+        self.task = task or make_task()
         self.prev, self.next = prev, next
         self.micro_batches, self.kind = micro_batches, kind
         self.first, self.last = stage == 0, stage == stages - 1
@@ -184,7 +188,7 @@ class PipelineStage:
                 out = self.weights.forward(inp)
                 if self.last:
                     # summed over the micro-batches this is the batch's mean loss
-                    out = F.cross_entropy(out, labels[m], reduction="sum") / total
+                    out = self.task.loss(out, labels[m], reduction="sum") / total
                     loss_sum += out.item()
                 else:
                     self.next.send(out)
@@ -208,7 +212,7 @@ class PipelineStage:
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor | None) -> torch.Tensor | None:
-        """Forward only, micro-batch by micro-batch; the logits on the last stage."""
+        """Forward only, micro-batch by micro-batch; the model's output on the last stage."""
         if self.first:
             chunks = torch.tensor_split(x, min(self.micro_batches, len(x)))
             count = len(chunks)

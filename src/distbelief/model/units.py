@@ -26,7 +26,7 @@ Example (in each of the K processes of a replica)::
 
     part = build_units_part(model, part=k, parts=K)   # this block's parameters
     part.attach(UnitComm(group))                      # group: runtime.channel.Group
-    loss = F.cross_entropy(part(x), y); loss.backward()
+    loss = task.loss(part(x), y); loss.backward()    # task: the job's `distbelief.task.Task`
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """What the planner measures on this host: the model's compute, sizes and the data's cost.
 
-`profile_job(cfg)` builds the job's model and data as every role would, then
-times forward + backward of each layer at the configured batch size (at one
-thread, and the whole model at each thread count a process might get), counts
-parameter bytes per layer and activation bytes at every cut, and times one
-batch of the configured augmentation and one update of each rule. The numbers
+`profile_job(cfg)` builds the job's model, data and task (its loss) as every
+role would, then times forward + backward of each layer at the configured batch
+size (at one thread, and the whole model at each thread count a process might
+get), counts parameter bytes per layer and activation bytes at every cut, and
+times one batch of the configured augmentation and one update of each rule. The numbers
 feed the pure functions of `distbelief.planner.cost`; each can be replaced by a
 given one (a profile is a plain dataclass, saved in ``plan.json``).
 
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from distbelief.config import RULES
+from distbelief.task import Task, task_of
 
 
 @dataclass
@@ -44,15 +45,16 @@ class Profile:
     augment_seconds: float
     """Augmenting one batch (0: no augmentation configured)."""
     batch_bytes: int
-    """One batch of inputs and labels, as sent by a data server."""
+    """One batch of inputs and targets, as sent by a data server."""
     train_samples: int
     dataset_bytes: int
     """The dataset held in memory by every process that loads it (0 when read by batch)."""
     rule_seconds: dict[str, float] = field(default_factory=dict)
     """Applying each update rule to one parameter (seconds per element)."""
     initial_loss: float | None = None
-    """Cross-entropy of the untrained model on the profiled batch: where every candidate's
-    training loss starts (they all start from the same seeded weights)."""
+    """The job's task's loss (`distbelief.task`) of the untrained model on the profiled
+    batch: where every candidate's training loss starts (they all start from the same
+    seeded weights)."""
     base_memory: int = 0
     """Resident bytes of a process that has imported torch and nothing else of the job."""
 
@@ -84,11 +86,12 @@ def profile_job(cfg, cores: int, repeats: int = 3) -> Profile:
     from distbelief.model.partition import measure_layers
 
     data, model = load_data_and_model(cfg)
+    task = task_of(cfg)
     batch = cfg.data.batch_size
     x, y = data.train.head(batch)  # read only a batch, whatever the source
     if len(x) < batch:  # a tiny dataset: repeat samples to reach the batch size
         reps = math.ceil(batch / len(x))
-        x, y = x.repeat(reps, *([1] * (x.dim() - 1)))[:batch], y.repeat(reps)[:batch]
+        x, y = (t.repeat(reps, *([1] * (t.dim() - 1)))[:batch] for t in (x, y))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -102,11 +105,11 @@ def profile_job(cfg, cores: int, repeats: int = 3) -> Profile:
         else:
             layer_seconds, activations, layer_params = [], [], []
         with torch.no_grad():
-            initial_loss = nn.functional.cross_entropy(model(x), y).item()
+            initial_loss = task.loss(model(x), y).item()
         step_seconds = {}
         for t in _thread_counts(cores):
             torch.set_num_threads(t)
-            step_seconds[t] = _whole_step(model, x, y, repeats)
+            step_seconds[t] = _whole_step(model, x, y, repeats, task)
         if not sequential:
             layer_seconds = [step_seconds[1]]
         torch.set_num_threads(1)
@@ -122,7 +125,7 @@ def profile_job(cfg, cores: int, repeats: int = 3) -> Profile:
         layer_seconds=layer_seconds, layer_param_bytes=layer_params,
         activation_bytes=activations, step_seconds=step_seconds,
         units_split=_units_splittable(model), sequential=sequential, augment_seconds=augment,
-        batch_bytes=x.numel() * x.element_size() + 8 * len(x),
+        batch_bytes=x.numel() * x.element_size() + y.numel() * y.element_size(),
         train_samples=len(data.train), dataset_bytes=_resident_bytes(data),
         rule_seconds=rules, initial_loss=initial_loss, base_memory=resident_bytes())
 
@@ -176,9 +179,11 @@ def _activation_bytes(model: nn.Sequential, x: torch.Tensor) -> list[int]:
     return sizes
 
 
-def _whole_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int) -> float:
+def _whole_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int,
+                task: Task) -> float:
+    """Seconds of forward + backward of the whole model under `task`'s loss."""
     def step():
-        loss = nn.functional.cross_entropy(model(x), y)
+        loss = task.loss(model(x), y)
         loss.backward()
 
     seconds = _best(step, repeats)
