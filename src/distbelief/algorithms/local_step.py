@@ -1,6 +1,7 @@
 """One step of a replica's own optimizer on its local copy (ADMM's and EASGD's replicas).
 
-The replica's model parameters are a `FlatModel` whose gradient buffer is `grad`;
+The loss is the job's task's (`distbelief.task`), the batch's mean. The replica's
+model parameters are a `FlatModel` whose gradient buffer is `grad`;
 `extra(grad)`, when given, adds to the gradient before the rule applies it (ADMM's
 pull towards the consensus). A NaN/inf loss or gradient skips the step (or stops
 the job: the reporter raises under ``--on-nonfinite stop``).
@@ -12,17 +13,17 @@ import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from distbelief.ps.rules import all_finite
+from distbelief.task import Task
 
 
 def local_step(model, grad: torch.Tensor, rule, feed, slow, report, step: int,
-               extra: Callable[[torch.Tensor], None] | None = None) -> None:
+               extra: Callable[[torch.Tensor], None] | None = None, *, task: Task) -> None:
     xb, yb = feed.next()
     grad.zero_()
     with slow.compute():
-        loss = F.cross_entropy(model(xb), yb)
+        loss = task.loss(model(xb), yb)
         loss.backward()
     value = loss.item()
     finite = math.isfinite(value) and all_finite(grad)

@@ -15,7 +15,7 @@ Example::
 
     slow = Slowdown.for_worker(cfg, ident)
     with slow.compute():
-        loss = F.cross_entropy(model(x), y)
+        loss = task.loss(model(x), y)     # task: the job's `distbelief.task.Task`
         loss.backward()
 """
 

@@ -11,18 +11,19 @@ scaled dual:
 
 The augmented Lagrangian (scaled form, penalty rho; every term is a *mean over
 samples* of a per-sample value, so rho weighs one sample's squared boundary
-mismatch against one sample's cross-entropy whatever N is)::
+mismatch against one sample's loss whatever N is)::
 
-    L = mean_i CE(f_{K-1}(p_{K-1,i}), y_i)
+    L = mean_i loss(f_{K-1}(p_{K-1,i}), y_i)
         + sum_{k<K-1} rho/2 * mean_i ||f_k(p_{k,i}; W_k) - p_{k+1,i} + u_{k,i}||^2
 
-(``||.||^2`` sums over a sample's features.) A round, all parts at once:
+(``loss``: the job's task's per-sample loss, `distbelief.task`, cross-entropy for
+``classify``; ``||.||^2`` sums over a sample's features.) A round, all parts at once:
 
 1. Part k takes ``local_steps`` steps on mini-batches of rows (the same rows for
    every part: `round_batches`, a pure function of (seed, round)) against its own
    terms of L: ``rho/2 ||q_{k-1} - p_k + u_{k-1}||^2`` (k > 0; ``q_{k-1}`` as
    received at the last exchange) plus ``rho/2 ||f_k(p_k) - p_{k+1} + u_k||^2``
-   (k < K-1; ``p_{k+1}`` as received) or the cross-entropy (k = K-1). Its weights
+   (k < K-1; ``p_{k+1}`` as received) or the task's loss (k = K-1). Its weights
    W_k take an Adam step on the batch mean (learning rate `round_lr`: a cosine to 0).
    Its input rows p_k (k > 0) take a proximal step each on the row's *own* terms
    (`DualLayersPart._step_rows`): the left quadratic solved exactly, the right term
@@ -43,7 +44,7 @@ around one `DualLayersPart` per process (``left``/``right``: the boundary links,
 tensors, rows = `touched_rows` <= local_steps * batch_size, and no indices: both
 sides compute the rows)::
 
-    part = DualLayersPart(part_module, k, K, inputs, targets=y, config=cfg)
+    part = DualLayersPart(part_module, k, K, inputs, targets=y, config=cfg, task=task)
     # inputs: x on part 0, left.recv() elsewhere; then, on k < K-1:
     right.send(part.initial_output)                          # once, all N rows
     for _ in range(rounds):
@@ -66,8 +67,9 @@ move apart. The parts share (or, distributed, hold) the model's parameters;
 
 Where to cut: the boundaries agree in the end only if each part right of a
 boundary is smooth in its input. A cut at the last ReLU's output of an MLP
-leaves the right part a Linear, so each row's problem (cross-entropy of an affine
-map plus a quadratic) is smooth and convex and the row and its dual contract. A
+leaves the right part a Linear, so each row's problem (cross-entropy, or squared
+error, of an affine map plus a quadratic) is smooth and convex and the row and its
+dual contract (an L1 loss is convex but not smooth at zero error). A
 ReLU inside a right part gives rows whose step keeps overshooting at its kinks:
 on digits with the zoo MLP (300 rounds) the residual falls ~1000x with the cut
 after the last ReLU, 3-4x with balance (2, 4), (3, 3) or (4, 2).
@@ -83,11 +85,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from distbelief.algorithms.admm.rows import round_batches, round_lr, step_order, touched_rows
 from distbelief.model.partition import PartitionPlan
+from distbelief.task import Task, make_task
 
 __all__ = ["DualLayersConfig", "DualLayersPart", "DualLayersHistory", "round_batches",
            "touched_rows", "step_order", "round_lr", "build_parts", "exchange", "run_round",
@@ -136,7 +138,8 @@ class DualLayersPart:
     p_k (k > 0), and its copies of both boundaries' values and duals.
 
     `inputs` is x (part 0, never changed) or the initial output of part k - 1 over
-    all N rows (the initial p_k and q_{k-1}); `targets` the labels (last part only).
+    all N rows (the initial p_k and q_{k-1}); `targets` the targets (last part only),
+    `task` whose loss the last part minimises (None: classify's cross-entropy).
     The module's parameters are trained in place. Nothing blocks; not thread-safe.
 
     Per round: `batches`, `local_steps` on them (or `local_step` per batch), then
@@ -147,7 +150,7 @@ class DualLayersPart:
 
     def __init__(self, module: nn.Module, part: int, parts: int, inputs: torch.Tensor, *,
                  targets: torch.Tensor | None = None, config: DualLayersConfig,
-                 regularizer: Callable[[], None] | None = None):
+                 regularizer: Callable[[], None] | None = None, task: Task | None = None):
         if not 0 <= part < parts:
             raise ValueError(f"part {part} is not in 0..{parts - 1}")
         self.is_first, self.is_last = part == 0, part == parts - 1
@@ -159,7 +162,7 @@ class DualLayersPart:
         # adds to the weights' .grad before each step (consensus ADMM's pull towards z)
         self.regularizer = regularizer
         self.rows = len(inputs)
-        self.targets = targets
+        self.targets, self.task = targets, task or make_task()
         self.optimizer = torch.optim.Adam(module.parameters(), lr=config.lr,
                                           weight_decay=config.weight_decay)
         inputs = inputs.detach()
@@ -187,21 +190,21 @@ class DualLayersPart:
                              batch_size=cfg.batch_size, seed=cfg.seed)
 
     def _right_terms(self, out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Each row's right-hand term of L: its cross-entropy (last part) or its
+        """Each row's right-hand term of L: its loss (last part) or its
         ``rho/2 ||f_k(p_k) - p_{k+1} + u_k||^2``."""
         if self.is_last:
-            return F.cross_entropy(out, self.targets[rows], reduction="none")
+            return self.task.loss(out, self.targets[rows], reduction="none")
         return self.config.rho / 2 * _sq_rows(out - self.p_right[rows] + self.u_right[rows])
 
     def local_step(self, rows: torch.Tensor) -> float | None:
         """One step on these rows (distinct indices) of W_k and p_k; the batch's mean
-        cross-entropy on the last part, None elsewhere."""
+        loss on the last part, None elsewhere."""
         for group in self.optimizer.param_groups:
             group["lr"] = round_lr(self.config.lr, self.round, self.config.decay_rounds)
         p = None if self.is_first else self.p[rows].requires_grad_()
         out = self.module(self.x[rows] if p is None else p)
         if self.is_last:  # the mean as plain training computes it (K = 1: bit for bit)
-            objective = F.cross_entropy(out, self.targets[rows])
+            objective = self.task.loss(out, self.targets[rows])
         else:
             objective = self._right_terms(out, rows).mean()
         self.optimizer.zero_grad(set_to_none=True)
@@ -242,7 +245,7 @@ class DualLayersPart:
                                      self.eta[rows] * 0.5)
 
     def local_steps(self, batches: Sequence[torch.Tensor]) -> float | None:
-        """`local_step` on each batch; the mean cross-entropy (last part), None elsewhere."""
+        """`local_step` on each batch; the mean loss (last part), None elsewhere."""
         losses = [self.local_step(rows) for rows in batches]
         return sum(losses) / len(losses) if self.is_last else None
 
@@ -292,9 +295,10 @@ class DualLayersPart:
 
 
 def build_parts(model: nn.Sequential, plan: PartitionPlan, x: torch.Tensor, y: torch.Tensor,
-                config: DualLayersConfig) -> list[DualLayersPart]:
+                config: DualLayersConfig, task: Task | None = None) -> list[DualLayersPart]:
     """The K parts of `model` in this process, sharing its parameters, initialised by
-    one forward pass over all rows of x."""
+    one forward pass over all rows of x; the last minimises `task`'s loss (None:
+    classify's)."""
     if plan.split != "layers":
         raise ValueError(f"dual layers needs a layer split, got split={plan.split!r}: use "
                          "PartitionPlan(split='layers', ...)")
@@ -303,7 +307,8 @@ def build_parts(model: nn.Sequential, plan: PartitionPlan, x: torch.Tensor, y: t
     parts, inputs = [], x
     for k in range(plan.partitions):
         part = DualLayersPart(plan.part_module(model, k), k, plan.partitions, inputs,
-                              targets=y if k == plan.partitions - 1 else None, config=config)
+                              targets=y if k == plan.partitions - 1 else None, config=config,
+                              task=task)
         parts.append(part)
         inputs = part.initial_output
     return parts
@@ -320,7 +325,7 @@ def exchange(parts: Sequence[DualLayersPart], rows: torch.Tensor) -> None:
 
 def run_round(parts: Sequence[DualLayersPart], *, interleave: bool = False) -> float:
     """One round of all parts (local steps in `step_order`, then the exchange); the last
-    part's mean cross-entropy over its local steps."""
+    part's mean loss over its local steps."""
     if len({part.round for part in parts}) != 1:
         raise RuntimeError(f"parts are at different rounds {[part.round for part in parts]}")
     batches = parts[0].batches()
@@ -337,7 +342,7 @@ def run_round(parts: Sequence[DualLayersPart], *, interleave: bool = False) -> f
 class DualLayersHistory:
     """Per round: ``residual[r][k]``, boundary k's RMS mismatch per sample after round r's
     exchange (`DualLayersPart.boundary_residual`; empty when K = 1); ``loss[r]``, the last
-    part's mean cross-entropy over its local steps (on its p rows, not the composed
+    part's mean loss over its local steps (on its p rows, not the composed
     network's); ``seconds``, the whole run."""
     residual: list[list[float]] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
@@ -347,27 +352,30 @@ class DualLayersHistory:
 def train_dual_layers(model: nn.Sequential, plan: PartitionPlan, x: torch.Tensor,
                       y: torch.Tensor, *, rounds: int, local_steps: int, batch_size: int,
                       rho: float, lr: float, lr_p: float, seed: int = 0,
-                      weight_decay: float = 0.0, decay: bool = True, interleave: bool = False
-                      ) -> DualLayersHistory:
+                      weight_decay: float = 0.0, decay: bool = True, interleave: bool = False,
+                      task: Task | None = None) -> DualLayersHistory:
     """Train `model` (in place) by dual layers for `rounds` rounds, all parts in this
     process; exactly what one process per part would compute. Blocks until done.
 
     The arguments are `DualLayersConfig`'s; `decay` runs W's learning rate down a cosine
     to 0 over the `rounds` (``decay_rounds = rounds``), `interleave` only reorders the
-    local steps (`step_order`) and changes nothing in the result.
+    local steps (`step_order`) and changes nothing in the result; `task`: whose loss
+    (None: classify's cross-entropy).
 
     Example::
 
+        task = make_task("classify")
         plan = PartitionPlan(split="layers", partitions=2, balance=(5, 1))
         hist = train_dual_layers(model, plan, x, y, rounds=200, local_steps=10,
-                                 batch_size=64, rho=1.0, lr=1e-3, lr_p=1.0)
-        loss, acc = evaluate(model, x_test, y_test)
+                                 batch_size=64, rho=1.0, lr=1e-3, lr_p=1.0, task=task)
+        metrics = evaluate(model, x_test, y_test, task)   # {"loss": ..., "accuracy": ...}
+        metrics[task.headline]                             # accuracy; rmse for regress
     """
     config = DualLayersConfig(rho=rho, lr=lr, lr_p=lr_p, local_steps=local_steps,
                               batch_size=batch_size, seed=seed, weight_decay=weight_decay,
                               decay_rounds=rounds if decay else 0)
     start = time.perf_counter()
-    parts = build_parts(model, plan, x, y, config)
+    parts = build_parts(model, plan, x, y, config, task)
     history = DualLayersHistory()
     for _ in range(rounds):
         history.loss.append(run_round(parts, interleave=interleave))

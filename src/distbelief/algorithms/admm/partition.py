@@ -13,7 +13,7 @@ one replica this is a proximal term that keeps W_k near its last round's value.
 
 A part stops only on an answer of the closer (every part of a replica gets the
 same one), so the parts of a replica always exchange the same rounds.
-Reports: the last part's cross-entropy ("train" events); every contribution
+Reports: the last part's loss (the job's task's; "train" events); every contribution
 carries the residual of the boundary to its right (`DualLayersPart.boundary_residual`).
 """
 
@@ -39,6 +39,7 @@ from distbelief.ps.layout import Layout
 from distbelief.ps.vectors import ZERO
 from distbelief.runtime.channel import Channel
 from distbelief.runtime.context import RoleContext
+from distbelief.task import task_of
 
 
 def run_partition(ctx: RoleContext) -> None:
@@ -74,7 +75,8 @@ def run_partition(ctx: RoleContext) -> None:
                 decay_rounds=steps // a.local_steps)
             part = DualLayersPart(module, k, K, inputs,
                                   targets=y_rows if k == K - 1 else None,
-                                  config=config, regularizer=_consensus_pull(module, member))
+                                  config=config, regularizer=_consensus_pull(module, member),
+                                  task=task_of(cfg))
             if right is not None:
                 right.send(part.initial_output)
             if k == K - 1:

@@ -38,6 +38,7 @@ from distbelief.ps.layout import Layout
 from distbelief.ps.rules import make_rule
 from distbelief.ps.vectors import ZERO
 from distbelief.runtime.context import RoleContext
+from distbelief.task import task_of
 
 
 def state_file(member: str) -> str:
@@ -94,6 +95,7 @@ class _Replica:
         self.rule = make_rule(cfg.optimizer, self.x)
         self.step = start
         self.slow = Slowdown.for_worker(cfg, ctx.ident)
+        self.task = task_of(cfg)
         self.gate = (ReplicaGate(ctx.store, ctx.member, cfg.cluster.timeout)
                      if cfg.train.checkpoint_every is not None else None)
         self.report = Reporter.for_role(ctx, ctx.job["steps"])
@@ -126,7 +128,7 @@ class _Replica:
     def _local_step(self) -> None:
         self.ctx.progress()  # the watchdog (--progress-timeout)
         local_step(self.model, self.grad, self.rule, self.feed, self.slow, self.report,
-                   self.step, extra=self.member.prox_grad)
+                   self.step, extra=self.member.prox_grad, task=self.task)
         self.step += 1
 
     def _save(self, number: int) -> int:

@@ -69,6 +69,7 @@ from distbelief.ps.rules import all_finite
 from distbelief.runtime.context import RoleContext
 from distbelief.runtime.device import DeviceMirror, local_rank, replica_device
 from distbelief.runtime.faults import fault
+from distbelief.task import Task, task_of
 
 
 def run_replica(ctx: RoleContext) -> None:
@@ -83,6 +84,7 @@ def run_replica(ctx: RoleContext) -> None:
     device = replica_device(cfg.cluster.device, local_rank(r, ctx.part, cfg.model.partitions))
     module = plan.part_module(model, part).to(device)
     del model  # a partition keeps only its own layers
+    task = task_of(cfg)  # the loss every step computes
     total = ctx.job["steps"]  # steps_per_replica, computed by the coordinator
     threads = cfg.downpour.replica_workers  # a step takes one batch per worker thread
     resume = ctx.job.get("resume")
@@ -108,7 +110,7 @@ def run_replica(ctx: RoleContext) -> None:
                 DeviceMirror(device) as mirror, \
                 open_partition(plan, module, part, store=peers.raw,
                                name=f"replica{r}.g{restart['generation'] if restart else 0}",
-                               timeout=cfg.cluster.timeout) as runner, \
+                               timeout=cfg.cluster.timeout, task=task) as runner, \
                 open_feed(ctx, data, start * threads, total * threads) as feed:  # batches, from
             # the checkpoint's data position
             if runner.reports_loss:
@@ -125,7 +127,7 @@ def run_replica(ctx: RoleContext) -> None:
             flat = FlatModel(module, grads=grads)
             mirror.host_twin(flat.params)  # where fetches land (the parameters, on the CPU)
             acked, bounded = _train(ctx, ps, mirror, PushWindow(flat, scratch), runner, feed,
-                                    start, total)
+                                    start, total, task)
             boundary_bytes = runner.bytes_sent
             data_stats = feed.stats()
             copies = mirror.stats()
@@ -192,8 +194,9 @@ class PushWindow:
 
 
 def _train(ctx: RoleContext, ps: PSClient, mirror: DeviceMirror, window: PushWindow, runner,
-           feed, start: int, total: int) -> tuple[int, dict]:
-    """Train steps start..total-1; returns how many pushes the shards acknowledged, and the
+           feed, start: int, total: int, task: Task) -> tuple[int, dict]:
+    """Train steps start..total-1 (the worker threads, with T > 1, under `task`'s loss; the
+    runner has its own); returns how many pushes the shards acknowledged, and the
     bounded-staleness figures (none when unbounded)."""
     cfg, r = ctx.config, ctx.ident
     gate = (ReplicaGate(ctx.store, ctx.member, cfg.cluster.timeout)
@@ -208,7 +211,7 @@ def _train(ctx: RoleContext, ps: PSClient, mirror: DeviceMirror, window: PushWin
                         timeout=cfg.cluster.timeout)
     with contextlib.ExitStack() as stack:
         workers = (stack.enter_context(ReplicaWorkers(window.flat, threads, cfg.optimizer.lr,
-                                                      cfg.cluster.timeout))
+                                                      cfg.cluster.timeout, task=task))
                    if threads > 1 else None)
         acked = _steps(ctx, ps, mirror, window, runner, feed, start, total, gate, report, slow,
                        workers, clocks)

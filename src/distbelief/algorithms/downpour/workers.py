@@ -5,7 +5,8 @@ local copy of the parameters (Chilimbi et al., OSDI 2014, section 3.2). A
 *step* is one batch per worker: the replica takes the next T batches of its
 stream, in order, and hands batch j to worker j, so the workers' batches
 together are exactly the replica's batch sequence. Each worker computes its
-gradient on the shared local copy, adds it into the replica's push buffer and
+gradient (of the job's task's loss) on the shared local copy, adds it into the
+replica's push buffer and
 applies it to the local copy with plain SGD (`ps.rules.sgd_`) at the job's
 ``--lr``, all without a lock (Hogwild on the local copy): their reads and
 writes interleave, and two additions to one element may race. The step ends
@@ -25,7 +26,7 @@ step (`skipped`).
 
 Example::
 
-    with ReplicaWorkers(flat, threads=2, lr=0.02, timeout=60) as workers:
+    with ReplicaWorkers(flat, threads=2, lr=0.02, timeout=60, task=task_of(cfg)) as workers:
         loss, samples = workers.step(feed, flat.grads[buf])   # batches 2s and 2s+1
         for bad_loss, bad_samples in workers.skipped:         # non-finite, left out
             ...
@@ -37,10 +38,10 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-import torch.nn.functional as F
 
 from distbelief.model.flat import FlatModel
 from distbelief.ps.rules import all_finite, sgd_
+from distbelief.task import Task, make_task
 
 
 class ReplicaWorkers:
@@ -49,12 +50,14 @@ class ReplicaWorkers:
     `step` is called from the replica's main thread only; it blocks until the T
     workers finished (or `timeout` passes) and re-raises the first worker
     exception with its traceback. `skipped`: (loss, samples) of each batch of the
-    last `step` left out for a NaN/inf loss or gradient. Context manager: the
-    threads always stop on exit.
+    last `step` left out for a NaN/inf loss or gradient. `task`: whose loss (None:
+    classify's cross-entropy). Context manager: the threads always stop on exit.
     """
 
-    def __init__(self, flat: FlatModel, threads: int, lr: float, timeout: float):
+    def __init__(self, flat: FlatModel, threads: int, lr: float, timeout: float, *,
+                 task: Task | None = None):
         self.flat, self.threads, self.lr, self.timeout = flat, threads, lr, timeout
+        self.task = task or make_task()
         self._grads = [torch.zeros(flat.numel) for _ in range(threads)]  # each worker's own
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="replica-worker")
         self.skipped: list[tuple[float, int]] = []
@@ -75,7 +78,7 @@ class ReplicaWorkers:
     def _work(self, j: int, xb: torch.Tensor, yb: torch.Tensor,
               push: torch.Tensor) -> tuple[float, bool]:
         """Worker j's batch: (loss, whether its loss and gradient were finite and used)."""
-        loss = F.cross_entropy(self.flat.model(xb), yb)
+        loss = self.task.loss(self.flat.model(xb), yb)
         # autograd.grad leaves .grad alone: this worker's gradient is its own until added in
         parts = torch.autograd.grad(loss, self.flat.parameters)
         grad = torch.cat([g.reshape(-1) for g in parts], out=self._grads[j])

@@ -28,6 +28,7 @@ from distbelief.ps.layout import Layout
 from distbelief.ps.rules import make_rule
 from distbelief.ps.vectors import PARAMS
 from distbelief.runtime.context import RoleContext
+from distbelief.task import task_of
 
 
 def state_file(replica: int) -> str:
@@ -78,6 +79,7 @@ class _Replica:
         self.centre = torch.empty_like(self.x)
         self.rule = make_rule(cfg.optimizer, self.x)
         self.slow = Slowdown.for_worker(cfg, ctx.ident)
+        self.task = task_of(cfg)
         self.gate = (ReplicaGate(ctx.store, ctx.member, self.timeout)
                      if cfg.train.checkpoint_every is not None else None)
         self.report = Reporter.for_role(ctx, ctx.job["steps"])
@@ -103,7 +105,8 @@ class _Replica:
         self.exchanges += 1
 
     def _local_step(self, step: int) -> None:
-        local_step(self.model, self.grad, self.rule, self.feed, self.slow, self.report, step)
+        local_step(self.model, self.grad, self.rule, self.feed, self.slow, self.report, step,
+                   task=self.task)
 
     def _checkpoint(self, number: int, step: int) -> None:
         folder = set_dir(self.ctx.job["run_dir"], number)

@@ -5,7 +5,8 @@ float32 tensor in a job file under /dev/shm, followed by the update rule's
 state when it has one (`ps.rules.STATE_SLOTS`: momentum's buffer, Adagrad's sum
 of squared gradients). Each of the W worker processes maps that file, builds its
 model with the parameters as views into it (`FlatModel(params=...)`), and at
-every step computes the gradient of its own batch into a private buffer, then
+every step computes the gradient of its own batch (the job's task's loss,
+`distbelief.task`) into a private buffer, then
 applies the update in place on the shared tensor, with no lock
 (`ps.rules.InPlaceRule`). Another worker's reads and writes interleave freely
 with ours: a forward pass may see parameters that another worker is half-way
@@ -31,7 +32,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from distbelief.data.datasets import BatchStream, replica_indices
 from distbelief.metrics.report import Reporter
@@ -40,6 +40,7 @@ from distbelief.data.feed import load_data_and_model
 from distbelief.ps.rules import STATE_SLOTS, InPlaceRule, all_finite
 from distbelief.runtime.shm import SharedTensor
 from distbelief.runtime.context import RoleContext
+from distbelief.task import Task, task_of
 
 __all__ = ["run_worker", "shared_views"]
 
@@ -74,23 +75,23 @@ def run_worker(ctx: RoleContext) -> None:
     ctx.store.append("events", {"event": "replica_joined", "time": time.time() -
                                 ctx.job["start_time"], "replica": w})
     start, cpu = time.time(), time.process_time()
-    applied = _train(ctx, flat, rule, stream, ctx.job["steps"])
+    applied = _train(ctx, flat, rule, stream, ctx.job["steps"], task_of(cfg))
     ctx.store.set_json(f"done/replica{w}", {
         "steps": ctx.job["steps"], "updates": applied, "start": start, "end": time.time(),
         "cpu_seconds": time.process_time() - cpu, "samples": ctx.job["steps"] * stream.batch_size})
 
 
 def _train(ctx: RoleContext, flat: FlatModel, rule: InPlaceRule, stream: BatchStream,
-           total: int) -> int:
-    """Every step: gradient of the next batch, then the lock-free update. Returns the updates
-    applied (steps whose loss and gradient were finite)."""
+           total: int, task: Task) -> int:
+    """Every step: gradient of `task`'s loss on the next batch, then the lock-free update.
+    Returns the updates applied (steps whose loss and gradient were finite)."""
     report = Reporter.for_role(ctx, total)
     grad, applied = flat.grads[0], 0
     for step in range(total):
         ctx.progress()  # the watchdog (--progress-timeout)
         xb, yb = stream.next()
         grad.zero_()
-        loss = F.cross_entropy(flat.model(xb), yb)
+        loss = task.loss(flat.model(xb), yb)
         loss.backward()
         value = loss.item()
         finite = math.isfinite(value) and all_finite(grad)

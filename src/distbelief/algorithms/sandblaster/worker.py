@@ -13,9 +13,9 @@ which portion changes no bit of the sum. The shards apply no update rule.
 
 Two threads: this one reads the coordinator's messages and sends gradients
 (so a push is never stuck behind a slow portion); one compute thread works
-through the portions in order. The loss of a portion is its summed
-cross-entropy divided by the training-set size, so the portions of a batch add
-up to the mean loss and its gradient.
+through the portions in order. The loss of a portion is the sum of its samples'
+losses (the job's task's, `distbelief.task`) divided by the training-set size,
+so the portions of a batch add up to the mean loss and its gradient.
 
 Messages from the coordinator, in order, at ``sb/worker{w}/{n}``:
     {"do": "portion", "eval": e, "portion": p, "generation": g}
@@ -39,7 +39,6 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
-import torch.nn.functional as F
 
 from distbelief.algorithms.sandblaster.portions import portion_bounds
 from distbelief.algorithms.slowdown import Slowdown
@@ -49,6 +48,7 @@ from distbelief.ps.client import PSClient
 from distbelief.ps.layout import Layout
 from distbelief.runtime.context import RoleContext
 from distbelief.runtime.faults import fault
+from distbelief.task import Task, task_of
 
 RESULTS = "sb/results"
 
@@ -69,13 +69,13 @@ def run_worker(ctx: RoleContext) -> None:
     layout = Layout.from_json(ctx.job["layout"])
     with PSClient(ctx.store, layout, f"worker{w}", transport=cfg.cluster.transport,
                   timeout=cfg.cluster.timeout, grad_buffers=1) as ps:
-        _Worker(ctx, ps, model, data).run()
+        _Worker(ctx, ps, model, data, task_of(cfg)).run()
     ctx.store.set_json(f"done/replica{w}", {"transport_bytes": ps.transport_bytes()})
 
 
 class _Worker:
-    def __init__(self, ctx: RoleContext, ps: PSClient, model, data):
-        self.ctx, self.ps, self.model = ctx, ps, model
+    def __init__(self, ctx: RoleContext, ps: PSClient, model, data, task: Task):
+        self.ctx, self.ps, self.model, self.task = ctx, ps, model, task
         self.inbox = ctx.store.clone()  # this thread blocks on it; the compute thread reports
         self.w = ctx.ident
         self.timeout = ctx.config.cluster.timeout
@@ -127,8 +127,8 @@ class _Worker:
                     raise TimeoutError(f"worker {self.w}: no word from the coordinator for "
                                        f"{self.timeout:.0f} s") from None
 
-    def _compute(self, task: dict) -> None:
-        evaluation, portion = task["eval"], task["portion"]
+    def _compute(self, message: dict) -> None:
+        evaluation, portion = message["eval"], message["portion"]
         if self.fetched != evaluation:  # a new batch: fetch the parameters it is computed at
             self.ps.pull(self.flat.params).wait(self.timeout)
             self.fetched = evaluation
@@ -138,10 +138,11 @@ class _Worker:
         began = time.perf_counter()
         self.flat.grads[0].zero_()
         with self.slow.compute():
-            loss = F.cross_entropy(self.model(x), y, reduction="sum") / n
+            loss = self.task.loss(self.model(x), y, reduction="sum") / n
             loss.backward()
         loss = loss.detach()
-        accepted = self.ctx.store.add(claim_key(evaluation, portion, task["generation"]), 1) == 1
+        generation = message["generation"]
+        accepted = self.ctx.store.add(claim_key(evaluation, portion, generation), 1) == 1
         if accepted:
             with self.lock:
                 if self.held_eval != evaluation:  # whatever is left belongs to an abandoned batch
@@ -151,7 +152,8 @@ class _Worker:
         fault("sandblaster.worker.claimed", who=f"worker{self.w}")
         self.ctx.store.append(RESULTS, {
             "kind": "result", "worker": self.w, "eval": evaluation, "portion": portion,
-            "generation": task["generation"], "accepted": accepted, "loss": loss.item(), "samples": stop - start,
+            "generation": generation, "accepted": accepted, "loss": loss.item(),
+            "samples": stop - start,
             "seconds": time.perf_counter() - began})
 
     def _push(self, evaluation: int, slots: dict[str, int]) -> None:

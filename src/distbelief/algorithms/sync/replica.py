@@ -41,7 +41,6 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
-import torch.nn.functional as F
 
 from distbelief.algorithms.schedule import quorum_size
 from distbelief.algorithms.slowdown import Slowdown
@@ -59,6 +58,7 @@ from distbelief.runtime.device import (DeviceMirror, collective_backend, local_r
                                        replica_device, to_cpu, use_device)
 from distbelief.runtime.faults import fault
 from distbelief.runtime.store import JobStore
+from distbelief.task import Task, task_of
 
 GROUP = "pg/sync"
 # entries after the gradient in the all-reduced vector: loss sum, samples, contributors, and
@@ -135,12 +135,12 @@ class _Trainer:
         numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.buf = torch.zeros(numel + EXTRA, device=device)
         self.grad = self.buf[:numel]
-        slow = Slowdown.for_worker(cfg, ctx.ident)
+        slow, task = Slowdown.for_worker(cfg, ctx.ident), task_of(cfg)
         if self.threaded:  # the thread computes on its own copy while the step goes on
-            self.compute = _Gradient(model, torch.zeros(numel, device=device), slow)
+            self.compute = _Gradient(model, torch.zeros(numel, device=device), slow, task)
             self.params = self.compute.flat.params.clone()
         else:  # the model is the parameters, and backward() writes into the reduce buffer
-            self.compute = _Gradient(model, self.grad, slow)
+            self.compute = _Gradient(model, self.grad, slow, task)
             self.params = self.compute.flat.params
         self.rule = make_rule(cfg.optimizer, self.params)
         self.host_params = mirror.host_twin(self.params)  # the parameters on the CPU
@@ -265,13 +265,14 @@ class _Trainer:
 class _Gradient:
     """The summed-loss gradient of one batch on `model`, written into `grad` (a flat vector).
 
-    Summed rather than averaged, so that gradients of batches of any sizes add up
-    and one division by all their samples gives the mean of the combined batch.
+    The loss is `task`'s, summed over the batch's samples rather than averaged, so that
+    gradients of batches of any sizes add up and one division by all their samples
+    gives the mean of the combined batch.
     """
 
-    def __init__(self, model, grad: torch.Tensor, slow: Slowdown):
+    def __init__(self, model, grad: torch.Tensor, slow: Slowdown, task: Task):
         self.flat = FlatModel(model, grads=[grad])
-        self.slow = slow
+        self.slow, self.task = slow, task
 
     @property
     def grad(self) -> torch.Tensor:
@@ -280,7 +281,7 @@ class _Gradient:
     def __call__(self, xb: torch.Tensor, yb: torch.Tensor) -> float:
         self.grad.zero_()
         with self.slow.compute():
-            loss = F.cross_entropy(self.flat.model(xb), yb, reduction="sum")
+            loss = self.task.loss(self.flat.model(xb), yb, reduction="sum")
             loss.backward()
         return loss.item()
 
