@@ -35,9 +35,11 @@ def store(monkeypatch):
 
 
 @contextlib.contextmanager
-def serving(store: JobStore, ident: int, generation: int = 0):
+def serving(store: JobStore, ident: int, generation: int = 0, y: torch.Tensor = Y,
+            target_dtype: torch.dtype = torch.int64):
     """Data server `ident` in a thread (with its heartbeat) until the block ends or the
-    yielded `kill()` is called (it closes its connections, as a dead one would)."""
+    yielded `kill()` is called (it closes its connections, as a dead one would); it
+    serves X with targets `y`, sent as `target_dtype`."""
     stop = threading.Event()
 
     def kill() -> None:  # returns once its connections are closed
@@ -47,7 +49,7 @@ def serving(store: JobStore, ident: int, generation: int = 0):
             time.sleep(0.01)
         time.sleep(0.3)
     server = DataServer(store, ident, generation=generation, timeout=TIMEOUT,
-                        feed_for=lambda r: ReplicaFeed(X, Y, CFG, r))
+                        feed_for=lambda r: ReplicaFeed(X, y, CFG, r), target_dtype=target_dtype)
     skip = store.add(P.conn_counter(ident), 0)
     store.set_json(P.generation_key(ident), generation)
     thread = threading.Thread(target=server.serve, args=(stop.is_set,),
@@ -62,20 +64,21 @@ def serving(store: JobStore, ident: int, generation: int = 0):
     assert not thread.is_alive()
 
 
-def client(store, *, replica=0, servers=1, start=0, total=10, prefetch=3, timeout=TIMEOUT):
+def client(store, *, replica=0, servers=1, start=0, total=10, prefetch=3, timeout=TIMEOUT,
+           **targets):
     return DataClient(store, replica=replica, servers=servers, start=start, total=total,
-                      input_shape=SHAPE, prefetch=prefetch, timeout=timeout)
+                      input_shape=SHAPE, prefetch=prefetch, timeout=timeout, **targets)
 
 
-def expected(replica: int, steps) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    feed = ReplicaFeed(X, Y, CFG, replica)
+def expected(replica: int, steps, y: torch.Tensor = Y) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    feed = ReplicaFeed(X, y, CFG, replica)
     return [feed.batch(s) for s in steps]
 
 
 def assert_batches(got, want):
     assert len(got) == len(want)
     for (xg, yg), (xw, yw) in zip(got, want):
-        assert torch.equal(xg, xw) and torch.equal(yg, yw)
+        assert torch.equal(xg, xw) and yg.dtype == yw.dtype and torch.equal(yg, yw)
 
 
 def test_a_replica_gets_its_augmented_stream_from_any_step(store):
@@ -144,3 +147,13 @@ def test_when_no_server_can_serve_the_replica_fails_in_one_line_naming_it(store)
     assert "no data server could serve step" in message and "data server 0" in message
     assert "--timeout" in message and "\n" not in message
     c.close()
+
+
+def test_regression_targets_are_served_in_their_shape_and_dtype(store):
+    targets = torch.randn(60, 3, 2)  # float32 (N, *S), as `load_dataset` gives --task regress
+    with serving(store, 0, y=targets, target_dtype=torch.float32):
+        with client(store, replica=1, start=2, total=8, target_shape=(3, 2),
+                    target_dtype=torch.float32) as c:
+            got = [c.next() for _ in range(6)]
+    assert got[0][1].shape == (4, 3, 2)
+    assert_batches(got, expected(1, range(2, 8), y=targets))

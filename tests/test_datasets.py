@@ -71,7 +71,7 @@ def test_npz_with_explicit_test_set(tmp_path):
         ({"x": np.zeros((4, 2)), "y": np.array([0.5, 1, 0, 1])}, "non-integer"),
         ({"x": np.zeros((1, 2)), "y": np.zeros(1, dtype=int)}, "at least 2"),
         ({"x": np.array([[0.0, np.nan]] * 4), "y": np.zeros(4, dtype=int)}, "non-finite"),
-        ({"x": np.zeros((4, 2)), "y": np.array([0, -1, 0, 1])}, "label -1"),
+        ({"x": np.zeros((4, 2)), "y": np.array([0, -1, 0, 1])}, "'y' has value -1"),
         ({"x": np.zeros((4, 2)), "y": np.zeros(4), "x_test": np.zeros((2, 2))}, "x_test"),
     ],
 )

@@ -11,6 +11,7 @@ import torch
 from distbelief.data.datasets import load_dataset
 from distbelief.data.samples import ArraySamples
 from distbelief.errors import UserError
+from distbelief.task import Targets
 
 
 def save(path, **arrays):
@@ -42,7 +43,7 @@ def test_explicit_test_set_and_known_shapes(tmp_path):
     data = load_dataset(spec, num_samples=8)
     assert (len(data.train), len(data.test), data.num_classes) == (8, 4, 3)
     np.save(tmp_path / "d" / "y.npy", np.full(20, -1))  # a job's roles trust the coordinator
-    assert load_dataset(spec, known=((5,), 3)).num_classes == 3
+    assert load_dataset(spec, known=((5,), Targets((), 3))).num_classes == 3
 
 
 def test_malformed_directories_are_refused_in_one_line(tmp_path):
@@ -56,7 +57,7 @@ def test_malformed_directories_are_refused_in_one_line(tmp_path):
         ({"x": np.zeros(6), "y": good["y"]}, "shape (N, features"),
         ({"x": good["x"], "y": np.array(list("abcdef"))}, "class ids"),
         ({"x": good["x"], "y": np.full(6, 0.5)}, "non-integer"),
-        ({"x": good["x"], "y": -good["y"] - 1}, "label -"),
+        ({"x": good["x"], "y": -good["y"] - 1}, "'y.npy' has value -"),
         ({"x": good["x"], "y": np.zeros((6, 2))}, "not one-hot"),
         ({"x": good["x"][:1], "y": good["y"][:1]}, "at least 2"),
         ({**good, "x_test": np.zeros((2, 3)), "y_test": np.zeros(2, dtype=int)}, "make them match"),

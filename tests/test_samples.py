@@ -18,6 +18,7 @@ from distbelief.data.samples import (SLOW_SAMPLE_SECONDS, ArraySamples, TensorSa
 from distbelief.errors import UserError
 from distbelief.job import JobConfig
 from distbelief.model.evaluate import evaluate
+from distbelief.task import Targets
 
 X = np.random.default_rng(1).standard_normal((40, 2, 3))  # float64: every source converts
 Y = np.arange(40) % 3
@@ -41,8 +42,8 @@ class Pairs(torch.utils.data.Dataset):
 
 def torch_samples(dataset=None, rows=ROWS, workers=None) -> TorchSamples:
     dataset = dataset if dataset is not None else Pairs()
-    return TorchSamples(dataset, rows, input_shape=(2, 3), num_classes=3, source="test data",
-                        workers=getattr(dataset, "num_workers", None) if workers is None else workers)
+    return TorchSamples(dataset, rows, input_shape=(2, 3), targets=Targets((), 3),
+                        source="test data", workers=getattr(dataset, "num_workers", None) if workers is None else workers)
 
 
 def all_sources(tmp_path) -> dict:
@@ -130,7 +131,7 @@ def test_worker_rule(seconds, declared, want):
 @pytest.mark.parametrize("item, fragment", [
     (np.zeros(3), "return a pair"),
     ((np.zeros((2, 3)), 3), "outside 0..2"),
-    ((np.zeros((2, 3)), -1), "outside 0..2"),
+    ((np.zeros((2, 3)), -1), "has value -1"),
     ((np.zeros((2, 3)), 1.5), "class ids"),
     ((np.zeros((2, 3)), torch.tensor([0, 1, 0])), "not one-hot"),
     ((np.zeros((3, 2)), 1), "same shape"),

@@ -15,6 +15,7 @@ from distbelief.data.samples import TorchSamples
 from distbelief.data.sampling import holdout_split
 from distbelief.data.torchdata import SCAN_SAMPLES, open_torch_dataset
 from distbelief.errors import UserError
+from distbelief.task import Targets
 
 import _sources
 
@@ -59,16 +60,16 @@ def test_train_and_test_datasets():
 
 def test_classes_declared_from_targets_or_scanned_within_the_bound():
     declared = Counting(SCAN_SAMPLES * 2, num_classes=7)
-    assert open_(declared)[3] == 7 and declared.reads == 1  # the first sample: the shape
+    assert open_(declared)[3] == Targets((), 7) and declared.reads == 1  # the first: shapes
     targets = Counting(SCAN_SAMPLES * 2, targets=torch.arange(SCAN_SAMPLES * 2) % 5)
-    assert open_(targets)[3] == 5 and targets.reads == 1
+    assert open_(targets)[3] == Targets((), 5) and targets.reads == 1
     scanned = Counting(50)
-    assert open_(scanned)[3] == 3 and scanned.reads == 51
+    assert open_(scanned)[3] == Targets((), 3) and scanned.reads == 51
     train_rows, test_rows = holdout_split(50, 0)
     unused = int(train_rows[-1])  # not among the 3 training samples kept, nor a test sample
     capped = Counting(50, targets=[i % 3 if i != unused else 9 for i in range(50)])
-    assert open_(capped, num_samples=3)[3] == 3  # like arrays: labels of the samples used
-    assert open_(capped)[3] == 10
+    assert open_(capped, num_samples=3)[3].classes == 3  # like arrays: the samples used
+    assert open_(capped)[3].classes == 10
 
 
 def test_unknown_classes_of_a_large_dataset_are_refused_without_reading_it():
@@ -80,8 +81,8 @@ def test_unknown_classes_of_a_large_dataset_are_refused_without_reading_it():
 
 def test_a_role_that_knows_the_shapes_reads_nothing():
     dataset = Counting(SCAN_SAMPLES + 1)
-    train, test, shape, classes = open_(dataset, known=((2,), 3))
-    assert (shape, classes, dataset.reads) == ((2,), 3, 0)
+    train, test, shape, targets = open_(dataset, known=((2,), Targets((), 3)))
+    assert (shape, targets, dataset.reads) == ((2,), Targets((), 3), 0)
     assert len(train) + len(test) == SCAN_SAMPLES + 1
 
 
@@ -97,7 +98,7 @@ class Stream(torch.utils.data.IterableDataset):
     (Counting(1), "at least 2"),
     (Counting(5, num_classes=0), "num_classes is 0"),
     (Counting(5, num_workers=-1), "num_workers is -1"),
-    (Counting(5, targets=[0, 1, -2, 0, 1]), "label -2"),
+    (Counting(5, targets=[0, 1, -2, 0, 1]), "'targets' has value -2"),
 ])
 def test_bad_datasets_are_refused_in_one_line(made, fragment):
     with pytest.raises(UserError, match=fragment.replace("{", r"\{").replace("}", r"\}")) as info:

@@ -17,7 +17,8 @@ Blocking: `next` blocks until the batch is there (or the timeout); the client
 is used by one thread (the training loop). Example::
 
     with DataClient(store, replica=0, servers=2, start=0, total=100, input_shape=(1, 40),
-                    prefetch=4, timeout=60) as client:
+                    target_shape=(), target_dtype=torch.int64, prefetch=4,
+                    timeout=60) as client:
         for step in range(100):
             xb, yb = client.next()
 """
@@ -49,10 +50,16 @@ class DataUnavailable(RuntimeError):
 
 
 class DataClient:
-    """Replica `replica`'s batches, steps start..total-1, from the job's data servers."""
+    """Replica `replica`'s batches, steps start..total-1, from the job's data servers.
+
+    Each batch is (x float32 ``(n, *input_shape)``, y ``(n, *target_shape)`` of
+    ``target_dtype``): the shapes from the job description, the dtype the job's
+    task's (default: class ids, int64 ``(n,)``).
+    """
 
     def __init__(self, store: JobStore, *, replica: int, servers: int, start: int, total: int,
                  input_shape: tuple[int, ...], prefetch: int, timeout: float,
+                 target_shape: tuple[int, ...] = (), target_dtype: torch.dtype = torch.int64,
                  waiting: Callable[[], ContextManager[None]] = contextlib.nullcontext):
         """`waiting`: the replica's watchdog's wait marker (`RoleContext.waiting`), entered
         while `next` waits for a server: a slow or lost server is no stall of the replica."""
@@ -61,6 +68,7 @@ class DataClient:
         self.store, self.replica, self.servers = store, replica, servers
         self.step, self.total = start, total
         self.input_shape, self.prefetch, self.timeout = tuple(input_shape), prefetch, timeout
+        self.target_shape, self.target_dtype = tuple(target_shape), target_dtype
         self._waiting = waiting
         self.wait_seconds = 0.0
         self.failovers = 0  # connections lost and made again to another (or a new) server
@@ -189,12 +197,14 @@ class _Stream:
             raise
         self.queue: queue.Queue = queue.Queue()  # at most `prefetch` batches, by the credits
         self._thread = threading.Thread(target=self._receive,
-                                        args=(client.step, client.total, client.input_shape),
+                                        args=(client.step, client.total, client.input_shape,
+                                              client.target_shape, client.target_dtype),
                                         name=f"replica{client.replica}-data", daemon=True)
         self._thread.start()
         self.grant(client.prefetch)
 
-    def _receive(self, start: int, total: int, shape: tuple[int, ...]) -> None:
+    def _receive(self, start: int, total: int, shape: tuple[int, ...],
+                 target_shape: tuple[int, ...], target_dtype: torch.dtype) -> None:
         try:
             for expected in range(start, total):
                 op, step, n, *_ = self.down.recv_header()
@@ -204,7 +214,7 @@ class _Stream:
                 if op != P.BATCH:
                     raise RuntimeError(f"data server {self.server} sent op {op}, not a batch")
                 xb = torch.empty((n, *shape))
-                yb = torch.empty(n, dtype=torch.int64)
+                yb = torch.empty((n, *target_shape), dtype=target_dtype)
                 self.down.recv(xb)
                 self.down.recv(yb)
                 self.queue.put((step, xb, yb))

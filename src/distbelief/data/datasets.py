@@ -1,6 +1,7 @@
 """Datasets that work offline, each replica's slice of them, and a batch stream.
 
-``load_dataset(spec)`` understands:
+``load_dataset(spec, task=...)`` understands (the built-in data are class labels,
+for ``--task classify`` only; the others carry targets of any task):
 
 - ``"digits"``: scikit-learn's 1,797 real 8x8 scans, shape (1, 8, 8), 10 classes.
 - ``"mnist1d"``: MNIST-1D generated locally (40,000 train + 10,000 test by
@@ -9,7 +10,8 @@
 - ``"speech"``: synthetic speech-shaped frames, 11 context frames x 40 filterbank
   features = shape (440,), 8192 classes (DistBelief's speech model's sizes),
   labelled by a seeded random linear teacher; 4,096 samples by default.
-- ``"path/to/data.npz"``: arrays ``x``, ``y`` (optional ``x_test``, ``y_test``).
+- ``"path/to/data.npz"``: arrays ``x`` (inputs) and ``y`` (targets), optional
+  ``x_test``, ``y_test``.
 - ``"path/to/dir"``: a directory of ``x.npy``, ``y.npy`` (optional
   ``x_test.npy``, ``y_test.npy``), memory-mapped, never loaded whole
   (`distbelief.data.npydir`): data larger than memory.
@@ -18,16 +20,20 @@
   ``{"train": Dataset, "test": Dataset}`` (`distbelief.data.torchdata`), read a
   batch at a time.
 
-Where no test set is given, 20% of the samples chosen by a seeded permutation
-become the test set (the same for arrays, a directory and a Dataset). Each
-split is a `Samples` (`distbelief.data.samples`): in memory for the built-in
-data, .npz files and arrays; read by position for a directory or a Dataset.
-Example::
+Every target is checked and converted by the job's `distbelief.task.Task`:
+``classify`` class ids (N,) as int64, ``regress`` finite numbers (N, *S) as
+float32, ``sequence`` token ids (N, T) as int64; ``Dataset.targets`` is their
+form. Where no test set is given, 20% of the samples chosen by a seeded
+permutation become the test set (the same for arrays, a directory and a
+Dataset). Each split is a `Samples` (`distbelief.data.samples`): in memory for
+the built-in data, .npz files and arrays; read by position for a directory or a
+Dataset. Example::
 
     ds = load_dataset("digits", seed=0)
     part = replica_indices(len(ds.train), replica=0, replicas=4, seed=0)
     stream = BatchStream(ds.train, None, part, batch_size=32, seed=0)
     xb, yb = stream.next()
+    load_dataset("house.npz", task=make_task("regress")).targets   # Targets(shape=(), classes=None)
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from distbelief.data.checks import check_inputs as _inputs, check_labels as _labels
+from distbelief.data.checks import check_inputs as _inputs
 from distbelief.data.npydir import open_npy_dir
 from distbelief.data.samples import Samples, TensorSamples
 from distbelief.data.sampling import TEST_FRACTION, BatchStream, holdout_split, replica_indices
@@ -51,6 +57,7 @@ from distbelief.errors import UserError
 from distbelief.model.evaluate import evaluate_batches
 from distbelief.plugins import load_callable
 from distbelief.rundir import write_atomic
+from distbelief.task import Targets, Task, make_task
 
 __all__ = ["Dataset", "load_dataset", "default_cache_dir", "replica_indices", "BatchStream",
            "evaluate_split", "TEST_FRACTION"]
@@ -58,13 +65,13 @@ __all__ = ["Dataset", "load_dataset", "default_cache_dir", "replica_indices", "B
 BUILTIN = ("digits", "mnist1d", "synthetic", "speech")
 EVAL_BATCH = 2048
 
-Known = tuple[tuple[int, ...], int]  # (input shape, number of classes), from the job description
+Known = tuple[tuple[int, ...], Targets]  # (input shape, targets), from the job description
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """A classification dataset: a train and a test split (`Samples`), the shape of one
-    input and the number of classes.
+    """A dataset: a train and a test split (`Samples`), the shape of one input and the
+    form of the targets (`distbelief.task.Targets`).
 
     ``x_train``, ``y_train``, ``x_test``, ``y_test`` are each split as whole
     tensors: free for data in memory, but for a directory or a torch Dataset
@@ -76,14 +83,20 @@ class Dataset:
     train: Samples
     test: Samples
     input_shape: tuple[int, ...]
-    num_classes: int
+    targets: Targets
+
+    @property
+    def num_classes(self) -> int:
+        """The width of a built-in model's last layer (`Targets.outputs`): the classes, the
+        token values, or a regression target's number of values."""
+        return self.targets.outputs
 
     @property
     def x_train(self) -> torch.Tensor:  # float32, shape (N, *input_shape)
         return self.train.tensors()[0]
 
     @property
-    def y_train(self) -> torch.Tensor:  # int64, shape (N,)
+    def y_train(self) -> torch.Tensor:  # the task's dtype, shape (N, *targets.shape)
         return self.train.tensors()[1]
 
     @property
@@ -95,12 +108,13 @@ class Dataset:
         return self.test.tensors()[1]
 
 
-def evaluate_split(model: torch.nn.Module, samples: Samples, batch_size: int = EVAL_BATCH
-                   ) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of ``model`` over every sample of a split, read a
-    batch at a time (`distbelief.model.evaluate.evaluate_batches`)."""
+def evaluate_split(model: torch.nn.Module, samples: Samples, batch_size: int = EVAL_BATCH,
+                   task: Task | None = None) -> dict[str, float]:
+    """The task's metrics (default classify's: ``{"loss", "accuracy"}``) of ``model`` over
+    every sample of a split, read a batch at a time
+    (`distbelief.model.evaluate.evaluate_batches`)."""
     with samples.in_order(batch_size) as batches:
-        return evaluate_batches(model, batches)
+        return evaluate_batches(model, batches, task)
 
 
 def default_cache_dir() -> Path:
@@ -110,22 +124,29 @@ def default_cache_dir() -> Path:
 
 def load_dataset(
     spec: str, *, seed: int = 0, num_samples: int | None = None, cache_dir: Path | None = None,
-    known: Known | None = None,
+    known: Known | None = None, task: Task | None = None,
 ) -> Dataset:
-    """Load the dataset named by ``spec`` (see the module docstring).
+    """Load the dataset named by ``spec`` (see the module docstring), its targets checked
+    and converted by ``task`` (default ``make_task("classify")``).
 
     ``num_samples`` is how many samples to generate for mnist1d (default 50,000),
     synthetic (default 20,000) and speech (default 4,096); for digits, .npz, directories and
     factories it caps the number of training samples used. ``seed`` fixes generation and the
-    split. ``known`` = (input shape, number of classes) as the coordinator found them (the
-    job description): a directory or a torch Dataset is then opened without reading any
-    sample or label.
+    split. ``known`` = (input shape, `Targets`) as the coordinator found them (the job
+    description: `distbelief.data.feed.known_shapes`): a directory or a torch Dataset is
+    then opened without reading any sample or target.
 
     Raises:
-        UserError: unknown spec, bad ``num_samples``, or malformed data.
+        UserError: unknown spec, bad ``num_samples``, a built-in dataset with a task other
+            than classify, or malformed data (targets the task cannot learn from).
     """
+    task = task or make_task()
     if num_samples is not None and num_samples < 2:
         raise UserError(f"num_samples must be >= 2, got {num_samples}: ask for more samples")
+    if spec in BUILTIN and task.name != "classify":
+        raise UserError(f"dataset {spec!r} has class labels: use --task classify, or give your "
+                        f"own data (an .npz file, a directory of .npy files or MODULE:FUNCTION) "
+                        f"whose targets suit --task {task.name}")
     if spec == "digits":
         return _from_arrays("digits", _digits(cache_dir or default_cache_dir()), seed,
                             num_samples)
@@ -136,25 +157,25 @@ def load_dataset(
     if spec == "speech":
         return _speech(seed, num_samples or 4096)
     if spec.endswith(".npz"):
-        return _from_arrays(spec, _read_npz(Path(spec)), seed, num_samples)
+        return _from_arrays(spec, _read_npz(Path(spec)), seed, num_samples, task=task)
     if Path(spec).is_dir():
-        train, test, shape, classes = open_npy_dir(Path(spec), seed=seed, num_samples=num_samples,
-                                                   known=known)
-        return Dataset(spec, train, test, shape, classes)
+        train, test, shape, targets = open_npy_dir(Path(spec), seed=seed, num_samples=num_samples,
+                                                   known=known, task=task)
+        return Dataset(spec, train, test, shape, targets)
     if ":" in spec:
         made = load_callable(spec, "dataset factory")()
         source = f"dataset factory {spec!r}"
         if is_split_dict(made) or is_map_dataset(made):
-            train, test, shape, classes = open_torch_dataset(made, source, seed=seed,
-                                                             num_samples=num_samples, known=known)
-            return Dataset(spec, train, test, shape, classes)
+            train, test, shape, targets = open_torch_dataset(
+                made, source, seed=seed, num_samples=num_samples, known=known, task=task)
+            return Dataset(spec, train, test, shape, targets)
         if not isinstance(made, Mapping):
             raise UserError(
                 f"dataset factory {spec!r} returned a {type(made).__name__}: "
                 "return a dict with keys 'x', 'y' (and optionally 'x_test', 'y_test'), a map-style "
                 "torch.utils.data.Dataset, or {'train': Dataset, 'test': Dataset}"
             )
-        return _from_arrays(spec, made, seed, num_samples, source=source)
+        return _from_arrays(spec, made, seed, num_samples, source=source, task=task)
     raise UserError(
         f"unknown dataset {spec!r}: use one of {', '.join(BUILTIN)}, a path to a .npz file or "
         "to a directory of .npy files, or 'module:function'"
@@ -192,20 +213,23 @@ def _as_numpy(value: Any) -> np.ndarray:
 
 
 def _from_arrays(
-    name: str, arrays: Mapping[str, Any], seed: int, num_samples: int | None, source: str | None = None
+    name: str, arrays: Mapping[str, Any], seed: int, num_samples: int | None,
+    source: str | None = None, task: Task | None = None,
 ) -> Dataset:
-    """Validate user arrays (x, y and optional x_test, y_test) and build a Dataset.
+    """Validate user arrays (x, y and optional x_test, y_test) and build a Dataset, the
+    targets checked and converted by ``task`` (default classify).
 
     Raises:
-        UserError: missing keys, length or shape mismatches, bad labels or inputs,
+        UserError: missing keys, length or shape mismatches, bad targets or inputs,
             fewer than 2 samples.
     """
+    task = task or make_task()
     source = source or f"dataset {name!r}"
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing:
         raise UserError(
             f"{source} has no {' or '.join(map(repr, missing))} (found keys: {sorted(arrays) or 'none'}): "
-            "provide arrays 'x' (inputs) and 'y' (labels)"
+            "provide arrays 'x' (inputs) and 'y' (targets)"
         )
     if ("x_test" in arrays) != ("y_test" in arrays):
         raise UserError(f"{source} has only one of 'x_test' and 'y_test': give both or neither")
@@ -214,29 +238,31 @@ def _from_arrays(
         if xk in parts and len(parts[xk]) != len(parts[yk]):
             raise UserError(
                 f"{source}: len({xk}) = {len(parts[xk])} but len({yk}) = {len(parts[yk])}: "
-                "give one label per sample"
+                "give one target per sample"
             )
-    x, y = _inputs(parts["x"], "x", source), _labels(parts["y"], "y", source)
+    x, y = _inputs(parts["x"], "x", source), task.check_targets(parts["y"], "y", source)
     if len(x) < 2:
         raise UserError(f"{source} has {len(x)} samples: give at least 2")
     if "x_test" in parts:
-        x_test, y_test = _inputs(parts["x_test"], "x_test", source), _labels(parts["y_test"], "y_test", source)
-        if x_test.shape[1:] != x.shape[1:]:
-            raise UserError(
-                f"{source}: x_test samples have shape {x_test.shape[1:]} but x samples {x.shape[1:]}: make them match"
-            )
+        x_test = _inputs(parts["x_test"], "x_test", source)
+        y_test = task.check_targets(parts["y_test"], "y_test", source)
+        for key, test, train in (("x", x_test, x), ("y", y_test, y)):
+            if test.shape[1:] != train.shape[1:]:
+                raise UserError(f"{source}: {key}_test samples have shape {test.shape[1:]} but "
+                                f"{key} samples {train.shape[1:]}: make them match")
     else:
         train, test = holdout_split(len(x), seed)
         x, y, x_test, y_test = x[train], y[train], x[test], y[test]
     if num_samples is not None and num_samples < len(x):
         x, y = x[:num_samples], y[:num_samples]
-    num_classes = int(max(y.max(), y_test.max() if len(y_test) else 0)) + 1
     return Dataset(
         name=name,
-        train=TensorSamples(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)),
-        test=TensorSamples(torch.from_numpy(np.ascontiguousarray(x_test)), torch.from_numpy(y_test)),
+        train=TensorSamples(torch.from_numpy(np.ascontiguousarray(x)),
+                            torch.from_numpy(np.ascontiguousarray(y))),
+        test=TensorSamples(torch.from_numpy(np.ascontiguousarray(x_test)),
+                           torch.from_numpy(np.ascontiguousarray(y_test))),
         input_shape=tuple(int(d) for d in x.shape[1:]),
-        num_classes=num_classes,
+        targets=task.targets_of([y, y_test]),
     )
 
 
@@ -347,4 +373,5 @@ def _speech(seed: int, num_samples: int, frames: int = 11, features: int = 40, c
     # In chunks: the full logits matrix would be num_samples x 8192 floats.
     y = np.concatenate([(x[i:i + 4096] @ teacher).argmax(axis=1) for i in range(0, num_samples, 4096)])
     # Label ids up to 8191 may not all occur in a small sample; the class count is fixed.
-    return replace(_from_arrays("speech", {"x": x, "y": y}, seed, None), num_classes=classes)
+    return replace(_from_arrays("speech", {"x": x, "y": y}, seed, None),
+                   targets=Targets((), classes))

@@ -12,7 +12,12 @@ any, `ReplicaFeed.close` stops).
 
 `open_feed` is what a replica trains from: its own `InlineFeed` when the job
 has no data servers, else a `DataClient` streaming from them. Both count the
-seconds the replica spent waiting for (or making) its batches. Example::
+seconds the replica spent waiting for (or making) its batches.
+
+`describe_data` gives the job description's entries on the data (written by the
+coordinator) and `known_shapes` reads them back, so that the other roles open a
+directory or a torch Dataset without reading a sample, and a data server and its
+replicas agree on the batches' shapes and dtypes. Example::
 
     data, model = replica_data_and_model(ctx)     # data is None with data servers
     with open_feed(ctx, data, start=0, total=ctx.job["steps"]) as feed:
@@ -28,10 +33,11 @@ import time
 import torch
 
 from distbelief.data.augment import Augmenter, augment_generator
-from distbelief.data.datasets import load_dataset
+from distbelief.data.datasets import Dataset, Known, load_dataset
 from distbelief.data.samples import Batches, Samples, TensorSamples
 from distbelief.data.sampling import BatchStream, replica_indices
 from distbelief.model.zoo import build_model
+from distbelief.task import Targets, task_of
 
 if TYPE_CHECKING:
     from distbelief.job import JobConfig
@@ -107,11 +113,33 @@ class InlineFeed:
         self.feed.close()
 
 
-def known_shapes(job: dict | None):
-    """(input shape, number of classes) from a job description, or None without one."""
+def describe_data(data: Dataset) -> dict:
+    """The job description's entries on ``data``: ``input_shape``, ``num_classes`` (the
+    model's output width, `Dataset.num_classes`), ``target_shape`` and ``target_classes``
+    (its `Targets`; None for regression). Plain JSON values; `known_shapes` reads them.
+
+    Example: ``{"input_shape": [1, 8, 8], "num_classes": 10, "target_shape": [],
+    "target_classes": 10}``.
+    """
+    return {"input_shape": [int(d) for d in data.input_shape],
+            "num_classes": int(data.num_classes),
+            "target_shape": [int(d) for d in data.targets.shape],
+            "target_classes": data.targets.classes}
+
+
+def known_shapes(job: dict | None) -> Known | None:
+    """(input shape, `Targets`) from a job description (`describe_data`'s entries), or None
+    without them. A description without ``target_shape`` is of class ids:
+    ``Targets((), num_classes)``."""
     if not job or "input_shape" not in job or "num_classes" not in job:
         return None
-    return tuple(job["input_shape"]), int(job["num_classes"])
+    if "target_shape" not in job:
+        targets = Targets((), int(job["num_classes"]))
+    else:
+        classes = job.get("target_classes")
+        targets = Targets(tuple(int(d) for d in job["target_shape"]),
+                          None if classes is None else int(classes))
+    return tuple(int(d) for d in job["input_shape"]), targets
 
 
 def load_data_and_model(cfg, job: dict | None = None) -> tuple:
@@ -119,11 +147,12 @@ def load_data_and_model(cfg, job: dict | None = None) -> tuple:
 
     The model is built right after seeding torch with the job's seed, so the
     coordinator, every replica and every worker start from identical weights.
-    `job`: the job description, whose shapes spare a role re-reading samples or labels
-    to find them (a directory or a torch Dataset).
+    `job`: the job description, whose shapes spare a role re-reading samples or targets
+    to find them (a directory or a torch Dataset). The targets are read by the job's
+    task (`distbelief.task.task_of`); the model's output width is `Dataset.num_classes`.
     """
     data = load_dataset(cfg.data.dataset, seed=cfg.train.seed, num_samples=cfg.data.num_samples,
-                        known=known_shapes(job))
+                        known=known_shapes(job), task=task_of(cfg))
     torch.manual_seed(cfg.train.seed)
     return data, build_model(cfg.model.name, data.input_shape, data.num_classes)
 
@@ -148,7 +177,9 @@ def open_feed(ctx, data, start: int, total: int):
         return InlineFeed(ReplicaFeed(data.train, None, cfg, ctx.ident), start)
     from distbelief.data.client import DataClient
 
+    input_shape, targets = known_shapes(ctx.job)
     return DataClient(ctx.store, replica=ctx.ident, servers=cfg.cluster.data_servers,
-                      start=start, total=total, input_shape=tuple(ctx.job["input_shape"]),
+                      start=start, total=total, input_shape=input_shape,
+                      target_shape=targets.shape, target_dtype=task_of(cfg).target_dtype,
                       prefetch=cfg.data.prefetch, timeout=cfg.cluster.timeout,
                       waiting=ctx.waiting)

@@ -3,7 +3,9 @@
 ``--dataset path/to/dir`` reads::
 
     dir/x.npy        inputs (N, features...), any numeric dtype (float32 avoids a conversion)
-    dir/y.npy        labels (N,), integer class ids 0..C-1
+    dir/y.npy        targets in the job's task's form (`distbelief.task`): class ids
+                     0..C-1 (N,) for classify, token ids (N, T) for sequence, numbers
+                     (N, *S) for regress; any numeric dtype
     dir/x_test.npy   optional test set (both or neither); without it the seeded
     dir/y_test.npy   20% split of `distbelief.data.sampling.holdout_split` is taken
 
@@ -11,45 +13,54 @@ Every array is opened with ``np.load(path, mmap_mode="r", allow_pickle=False)``:
 nothing is read until a batch asks for its rows (`ArraySamples.gather`), so a
 replica touches only its own rows and the operating system keeps only the
 pages in use. Opening reads the headers (shapes, dtypes) and, in the
-coordinator, the labels, in chunks, to check them and count the classes (1 M
-labels at a time; labels are small next to inputs). The inputs are not scanned
-for NaN or inf, since that would read the whole file: a non-finite batch is
-handled by ``--on-nonfinite`` like any other. Example::
+coordinator, the targets, in chunks, to check them (integer ids, finite
+numbers) and count the classes (1 M values at a time; targets are small next to
+inputs). The inputs are not scanned for NaN or inf, since that would read the
+whole file: a non-finite batch is handled by ``--on-nonfinite`` like any other.
+Example::
 
     numpy.save("d/x.npy", x); numpy.save("d/y.npy", y)
-    train, test, input_shape, num_classes = open_npy_dir(Path("d"), seed=0, num_samples=None)
+    train, test, input_shape, targets = open_npy_dir(Path("d"), seed=0, num_samples=None)
+    targets             # Targets(shape=(), classes=10) for class ids 0..9
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from distbelief.data.checks import check_input_layout, check_label_layout, check_labels
+from distbelief.data.checks import check_input_layout
 from distbelief.data.samples import ArraySamples
 from distbelief.data.sampling import holdout_split
 from distbelief.errors import UserError
+from distbelief.task import Targets, Task, make_task
 
 __all__ = ["open_npy_dir"]
 
 NAMES = ("x", "y", "x_test", "y_test")
-LABEL_CHUNK = 1 << 20
+TARGET_CHUNK = 1 << 20  # target values checked at a time
 
 
 def open_npy_dir(path: Path, *, seed: int, num_samples: int | None,
-                 known: tuple[tuple[int, ...], int] | None = None
-                 ) -> tuple[ArraySamples, ArraySamples, tuple[int, ...], int]:
-    """(train, test, input shape, number of classes) of the .npy directory ``path``.
+                 known: tuple[tuple[int, ...], Targets] | None = None,
+                 task: Task | None = None
+                 ) -> tuple[ArraySamples, ArraySamples, tuple[int, ...], Targets]:
+    """(train, test, input shape, `Targets`) of the .npy directory ``path``, its targets
+    read by ``task`` (default classify).
 
-    ``num_samples`` caps the training samples; ``known`` = (input shape, classes)
-    as the coordinator found them (in the job description) skips the label scan.
+    ``num_samples`` caps the training samples; ``known`` = (input shape, targets)
+    as the coordinator found them (in the job description) skips the target scan.
 
     Raises:
         UserError: x.npy or y.npy missing, only one of x_test.npy / y_test.npy,
             a file that is not a .npy or holds Python objects, a wrong dtype or
-            shape, lengths that differ, bad labels, fewer than 2 samples.
+            shape, lengths that differ, targets the task cannot learn from, fewer
+            than 2 samples.
     """
+    task = task or make_task()
     source = f"dataset directory {str(path)!r}"
     files = {name: path / f"{name}.npy" for name in NAMES}
     missing = [f"{name}.npy" for name in ("x", "y") if not files[name].is_file()]
@@ -63,10 +74,10 @@ def open_npy_dir(path: Path, *, seed: int, num_samples: int | None,
     for xk, yk in (("x", "y"), ("x_test", "y_test")):
         if xk in arrays:
             check_input_layout(arrays[xk], f"{xk}.npy", source)
-            check_label_layout(arrays[yk], f"{yk}.npy", source)
+            task.check_target_layout(arrays[yk], f"{yk}.npy", source)
             if len(arrays[xk]) != len(arrays[yk]):
                 raise UserError(f"{source}: {xk}.npy has {len(arrays[xk])} samples but {yk}.npy "
-                                f"{len(arrays[yk])}: give one label per sample")
+                                f"{len(arrays[yk])}: give one target per sample")
     x, y = arrays["x"], arrays["y"]
     if len(x) < 2:
         raise UserError(f"{source}: x.npy has {len(x)} samples: give at least 2")
@@ -75,19 +86,26 @@ def open_npy_dir(path: Path, *, seed: int, num_samples: int | None,
         if x_test.shape[1:] != x.shape[1:]:
             raise UserError(f"{source}: x_test.npy samples have shape {x_test.shape[1:]} but x.npy "
                             f"samples {x.shape[1:]}: make them match")
+        if y_test.shape[1:] != y.shape[1:]:
+            raise UserError(f"{source}: y_test.npy targets have shape {y_test.shape[1:]} but "
+                            f"y.npy targets {y.shape[1:]}: make them match")
         cap = len(x) if num_samples is None else min(num_samples, len(x))
-        train, test = ArraySamples(x[:cap], y[:cap]), ArraySamples(x_test, y_test)
+        train = ArraySamples(x[:cap], y[:cap], target_dtype=task.target_dtype)
+        test = ArraySamples(x_test, y_test, target_dtype=task.target_dtype)
     else:
         train_rows, test_rows = holdout_split(len(x), seed)
         if num_samples is not None:
             train_rows = train_rows[:num_samples]
-        train, test = ArraySamples(x, y, train_rows), ArraySamples(x, y, test_rows)
+        train = ArraySamples(x, y, train_rows, target_dtype=task.target_dtype)
+        test = ArraySamples(x, y, test_rows, target_dtype=task.target_dtype)
     input_shape = tuple(int(d) for d in x.shape[1:])
     if known is not None:
-        return train, test, input_shape, int(known[1])
-    top = max(_largest_label(train, "y.npy", source),
-              _largest_label(test, "y_test.npy" if "x_test" in arrays else "y.npy", source))
-    return train, test, input_shape, top + 1
+        return train, test, input_shape, known[1]
+    top = max(_scan_targets(train, "y.npy", source, task),
+              _scan_targets(test, "y_test.npy" if "x_test" in arrays else "y.npy", source, task))
+    ids = task.target_dtype == torch.int64  # class or token ids: count them
+    return train, test, input_shape, Targets(tuple(int(d) for d in y.shape[1:]),
+                                             top + 1 if ids else None)
 
 
 def _open(file: Path, source: str) -> np.ndarray:
@@ -117,13 +135,15 @@ def _open(file: Path, source: str) -> np.ndarray:
     return array
 
 
-def _largest_label(samples: ArraySamples, key: str, source: str) -> int:
-    """The largest label of ``samples`` (-1 when empty), checking each, a chunk at a time."""
+def _scan_targets(samples: ArraySamples, key: str, source: str, task: Task) -> int:
+    """Check every target of ``samples`` with ``task``, a chunk at a time; the largest class
+    or token id (-1 when empty or for regression targets)."""
     n, top = len(samples), -1
-    for start in range(0, n, LABEL_CHUNK):
-        stop = min(start + LABEL_CHUNK, n)
+    step = max(1, TARGET_CHUNK // max(1, math.prod(samples.y.shape[1:])))
+    for start in range(0, n, step):
+        stop = min(start + step, n)
         rows = samples.rows[start:stop] if samples.rows is not None else slice(start, stop)
-        labels = check_labels(np.asarray(samples.y[rows]), key, source)
-        if len(labels):
-            top = max(top, int(labels.max()))
+        values = task.check_targets(np.asarray(samples.y[rows]), key, source)
+        if values.size and values.dtype.kind == "i":  # ids (regression targets: checked only)
+            top = max(top, int(values.max()))
     return top

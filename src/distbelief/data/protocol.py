@@ -15,8 +15,12 @@ the other does (a gloo send completes only once the peer posts its receive)::
 
     up:    CREDIT n            the replica may take n more batches
            BYE                 the replica has every batch it asked for
-    down:  BATCH step n [x (n, *input_shape) float32] [y (n,) int64]
+    down:  BATCH step n [x (n, *input_shape) float32] [y (n, *target_shape) task dtype]
            END                 the server is shutting down: connect elsewhere
+
+Both ends know the shapes from the job description (`distbelief.data.feed.known_shapes`)
+and y's dtype from the job's task (`distbelief.task.Task.target_dtype`): int64
+class ids (n,) or token ids (n, T), float32 regression targets (n, *S).
 
 The server sends step S, S+1, ..., T-1 in order, and only while it holds
 credit: the replica grants ``prefetch`` at the start and one per batch it

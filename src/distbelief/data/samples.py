@@ -3,16 +3,18 @@ a `torch.utils.data.Dataset`.
 
 A `Samples` is what the rest of the package reads training and test data
 through. Positions are ``0 .. len - 1`` in the split's own order;
-`Samples.gather` returns float32 inputs ``(n, *input_shape)`` and int64 labels
-``(n,)`` for the positions asked, in that order, and reads nothing else. So a
-replica that gathers only its own batches touches only its own part of the
-data, whatever the data's size:
+`Samples.gather` returns float32 inputs ``(n, *input_shape)`` and the targets
+``(n, *target_shape)`` in the job's task's dtype (`distbelief.task`: int64
+class ids ``(n,)`` or token ids ``(n, T)``, float32 regression targets) for the
+positions asked, in that order, and reads nothing else. So a replica that
+gathers only its own batches touches only its own part of the data, whatever
+the data's size:
 
 - `TensorSamples`: tensors already in memory (the built-in data, .npz files,
   factories returning arrays); gathering is ``index_select``.
 - `ArraySamples`: numpy arrays, typically ``np.load(..., mmap_mode="r")``
   memory maps of files larger than memory; each batch's rows are copied out
-  of the map (and converted to float32 / int64) when gathered.
+  of the map (and converted to float32 / the task's target dtype) when gathered.
 - `TorchSamples`: a user's map-style ``torch.utils.data.Dataset``; batches are
   read through a ``torch.utils.data.DataLoader`` whose batch sampler yields the
   dataset indices of the requested positions, with worker processes when a
@@ -44,6 +46,7 @@ import numpy as np
 import torch
 
 from distbelief.errors import UserError
+from distbelief.task import Targets, Task, make_task
 
 __all__ = ["Samples", "Batches", "TensorSamples", "ArraySamples", "TorchSamples",
            "SLOW_SAMPLE_SECONDS"]
@@ -76,7 +79,7 @@ class Batches:
 
 
 class Samples:
-    """A split of a classification dataset: ``len``, the sample shape, rows by position."""
+    """A split of a dataset: ``len``, the input shape, rows (inputs and targets) by position."""
 
     input_shape: tuple[int, ...]
 
@@ -84,8 +87,8 @@ class Samples:
         raise NotImplementedError
 
     def gather(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x float32 ``(n, *input_shape)``, y int64 ``(n,)``) of ``positions`` (1-D int64), in
-        that order. Reads those samples only."""
+        """(x float32 ``(n, *input_shape)``, y ``(n, *target_shape)`` of the task's dtype) of
+        ``positions`` (1-D int64), in that order. Reads those samples only."""
         raise NotImplementedError
 
     def stream(self, batches: Iterable[torch.Tensor], *, seed: int = 0,
@@ -115,7 +118,8 @@ class Samples:
 
 
 class TensorSamples(Samples):
-    """Samples already in memory: ``x`` float32 ``(N, ...)``, ``y`` int64 ``(N,)``."""
+    """Samples already in memory: ``x`` float32 ``(N, ...)``, ``y`` ``(N, *target_shape)`` in
+    the task's dtype (checked and converted by the loader)."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor):
         self.x, self.y = x, y
@@ -140,16 +144,22 @@ class TensorSamples(Samples):
 
 
 class ArraySamples(Samples):
-    """Rows ``rows`` (all when None) of numpy arrays ``x`` ``(N, ...)`` and ``y`` ``(N,)``.
+    """Rows ``rows`` (all when None) of numpy arrays ``x`` ``(N, ...)`` and ``y``
+    ``(N, *target_shape)``.
 
     Made for memory maps: `gather` copies only the asked-for rows out of ``x``
-    and converts them to float32 (the same values as converting the whole
-    array first). ``y`` must hold integer-valued labels (checked by the loader).
+    and ``y`` and converts them to float32 and ``target_dtype`` (the same values
+    as converting the whole arrays first). ``y`` may be stored in any numeric
+    dtype; its values must suit the task (checked by the loader: integer-valued
+    class or token ids for int64).
     """
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray | None = None):
+    def __init__(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray | None = None,
+                 target_dtype: torch.dtype = torch.int64):
         self.x, self.y, self.rows = x, y, rows
         self.input_shape = tuple(int(d) for d in x.shape[1:])
+        self.target_dtype = target_dtype
+        self._y_dtype = torch.empty(0, dtype=target_dtype).numpy().dtype
 
     def __len__(self) -> int:
         return len(self.rows) if self.rows is not None else len(self.y)
@@ -159,24 +169,28 @@ class ArraySamples(Samples):
         if self.rows is not None:
             index = self.rows[index]
         x = np.ascontiguousarray(self.x[index], dtype=np.float32)
-        y = np.asarray(self.y[index]).astype(np.int64)
+        y = np.ascontiguousarray(self.y[index], dtype=self._y_dtype)
         return torch.from_numpy(x), torch.from_numpy(y)
 
 
 class TorchSamples(Samples):
     """Indices ``rows`` (all when None) of a map-style ``torch.utils.data.Dataset`` whose
     ``dataset[i]`` is ``(x, y)``: x a tensor or array of ``input_shape`` (any numeric
-    dtype, converted to float32), y an int or 0-d tensor in ``0 .. num_classes - 1``.
+    dtype, converted to float32), y the sample's target in the form ``targets`` says
+    (`distbelief.task.Targets`), converted by ``task`` (default classify): a class id
+    (an int or a 0-d tensor) in ``0 .. classes - 1``, token ids of shape (T,) below
+    ``classes``, or float values of ``targets.shape``.
 
     Reader processes: ``workers`` when given (the dataset's ``num_workers``
     attribute), else `workers_for` the time the first batch of a stream took.
     """
 
     def __init__(self, dataset: Any, rows: np.ndarray | None, *, input_shape: tuple[int, ...],
-                 num_classes: int, source: str, workers: int | None = None):
+                 targets: Targets, source: str, task: Task | None = None,
+                 workers: int | None = None):
         self.dataset, self.rows, self.workers = dataset, rows, workers
-        self.input_shape, self.num_classes = tuple(input_shape), num_classes
-        self.collate = Collate(self.input_shape, num_classes, source)
+        self.input_shape, self.targets = tuple(input_shape), targets
+        self.collate = Collate(self.input_shape, targets, task or make_task(), source)
 
     def __len__(self) -> int:
         return len(self.rows) if self.rows is not None else len(self.dataset)
@@ -250,37 +264,59 @@ class _LoaderBatches(Batches):
 
 
 class Collate:
-    """``[(x, y), ...]`` from a Dataset -> (float32 ``(n, *shape)``, int64 ``(n,)``), checking
-    each sample's shape and label. A class (not a closure) so reader processes can be
-    started by any method."""
+    """``[(x, y), ...]`` from a Dataset -> (float32 ``(n, *input_shape)``, targets
+    ``(n, *targets.shape)`` in the task's dtype), checking each sample's input shape and
+    target (its form; class or token ids below ``targets.classes``). A class (not a
+    closure) so reader processes can be started by any method."""
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, source: str):
-        self.input_shape, self.num_classes, self.source = input_shape, num_classes, source
+    def __init__(self, input_shape: tuple[int, ...], targets: Targets, task: Task, source: str):
+        self.input_shape, self.targets, self.source = input_shape, targets, source
+        # the target's form depends on the kind of task alone: a plain one, so that a
+        # user's loss or metrics need not be picklable for reader processes
+        self.task = make_task(task.name)
 
     def __call__(self, items: list) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = [], []
         for item in items:
-            x, y = sample_pair(item, self.source)
+            x, y = sample_pair(item, self.source, self.task)
             if tuple(x.shape) != self.input_shape:
                 raise UserError(f"{self.source}: a sample has shape {tuple(x.shape)} but the "
                                 f"first has {self.input_shape}: give every sample the same shape")
-            if not 0 <= y < self.num_classes:
-                raise UserError(f"{self.source}: label {y} is outside 0..{self.num_classes - 1} "
-                                f"(num_classes = {self.num_classes}): fix the label or num_classes")
+            check_target(y, self.targets, self.task, self.source)
             xs.append(x)
             ys.append(y)
-        return torch.stack(xs), torch.tensor(ys, dtype=torch.int64)
+        return torch.stack(xs), torch.stack(ys)
 
 
-def sample_pair(item: Any, source: str) -> tuple[torch.Tensor, int]:
-    """One ``dataset[i]`` as (float32 tensor, int label).
+def check_target(y: torch.Tensor, targets: Targets, task: Task, source: str) -> None:
+    """One converted sample target ``y`` has the dataset's target shape and, for class or
+    token ids, values below ``targets.classes``.
 
     Raises:
-        UserError: not an (x, y) pair, x not numeric or 0-d, y not an integer class id.
+        UserError: another shape, or an id the model has no output for.
+    """
+    if tuple(y.shape) != targets.shape:
+        raise UserError(f"{source}: a sample's target has shape {tuple(y.shape)} but the "
+                        f"dataset's targets have shape {targets.shape}: give every sample a "
+                        "target of the same shape")
+    if targets.classes is not None and y.numel() and int(y.max()) >= targets.classes:
+        what = "label" if task.name == "classify" else "token id"
+        raise UserError(f"{source}: {what} {int(y.max())} is outside 0..{targets.classes - 1} "
+                        f"(num_classes = {targets.classes}): fix the {what} or num_classes")
+
+
+def sample_pair(item: Any, source: str, task: Task) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ``dataset[i]`` as (float32 input tensor, target tensor in ``task``'s dtype: a 0-d
+    class id, token ids (T,), or float values of any shape).
+
+    Raises:
+        UserError: not an (x, y) pair, x not numeric or 0-d, y not a target of the task
+            (a class id that is not one integer, token ids that are not 1-D, NaN for
+            regression, ...).
     """
     if not isinstance(item, (tuple, list)) or len(item) != 2:
         raise UserError(f"{source}: dataset[i] returned a {type(item).__name__}: return a pair "
-                        "(x, y) of an input tensor or array and an integer label")
+                        "(x, y) of an input tensor or array and its target")
     x, y = item
     try:
         x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x,
@@ -291,17 +327,21 @@ def sample_pair(item: Any, source: str) -> tuple[torch.Tensor, int]:
     if x.dim() == 0:
         raise UserError(f"{source}: a sample's input is a single number: give each sample "
                         "at least one dimension, e.g. shape (features,)")
-    return x, _label(y, source)
+    return x, _target(y, source, task)
 
 
-def _label(y: Any, source: str) -> int:
-    if isinstance(y, (torch.Tensor, np.ndarray)):
-        if (y.numel() if isinstance(y, torch.Tensor) else y.size) != 1:
-            raise UserError(f"{source}: a sample's label has shape {tuple(y.shape)}: give one "
+def _target(y: Any, source: str, task: Task) -> torch.Tensor:
+    if isinstance(y, torch.Tensor):
+        y = y.detach().cpu()
+        if y.dtype == torch.bfloat16:  # numpy has no bfloat16
+            y = y.float()
+    array = np.asarray(y)
+    if task.name == "classify":
+        if array.size != 1:
+            raise UserError(f"{source}: a sample's label has shape {array.shape}: give one "
                             "integer class id per sample (an int or a 0-d tensor), not one-hot")
-        y = y.item()
-    if isinstance(y, (int, np.integer)):  # bool included, as for label arrays
-        return int(y)
-    if isinstance(y, (float, np.floating)) and float(y).is_integer():
-        return int(y)
-    raise UserError(f"{source}: a sample's label is {y!r}: labels must be class ids 0..C-1")
+        array = array.reshape(())  # a label of shape (1,) too
+    elif task.name == "sequence" and array.ndim != 1:
+        raise UserError(f"{source}: a sample's target has shape {array.shape}: --task sequence "
+                        "needs token ids of shape (T,) per sample")
+    return task.target(array, source)

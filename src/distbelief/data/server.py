@@ -14,7 +14,8 @@ batches it sent to the counter ``dataserver<d>/served`` (every 0.2 s, so a
 killed server loses at most that much of its count), and writes
 ``stats/dataserver<d>`` when the job stops. Example (inside the role process)::
 
-    server = DataServer(store, 0, generation=0, feed_for=feeds, timeout=120)
+    server = DataServer(store, 0, generation=0, feed_for=feeds, timeout=120,
+                        target_dtype=task.target_dtype)
     server.serve(stop=lambda: store.has("job/stop"))
 """
 
@@ -30,6 +31,7 @@ import torch
 
 from distbelief.data import protocol as P
 from distbelief.data.feed import ReplicaFeed, known_shapes
+from distbelief.task import task_of
 from distbelief.runtime.channel import Channel, ChannelClosed
 from distbelief.runtime.faults import fault
 from distbelief.runtime.store import JobStore
@@ -40,12 +42,17 @@ REQUEST_SECONDS = 5.0  # the longest a ticket's request may take to appear
 
 
 class DataServer:
-    """Serves replicas' batch streams until stopped. `serve` is called by one thread."""
+    """Serves replicas' batch streams until stopped. `serve` is called by one thread.
+
+    ``target_dtype``: the dtype the targets are sent in, the job's task's
+    (`distbelief.task.Task.target_dtype`), which the replicas receive them in.
+    """
 
     def __init__(self, store: JobStore, ident: int, *, generation: int,
-                 feed_for: Callable[[int], ReplicaFeed], timeout: float):
+                 feed_for: Callable[[int], ReplicaFeed], timeout: float,
+                 target_dtype: torch.dtype = torch.int64):
         self.store, self.ident, self.generation = store, ident, generation
-        self.feed_for, self.timeout = feed_for, timeout
+        self.feed_for, self.timeout, self.target_dtype = feed_for, timeout, target_dtype
         self._lock = threading.Lock()
         self._served: dict[int, int] = {}  # batches sent, by replica
         self._published = 0
@@ -182,7 +189,7 @@ class _Connection:
                 xb, yb = feed.batch(step)
                 down.send_header(P.BATCH, step, len(yb))
                 down.send(xb.contiguous())
-                down.send(yb.to(torch.int64).contiguous())
+                down.send(yb.to(self.server.target_dtype).contiguous())
                 self.server.count(replica)
         finally:
             feed.close()  # its DataLoader's reader processes, if any
@@ -223,10 +230,12 @@ def run_data_server(ctx) -> None:
     torch.set_num_threads(1)  # small per-batch work; concurrent replicas use threads instead
     restart = store.try_get_json(P.restart_key(d))  # this process replaces a lost one
     generation = restart["generation"] if restart else 0
+    task = task_of(cfg)
     data = load_dataset(cfg.data.dataset, seed=cfg.train.seed, num_samples=cfg.data.num_samples,
-                        known=known_shapes(ctx.job))  # opening reads no sample
+                        known=known_shapes(ctx.job), task=task)  # opening reads no sample
     server = DataServer(store, d, generation=generation, timeout=cfg.cluster.timeout,
-                        feed_for=lambda r: ReplicaFeed(data.train, None, cfg, r))
+                        feed_for=lambda r: ReplicaFeed(data.train, None, cfg, r),
+                        target_dtype=task.target_dtype)
     # requests made before now are addressed to a predecessor
     skip = store.add(P.conn_counter(d), 0)
     store.set_json(P.generation_key(d), generation)

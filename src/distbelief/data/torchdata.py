@@ -1,19 +1,25 @@
 """A user's map-style ``torch.utils.data.Dataset`` as a train and a test split.
 
 A dataset factory (``--dataset module:function``) may return a Dataset (its
-``__len__`` and ``__getitem__(i) -> (x, y)``: x a tensor or array, y an int or a
-0-d tensor) or ``{"train": Dataset, "test": Dataset}``. A single Dataset is
-split like arrays: the seeded 20% of `distbelief.data.sampling.holdout_split`,
+``__len__`` and ``__getitem__(i) -> (x, y)``: x a tensor or array, y the
+sample's target in the job's task's form: a class id (an int or a 0-d tensor)
+for ``classify``, token ids (T,) for ``sequence``, float values of any shape
+for ``regress``) or ``{"train": Dataset, "test": Dataset}``. A single Dataset
+is split like arrays: the seeded 20% of `distbelief.data.sampling.holdout_split`,
 by index. Nothing is read up front except, in the coordinator:
 
-- the first sample, for the input shape;
-- the labels, for the number of classes, unless the dataset says it: a
-  ``num_classes`` attribute (on the train dataset, else on the test one) is
-  used as it is. Without one, the labels are read from a ``targets`` attribute
-  (a sequence with one label per sample, torchvision's convention) when there
-  is one, and else by reading every sample, but only for datasets of at most
-  `SCAN_SAMPLES` samples in all (the same rule in every process, so they agree);
-  larger ones are refused with one line asking for ``num_classes``.
+- the first sample (of each dataset), for the input shape and the target's
+  shape (a regression target's S, a sequence's length T);
+- for class or token ids, the number of classes (of token values), unless the
+  dataset says it: a ``num_classes`` attribute (on the train dataset, else on
+  the test one) is used as it is. Without one, the ids are read from a
+  ``targets`` attribute (one target per sample, torchvision's convention) when
+  there is one, and else by reading every sample, but only for datasets of at
+  most `SCAN_SAMPLES` samples in all (the same rule in every process, so they
+  agree); larger ones are refused with one line asking for ``num_classes``.
+
+Regression targets are checked (finite, the first sample's shape) as each
+batch is read.
 
 Processes that know the shapes from the job description (replicas, data
 servers) read nothing at all when opening: only their own batches, later
@@ -26,8 +32,9 @@ chosen from the time a sample takes (`TorchSamples.workers_for`). Example::
         def __len__(self): return 100
         def __getitem__(self, i): return torch.full((3,), float(i)), i % 2
 
-    train, test, shape, classes = open_torch_dataset(Squares(), "factory 'm:f'", seed=0,
+    train, test, shape, targets = open_torch_dataset(Squares(), "factory 'm:f'", seed=0,
                                                      num_samples=None)
+    targets             # Targets(shape=(), classes=2)
 """
 
 from __future__ import annotations
@@ -38,14 +45,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from distbelief.data.checks import check_labels
 from distbelief.data.samples import TorchSamples, sample_pair
 from distbelief.data.sampling import holdout_split
 from distbelief.errors import UserError
+from distbelief.task import Targets, Task, make_task
 
 __all__ = ["is_map_dataset", "open_torch_dataset", "SCAN_SAMPLES"]
 
-SCAN_SAMPLES = 10_000  # the largest dataset whose labels are found by reading every sample
+SCAN_SAMPLES = 10_000  # the largest dataset whose class ids are found by reading every sample
 
 
 def is_map_dataset(value: Any) -> bool:
@@ -66,19 +73,22 @@ def is_split_dict(value: Any) -> bool:
 
 
 def open_torch_dataset(made: Any, source: str, *, seed: int, num_samples: int | None,
-                       known: tuple[tuple[int, ...], int] | None = None
-                       ) -> tuple[TorchSamples, TorchSamples, tuple[int, ...], int]:
-    """(train, test, input shape, number of classes) of a factory's Dataset or
-    ``{"train": Dataset, "test": Dataset}``.
+                       known: tuple[tuple[int, ...], Targets] | None = None,
+                       task: Task | None = None
+                       ) -> tuple[TorchSamples, TorchSamples, tuple[int, ...], Targets]:
+    """(train, test, input shape, `Targets`) of a factory's Dataset or
+    ``{"train": Dataset, "test": Dataset}``, its targets read by ``task`` (default
+    classify).
 
     ``num_samples`` caps the training samples; ``known`` = (input shape,
-    classes) from the job description means nothing is read here.
+    targets) from the job description means nothing is read here.
 
     Raises:
         UserError: not map-style datasets, too few samples, a bad first sample,
-            a bad ``num_classes`` or ``num_workers`` attribute, bad labels, or a
-            number of classes that cannot be known cheaply.
+            a bad ``num_classes`` or ``num_workers`` attribute, bad class or token
+            ids, or a number of classes that cannot be known cheaply.
     """
+    task = task or make_task()
     if isinstance(made, Mapping):
         if set(made) != {"train", "test"}:
             raise UserError(f"{source} returned a dict with keys {sorted(map(str, made))}: return "
@@ -102,21 +112,28 @@ def open_torch_dataset(made: Any, source: str, *, seed: int, num_samples: int | 
         train_rows = train_rows[:num_samples]
     workers = _workers(train_set, source)
     if known is not None:
-        input_shape, num_classes = tuple(known[0]), int(known[1])
+        input_shape, targets = tuple(known[0]), known[1]
     else:
-        input_shape = _first_shape(train_set, source)
+        input_shape, target_shape = _first_shapes(train_set, source, task)
         if test_set is not train_set and len(test_set):
-            test_shape = _first_shape(test_set, source)
-            if test_shape != input_shape:
-                raise UserError(f"{source}: test samples have shape {test_shape} but train samples "
-                                f"{input_shape}: make them match")
-        num_classes = _num_classes(train_set, test_set, train_rows, test_rows, source)
+            test_shapes = _first_shapes(test_set, source, task)
+            if test_shapes[0] != input_shape:
+                raise UserError(f"{source}: test samples have shape {test_shapes[0]} but train "
+                                f"samples {input_shape}: make them match")
+            if test_shapes[1] != target_shape:
+                raise UserError(f"{source}: test samples' targets have shape {test_shapes[1]} but "
+                                f"train samples' {target_shape}: make them match")
+        classes = None
+        if task.target_dtype == torch.int64:  # class or token ids: count them
+            classes = _num_classes(train_set, test_set, train_rows, test_rows, source, task,
+                                   target_shape)
+        targets = Targets(target_shape, classes)
 
     def split(dataset: Any, rows: np.ndarray | None) -> TorchSamples:
-        return TorchSamples(dataset, rows, input_shape=input_shape, num_classes=num_classes,
+        return TorchSamples(dataset, rows, input_shape=input_shape, targets=targets, task=task,
                             source=source, workers=workers)
 
-    return split(train_set, train_rows), split(test_set, test_rows), input_shape, num_classes
+    return split(train_set, train_rows), split(test_set, test_rows), input_shape, targets
 
 
 def _check_map_style(value: Any, what: str) -> None:
@@ -137,14 +154,18 @@ def _workers(dataset: Any, source: str) -> int | None:
     return workers
 
 
-def _first_shape(dataset: Any, source: str) -> tuple[int, ...]:
-    x, _ = sample_pair(dataset[0], source)
-    return tuple(int(d) for d in x.shape)
+def _first_shapes(dataset: Any, source: str, task: Task
+                  ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(input shape, target shape) of ``dataset[0]``."""
+    x, y = sample_pair(dataset[0], source, task)
+    return tuple(int(d) for d in x.shape), tuple(int(d) for d in y.shape)
 
 
 def _num_classes(train_set: Any, test_set: Any, train_rows: np.ndarray | None,
-                 test_rows: np.ndarray | None, source: str) -> int:
-    """``num_classes`` of the dataset, else 1 + the largest label of the samples used."""
+                 test_rows: np.ndarray | None, source: str, task: Task,
+                 shape: tuple[int, ...]) -> int:
+    """``num_classes`` of the dataset, else 1 + the largest class or token id of the samples
+    used (each target of ``shape``)."""
     for dataset in (train_set, test_set):
         declared = getattr(dataset, "num_classes", None)
         if declared is not None:
@@ -154,10 +175,11 @@ def _num_classes(train_set: Any, test_set: Any, train_rows: np.ndarray | None,
                                 "positive int")
             return int(declared)
     parts = ((train_set, train_rows), (test_set, test_rows))
-    if all(_targets(d) is not None for d, _ in parts):
-        labels = [_targets(d)[rows] if rows is not None else _targets(d) for d, rows in parts]
-        return 1 + max((int(np.max(y)) if len(y) else -1) for y in
-                       (check_labels(y, "targets", source) for y in labels))
+    if all(_targets(d, shape) is not None for d, _ in parts):
+        ids = [_targets(d, shape)[rows] if rows is not None else _targets(d, shape)
+               for d, rows in parts]
+        return 1 + max((int(np.max(y)) if y.size else -1) for y in
+                       (task.check_targets(y, "targets", source) for y in ids))
     total = sum(len(rows) if rows is not None else len(d) for d, rows in parts)
     if total > SCAN_SAMPLES:
         raise UserError(f"{source}: the number of classes is unknown and finding it would read "
@@ -166,16 +188,17 @@ def _num_classes(train_set: Any, test_set: Any, train_rows: np.ndarray | None,
     top = -1
     for dataset, rows in parts:
         for i in (rows if rows is not None else range(len(dataset))):
-            label = sample_pair(dataset[int(i)], source)[1]
-            if label < 0:
-                raise UserError(f"{source}: a sample has label {label}: labels must be class "
-                                "ids 0..C-1")
-            top = max(top, label)
+            y = sample_pair(dataset[int(i)], source, task)[1]
+            if tuple(y.shape) != shape:
+                raise UserError(f"{source}: a sample's target has shape {tuple(y.shape)} but the "
+                                f"first has {shape}: give every sample a target of the same shape")
+            if y.numel():
+                top = max(top, int(y.max()))
     return top + 1
 
 
-def _targets(dataset: Any) -> np.ndarray | None:
-    """The dataset's ``targets`` as a 1-D array when it has one label per sample."""
+def _targets(dataset: Any, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The dataset's ``targets`` as an array (N, *shape) when it has one target per sample."""
     targets = getattr(dataset, "targets", None)
     if targets is None:
         return None
@@ -183,4 +206,5 @@ def _targets(dataset: Any) -> np.ndarray | None:
         array = np.asarray(targets.numpy() if isinstance(targets, torch.Tensor) else targets)
     except (TypeError, ValueError):
         return None
-    return array if array.ndim == 1 and len(array) == len(dataset) else None
+    fits = array.ndim == 1 + len(shape) and tuple(array.shape[1:]) == shape
+    return array if fits and len(array) == len(dataset) else None
