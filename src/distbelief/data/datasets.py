@@ -15,6 +15,10 @@ for ``--task classify`` only; the others carry targets of any task):
 - ``"path/to/dir"``: a directory of ``x.npy``, ``y.npy`` (optional
   ``x_test.npy``, ``y_test.npy``), memory-mapped, never loaded whole
   (`distbelief.data.npydir`): data larger than memory.
+- ``"text:PATH"``: text files (a file, a directory's .py/.txt/.md files, a glob, or
+  ``text:stdlib``, Python's own standard library) as byte windows of ``seq_len``
+  (default 128) with next-byte targets, for ``--task sequence``; the test split is
+  whole held-out files (`distbelief.data.text`).
 - ``"module:function"`` / ``"file.py:function"``: a factory returning such a
   dict of arrays, or a map-style ``torch.utils.data.Dataset``, or
   ``{"train": Dataset, "test": Dataset}`` (`distbelief.data.torchdata`), read a
@@ -51,6 +55,8 @@ import torch
 from distbelief.data.checks import check_inputs as _inputs
 from distbelief.data.npydir import open_npy_dir
 from distbelief.data.samples import Samples, TensorSamples
+from distbelief.data.text import PREFIX as TEXT_PREFIX
+from distbelief.data.text import open_text
 from distbelief.data.sampling import TEST_FRACTION, BatchStream, holdout_split, replica_indices
 from distbelief.data.torchdata import is_map_dataset, is_split_dict, open_torch_dataset
 from distbelief.errors import UserError
@@ -124,7 +130,7 @@ def default_cache_dir() -> Path:
 
 def load_dataset(
     spec: str, *, seed: int = 0, num_samples: int | None = None, cache_dir: Path | None = None,
-    known: Known | None = None, task: Task | None = None,
+    known: Known | None = None, task: Task | None = None, seq_len: int | None = None,
 ) -> Dataset:
     """Load the dataset named by ``spec`` (see the module docstring), its targets checked
     and converted by ``task`` (default ``make_task("classify")``).
@@ -134,7 +140,8 @@ def load_dataset(
     factories it caps the number of training samples used. ``seed`` fixes generation and the
     split. ``known`` = (input shape, `Targets`) as the coordinator found them (the job
     description: `distbelief.data.feed.known_shapes`): a directory or a torch Dataset is
-    then opened without reading any sample or target.
+    then opened without reading any sample or target. ``seq_len``: the window of a
+    ``text:`` dataset (default 128; ignored by the others).
 
     Raises:
         UserError: unknown spec, bad ``num_samples``, a built-in dataset with a task other
@@ -143,6 +150,13 @@ def load_dataset(
     task = task or make_task()
     if num_samples is not None and num_samples < 2:
         raise UserError(f"num_samples must be >= 2, got {num_samples}: ask for more samples")
+    if spec.startswith(TEXT_PREFIX):
+        if task.name != "sequence":
+            raise UserError(f"dataset {spec!r} is next-byte prediction: use --task sequence "
+                            f"(not --task {task.name})")
+        train, test, shape, targets = open_text(spec[len(TEXT_PREFIX):], seq_len=seq_len,
+                                                seed=seed, num_samples=num_samples)
+        return Dataset(spec, train, test, shape, targets)
     if spec in BUILTIN and task.name != "classify":
         raise UserError(f"dataset {spec!r} has class labels: use --task classify, or give your "
                         f"own data (an .npz file, a directory of .npy files or MODULE:FUNCTION) "
@@ -178,7 +192,7 @@ def load_dataset(
         return _from_arrays(spec, made, seed, num_samples, source=source, task=task)
     raise UserError(
         f"unknown dataset {spec!r}: use one of {', '.join(BUILTIN)}, a path to a .npz file or "
-        "to a directory of .npy files, or 'module:function'"
+        "to a directory of .npy files, text:PATH, or 'module:function'"
     )
 
 
