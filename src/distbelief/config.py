@@ -149,13 +149,15 @@ class OptimizerConfig:
 @dataclass(kw_only=True)
 class DataConfig:
     dataset: str = "mnist1d"
-    """digits, mnist1d, synthetic, PATH.npz (arrays x, y), DIR (x.npy, y.npy, memory-mapped) or MODULE:FUNCTION (arrays or a torch Dataset)."""
+    """digits, mnist1d, synthetic, PATH.npz (arrays x, y), DIR (x.npy, y.npy, memory-mapped), text:PATH (text files, a directory of .py/.txt/.md files, a glob, or text:stdlib, as byte windows of --seq-len for --task sequence) or MODULE:FUNCTION (arrays or a torch Dataset)."""
     batch_size: int = 64
     """Samples per replica step."""
     num_samples: int | None = option(None, unset="the dataset's own size")
     """Samples to generate for mnist1d/synthetic; for other datasets, a cap on the training samples."""
     prefetch: int = 4
     """With --data-servers: batches in flight to each replica (sent, not yet trained on); bounds their memory."""
+    seq_len: int = 128
+    """For --dataset text:PATH: bytes per sample window (the targets are the window shifted by one byte)."""
 
 
 @dataclass(kw_only=True)
@@ -190,7 +192,7 @@ class AugmentConfig:
 @dataclass(kw_only=True)
 class ModelConfig:
     name: str = option("cnn", name="model")
-    """linear (logistic regression), mlp, cnn, lcnn (locally connected), speech (DistBelief's speech model, 42M parameters), or MODULE:FACTORY (or FILE.py:FACTORY) returning an nn.Module."""
+    """linear (logistic regression), mlp, cnn, lcnn (locally connected), speech (DistBelief's speech model, 42M parameters), transformer or transformer:LAYERS:WIDTH:HEADS (a decoder-only transformer for --task sequence; default 2:128:4), or MODULE:FACTORY (or FILE.py:FACTORY) returning an nn.Module."""
     partitions: int = option(1, refusal="{option} {value} works with --algorithm {users} only: "
                                         "{algorithm} runs unpartitioned replicas; use "
                                         "--partitions 1 or --algorithm {first}")
@@ -270,6 +272,7 @@ def validate_shared(cfg: Any) -> None:
                         "round completes once this fraction of the replicas reported; 1 waits "
                         "for all, 0.75 is Project Adam's choice")
     at_least("--batch-size", d.batch_size, 1, "use a positive batch size")
+    at_least("--seq-len", d.seq_len, 1, "give the bytes per window of a text: dataset, e.g. 128")
     at_least("--eval-every", t.eval_every, 0, "use 0 to evaluate only at the end")
     at_least("--log-every", t.log_every, 1, "report at least every step (1)")
     if not 0 <= c.port <= 65535:

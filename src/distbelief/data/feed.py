@@ -152,7 +152,7 @@ def load_data_and_model(cfg, job: dict | None = None) -> tuple:
     task (`distbelief.task.task_of`); the model's output width is `Dataset.num_classes`.
     """
     data = load_dataset(cfg.data.dataset, seed=cfg.train.seed, num_samples=cfg.data.num_samples,
-                        known=known_shapes(job), task=task_of(cfg))
+                        seq_len=cfg.data.seq_len, known=known_shapes(job), task=task_of(cfg))
     torch.manual_seed(cfg.train.seed)
     return data, build_model(cfg.model.name, data.input_shape, data.num_classes)
 

@@ -232,7 +232,7 @@ def run_data_server(ctx) -> None:
     generation = restart["generation"] if restart else 0
     task = task_of(cfg)
     data = load_dataset(cfg.data.dataset, seed=cfg.train.seed, num_samples=cfg.data.num_samples,
-                        known=known_shapes(ctx.job), task=task)  # opening reads no sample
+                        seq_len=cfg.data.seq_len, known=known_shapes(ctx.job), task=task)  # opening reads no sample
     server = DataServer(store, d, generation=generation, timeout=cfg.cluster.timeout,
                         feed_for=lambda r: ReplicaFeed(data.train, None, cfg, r),
                         target_dtype=task.target_dtype)

@@ -12,6 +12,10 @@
   1-D for (C, L) inputs, 2-D for (C, H, W).
 - ``"speech"``: DistBelief's speech model shape: four hidden layers of 2560 sigmoid
   units over the flattened input (about 42M parameters for 440 inputs, 8192 classes).
+- ``"transformer"`` / ``"transformer:LAYERS:WIDTH:HEADS"`` (default 2:128:4): a small
+  decoder-only transformer for ``--task sequence`` over inputs of shape (T,) holding
+  token ids below ``num_classes``; logits (B, T, num_classes)
+  (`distbelief.model.transformer`).
 - ``"module:function"`` / ``"file.py:function"``: a factory called as
   ``factory(input_shape=..., num_classes=...)`` when it takes those keywords,
   else ``factory()``; it must return an ``nn.Module``.
@@ -34,9 +38,11 @@ from torch import nn
 
 from distbelief.errors import UserError
 from distbelief.model.locally_connected import LocallyConnected1d, LocallyConnected2d
+from distbelief.model.transformer import parse_spec as transformer_spec
+from distbelief.model.transformer import transformer
 from distbelief.plugins import load_callable
 
-BUILTIN = ("linear", "mlp", "cnn", "lcnn", "speech")
+BUILTIN = ("linear", "mlp", "cnn", "lcnn", "speech", "transformer")
 
 
 def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -57,6 +63,13 @@ def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn
         return _lcnn(input_shape, num_classes)
     if spec == "speech":
         return _speech(input_shape, num_classes)
+    sizes = transformer_spec(spec)
+    if sizes is not None:
+        if len(input_shape) != 1:
+            raise UserError(f"model {spec!r} takes token ids of shape (T,), but the inputs have "
+                            f"shape {tuple(input_shape)}: use it with --task sequence data such "
+                            "as --dataset text:PATH")
+        return transformer(input_shape[0], num_classes, *sizes)
     if ":" in spec:
         return _from_factory(spec, input_shape, num_classes)
     raise UserError(
