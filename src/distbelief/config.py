@@ -131,9 +131,9 @@ class ClusterConfig:
 @dataclass(kw_only=True)
 class OptimizerConfig:
     rule: str | None = option(None, choices=RULES)
-    """Update rule: sgd, momentum, adagrad or adam; applied inside the shards (downpour), by every replica to the all-reduced gradient (sync), by each worker (hogwild), or as each replica's local optimizer (admm)."""
+    """Update rule: sgd, momentum, adagrad or adam; applied inside the shards (downpour), by every replica to the all-reduced gradient (sync), by each worker to the shared parameters (hogwild), or as each replica's local optimizer (easgd, admm)."""
     lr: float | None = None
-    """Learning rate (sandblaster: the L-BFGS step scale)."""
+    """Learning rate of the update rule (--rule; sandblaster: the L-BFGS step scale)."""
     momentum: float = 0.9
     """Momentum factor (--rule momentum)."""
     beta1: float = option(0.9, toml_only=True)
@@ -143,7 +143,7 @@ class OptimizerConfig:
     eps: float | None = option(None, toml_only=True)
     """Numerical epsilon; None means the rule's PyTorch default (adagrad 1e-10, adam 1e-8)."""
     weight_decay: float = 0.0
-    """L2 penalty added to the gradient inside the shards."""
+    """L2 penalty added to the gradient by the update rule, wherever --rule applies it (see --rule)."""
 
 
 @dataclass(kw_only=True)

@@ -219,6 +219,8 @@ def _unset_text(dotted: str, text: str | None) -> str | None:
     for algorithm in ALGORITHMS.values():
         if dotted in algorithm.defaults:
             by_value.setdefault(algorithm.defaults[dotted], []).append(algorithm.name)
+        elif dotted in algorithm.computed_defaults:
+            by_value.setdefault(algorithm.computed_defaults[dotted], []).append(algorithm.name)
     parts = [text] if text else []
     for value, users in by_value.items():
         parts.append(f"{value:g}" if isinstance(value, float) else str(value))

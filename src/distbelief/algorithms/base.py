@@ -214,6 +214,8 @@ class Algorithm:
     honours: ClassVar[frozenset[str]] = COMMON
     defaults: ClassVar[dict[str, Any]] = {}
     """Shared fields (dotted) it fills when the user left them unset."""
+    computed_defaults: ClassVar[dict[str, str]] = {}
+    """Shared fields `resolve` fills when unset -> their default in words, for ``--help``."""
     refusal_fixes: ClassVar[dict[str, str]] = {}
     """Shared fields it refuses -> what to do instead (default: leave it out)."""
     parameters: ClassVar[str] = "served"

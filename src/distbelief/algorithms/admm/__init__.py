@@ -60,6 +60,7 @@ class Admm(Algorithm):
                | {"train.checkpoint_every", "cluster.restart_replicas", "model.partitions",
                   "model.balance"})
     defaults = {"optimizer.rule": "adam", "train.on_nonfinite": "skip"}
+    computed_defaults = {"optimizer.lr": "0.01 (0.001 with --partitions K > 1)"}  # `resolve`
     refusal_fixes = {"model.split": "the dual-layers split cuts contiguous layers (--split "
                                     "layers, the default); leave it out",
                      "model.micro_batches": "the dual-layers split exchanges each boundary "
