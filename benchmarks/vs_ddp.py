@@ -205,7 +205,7 @@ def worker(spec: dict) -> None:
             continue  # the first crossing is known: only the final one is still needed
         vector_to_parameters(params.cpu(), model.parameters())
         evals.append({"seconds": seconds, "step": step, "samples": step * batch * world,
-                      "test_accuracy": evaluate(model, data.x_test, data.y_test)[1]})
+                      "test_accuracy": evaluate(model, data.x_test, data.y_test)["accuracy"]})
     Path(spec["out"]).write_text(json.dumps({"began": began, "reports": reports,
                                              "evals": evals, "test_samples": len(data.y_test)}))
 

@@ -134,7 +134,7 @@ def test_digits_mlp_two_parts_learns_and_agrees(digits):
                                         nn.Linear]
     plan = PartitionPlan(split="layers", partitions=2, balance=(5, 1))
     hist = train_dual_layers(model, plan, digits.x_train, digits.y_train, seed=0, **TUNED)
-    _, accuracy = evaluate(model, digits.x_test, digits.y_test)  # the plain network f1(f0(x))
+    accuracy = evaluate(model, digits.x_test, digits.y_test)["accuracy"]  # the plain f1(f0(x))
     first, last = hist.residual[0][0], hist.residual[-1][0]
     print(f"accuracy {accuracy:.3f}, residual {first:.2e} -> {last:.2e} "
           f"({first / last:.0f}x), {hist.seconds:.1f} s")

@@ -205,7 +205,9 @@ def _train(args: argparse.Namespace) -> int:
     if summary is None:  # this process ran a shard or replica of a multi-host job
         return 0
     lost = summary["replicas_lost"]
-    print(f"test accuracy {summary['test_accuracy']:.4f} on {summary['test_samples']} held-out "
+    headline = summary["task"]["headline"]
+    print(f"test {headline.replace('_', ' ')} {summary['test_' + headline]:.4f} on "
+          f"{summary['test_samples']} held-out "
           f"samples; {summary['samples_per_second']:,.0f} samples/s; "
           f"{summary['wall_seconds']:.1f} s" + (f"; {lost} replica(s) lost" if lost else ""))
     print(f"run directory: {summary['run_dir']}")
@@ -241,10 +243,11 @@ def _predict(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         print(f"distbelief: prediction failed: {exc}", file=sys.stderr)
         return 1
-    accuracy = result["accuracy"]
+    metric = result["metrics"].get(result["headline"])
     print(f"wrote {result['output']}: {result['samples']} predictions by "
           f"{result['partitions']} partition(s) in {result['seconds']:.2f} s"
-          + (f"; accuracy {accuracy:.4f}" if accuracy is not None else ""))
+          + (f"; {result['headline'].replace('_', ' ')} {metric:.4f}" if metric is not None
+             else ""))
     return 0
 
 

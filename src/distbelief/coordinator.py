@@ -29,8 +29,9 @@ from distbelief.errors import JobFailed, UserError
 from distbelief.job import JobConfig
 from distbelief.metrics.log import MetricsLog, Progress
 from distbelief.metrics.tensorboard import TensorBoardLog
-from distbelief.data.feed import load_data_and_model
+from distbelief.data.feed import describe_data, load_data_and_model
 from distbelief.model.zoo import check_model
+from distbelief.task import Task, task_of
 from distbelief.parameters import home_for
 from distbelief.rundir import (CHECKPOINT, choose_run_dir, create_run_dir, write_atomic,
                                write_cluster, write_text_atomic)
@@ -62,7 +63,8 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
     else:
         run_dir = choose_run_dir(cfg.train.run_dir, cfg.algorithm)
     data, model = load_data_and_model(cfg)
-    check_model(model, data.input_shape, data.num_classes)
+    task = task_of(cfg)
+    check_model(model, data.input_shape, data.targets, task, cfg.model.name)
     Augmenter(cfg.augment, data.input_shape)  # augmentation that does not fit: one line, now
     home = home_for(algorithm.parameters, cfg, model, data)
     steps = algorithm.steps(cfg, len(data.train))
@@ -82,8 +84,7 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
         if manifest is None:
             write_text_atomic(run_dir / "config.toml", cfg.to_toml())
         job = {"config": cfg.to_dict(), "start_time": time.time(), "steps": steps,
-               "input_shape": list(data.input_shape), "num_classes": data.num_classes,
-               "run_dir": str(run_dir.resolve()), "resume": manifest,
+               **describe_data(data), "run_dir": str(run_dir.resolve()), "resume": manifest,
                **home.job_fields(store)}
         store.set_json("job", job)
         os.environ.update(loopback)  # the coordinator's own channels too
@@ -133,10 +134,9 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
                     start=manifest["checkpoint"] if manifest else 0,
                     meta={"layout": job.get("layout"), "steps": steps}, message=progress.message)
                 watch_replicas(co, algorithm, local, liveness, home.shards, driver, manifest)
-            test_loss, test_acc = home.evaluate(model, data)
+            tested = home.evaluate(model, data)
             metrics.write({"event": "eval", "time": time.time() - job["start_time"],
-                           "step": watch.leading_step, "test_loss": test_loss,
-                           "test_accuracy": test_acc, "final": True})
+                           "step": watch.leading_step, **task.fields(tested), "final": True})
             state = model.state_dict()
             write_atomic(run_dir / CHECKPOINT, lambda f: torch.save(state, f))
             home.stop(store)
@@ -151,7 +151,7 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
                 exit_codes = {c.log_path.stem: c.process.poll() for c in local.children}
         done = [d if isinstance(d, dict) else {}  # None: a lost replica wrote none
                 for d in (store.try_get_json(f"done/replica{m}") for m in members)]
-        summary = {**_summary(cfg, algorithm, job, watch, test_loss, test_acc, run_dir, data,
+        summary = {**_summary(cfg, algorithm, job, watch, task, tested, run_dir, data,
                               exit_codes, home.numel),
                    **home.summary(shard_stats, done), **algorithm.summary(cfg, watch, done),
                    "pushes_acked": sum(d.get("acked", 0) for d in done),
@@ -204,8 +204,8 @@ def _write_cluster(run_dir: Path, store: JobStore, shards: int, members: list[st
                       "pid": info.get("pid"), "host": info.get("host"), "port": None})
     write_cluster(run_dir, roles)
 
-def _summary(cfg: JobConfig, algorithm: Algorithm, job: dict, watch: Watch, test_loss: float,
-             test_acc: float, run_dir: Path, data, exit_codes: dict[str, int | None],
+def _summary(cfg: JobConfig, algorithm: Algorithm, job: dict, watch: Watch, task: Task,
+             tested: dict[str, float], run_dir: Path, data, exit_codes: dict[str, int | None],
              numel: int) -> dict:
     """The fields every algorithm's summary has (the home and the algorithm add theirs)."""
     wall = time.time() - job["start_time"]
@@ -216,8 +216,9 @@ def _summary(cfg: JobConfig, algorithm: Algorithm, job: dict, watch: Watch, test
         "total_steps": sum(watch.steps.values()), "wall_seconds": wall,
         "samples_per_second": watch.samples / wall if wall > 0 else 0.0,
         "final_loss": sum(e["loss"] for e in last) / len(last) if last else None,
-        "test_loss": test_loss, "test_accuracy": test_acc,
-        "test_samples": len(data.test), "replicas_lost": len(watch.lost),
+        "task": {"name": task.name, "loss": task.loss_name, "headline": task.headline,
+                 "metrics": task.metrics_spec},
+        **task.fields(tested), "test_samples": len(data.test), "replicas_lost": len(watch.lost),
         "lost_replicas": sorted(watch.lost),
         "mean_staleness": sum(stale) / len(stale) if stale else None,
         "late_gradients_dropped": watch.dropped,
@@ -226,8 +227,7 @@ def _summary(cfg: JobConfig, algorithm: Algorithm, job: dict, watch: Watch, test
         "nonfinite_skipped": watch.nonfinite,
         "exit_codes": exit_codes,
         "run_dir": str(run_dir), "checkpoint": str(run_dir / CHECKPOINT),
-        "model": {"input_shape": list(data.input_shape), "num_classes": data.num_classes,
-                  "parameters": numel},
+        "model": {**describe_data(data), "parameters": numel},
         "config": {"dataset": cfg.data.dataset, "model": cfg.model.name,
                    "rule": cfg.optimizer.rule, "lr": cfg.optimizer.lr,
                    "batch_size": cfg.data.batch_size, "seed": cfg.train.seed,

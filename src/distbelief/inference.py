@@ -8,14 +8,18 @@ Linear and locally connected layer), starts one process per partition on this
 host, and streams the input through them batch by batch. Only the activations
 at the partition boundaries travel between the processes.
 
-The output file holds ``logits`` (float32, N x classes) and ``predictions``
-(int64, N); when the input has labels ``y``, also ``accuracy``. The partitioned
-result equals the whole model's (tests/test_predict.py).
+The output file holds the model's raw ``outputs`` (float32; a classifier's
+logits, also saved as ``logits``) and ``predictions`` (`Task.predict`: class ids
+for classify, token ids for sequence, the outputs in the targets' shape for
+regress); when the input has targets ``y``, also the run's task's metrics (for
+classify ``accuracy``). The partitioned result equals the whole model's
+(tests/test_predict.py).
 
 Example::
 
     summary = predict("runs/downpour-...", "test.npz", "out.npz", partitions=2)
-    summary["accuracy"]        # None when the input has no labels
+    summary["accuracy"]        # None when the input has no labels (or the task is not classify)
+    summary["metrics"]         # the task's metrics, {} without targets
 """
 
 from __future__ import annotations
@@ -55,10 +59,16 @@ def predict(run_dir: str | Path, input_path: str | Path, output_path: str | Path
         raise UserError(f"--split {split!r} is not one of {', '.join(SPLITS)}: pick one of those")
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}: try 256")
+    from distbelief.job import load_config
+    from distbelief.task import Targets, task_of
+
     model = load_model(run_dir)
     model.eval()
-    x, y = _read_input(Path(input_path), tuple(json.loads(
-        (Path(run_dir) / "summary.json").read_text())["model"]["input_shape"]))
+    described = json.loads((Path(run_dir) / "summary.json").read_text())["model"]
+    task = task_of(load_config(Path(run_dir) / "config.toml"))
+    targets = Targets(tuple(described.get("target_shape", ())),
+                      described.get("target_classes", described["num_classes"]))
+    x, y = _read_input(Path(input_path), tuple(described["input_shape"]), task)
     output_path = Path(output_path)
     if not output_path.parent.is_dir():
         raise UserError(f"cannot write {str(output_path)!r}: its directory does not exist")
@@ -74,20 +84,25 @@ def predict(run_dir: str | Path, input_path: str | Path, output_path: str | Path
     else:
         logits, boundary = _run_partitioned(run_dir, input_path, plan, batch_size, timeout)
     seconds = time.perf_counter() - start
-    predictions = logits.argmax(1)
-    out = {"logits": logits.numpy().astype(np.float32), "predictions": predictions.numpy()}
-    accuracy = None
+    predictions = task.predict(logits, targets)
+    out = {"outputs": logits.numpy().astype(np.float32), "predictions": predictions.numpy()}
+    if task.name == "classify":
+        out["logits"] = out["outputs"]
+    metrics: dict[str, float] = {}
     if y is not None:
-        accuracy = float((predictions == y).float().mean())
-        out["accuracy"] = np.float64(accuracy)
+        meter = task.meter()
+        meter.update(logits, y)
+        metrics = meter.result()
+        out.update({key: np.float64(value) for key, value in metrics.items()})
     write_atomic(output_path, lambda f: np.savez(f, **out))
-    return {"samples": len(x), "accuracy": accuracy, "partitions": plan.partitions,
+    return {"samples": len(x), "accuracy": metrics.get("accuracy"), "metrics": metrics,
+            "task": task.name, "headline": task.headline, "partitions": plan.partitions,
             "split": plan.split, "balance": list(plan.balance) if plan.balance else None,
             "seconds": seconds, "boundary_bytes": boundary, "output": str(output_path)}
 
 
-def _read_input(path: Path, input_shape: tuple[int, ...]) -> tuple[torch.Tensor,
-                                                                   torch.Tensor | None]:
+def _read_input(path: Path, input_shape: tuple[int, ...], task) -> tuple[torch.Tensor,
+                                                                         torch.Tensor | None]:
     if not path.is_file():
         raise UserError(f"input file {str(path)!r} does not exist: give an .npz with an array x")
     try:
@@ -105,7 +120,8 @@ def _read_input(path: Path, input_shape: tuple[int, ...]) -> tuple[torch.Tensor,
                         f"shape {input_shape}: give x of shape (N, {', '.join(map(str, input_shape))})")
     y = None
     if "y" in arrays:
-        y = torch.as_tensor(arrays["y"]).long().reshape(-1)
+        y = torch.from_numpy(task.check_targets(np.asarray(arrays["y"]), "y", f"input file "
+                                                f"{str(path)!r}"))
         if len(y) != len(x):
             raise UserError(f"input y has {len(y)} labels for {len(x)} samples: give one label "
                             "per sample, or leave y out")
@@ -182,7 +198,7 @@ def run_partition(ctx) -> None:
         ctx.store.set_json(DONE_KEY, {"boundary_bytes": ctx.store.add("predict/boundary_bytes", 0)})
 
 
-def load_model(run_dir: str | Path) -> nn.Module:
+def load_model(run_dir: str | Path) -> torch.nn.Module:
     """The trained model of a finished run, rebuilt from its config and checkpoint."""
     import json
 
@@ -200,6 +216,6 @@ def load_model(run_dir: str | Path) -> nn.Module:
     summary = json.loads(summary_path.read_text())
     cfg = load_config(run_dir / "config.toml")
     model = build_model(cfg.model.name, tuple(summary["model"]["input_shape"]),
-                        summary["model"]["num_classes"])
+                        summary["model"]["num_classes"])  # the model's output width
     model.load_state_dict(torch.load(run_dir / CHECKPOINT, weights_only=True))
     return model

@@ -22,6 +22,7 @@ from distbelief.ps.client import PSClient
 from distbelief.ps.layout import Layout
 from distbelief.runtime.shm import SharedTensor, job_file
 from distbelief.runtime.store import JobStore
+from distbelief.task import task_of
 
 
 class Served:
@@ -63,8 +64,8 @@ class Served:
         if not resumed:
             self.ps.set(self.initial).wait(cfg.cluster.timeout)
 
-    def evaluate(self, model: torch.nn.Module, data: Any) -> tuple[float, float]:
-        """Pull the shards' current parameters into `model`; (test loss, accuracy)."""
+    def evaluate(self, model: torch.nn.Module, data: Any) -> dict[str, float]:
+        """Pull the shards' current parameters into `model`; the task's test metrics."""
         assert self.ps is not None
         current = torch.empty(self.ps.layout.numel)
         self.ps.pull(current).wait(self.cfg.cluster.timeout)
@@ -73,7 +74,7 @@ class Served:
             whole[self.perm] = current
             current = whole
         load_flat(model, current)
-        return evaluate_split(model, data.test)
+        return evaluate_split(model, data.test, task=task_of(self.cfg))
 
     def stop(self, store: JobStore) -> None:
         """After the job's last pull; `final_stats` next."""
@@ -123,7 +124,7 @@ class Shared:
     def __init__(self, cfg: Any, model: torch.nn.Module, data: Any):
         from distbelief.ps.rules import STATE_SLOTS
 
-        self.initial = flatten_parameters(model)
+        self.cfg, self.initial = cfg, flatten_parameters(model)
         self.slots = STATE_SLOTS[cfg.optimizer.rule]
         self.shards, self.ps = 0, None
         self.shared: SharedTensor | None = None
@@ -140,11 +141,12 @@ class Shared:
               wait_for: Callable[[list[str], str], None]) -> None:
         """Nothing to wait for: the tensor holds the initial parameters already."""
 
-    def evaluate(self, model: torch.nn.Module, data: Any) -> tuple[float, float]:
-        """(test loss, accuracy) of a snapshot of the shared parameters, loaded into `model`."""
+    def evaluate(self, model: torch.nn.Module, data: Any) -> dict[str, float]:
+        """The task's test metrics of a snapshot of the shared parameters, loaded into
+        `model`."""
         assert self.shared is not None
         load_flat(model, self.shared.tensor[: self.initial.numel()].clone())
-        return evaluate_split(model, data.test)
+        return evaluate_split(model, data.test, task=task_of(self.cfg))
 
     def stop(self, store: JobStore) -> None:
         pass

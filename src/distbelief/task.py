@@ -140,7 +140,7 @@ class Task:
         output, what the task needs and the fix.
         """
         if not isinstance(out, torch.Tensor):
-            raise UserError(f"model {model} returned a {type(out).__name__}: return one tensor "
+            raise UserError(f"{_who(model)} returned a {type(out).__name__}: return one tensor "
                             f"({self._expected(batch, targets)}) for --task {self.name}")
         self._check_shape(out, batch, targets, model)
         if self._user_loss is not None:
@@ -158,6 +158,11 @@ class Task:
 
     def _check_shape(self, out: torch.Tensor, batch: int, targets: Targets, model: str) -> None:
         raise NotImplementedError
+
+    def predict(self, output: torch.Tensor, targets: Targets) -> torch.Tensor:
+        """A model's predictions from its outputs: class ids for classify, token ids for
+        sequence, the outputs in the targets' shape for regress."""
+        return output.argmax(dim=-1)
 
     def shaped(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The output in the form the loss compares with ``target`` (a view)."""
@@ -184,6 +189,16 @@ class Task:
         raise NotImplementedError
 
     # ---- metrics -----------------------------------------------------------------
+
+    def fields(self, metrics: dict[str, float], prefix: str = "test_") -> dict[str, float]:
+        """Metrics as the fields of an event or summary: ``{"test_loss": ..., "test_accuracy":
+        ...}``."""
+        return {prefix + key: value for key, value in metrics.items()}
+
+    def describe(self, metrics: dict[str, float], split: str = "test") -> str:
+        """The headline metric in words: ``"test accuracy 0.9512"``."""
+        name = self.headline if self.headline in metrics else "loss"
+        return f"{split} {name.replace('_', ' ')} {metrics[name]:.4f}"
 
     def meter(self) -> Meter:
         """A fresh accumulator of this task's metrics over a split."""
@@ -272,14 +287,16 @@ class Classify(Task):
 
     def _check_shape(self, out: torch.Tensor, batch: int, targets: Targets, model: str) -> None:
         if out.dim() != 2 or out.shape[0] != batch:
-            raise UserError(f"model {model} output has shape {tuple(out.shape)} for a batch of "
+            raise UserError(f"{_who(model)} output has shape {tuple(out.shape)} for a batch of "
                             f"{batch}, but --task classify needs ({batch}, {targets.classes}): "
                             "end the model with a Linear layer giving one logit per class "
                             "(or choose --task regress or sequence)")
         if out.shape[1] != targets.classes:
-            raise UserError(f"model {model} output has width {out.shape[1]} but the dataset has "
+            hint = (" (targets that are numbers to predict, not class ids: --task regress)"
+                    if out.shape[1] == 1 else "")
+            raise UserError(f"{_who(model)} output has width {out.shape[1]} but the dataset has "
                             f"{targets.classes} classes: make the last layer output "
-                            f"{targets.classes} units")
+                            f"{targets.classes} units{hint}")
 
     def _builtin_loss(self, output, target, reduction):
         return F.cross_entropy(output, target, reduction=reduction)
@@ -323,12 +340,15 @@ class Regress(Task):
         values = math.prod(targets.shape)
         if out.dim() < 1 or out.shape[0] != batch or out[0].numel() != values:
             want = (batch, *targets.shape) if targets.shape else (batch, 1)
-            raise UserError(f"model {model} output has shape {tuple(out.shape)} for a batch of "
+            raise UserError(f"{_who(model)} output has shape {tuple(out.shape)} for a batch of "
                             f"{batch}, but the targets have shape {targets.shape or '()'} per "
                             f"sample: make the model output {want} ({values} values per sample)")
 
     def shaped(self, output, target):
         return output.reshape(target.shape)
+
+    def predict(self, output, targets):
+        return output.reshape(len(output), *targets.shape)
 
     def _builtin_loss(self, output, target, reduction):
         fn = F.mse_loss if self.loss_name == "mse" else F.l1_loss
@@ -377,11 +397,11 @@ class Sequence(Task):
     def _check_shape(self, out: torch.Tensor, batch: int, targets: Targets, model: str) -> None:
         want = (batch, targets.shape[0])
         if out.dim() != 3 or tuple(out.shape[:2]) != want:
-            raise UserError(f"model {model} output has shape {tuple(out.shape)} for a batch of "
+            raise UserError(f"{_who(model)} output has shape {tuple(out.shape)} for a batch of "
                             f"{batch}, but --task sequence needs ({batch}, {targets.shape[0]}, "
                             f"{targets.classes}): logits for every position of the sequence")
         if out.shape[2] < targets.classes:  # type: ignore[operator]
-            raise UserError(f"model {model} gives {out.shape[2]} logits per position but the "
+            raise UserError(f"{_who(model)} gives {out.shape[2]} logits per position but the "
                             f"targets hold token ids up to {targets.classes - 1}: make the last "  # type: ignore[operator]
                             f"layer output at least {targets.classes} units")
 
@@ -395,11 +415,14 @@ class Sequence(Task):
 
     def _sums(self, output, target):
         return {"correct": float((output.argmax(dim=-1) == target).sum()),
-                "tokens": float(target.numel())}
+                "tokens": float(target.numel()),
+                "loss_tokens": float(self.loss(output, target, reduction="sum")
+                                     * target.shape[1])}
 
     def _finish(self, sums, count):
         tokens = max(sums.get("tokens", 0.0), 1.0)
-        return {"token_accuracy": sums.get("correct", 0.0) / tokens}
+        return {"perplexity": math.exp(min(sums.get("loss_tokens", 0.0) / tokens, 700.0)),
+                "token_accuracy": sums.get("correct", 0.0) / tokens}
 
 
 _CLASSES: dict[str, type[Task]] = {"classify": Classify, "regress": Regress,
@@ -424,6 +447,10 @@ def task_of(cfg: Any) -> Task:
     """The task of a job config (its ``[task]`` section)."""
     section = cfg.task
     return make_task(section.name, loss=section.loss, metrics=section.metrics)
+
+
+def _who(model: str) -> str:
+    return f"model {model}" if model else "model"
 
 
 def _class_ids(y: np.ndarray, key: str, source: str, fix: str) -> np.ndarray:

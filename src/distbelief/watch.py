@@ -27,6 +27,7 @@ from distbelief.errors import JobFailed, Tampered, UserError
 from distbelief.runtime.context import Liveness, beat_key, member_name, stuck_key
 from distbelief.runtime.launch import LocalCluster, log_tail
 from distbelief.runtime.store import TAMPERED_KEY, JobStore, StreamReader
+from distbelief.task import task_of
 
 LOST_AFTER = 6.0  # seconds without a heartbeat before a role counts as lost (beats come every 1 s)
 
@@ -310,12 +311,13 @@ def maybe_evaluate(co: Coordination, next_eval: int | None) -> int | None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the training roles go on meanwhile: take one core, not all
     try:
-        loss, acc = co.evaluate()
+        metrics = co.evaluate()
     finally:
         torch.set_num_threads(threads)
+    task = task_of(co.config)
     co.write_event({"event": "eval", "time": time.time() - co.start_time,
-                    "step": watch.leading_step, "test_loss": loss, "test_accuracy": acc})
-    co.message(f"step {watch.leading_step}: test accuracy {acc:.4f}")
+                    "step": watch.leading_step, **task.fields(metrics)})
+    co.message(f"step {watch.leading_step}: {task.describe(metrics)}")
     while next_eval <= watch.leading_step:
         next_eval += every
     return next_eval

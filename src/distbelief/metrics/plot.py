@@ -1,9 +1,11 @@
-"""Plot training runs: training loss and test accuracy against wall-clock time.
+"""Plot training runs: training loss and the task's test metric against wall-clock time.
 
 A run directory holds ``metrics.jsonl`` (one JSON event per line, each with
 ``"event"`` and ``"time"`` in seconds since the job started) and
-``summary.json``. ``"train"`` events (``loss``) and ``"eval"`` events
-(``test_accuracy``) are drawn, and when a run has ``"round"`` events (ADMM's)
+``summary.json``. ``"train"`` events (``loss``) and ``"eval"`` events (the
+task's headline metric, named in the summary's ``task``: ``test_accuracy``
+when classifying, ``test_rmse`` for regression, ``test_perplexity`` for
+sequences) are drawn, and when a run has ``"round"`` events (ADMM's)
 a third panel shows their residuals by round (primal, dual, and each
 boundary's of a dual-layers split); any other event is ignored. Example::
 
@@ -103,13 +105,20 @@ def _loss_curve(events: list[dict[str, Any]]) -> tuple[list[float], list[float]]
     return times, losses
 
 
-def _accuracy_curve(events: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
-    """Eval events' test accuracy in time order."""
+def headline(run_dir: Path) -> str:
+    """The run's headline test metric (its summary's ``task``), "accuracy" when unknown."""
+    task = _read_summary(run_dir).get("task")
+    name = task.get("headline") if isinstance(task, dict) else None
+    return name if isinstance(name, str) else "accuracy"
+
+
+def _metric_curve(events: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """Eval events' ``key`` (e.g. ``test_accuracy``) in time order."""
     evals = sorted(
-        (e for e in events if e.get("event") == "eval" and _number(e.get("test_accuracy"))),
+        (e for e in events if e.get("event") == "eval" and _number(e.get(key))),
         key=lambda e: e["time"],
     )
-    return [float(e["time"]) for e in evals], [float(e["test_accuracy"]) for e in evals]
+    return [float(e["time"]) for e in evals], [float(e[key]) for e in evals]
 
 
 def _residual_curves(events: list[dict[str, Any]]) -> dict[str, tuple[list[int], list[float]]]:
@@ -138,8 +147,8 @@ def _check_format(out: Path) -> None:
 
 
 def figure_runs(run_dirs: list[Path]) -> Figure:
-    """The figure `plot_runs` saves: training loss (left axes) and test accuracy (right)
-    against wall-clock seconds, one line per run in each, labelled by ``run_label``.
+    """The figure `plot_runs` saves: training loss (left axes) and the task's headline test
+    metric (right: accuracy, RMSE or perplexity) against wall-clock seconds, one line per run in each, labelled by ``run_label``.
 
     The loss line of a run is its train events' losses in time order, each the mean of
     the last R reports (R: the replicas that reported). Runs with equal labels get
@@ -157,6 +166,7 @@ def figure_runs(run_dirs: list[Path]) -> Figure:
         f"{label} ({d.name})" if labels.count(label) > 1 else label for label, (d, _) in zip(labels, runs)
     ]
     residuals = [_residual_curves(events) for _, events in runs]
+    metrics = [headline(d) for d, _ in runs]
     panels = 3 if any(residuals) else 2
     fig = Figure(figsize=(6 * panels, 4.5))
     ax_loss, ax_acc, *ax_res = fig.subplots(1, panels)
@@ -167,8 +177,8 @@ def figure_runs(run_dirs: list[Path]) -> Figure:
         all_positive &= all(v > 0 for v in losses)
         any_loss |= bool(losses)
         ax_loss.plot(times, losses, color=colour, label=label)
-        times, accuracy = _accuracy_curve(events)
-        ax_acc.plot(times, accuracy, color=colour, marker="o", markersize=3, label=label)
+        times, values = _metric_curve(events, "test_" + metrics[index])
+        ax_acc.plot(times, values, color=colour, marker="o", markersize=3, label=label)
         for (name, (rounds, values)), style in zip(residuals[index].items(),
                                                    ("-", "--", ":", "-.", "-", "--")):
             ax_res[0].plot(rounds, values, color=colour, linestyle=style,
@@ -176,14 +186,16 @@ def figure_runs(run_dirs: list[Path]) -> Figure:
     if all_positive and any_loss:  # cross-entropy spans decades; log shows late differences
         ax_loss.set_yscale("log")
     ax_loss.set(xlabel="wall-clock seconds", ylabel="training loss (mean over replicas)", title="Training loss")
-    ax_acc.set(xlabel="wall-clock seconds", ylabel="test accuracy", title="Test accuracy")
+    shown = " / ".join(dict.fromkeys(m.replace("_", " ") for m in metrics))
+    ax_acc.set(xlabel="wall-clock seconds", ylabel=f"test {shown}", title=f"Test {shown}")
     if ax_res:
         ax_res[0].set(xlabel="round", ylabel="residual", yscale="log",
                       title="ADMM residuals (primal, dual, boundaries)")
         ax_res[0].legend(fontsize="small", loc="upper right")
     for ax in (ax_loss, ax_acc, *ax_res):
         ax.grid(True, alpha=0.3)
-    ax_acc.legend(fontsize="small", loc="lower right")
+    # accuracy rises to the lower right's empty corner; RMSE and perplexity fall away from it
+    ax_acc.legend(fontsize="small", loc="lower right" if "accuracy" in metrics[0] else "upper right")
     fig.tight_layout()
     return fig
 

@@ -41,6 +41,7 @@ from distbelief.model.locally_connected import LocallyConnected1d, LocallyConnec
 from distbelief.model.transformer import parse_spec as transformer_spec
 from distbelief.model.transformer import transformer
 from distbelief.plugins import load_callable
+from distbelief.task import Targets, Task, make_task
 
 BUILTIN = ("linear", "mlp", "cnn", "lcnn", "speech", "transformer")
 
@@ -213,17 +214,24 @@ def _from_factory(spec: str, input_shape: tuple[int, ...], num_classes: int) -> 
     return model
 
 
-def check_model(model: nn.Module, input_shape: tuple[int, ...], num_classes: int) -> None:
-    """Run one forward pass on a zero batch of 2 and check the output is (2, num_classes).
+def check_model(model: nn.Module, input_shape: tuple[int, ...], targets: Targets | int,
+                task: Task | None = None, name: str = "") -> None:
+    """Run one forward pass on a zero batch of 2 and check the output fits `task` (default:
+    classify) and `targets` (an int: that many classes), trying a user's loss and metrics on
+    it once.
 
     Gradients are off and the model's train/eval mode is restored afterwards.
 
     Raises:
-        UserError: the forward pass fails, or the output has the wrong shape.
+        UserError: the forward pass fails, or the output does not fit the task.
     """
+    task = task or make_task()
+    if isinstance(targets, int):
+        targets = Targets((), targets)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     x = torch.zeros((2, *input_shape), device=device)
+    target = torch.zeros((2, *targets.shape), dtype=task.target_dtype, device=device)
     was_training = model.training
     model.eval()
     try:
@@ -237,15 +245,5 @@ def check_model(model: nn.Module, input_shape: tuple[int, ...], num_classes: int
         ) from exc
     finally:
         model.train(was_training)
-    if not isinstance(out, torch.Tensor):
-        raise UserError(f"model returned a {type(out).__name__}: return a tensor of logits (batch, {num_classes})")
-    if out.dim() != 2 or out.shape[0] != 2:
-        raise UserError(
-            f"model output has shape {tuple(out.shape)} for a batch of 2, expected (2, {num_classes}): "
-            "end the model with a Linear layer over flattened features"
-        )
-    if out.shape[1] != num_classes:
-        raise UserError(
-            f"model output has width {out.shape[1]} but the dataset has {num_classes} classes: "
-            f"make the last layer output {num_classes} units"
-        )
+    with torch.no_grad():
+        task.check_output(out, 2, targets, target, repr(name) if name else "")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from distbelief.algorithms.base import COMMON, SERVED, Algorithm, Coordination, Exchange
 from distbelief.config import at_least, choice, option
 from distbelief.errors import JobFailed, UserError
+from distbelief.task import task_of
 
 LINE_SEARCHES = ("strong_wolfe", "none")
 PORTIONS_PER_WORKER = 8  # default number of portions per worker
@@ -106,6 +107,7 @@ class Sandblaster(Algorithm):
         from distbelief.algorithms.sandblaster.driver import SandblasterFailed, SandblasterJob, drive
 
         cfg, watch = co.config, co.watch
+        task = task_of(cfg)
 
         def show(iterations: int, loss: float, samples_per_second: float) -> None:
             watch.steps[0] = iterations
@@ -115,10 +117,10 @@ class Sandblaster(Algorithm):
 
         def on_iteration(k: int) -> None:
             if cfg.train.eval_every and k % cfg.train.eval_every == 0:
-                loss, acc = co.evaluate()
+                metrics = co.evaluate()
                 co.write_event({"event": "eval", "time": time.time() - co.start_time, "step": k,
-                                "test_loss": loss, "test_accuracy": acc})
-                co.message(f"iteration {k}: test accuracy {acc:.4f}")
+                                **task.fields(metrics)})
+                co.message(f"iteration {k}: {task.describe(metrics)}")
 
         def write_event(event: dict) -> None:
             co.write_event(event)
