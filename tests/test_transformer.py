@@ -98,3 +98,12 @@ def test_sync_training_on_stdlib_text_lowers_the_test_perplexity(tmp_path):
     assert summary["model"]["target_shape"] == [32] and summary["model"]["target_classes"] == 256
     assert summary["test_perplexity"] < 256 and summary["test_perplexity"] < 0.7 * before, (
         summary["test_perplexity"], before)
+
+
+def test_downpour_trains_it_cut_into_two_pipeline_partitions(tmp_path):
+    summary = distbelief.train(
+        algorithm="downpour", task="sequence", dataset=f"text:{JSON_DIR}",
+        model="transformer:2:32:2", seq_len=32, replicas=1, partitions=2, split="layers",
+        steps=30, batch_size=32, rule="adam", lr=0.003, seed=0, run_dir=str(tmp_path / "run"),
+        show_progress=False)
+    assert summary["test_perplexity"] < 64  # uniform guessing over bytes: 256
