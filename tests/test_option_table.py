@@ -67,11 +67,17 @@ TABLE: dict[str, tuple[object, tuple[str, ...]]] = {
     "lr":               (0.5,           (U, U, U, U, U, U)),
     "momentum":         (0.5,           (U, U, R, U, U, U)),
     "weight_decay":     (0.01,          (U, U, R, U, U, U)),
+    "nesterov":         (True,          (U, U, R, U, U, U)),
+    "lr_schedule":      ("cosine",      (U, U, R, U, U, U)),
+    "warmup_steps":     (5,             (U, U, R, U, U, U)),
+    "lr_step_every":    (100,           (U, U, R, U, U, U)),
+    "lr_gamma":         (0.5,           (U, U, R, U, U, U)),
     # [data]; sandblaster cuts all the data into --portions, not batches
     "dataset":          ("digits",      (U, U, U, U, U, U)),
     "batch_size":       (32,            (U, U, R, U, U, U)),
     "num_samples":      (500,           (U, U, U, U, U, U)),
     "prefetch":         (2,             (U, U, R, R, R, R)),
+    "seq_len":          (64,            (U, U, U, U, U, U)),   # text:PATH windows, any algorithm
     # [model]: downpour's replicas are cut into partitions, admm's by layers only
     "model":            ("mlp",         (U, U, U, U, U, U)),
     "partitions":       (2,             (U, R, R, R, U, R)),
@@ -89,14 +95,22 @@ TABLE: dict[str, tuple[object, tuple[str, ...]]] = {
     "checkpoint_every": ("100",         (U, U, R, R, U, U)),
     "on_nonfinite":     ("stop",        (U, U, R, U, U, U)),
     "tensorboard":      (True,          (U, U, U, U, U, U)),   # the coordinator's metrics writer
+    # [task]: every loss and metric, in every role, comes from the task
+    "task":             ("regress",     (U, U, U, U, U, U)),
+    "loss":             ("l1",          (U, U, U, U, U, U)),
+    "metrics":          ("mine:extra",  (U, U, U, U, U, U)),
 }
 
 COMPANIONS: dict[str, dict[str, object]] = {
+    "loss": {"task": "regress"},
     "chunk_bytes": {"shard_layout": "chunks"},
     "prefetch": {"data_servers": 1},
     "split": {"partitions": 2},
     "balance": {"partitions": 2},
     "micro_batches": {"partitions": 2},
+    "nesterov": {"rule": "momentum"},
+    "lr_step_every": {"lr_schedule": "step"},
+    "lr_gamma": {"lr_schedule": "step", "lr_step_every": 100},
 }
 """Options a used option needs beside it to be valid (a refused one is refused alone)."""
 

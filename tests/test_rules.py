@@ -20,17 +20,25 @@ TABLE = {
     "momentum": (lambda p, wd: torch.optim.SGD(p, lr=LR, momentum=0.9, weight_decay=wd),
                  lambda params, grad, state, wd: momentum_(params, grad, state, lr=LR,
                                                            momentum=0.9, weight_decay=wd)),
+    "nesterov": (lambda p, wd: torch.optim.SGD(p, lr=LR, momentum=0.9, nesterov=True,
+                                               weight_decay=wd),
+                 lambda params, grad, state, wd: momentum_(params, grad, state, lr=LR,
+                                                           momentum=0.9, weight_decay=wd,
+                                                           nesterov=True)),
     "adagrad": (lambda p, wd: torch.optim.Adagrad(p, lr=LR, weight_decay=wd),
                 lambda params, grad, state, wd: adagrad_(params, grad, state, lr=LR, eps=1e-10,
                                                          weight_decay=wd)),
 }
+
+CONFIG = {"nesterov": {"rule": "momentum", "nesterov": True}}  # TABLE's names that are options
 
 
 def _oracle_run(rule: str, weight_decay: float, apply) -> tuple[torch.Tensor, torch.Tensor]:
     """(ours, torch.optim's) parameters after STEPS random gradients; `apply(params, grad,
     state)` is our update."""
     params = torch.randn(NUMEL)
-    state = torch.zeros(NUMEL * STATE_SLOTS[rule]) if STATE_SLOTS[rule] else None
+    slots = STATE_SLOTS[CONFIG.get(rule, {}).get("rule", rule)]
+    state = torch.zeros(NUMEL * slots) if slots else None
     reference = torch.nn.Parameter(params.clone())
     optimizer = TABLE[rule][0]([reference], weight_decay)
     for _ in range(STEPS):
@@ -55,7 +63,8 @@ def test_in_place_functions_are_torch_optim_bit_for_bit(rule, weight_decay):
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
 @pytest.mark.parametrize("rule", sorted(TABLE))
 def test_in_place_rule_follows_its_config(rule, weight_decay):
-    cfg = OptimizerConfig(rule=rule, lr=LR, weight_decay=weight_decay)
+    cfg = OptimizerConfig(**{"rule": rule, **CONFIG.get(rule, {})}, lr=LR,
+                          weight_decay=weight_decay)
     ours, theirs = _oracle_run(rule, weight_decay,
                                lambda p, g, s: InPlaceRule(cfg, p, s).apply(g))
     assert torch.equal(ours, theirs)
@@ -74,6 +83,8 @@ def test_in_place_rule_refuses_what_it_cannot_do():
     params = torch.zeros(NUMEL)
     with pytest.raises(ValueError, match="rule 'adam' has no in-place form"):
         InPlaceRule(OptimizerConfig(rule="adam", lr=LR), params, None)
+    with pytest.raises(ValueError, match="rule 'adamw' has no in-place form"):
+        InPlaceRule(OptimizerConfig(rule="adamw", lr=LR), params, None)
     with pytest.raises(ValueError, match="rule 'adagrad' takes 1 state vectors of 40 values"):
         InPlaceRule(OptimizerConfig(rule="adagrad", lr=LR), params, None)
     with pytest.raises(ValueError, match="takes 1 state vectors"):
@@ -104,9 +115,24 @@ def test_adagrad_divides_by_its_own_sum_not_the_stored_one():
 
 
 def test_default_eps_is_pytorchs():
-    for rule, optimizer in (("adagrad", torch.optim.Adagrad), ("adam", torch.optim.Adam)):
+    for rule, optimizer in (("adagrad", torch.optim.Adagrad), ("adam", torch.optim.Adam),
+                            ("adamw", torch.optim.AdamW)):
         built = make_rule(OptimizerConfig(rule=rule, lr=LR), torch.zeros(NUMEL))
         default = optimizer([torch.nn.Parameter(torch.zeros(1))]).defaults["eps"]
         assert built.optimizer.defaults["eps"] == default
     built = make_rule(OptimizerConfig(rule="adagrad", lr=LR, eps=1e-3), torch.zeros(NUMEL))
     assert built.optimizer.defaults["eps"] == 1e-3
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_make_rule_momentum_is_torch_sgd_bit_for_bit(nesterov):
+    params, reference = torch.randn(NUMEL), None
+    reference = torch.nn.Parameter(params.clone())
+    optimizer = torch.optim.SGD([reference], lr=LR, momentum=0.9, nesterov=nesterov)
+    rule = make_rule(OptimizerConfig(rule="momentum", lr=LR, nesterov=nesterov), params)
+    for _ in range(STEPS):
+        grad = torch.randn(NUMEL)
+        rule.apply(grad.clone())
+        reference.grad = grad
+        optimizer.step()
+    assert torch.equal(params, reference.detach())

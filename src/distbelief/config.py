@@ -32,7 +32,8 @@ from typing import Any
 
 from distbelief.errors import UserError
 
-RULES = ("sgd", "momentum", "adagrad", "adam")
+RULES = ("sgd", "momentum", "adagrad", "adam", "adamw")
+SCHEDULES = ("constant", "linear", "cosine", "step")
 SPLITS = ("layers", "units")
 ON_NONFINITE = ("skip", "stop")
 TRANSPORTS = ("auto", "shm", "gloo")
@@ -131,19 +132,29 @@ class ClusterConfig:
 @dataclass(kw_only=True)
 class OptimizerConfig:
     rule: str | None = option(None, choices=RULES)
-    """Update rule: sgd, momentum, adagrad or adam; applied inside the shards (downpour), by every replica to the all-reduced gradient (sync), by each worker to the shared parameters (hogwild), or as each replica's local optimizer (easgd, admm)."""
+    """Update rule: sgd, momentum, adagrad, adam or adamw (Adam with decoupled --weight-decay; hogwild takes sgd, momentum or adagrad only); applied inside the shards (downpour), by every replica to the all-reduced gradient (sync), by each worker to the shared parameters (hogwild), or as each replica's local optimizer (easgd, admm)."""
     lr: float | None = None
     """Learning rate of the update rule (--rule; sandblaster: the L-BFGS step scale)."""
     momentum: float = 0.9
     """Momentum factor (--rule momentum)."""
+    nesterov: bool = False
+    """Nesterov momentum, as torch.optim.SGD(nesterov=True): params -= lr * (g + momentum * buf) (--rule momentum only)."""
     beta1: float = option(0.9, toml_only=True)
-    """Adam's first-moment decay (rule adam only)."""
+    """Adam's first-moment decay (rules adam and adamw only)."""
     beta2: float = option(0.999, toml_only=True)
-    """Adam's second-moment decay (rule adam only)."""
+    """Adam's second-moment decay (rules adam and adamw only)."""
     eps: float | None = option(None, toml_only=True)
-    """Numerical epsilon; None means the rule's PyTorch default (adagrad 1e-10, adam 1e-8)."""
+    """Numerical epsilon; None means the rule's PyTorch default (adagrad 1e-10, adam and adamw 1e-8)."""
     weight_decay: float = 0.0
-    """L2 penalty added to the gradient by the update rule, wherever --rule applies it (see --rule)."""
+    """L2 penalty added to the gradient by the update rule, wherever --rule applies it (see --rule); for adamw, decoupled weight decay instead (params *= 1 - lr * weight_decay before each step)."""
+    lr_schedule: str = option("constant", choices=SCHEDULES)
+    """Learning rate by update, after --warmup-steps: constant, linear (down to 0), cosine (down to 0) or step (times --lr-gamma every --lr-step-every updates); torch.optim.lr_scheduler's LinearLR, CosineAnnealingLR, StepLR. Counted where the rule runs: downpour's shards by the pushes each applied, of replicas * ceil(steps / n_push) in all; every other algorithm by each replica's (or worker's) own steps, of its steps in all."""
+    warmup_steps: int = 0
+    """Updates whose learning rate rises linearly to --lr before --lr-schedule starts: update k uses lr * (k + 1) / (warmup_steps + 1)."""
+    lr_step_every: int | None = option(None, unset="unset; needed by --lr-schedule step")
+    """--lr-schedule step: updates between two multiplications by --lr-gamma."""
+    lr_gamma: float = 0.1
+    """--lr-schedule step: the factor applied every --lr-step-every updates."""
 
 
 @dataclass(kw_only=True)
@@ -298,6 +309,26 @@ def validate_shared(cfg: Any) -> None:
     if o.eps is not None and not 0 <= o.eps < math.inf:
         raise UserError(f"optimizer.eps must be >= 0, got {o.eps}: "
                         "leave it out for the rule's default")
+    if o.nesterov and o.rule != "momentum":
+        raise UserError(f"--nesterov works with --rule momentum only, got --rule "
+                        f"{o.rule or '(the algorithm default)'}: add --rule momentum or leave "
+                        "--nesterov out")
+    choice("lr_schedule", o.lr_schedule, SCHEDULES, "--lr-schedule")
+    at_least("--warmup-steps", o.warmup_steps, 0, "use 0 for no warmup")
+    if o.lr_schedule == "step":
+        if o.lr_step_every is None or o.lr_step_every < 1:
+            raise UserError(f"--lr-schedule step needs --lr-step-every N >= 1, got "
+                            f"{o.lr_step_every}: give the updates between two decays, e.g. 1000")
+        if not 0 < o.lr_gamma <= 1:
+            raise UserError(f"--lr-gamma must be in (0, 1], got {o.lr_gamma}: try 0.1")
+    elif (o.lr_schedule in ("linear", "cosine") and t.steps is not None
+          and o.warmup_steps >= t.steps):
+        raise UserError(f"--warmup-steps {o.warmup_steps} with --lr-schedule {o.lr_schedule} "
+                        f"and --steps {t.steps}: the warmup leaves no steps to decay over; use "
+                        "fewer warmup steps")
+    if o.lr_schedule != "step" and (o.lr_step_every is not None or o.lr_gamma != 0.1):
+        raise UserError(f"--lr-step-every and --lr-gamma work with --lr-schedule step only, got "
+                        f"--lr-schedule {o.lr_schedule}: add --lr-schedule step or leave them out")
     if t.steps is not None and t.epochs is not None:
         raise UserError(f"train.steps = {t.steps} and train.epochs = {t.epochs} are both set: "
                         "give either steps or epochs, not both")

@@ -69,7 +69,8 @@ REPORTS = _fields("train", "log_every on_nonfinite")
 or stop the job on it (Sandblaster's driver reports every iteration and cannot skip)."""
 SERVED = _fields("cluster", "replicas shards transport slow_worker shard_layout chunk_bytes")
 """The parameter server and its replicas."""
-RULE = _fields("optimizer", "rule momentum beta1 beta2 eps weight_decay")
+RULE = _fields("optimizer", "rule momentum nesterov beta1 beta2 eps weight_decay lr_schedule "
+                            "warmup_steps lr_step_every lr_gamma")
 """An update rule (L-BFGS takes none)."""
 BATCHES = _fields("data", "batch_size") | _fields("train", "epochs")
 """Training on a stream of mini-batches, counted in epochs."""
@@ -116,7 +117,7 @@ class Exchange:
     """Passes over the parameters per step besides the update rule (ADMM's proximal pull)."""
 
 
-RULE_STATE = {"sgd": 0, "momentum": 1, "adagrad": 1, "adam": 2, None: 0}
+RULE_STATE = {"sgd": 0, "momentum": 1, "adagrad": 1, "adam": 2, "adamw": 2, None: 0}
 """Tensors of state per parameter each update rule keeps."""
 
 

@@ -18,6 +18,13 @@ vector. Two forms:
   `torch.optim` cannot do this: it keeps its state to itself, and its Adagrad
   divides by the stored sum (see `adagrad_`).
 
+`lr_at` is the learning-rate schedule (--lr-schedule, --warmup-steps), a pure
+function of the rule's own count of applied updates: both forms set their lr from
+it before each update, so a shard schedules by the pushes it applied and a
+replica by its local steps. It equals `torch.optim.lr_scheduler` (a LinearLR
+warmup, then LinearLR, CosineAnnealingLR or StepLR, joined by SequentialLR;
+tests/test_schedules.py).
+
 `all_finite` is the check a gradient passes before a rule may apply it (the
 shards' and the synchronous replicas').
 
@@ -37,46 +44,131 @@ import torch
 
 from distbelief.config import OptimizerConfig
 
-DEFAULT_EPS = {"adagrad": 1e-10, "adam": 1e-8}  # PyTorch's, used when cfg.eps is None
+DEFAULT_EPS = {"adagrad": 1e-10, "adam": 1e-8, "adamw": 1e-8}  # PyTorch's, used when cfg.eps is None
 
 STATE_SLOTS = {"sgd": 0, "momentum": 1, "adagrad": 1}
 """The rules with an in-place form, and how many state vectors (each as long as the
 parameters) it keeps: momentum's buffer, Adagrad's sum of squared gradients. Adam has
-none: its bias correction needs a step count, which racing updaters cannot share."""
+none: its bias correction needs a step count, which racing updaters cannot share (AdamW
+neither)."""
+
+
+def lr_at(step: int, base_lr: float, schedule: str = "constant", warmup: int = 0,
+          total: int | None = None, *, step_every: int | None = None,
+          gamma: float = 0.1) -> float:
+    """The learning rate of update `step` (0-based: the updates applied before it).
+
+    Warmup: update k < warmup uses base_lr * (k + 1) / (warmup + 1), rising linearly to
+    base_lr at update `warmup` (torch's LinearLR with start_factor 1 / (warmup + 1)).
+    After it, with s = step - warmup and n = total - warmup updates left:
+
+    - constant: base_lr
+    - linear:   base_lr * (1 - s / n), down to 0 at update `total`
+    - cosine:   base_lr * (1 + cos(pi * s / n)) / 2, down to 0 at update `total`
+    - step:     base_lr * gamma ** (s // step_every)
+
+    linear and cosine need `total` (> warmup); past it they stay at 0 (torch's cosine
+    would rise again: a shard whose count overshoots its estimate must not).
+
+    Example::
+
+        lr_at(0, 0.1, "cosine", warmup=4, total=104)    # 0.02, the first warmup step
+        lr_at(54, 0.1, "cosine", warmup=4, total=104)   # 0.05, half way down
+    """
+    if step < warmup:
+        return base_lr * (step + 1) / (warmup + 1)
+    s = step - warmup
+    if schedule == "constant":
+        return base_lr
+    if schedule == "step":
+        if not step_every or step_every < 1:
+            raise ValueError("the step schedule needs step_every >= 1")
+        return base_lr * gamma ** (s // step_every)
+    if schedule not in ("linear", "cosine"):
+        raise ValueError(f"unknown schedule {schedule!r}")
+    if total is None or total <= warmup:
+        raise ValueError(f"the {schedule} schedule needs total > warmup, got {total} and {warmup}")
+    n = total - warmup
+    if s >= n:
+        return 0.0
+    if schedule == "linear":
+        return base_lr * (1 - s / n)
+    return base_lr * (1 + math.cos(math.pi * s / n)) / 2
+
+
+class Schedule:
+    """cfg's lr schedule over `total` updates, counted by the caller (see `lr_at`)."""
+
+    def __init__(self, cfg: OptimizerConfig, total: int | None):
+        self.cfg, self.total = cfg, total
+        schedule = getattr(cfg, "lr_schedule", "constant")
+        if schedule in ("linear", "cosine") and (total is None or total <= cfg.warmup_steps):
+            raise ValueError(f"--lr-schedule {schedule} needs the job's total updates "
+                             f"(> --warmup-steps {cfg.warmup_steps}), got {total}")
+
+    @property
+    def active(self) -> bool:
+        return getattr(self.cfg, "lr_schedule", "constant") != "constant" or bool(
+            getattr(self.cfg, "warmup_steps", 0))
+
+    def lr(self, updates: int) -> float:
+        c = self.cfg
+        return lr_at(updates, c.lr, c.lr_schedule, c.warmup_steps, self.total,
+                     step_every=c.lr_step_every, gamma=c.lr_gamma)
 
 
 class Rule:
-    """One torch.optim optimizer over a shard's 1-D parameter slice (updated in place)."""
+    """One torch.optim optimizer over a shard's 1-D parameter slice (updated in place).
 
-    def __init__(self, name: str, optimizer_cls, params: torch.Tensor, **options):
+    `updates` counts the updates applied; with a schedule, each update's lr is
+    `schedule.lr(updates)`. The count is part of `state_dict`, so a resumed job
+    continues its schedule."""
+
+    def __init__(self, name: str, optimizer_cls, params: torch.Tensor,
+                 schedule: Schedule | None = None, **options):
         self.name = name
         self.param = torch.nn.Parameter(params, requires_grad=True)  # shares params' storage
         self.optimizer = optimizer_cls([self.param], **options)
+        self.schedule = schedule if schedule is not None and schedule.active else None
+        self.updates = 0
 
     def apply(self, grad: torch.Tensor) -> None:
         """Apply one update with this gradient (same shape as the slice)."""
+        if self.schedule is not None:
+            self.optimizer.param_groups[0]["lr"] = self.schedule.lr(self.updates)
         self.param.grad = grad
         self.optimizer.step()
         self.param.grad = None
+        self.updates += 1
 
     def state_dict(self) -> dict:
-        return self.optimizer.state_dict()
+        return {"optimizer": self.optimizer.state_dict(), "updates": self.updates}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state)
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.updates = int(state["updates"])
+        else:  # a checkpoint written before the count was kept
+            self.optimizer.load_state_dict(state)
 
 
-def make_rule(cfg: OptimizerConfig, params: torch.Tensor) -> Rule:
-    """Build the rule named by cfg.rule over `params` (a 1-D float tensor)."""
-    common = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+def make_rule(cfg: OptimizerConfig, params: torch.Tensor, total: int | None = None) -> Rule:
+    """Build the rule named by cfg.rule over `params` (a 1-D float tensor). `total`: the
+    updates this rule will apply in the whole job, for --lr-schedule linear and cosine."""
+    common = {"lr": cfg.lr, "weight_decay": cfg.weight_decay,
+              "schedule": Schedule(cfg, total)}
     if cfg.rule == "sgd":
         return Rule("sgd", torch.optim.SGD, params, **common)
     if cfg.rule == "momentum":
-        return Rule("momentum", torch.optim.SGD, params, momentum=cfg.momentum, **common)
+        return Rule("momentum", torch.optim.SGD, params, momentum=cfg.momentum,
+                    nesterov=getattr(cfg, "nesterov", False), **common)
     if cfg.rule == "adagrad":
         return Rule("adagrad", torch.optim.Adagrad, params, eps=_eps(cfg), **common)
     if cfg.rule == "adam":
         return Rule("adam", torch.optim.Adam, params, betas=(cfg.beta1, cfg.beta2),
+                    eps=_eps(cfg), **common)
+    if cfg.rule == "adamw":  # decoupled: params *= 1 - lr * weight_decay, then Adam's step
+        return Rule("adamw", torch.optim.AdamW, params, betas=(cfg.beta1, cfg.beta2),
                     eps=_eps(cfg), **common)
     raise ValueError(f"unknown rule {cfg.rule!r}")
 
@@ -97,12 +189,13 @@ def sgd_(params: torch.Tensor, grad: torch.Tensor, *, lr: float,
 
 
 def momentum_(params: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, *, lr: float,
-              momentum: float, weight_decay: float = 0.0) -> None:
+              momentum: float, weight_decay: float = 0.0, nesterov: bool = False) -> None:
     """SGD with momentum: buf = momentum * buf + g, params -= lr * buf (torch.optim.SGD with
-    `momentum`, no dampening). Start `buf` at zero: the first step is then buf = g, as
-    torch's first step."""
-    buf.mul_(momentum).add_(_decayed(grad, params, weight_decay))
-    params.add_(buf, alpha=-lr)
+    `momentum`, no dampening); nesterov: params -= lr * (g + momentum * buf). Start `buf` at
+    zero: the first step is then buf = g, as torch's first step."""
+    g = _decayed(grad, params, weight_decay)
+    buf.mul_(momentum).add_(g)
+    params.add_(g.add(buf, alpha=momentum) if nesterov else buf, alpha=-lr)
 
 
 def adagrad_(params: torch.Tensor, grad: torch.Tensor, sums: torch.Tensor, *, lr: float,
@@ -137,7 +230,8 @@ class InPlaceRule:
         rule.apply(grad)        # buf = 0.9 * buf + grad; params -= 0.1 * buf, in place
     """
 
-    def __init__(self, cfg: OptimizerConfig, params: torch.Tensor, state: torch.Tensor | None):
+    def __init__(self, cfg: OptimizerConfig, params: torch.Tensor, state: torch.Tensor | None,
+                 total: int | None = None):
         if cfg.rule not in STATE_SLOTS:
             raise ValueError(f"rule {cfg.rule!r} has no in-place form")
         slots = STATE_SLOTS[cfg.rule]
@@ -147,18 +241,23 @@ class InPlaceRule:
                              f"{params.numel()} values")
         self.cfg, self.params, self.state = cfg, params, state
         self.eps = _eps(cfg) if cfg.rule in DEFAULT_EPS else None
+        schedule = Schedule(cfg, total)
+        self.schedule = schedule if schedule.active else None
+        self.updates = 0  # this updater's own count: the schedule's clock
 
     def apply(self, grad: torch.Tensor) -> None:
         """One update with `grad` (left unchanged)."""
         cfg = self.cfg
+        lr = cfg.lr if self.schedule is None else self.schedule.lr(self.updates)
         if cfg.rule == "sgd":
-            sgd_(self.params, grad, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            sgd_(self.params, grad, lr=lr, weight_decay=cfg.weight_decay)
         elif cfg.rule == "momentum":
-            momentum_(self.params, grad, self.state, lr=cfg.lr, momentum=cfg.momentum,
-                      weight_decay=cfg.weight_decay)
+            momentum_(self.params, grad, self.state, lr=lr, momentum=cfg.momentum,
+                      weight_decay=cfg.weight_decay, nesterov=getattr(cfg, "nesterov", False))
         else:  # adagrad
-            adagrad_(self.params, grad, self.state, lr=cfg.lr, eps=self.eps,
+            adagrad_(self.params, grad, self.state, lr=lr, eps=self.eps,
                      weight_decay=cfg.weight_decay)
+        self.updates += 1
 
 
 def all_finite(grad: torch.Tensor) -> bool:

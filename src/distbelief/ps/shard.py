@@ -42,7 +42,7 @@ class ShardServer:
     """Holds one slice; applies pushes with its rule; serves pulls. See module doc."""
 
     def __init__(self, store: JobStore, *, shard: int, numel: int, rule_cfg: OptimizerConfig,
-                 timeout: float, on_nonfinite: str = "skip"):
+                 timeout: float, on_nonfinite: str = "skip", total_updates: int | None = None):
         self.store = store
         self.shard = shard
         self.numel = numel
@@ -53,7 +53,9 @@ class ShardServer:
         # shm clients connect here; gloo clients through the store's connection requests
         self._listener = LocalListener(job_file(store.token, P.socket_file(shard)), timeout)
         # Sandblaster's shards apply no rule: L-BFGS moves them through vector operations
-        self.rule = make_rule(rule_cfg, self.params) if rule_cfg.rule is not None else None
+        # `total_updates`: the pushes it will apply in the job, the clock of --lr-schedule
+        self.rule = (make_rule(rule_cfg, self.params, total=total_updates)
+                     if rule_cfg.rule is not None else None)
         self.vectors = ShardVectors(self.params)
         self.lock = threading.Lock()
         self.version = 0
@@ -366,3 +368,13 @@ class Segments:
 
     def gather(self) -> torch.Tensor:
         return torch.cat(self.views, out=self.out)
+
+
+def shard_updates(config, steps: int) -> int:
+    """The pushes a shard applies in a whole job of `steps` steps per replica: each replica
+    pushes after every n_push steps and after its last (Downpour; 1 elsewhere), so
+    replicas * ceil(steps / n_push). The total of --lr-schedule linear and cosine at the
+    shards (pushes refused as stale or non-finite make the count fall short: the schedule
+    then ends above 0)."""
+    n_push = config.downpour.n_push if config.algorithm == "downpour" else 1
+    return config.cluster.replicas * -(-steps // n_push)

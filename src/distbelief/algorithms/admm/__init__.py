@@ -109,6 +109,11 @@ class Admm(Algorithm):
                             f"{k}: each partition trains its weights with Adam (its learning "
                             "rate decaying to 0, which lets the boundaries agree); use --rule "
                             "adam or leave it out")
+        o = cfg.optimizer
+        if o.lr_schedule != "constant" or o.warmup_steps:
+            raise UserError(f"--lr-schedule {o.lr_schedule} --warmup-steps {o.warmup_steps} with "
+                            f"--algorithm admm --partitions {k}: each partition's Adam decays "
+                            "its own learning rate; leave them out, or use --partitions 1")
         for given, option in ((cfg.train.checkpoint_every, "--checkpoint-every"),
                               (cfg.cluster.restart_replicas, "--restart-replicas")):
             if given:

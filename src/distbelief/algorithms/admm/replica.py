@@ -92,8 +92,8 @@ class _Replica:
         self.flat = FlatModel(model, grads=1)
         self.model, self.x, self.grad = model, self.flat.params, self.flat.grads[0]
         self.member = ConsensusMember(ctx, ps, self.x, generation)
-        self.rule = make_rule(cfg.optimizer, self.x)
-        self.step = start
+        self.rule = make_rule(cfg.optimizer, self.x, total=ctx.job["steps"])  # one per step
+        self.rule.updates = self.step = start  # a replacement goes on with the schedule
         self.slow = Slowdown.for_worker(cfg, ctx.ident)
         self.task = task_of(cfg)
         self.gate = (ReplicaGate(ctx.store, ctx.member, cfg.cluster.timeout)

@@ -56,6 +56,7 @@ def run_replica(ctx: RoleContext) -> None:
             replica.rule.load_state_dict(saved["rule"])
         else:  # every replica starts from the centre (a replacement too)
             ps.pull(replica.x).wait(cfg.cluster.timeout)
+            replica.rule.updates = start  # a replacement goes on with the schedule
         ctx.store.append("events", {"event": "replica_joined",
                                     "time": time.time() - ctx.job["start_time"],
                                     "replica": r})
@@ -77,7 +78,7 @@ class _Replica:
         self.flat = FlatModel(model, grads=1)
         self.x, self.grad = self.flat.params, self.flat.grads[0]
         self.centre = torch.empty_like(self.x)
-        self.rule = make_rule(cfg.optimizer, self.x)
+        self.rule = make_rule(cfg.optimizer, self.x, total=ctx.job["steps"])  # one per step
         self.slow = Slowdown.for_worker(cfg, ctx.ident)
         self.task = task_of(cfg)
         self.gate = (ReplicaGate(ctx.store, ctx.member, self.timeout)

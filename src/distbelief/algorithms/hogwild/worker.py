@@ -67,7 +67,8 @@ def run_worker(ctx: RoleContext) -> None:
                           torch.float32, create=False)
     params, state = shared_views(shared.tensor, info["numel"], info["slots"])
     flat = FlatModel(model, grads=1, params=params)  # the model computes on the shared values
-    rule = InPlaceRule(cfg.optimizer, params, state)  # no lock: Hogwild's bet
+    # no lock: Hogwild's bet; the schedule counts this worker's own steps
+    rule = InPlaceRule(cfg.optimizer, params, state, total=ctx.job["steps"])
     ctx.store.set_json(f"hogwild/ready/{w}", True)
     # every worker starts together, so that the workers' throughput adds up from the first step
     ctx.store.get_json("hogwild/go", timeout=cfg.cluster.timeout,

@@ -142,7 +142,7 @@ class _Trainer:
         else:  # the model is the parameters, and backward() writes into the reduce buffer
             self.compute = _Gradient(model, self.grad, slow, task)
             self.params = self.compute.flat.params
-        self.rule = make_rule(cfg.optimizer, self.params)
+        self.rule = make_rule(cfg.optimizer, self.params, total=total)  # its schedule: steps
         self.host_params = mirror.host_twin(self.params)  # the parameters on the CPU
         self.report: Reporter | None = None
         self.ps: PSClient | None = None

@@ -1,0 +1,170 @@
+"""Learning-rate schedules and the rules added with them (`ps.rules.lr_at`, adamw, nesterov):
+each equals torch.optim and torch.optim.lr_scheduler in one process."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.optim import lr_scheduler
+
+from distbelief.config import OptimizerConfig
+from distbelief.ps.rules import InPlaceRule, lr_at, make_rule
+
+LR, TOTAL, NUMEL = 0.1, 40, 32
+
+
+def torch_schedule(optimizer, schedule: str, warmup: int, total: int, step_every=None,
+                   gamma=0.1):
+    """The oracle: a LinearLR warmup, then the schedule, joined by SequentialLR."""
+    main = {"constant": lambda: lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0),
+            "linear": lambda: lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.0,
+                                                     total_iters=total - warmup),
+            "cosine": lambda: lr_scheduler.CosineAnnealingLR(optimizer, T_max=total - warmup),
+            "step": lambda: lr_scheduler.StepLR(optimizer, step_size=step_every, gamma=gamma),
+            }[schedule]
+    if not warmup:
+        return main()
+    first = lr_scheduler.LinearLR(optimizer, start_factor=1 / (warmup + 1), end_factor=1.0,
+                                  total_iters=warmup)
+    return lr_scheduler.SequentialLR(optimizer, [first, main()], milestones=[warmup])
+
+
+def torch_lrs(schedule, warmup, total, step_every=None, gamma=0.1) -> list[float]:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR)
+    scheduler = torch_schedule(optimizer, schedule, warmup, total, step_every, gamma)
+    lrs = []
+    for _ in range(total):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+CASES = [("constant", 0, None), ("constant", 5, None), ("linear", 0, None), ("linear", 7, None),
+         ("cosine", 0, None), ("cosine", 10, None), ("step", 0, 6), ("step", 4, 9)]
+
+
+@pytest.mark.parametrize("schedule,warmup,step_every", CASES)
+def test_lr_at_is_torchs_scheduler_at_every_step(schedule, warmup, step_every):
+    want = torch_lrs(schedule, warmup, TOTAL, step_every, gamma=0.5)
+    got = [lr_at(s, LR, schedule, warmup, TOTAL, step_every=step_every, gamma=0.5)
+           for s in range(TOTAL)]
+    for step, (g, w) in enumerate(zip(got, want)):
+        assert abs(g - w) <= 1e-7, (step, g, w)
+
+
+def test_lr_at_table():
+    """The exact values, by hand: warmup (k + 1) / (W + 1), then the schedule."""
+    assert [lr_at(s, 1.0, "constant", 3) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert [lr_at(s, 1.0, "linear", 0, 4) for s in range(6)] == [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
+    assert lr_at(2, 1.0, "cosine", 0, 4) == pytest.approx(0.5)
+    assert lr_at(1, 1.0, "cosine", 1, 5) == 1.0
+    assert lr_at(9, 1.0, "cosine", 0, 4) == 0.0  # past the total: stays at 0, never rises
+    assert [lr_at(s, 1.0, "step", 1, step_every=2, gamma=0.5) for s in range(6)] == \
+        [0.5, 1.0, 1.0, 0.5, 0.5, 0.25]
+    with pytest.raises(ValueError):
+        lr_at(2, 1.0, "cosine", 2, 2)  # no updates left after the warmup
+
+
+def _stream(n: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(NUMEL, generator=g) for _ in range(n)]
+
+
+RULES = {  # our config -> the torch.optim oracle
+    "adamw": (dict(rule="adamw", weight_decay=0.05),
+              lambda p: torch.optim.AdamW(p, lr=LR, weight_decay=0.05)),
+    "nesterov": (dict(rule="momentum", momentum=0.9, nesterov=True, weight_decay=0.01),
+                 lambda p: torch.optim.SGD(p, lr=LR, momentum=0.9, nesterov=True,
+                                           weight_decay=0.01)),
+    "adam": (dict(rule="adam"), lambda p: torch.optim.Adam(p, lr=LR)),
+}
+
+
+@pytest.mark.parametrize("schedule,warmup,step_every",
+                         [("constant", 0, None), ("cosine", 8, None), ("linear", 3, None),
+                          ("step", 2, 5)])
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_shard_rule_sequence_equals_torch_optim_and_scheduler(rule, schedule, warmup,
+                                                              step_every):
+    """A one-replica shard: make_rule applied N times on a fixed gradient stream, its lr set
+    from its own update count, is torch.optim stepped with its lr_scheduler."""
+    options, oracle = RULES[rule]
+    cfg = OptimizerConfig(lr=LR, lr_schedule=schedule, warmup_steps=warmup,
+                          lr_step_every=step_every, **options)
+    start = torch.randn(NUMEL, generator=torch.Generator().manual_seed(1))
+    params = start.clone()
+    ours = make_rule(cfg, params, total=TOTAL)
+    reference = torch.nn.Parameter(start.clone())
+    optimizer = oracle([reference])
+    scheduler = torch_schedule(optimizer, schedule, warmup, TOTAL, step_every)
+    for grad in _stream(TOTAL):
+        ours.apply(grad.clone())
+        reference.grad = grad.clone()
+        optimizer.step()
+        scheduler.step()
+    torch.testing.assert_close(params, reference.detach(), atol=1e-6, rtol=0)
+    assert ours.updates == TOTAL
+
+
+def test_constant_schedule_is_bit_for_bit():
+    """No schedule: the lr is never touched, so the rule is torch.optim exactly."""
+    options, oracle = RULES["adamw"]
+    params = torch.zeros(NUMEL)
+    ours = make_rule(OptimizerConfig(lr=LR, **options), params)
+    reference = torch.nn.Parameter(torch.zeros(NUMEL))
+    optimizer = oracle([reference])
+    for grad in _stream(10):
+        ours.apply(grad)
+        reference.grad = grad.clone()
+        optimizer.step()
+    assert torch.equal(params, reference.detach())
+
+
+def test_resume_continues_the_schedule():
+    """The update count is part of the rule's state: stop half way, load the state into a
+    new rule, and finish: the same parameters as one uninterrupted run."""
+    cfg = OptimizerConfig(rule="adamw", lr=LR, lr_schedule="cosine", warmup_steps=5,
+                          weight_decay=0.01)
+    grads = _stream(TOTAL)
+    whole = torch.zeros(NUMEL)
+    rule = make_rule(cfg, whole, total=TOTAL)
+    for grad in grads:
+        rule.apply(grad)
+    halves = torch.zeros(NUMEL)
+    first = make_rule(cfg, halves, total=TOTAL)
+    for grad in grads[:17]:
+        first.apply(grad)
+    state = first.state_dict()
+    assert state["updates"] == 17
+    second = make_rule(cfg, halves, total=TOTAL)
+    second.load_state_dict(state)
+    for grad in grads[17:]:
+        second.apply(grad)
+    assert torch.equal(whole, halves)
+
+
+def test_in_place_rule_follows_the_schedule():
+    """Hogwild's in-place form: its own count, the same lr as torch's scheduler."""
+    cfg = OptimizerConfig(rule="momentum", lr=LR, momentum=0.9, nesterov=True,
+                          lr_schedule="cosine", warmup_steps=4)
+    params, buf = torch.zeros(NUMEL), torch.zeros(NUMEL)
+    ours = InPlaceRule(cfg, params, buf, total=TOTAL)
+    reference = torch.nn.Parameter(torch.zeros(NUMEL))
+    optimizer = torch.optim.SGD([reference], lr=LR, momentum=0.9, nesterov=True)
+    scheduler = torch_schedule(optimizer, "cosine", 4, TOTAL)
+    for grad in _stream(TOTAL):
+        ours.apply(grad)
+        reference.grad = grad.clone()
+        optimizer.step()
+        scheduler.step()
+    torch.testing.assert_close(params, reference.detach(), atol=1e-6, rtol=0)
+
+
+def test_cosine_needs_the_total():
+    cfg = OptimizerConfig(rule="sgd", lr=LR, lr_schedule="cosine")
+    with pytest.raises(ValueError, match="total"):
+        make_rule(cfg, torch.zeros(3))
+    assert math.isclose(lr_at(0, LR, "cosine", 0, 10), LR)
