@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from distbelief.algorithms.base import COMMON, SERVED, Algorithm, Coordination, Exchange
 from distbelief.config import at_least, choice, option
 from distbelief.errors import JobFailed, UserError
-from distbelief.task import task_of
 
 LINE_SEARCHES = ("strong_wolfe", "none")
 PORTIONS_PER_WORKER = 8  # default number of portions per worker
@@ -105,6 +104,8 @@ class Sandblaster(Algorithm):
     def drive(self, co: Coordination) -> None:
         """Run L-BFGS from the coordinator; the replicas are its workers."""
         from distbelief.algorithms.sandblaster.driver import SandblasterFailed, SandblasterJob, drive
+
+        from distbelief.task import task_of  # torch: not while the command line starts
 
         cfg, watch = co.config, co.watch
         task = task_of(cfg)
