@@ -216,3 +216,40 @@ def test_downpour_one_replica_with_schedule_equals_torch(tmp_path, rule, options
     # sharp: without the schedule the same reference is far off
     plain = one_process_parameters(oracle, steps, 32, seed)
     assert any((got - want).abs().max() > 1e-4 for got, want in zip(trained.parameters(), plain))
+
+
+def test_sync_replicas_schedule_by_their_steps(tmp_path):
+    """End to end: sync with two replicas, --rule adamw and a step schedule after a warmup,
+    each replica scheduling by its own steps, is one process on the combined batches with
+    torch.optim.AdamW and torch's LinearLR+StepLR."""
+    import torch.nn.functional as F
+
+    import distbelief
+    from distbelief.data.datasets import BatchStream, load_dataset, replica_indices
+    from distbelief.model.zoo import build_model
+
+    replicas, steps, batch, seed, lr = 2, 20, 16, 5, 0.003
+    summary = distbelief.train(algorithm="sync", dataset="digits", model="mlp",
+                               replicas=replicas, shards=1, rule="adamw", lr=lr,
+                               weight_decay=0.05, lr_schedule="step", warmup_steps=3,
+                               lr_step_every=5, lr_gamma=0.5, batch_size=batch, steps=steps,
+                               seed=seed, run_dir=str(tmp_path / "run"))
+    trained = distbelief.load_model(summary["run_dir"])
+
+    data = load_dataset("digits", seed=seed)
+    torch.manual_seed(seed)
+    model = build_model("mlp", data.input_shape, data.num_classes)
+    streams = [BatchStream(data.x_train, data.y_train,
+                           replica_indices(len(data.x_train), r, replicas, seed), batch,
+                           seed=seed * 1000 + r) for r in range(replicas)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    scheduler = torch_schedule(optimizer, "step", 3, steps, step_every=5, gamma=0.5)
+    for _ in range(steps):
+        batches = [s.next() for s in streams]
+        optimizer.zero_grad()
+        F.cross_entropy(model(torch.cat([x for x, _ in batches])),
+                        torch.cat([y for _, y in batches])).backward()
+        optimizer.step()
+        scheduler.step()
+    for got, want in zip(trained.parameters(), model.parameters()):
+        torch.testing.assert_close(got, want.detach(), atol=1e-5, rtol=0)
