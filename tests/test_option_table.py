@@ -95,6 +95,7 @@ TABLE: dict[str, tuple[object, tuple[str, ...]]] = {
     "checkpoint_every": ("100",         (U, U, R, R, U, U)),
     "on_nonfinite":     ("stop",        (U, U, R, U, U, U)),
     "tensorboard":      (True,          (U, U, U, U, U, U)),   # the coordinator's metrics writer
+    "init_from":        ("runs/x",      (U, U, U, U, U, U)),   # the coordinator's first weights
     # [task]: every loss and metric, in every role, comes from the task
     "task":             ("regress",     (U, U, U, U, U, U)),
     "loss":             ("l1",          (U, U, U, U, U, U)),

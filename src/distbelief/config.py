@@ -236,6 +236,8 @@ class TrainConfig:
     """A NaN/inf gradient or loss: skip (refuse it, count it, go on) or stop (end the job with a clear error). Sandblaster's L-BFGS cannot skip a batch: a NaN/inf loss always ends its job."""
     tensorboard: bool = False
     """Also write every metrics event as TensorBoard scalars (and the config as text) under RUN_DIR/tensorboard (needs pip install 'distbelief[tensorboard]'). Off by default so that the same command writes the same run directory whatever packages are installed; metrics.jsonl and curves.png are always written."""
+    init_from: str | None = option(None, unset="none: the seeded initialisation")
+    """Fine-tuning: start from the weights of RUN_DIR's model.pt, or of a model.pt file, instead of the seeded initialisation: every algorithm's replicas start from its parameters, and its buffers (BatchNorm's running statistics) go into the model the job evaluates and saves. Unlike --resume, a new job: its own run directory, step 0, fresh update-rule state. The model built (--model, data shapes) must match the saved one."""
 
     @property
     def resolved_epochs(self) -> float | None:

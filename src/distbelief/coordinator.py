@@ -30,6 +30,7 @@ from distbelief.job import JobConfig
 from distbelief.metrics.log import MetricsLog, Progress
 from distbelief.metrics.tensorboard import TensorBoardLog
 from distbelief.data.feed import describe_data, load_data_and_model
+from distbelief.model.initial import load_initial
 from distbelief.model.zoo import check_model
 from distbelief.task import Task, task_of
 from distbelief.parameters import home_for
@@ -66,7 +67,9 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
     task = task_of(cfg)
     check_model(model, data.input_shape, data.targets, task, cfg.model.name)
     Augmenter(cfg.augment, data.input_shape)  # augmentation that does not fit: one line, now
-    home = home_for(algorithm.parameters, cfg, model, data)
+    if cfg.train.init_from is not None and manifest is None:  # a resumed run has its own
+        load_initial(model, cfg.train.init_from, model_name=cfg.model.name)
+    home = home_for(algorithm.parameters, cfg, model, data)  # takes the initial parameters
     steps = algorithm.steps(cfg, len(data.train))
     if env is None:
         host, port = cfg.cluster.host, cfg.cluster.port

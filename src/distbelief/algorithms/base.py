@@ -60,7 +60,7 @@ def _fields(section: str, names: str) -> frozenset[str]:
 
 # Groups of shared fields, to spell `Algorithm.honours` with.
 COMMON = (_fields("data", "dataset num_samples seq_len") | _fields("model", "name")
-          | _fields("train", "steps seed eval_every run_dir tensorboard")
+          | _fields("train", "steps seed eval_every run_dir tensorboard init_from")
           | _fields("cluster", "host port timeout progress_timeout token_file threads")
           | _fields("optimizer", "lr") | _fields("task", "name loss metrics"))
 """Used by every algorithm."""
