@@ -64,8 +64,9 @@ def test_lr_at_table():
     assert lr_at(9, 1.0, "cosine", 0, 4) == 0.0  # past the total: stays at 0, never rises
     assert [lr_at(s, 1.0, "step", 1, step_every=2, gamma=0.5) for s in range(6)] == \
         [0.5, 1.0, 1.0, 0.5, 0.5, 0.25]
+    assert lr_at(2, 1.0, "cosine", 2, 2) == 0.0  # no updates left after the warmup
     with pytest.raises(ValueError):
-        lr_at(2, 1.0, "cosine", 2, 2)  # no updates left after the warmup
+        lr_at(2, 1.0, "cosine", 0, None)  # the total is needed
 
 
 def _stream(n: int, seed: int = 0) -> list[torch.Tensor]:
@@ -253,3 +254,25 @@ def test_sync_replicas_schedule_by_their_steps(tmp_path):
         scheduler.step()
     for got, want in zip(trained.parameters(), model.parameters()):
         torch.testing.assert_close(got, want.detach(), atol=1e-5, rtol=0)
+
+
+def test_hogwild_one_worker_nesterov_with_schedule_equals_torch(tmp_path):
+    """End to end: one Hogwild worker (the in-place momentum_ with nesterov, its lr from its
+    own step count) is torch.optim.SGD(nesterov=True) with torch's scheduler."""
+    import distbelief
+    from _reference import one_process_parameters
+
+    steps, warmup, seed, lr = 25, 4, 3, 0.05
+    summary = distbelief.train(algorithm="hogwild", workers=1, dataset="digits", model="mlp",
+                               rule="momentum", nesterov=True, lr=lr, lr_schedule="linear",
+                               warmup_steps=warmup, batch_size=32, steps=steps, seed=seed,
+                               run_dir=str(tmp_path / "run"))
+    trained = distbelief.load_model(summary["run_dir"])
+
+    def make(params):
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
+        return _Scheduled(optimizer, torch_schedule(optimizer, "linear", warmup, steps))
+
+    expected = one_process_parameters(make, steps, 32, seed)
+    for got, want in zip(trained.parameters(), expected):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)

@@ -67,8 +67,9 @@ def lr_at(step: int, base_lr: float, schedule: str = "constant", warmup: int = 0
     - cosine:   base_lr * (1 + cos(pi * s / n)) / 2, down to 0 at update `total`
     - step:     base_lr * gamma ** (s // step_every)
 
-    linear and cosine need `total` (> warmup); past it they stay at 0 (torch's cosine
-    would rise again: a shard whose count overshoots its estimate must not).
+    linear and cosine need `total`; from it on they stay at 0 (torch's cosine would rise
+    again: a shard whose count overshoots its estimate must not), and a warmup that
+    reaches `total` goes straight to 0 after it (--epochs can make a job that short).
 
     Example::
 
@@ -86,8 +87,8 @@ def lr_at(step: int, base_lr: float, schedule: str = "constant", warmup: int = 0
         return base_lr * gamma ** (s // step_every)
     if schedule not in ("linear", "cosine"):
         raise ValueError(f"unknown schedule {schedule!r}")
-    if total is None or total <= warmup:
-        raise ValueError(f"the {schedule} schedule needs total > warmup, got {total} and {warmup}")
+    if total is None:
+        raise ValueError(f"the {schedule} schedule needs the total of updates")
     n = total - warmup
     if s >= n:
         return 0.0
@@ -102,9 +103,8 @@ class Schedule:
     def __init__(self, cfg: OptimizerConfig, total: int | None):
         self.cfg, self.total = cfg, total
         schedule = getattr(cfg, "lr_schedule", "constant")
-        if schedule in ("linear", "cosine") and (total is None or total <= cfg.warmup_steps):
-            raise ValueError(f"--lr-schedule {schedule} needs the job's total updates "
-                             f"(> --warmup-steps {cfg.warmup_steps}), got {total}")
+        if schedule in ("linear", "cosine") and total is None:
+            raise ValueError(f"--lr-schedule {schedule} needs the job's total updates")
 
     @property
     def active(self) -> bool:
