@@ -51,6 +51,22 @@ def test_a_job_starts_from_the_given_run(trained, tmp_path, algorithm):
         assert not torch.allclose(seeded[name], before[name], atol=1e-3), name  # it trained
 
 
+@pytest.mark.parametrize("algorithm", ["hogwild", "easgd", "admm", "sandblaster"])
+def test_every_other_algorithm_starts_from_it(trained, tmp_path, algorithm):
+    """Shared parameters (Hogwild), elastic and consensus replicas, L-BFGS: a Downpour run's
+    weights, one step (ADMM: one round) at lr 1e-9, the same weights."""
+    options = dict(SMALL)
+    if algorithm == "hogwild":  # its workers share one tensor: no replicas, no shards
+        options.pop("replicas"), options.pop("shards")
+    if algorithm == "sandblaster":  # full-batch L-BFGS, reporting every iteration
+        options.pop("batch_size"), options.pop("log_every")
+    summary = distbelief.train(algorithm=algorithm, init_from=str(trained["downpour"]), steps=1,
+                               lr=1e-9, run_dir=str(tmp_path / "tuned"), **options)
+    before, after = _weights(trained["downpour"]), _weights(Path(summary["run_dir"]))
+    for name in before:
+        assert torch.allclose(after[name], before[name], atol=1e-6, rtol=0), name
+
+
 def test_another_model_is_refused_naming_the_parameter(trained, tmp_path):
     with pytest.raises(UserError) as err:
         distbelief.train(algorithm="downpour", init_from=str(trained["downpour"]), steps=1,
