@@ -253,7 +253,7 @@ class TaskConfig:
 
     name: str = option("classify", name="task", choices=TASKS)
     """What is learned: classify (targets are class ids; cross-entropy; accuracy), regress (float targets of any shape per sample; --loss mse or l1; RMSE and MAE) or sequence (token ids of shape (N, T), logits (N, T, V); per-token cross-entropy; perplexity and token accuracy)."""
-    loss: str | None = option(None, unset="the task's own: cross_entropy, or mse for regress")
+    loss: str | None = option(None, unset="the task's own: cross-entropy, or mse for regress")
     """The loss: mse or l1 for --task regress, or your own as MODULE:FUNCTION or FILE.py:FUNCTION, called as loss(output, target) and returning the batch's mean loss as a 0-d tensor."""
     metrics: str | None = option(None, unset="the task's own only")
     """Your own metrics as MODULE:FUNCTION or FILE.py:FUNCTION, called as metrics(output, target) and returning {name: the batch's mean}; evaluation reports each as test_<name>, a mean over the whole split."""

@@ -176,7 +176,7 @@ class Coordination:
     is_lost: Callable[[int], bool]
     exit_detail: Callable[[int], str]
     wait_for: Callable[[list[str], str], None]
-    evaluate: Callable[[], tuple[float, float]]
+    evaluate: Callable[[], dict[str, float]]
     resume: dict | None = None
     """The manifest of the checkpoint the job continues from (None: a new job)."""
 
