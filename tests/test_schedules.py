@@ -276,3 +276,54 @@ def test_hogwild_one_worker_nesterov_with_schedule_equals_torch(tmp_path):
     expected = one_process_parameters(make, steps, 32, seed)
     for got, want in zip(trained.parameters(), expected):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("algorithm", ["downpour", "sync"])
+def test_resume_keeps_the_schedule_end_to_end(tmp_path, cli_job, algorithm):
+    """Kill a scheduled job after a checkpoint and --resume it: the shards' (downpour) or the
+    replicas' (sync) update counts come back with the rule's state, so the job ends with
+    the parameters of the same job run without interruption (the chaos test's pattern)."""
+    import json
+    import os
+    import signal
+
+    import distbelief
+    from distbelief.checkpoint import read_manifest
+    from distbelief.errors import UserError
+
+    from _cluster import alive, wait_until
+
+    options = dict(algorithm=algorithm, replicas=1 if algorithm == "downpour" else 2,
+                   dataset="digits", model="mlp", shards=2, steps=200, checkpoint_every="40",
+                   seed=3, rule="adamw", lr=0.003, weight_decay=0.05, lr_schedule="cosine",
+                   warmup_steps=10)
+    whole = distbelief.train(**options, run_dir=str(tmp_path / "whole"))
+    run_dir = tmp_path / "run"
+    args = [a for k, v in {**options, "slow_worker": "0:3"}.items()
+            for a in ("--" + k.replace("_", "-"), str(v))]
+    proc = cli_job(*args, "--run-dir", str(run_dir), "--quiet")
+
+    def checkpointed():
+        try:
+            return read_manifest(run_dir)["replica_steps"]["0"] >= 80
+        except (UserError, KeyError, json.JSONDecodeError):
+            return False
+
+    wait_until(checkpointed, 120, "a checkpoint at step 80 or later")
+    roles = json.loads((run_dir / "cluster.json").read_text())["roles"]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    wait_until(lambda: not any(alive(r["pid"]) for r in roles if r["pid"]), 20,
+               "every role to die with the coordinator")
+    at = read_manifest(run_dir)["replica_steps"]["0"]
+    assert 80 <= at < 200
+    again = cli_job("--resume", str(run_dir), "--quiet")
+    _, err = again.communicate(timeout=180)
+    assert again.returncode == 0, err
+
+    def final(folder):
+        state = torch.load(folder / "model.pt", weights_only=True)
+        return torch.cat([v.reshape(-1) for v in state.values()])
+
+    torch.testing.assert_close(final(run_dir), final(tmp_path / "whole"), rtol=0, atol=1e-6)
+    assert whole["steps"] == 200
