@@ -132,7 +132,7 @@ class ClusterConfig:
 @dataclass(kw_only=True)
 class OptimizerConfig:
     rule: str | None = option(None, choices=RULES)
-    """Update rule: sgd, momentum, adagrad, adam or adamw (Adam with decoupled --weight-decay; hogwild takes sgd, momentum or adagrad only); applied inside the shards (downpour), by every replica to the all-reduced gradient (sync), by each worker to the shared parameters (hogwild), or as each replica's local optimizer (easgd, admm)."""
+    """Update rule: sgd, momentum, adagrad, adam or adamw (Adam with decoupled --weight-decay; hogwild takes sgd, momentum or adagrad, easgd sgd or momentum, admm --partitions K > 1 adam only); applied inside the shards (downpour), by every replica to the all-reduced gradient (sync), by each worker to the shared parameters (hogwild), or as each replica's local optimizer (easgd, admm)."""
     lr: float | None = None
     """Learning rate of the update rule (--rule; sandblaster: the L-BFGS step scale)."""
     momentum: float = 0.9
@@ -148,7 +148,7 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     """L2 penalty added to the gradient by the update rule, wherever --rule applies it (see --rule); for adamw, decoupled weight decay instead (params *= 1 - lr * weight_decay before each step)."""
     lr_schedule: str = option("constant", choices=SCHEDULES)
-    """Learning rate by update, after --warmup-steps: constant, linear (down to 0), cosine (down to 0) or step (times --lr-gamma every --lr-step-every updates); torch.optim.lr_scheduler's LinearLR, CosineAnnealingLR, StepLR. Counted where the rule runs: downpour's shards by the pushes each applied, of replicas * ceil(steps / n_push) in all; every other algorithm by each replica's (or worker's) own steps, of its steps in all."""
+    """Learning rate by update, after --warmup-steps: constant, linear (down to 0), cosine (down to 0) or step (times --lr-gamma every --lr-step-every updates); torch.optim.lr_scheduler's LinearLR, CosineAnnealingLR, StepLR. Counted where the rule runs: downpour's shards by the pushes each applied, of replicas * ceil(steps / n_push) in all (its --replica-workers' local SGD keeps --lr); sync, hogwild, easgd and admm by each replica's (or worker's) own steps, of its --steps in all (admm --partitions K > 1: refused, each partition's Adam decays its own)."""
     warmup_steps: int = 0
     """Updates whose learning rate rises linearly to --lr before --lr-schedule starts: update k uses lr * (k + 1) / (warmup_steps + 1)."""
     lr_step_every: int | None = option(None, unset="unset; needed by --lr-schedule step")
