@@ -87,6 +87,7 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
         if manifest is None:
             write_text_atomic(run_dir / "config.toml", cfg.to_toml())
         job = {"config": cfg.to_dict(), "start_time": time.time(), "steps": steps,
+               "shard_updates": algorithm.shard_updates(cfg, steps),
                **describe_data(data), "run_dir": str(run_dir.resolve()), "resume": manifest,
                **home.job_fields(store)}
         store.set_json("job", job)

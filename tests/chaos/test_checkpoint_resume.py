@@ -4,7 +4,8 @@ the same job run without interruption.
 
 One-replica Downpour with fetch = push = 1 is deterministic: every step's gradient
 is computed on the parameters after all earlier pushes. The shards checkpoint
-their slices and Adagrad state at a pause in which every push was applied; the
+their slices and the rule's state (AdamW here, with the update count its cosine
+learning-rate schedule follows) at a pause in which every push was applied; the
 replica resumes at the checkpoint's step with the data stream at the same
 position. Synchronous training is deterministic too: the replicas agree through
 their all-reduce on the step to pause at, and replica 0 checkpoints the
@@ -32,8 +33,11 @@ from _cluster import alive, wait_until
 
 COMMON = dict(dataset="digits", model="mlp", shards=2, steps=200, checkpoint_every="40",
               log_every=5, seed=3)
-JOBS = {"downpour-1-replica": dict(algorithm="downpour", replicas=1),
-        "sync-2-replicas": dict(algorithm="sync", replicas=2),
+# a learning-rate schedule is part of the state that must come back: the shards' (downpour)
+# or the replicas' (sync) update counts are saved with the rule's state
+SCHEDULED = dict(rule="adamw", lr=0.003, weight_decay=0.05, lr_schedule="cosine", warmup_steps=10)
+JOBS = {"downpour-1-replica": dict(algorithm="downpour", replicas=1, **SCHEDULED),
+        "sync-2-replicas": dict(algorithm="sync", replicas=2, **SCHEDULED),
         "admm-2-replicas": dict(algorithm="admm", replicas=2, local_steps=10)}
 
 

@@ -253,6 +253,12 @@ class Algorithm:
                                  train_samples=train_samples, replicas=self.replicas(cfg),
                                  batch_size=cfg.data.batch_size)
 
+    def shard_updates(self, cfg: Any, steps: int) -> int:
+        """The pushes a parameter shard applies in a whole job of `steps` steps per replica
+        (one per replica step unless the algorithm says otherwise): the total by which
+        --lr-schedule linear and cosine end at the shards."""
+        return self.replicas(cfg) * steps
+
     def progress_total(self, cfg: Any, steps: int) -> int:
         """What the progress bar counts to."""
         return steps * self.replicas(cfg)

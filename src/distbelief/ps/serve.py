@@ -20,7 +20,7 @@ import torch
 from distbelief.checkpoint import load_file, read_manifest, set_dir
 from distbelief.ps.protocol import conn_counter
 from distbelief.ps.layout import Layout
-from distbelief.ps.shard import ShardServer, shard_updates
+from distbelief.ps.shard import ShardServer
 from distbelief.runtime.context import RoleContext
 from distbelief.runtime.faults import fault
 
@@ -43,7 +43,7 @@ def run_shard(ctx: RoleContext, rule: bool = True) -> None:
                                    else dataclasses.replace(ctx.config.optimizer, rule=None)),
                          timeout=ctx.config.cluster.timeout,
                          on_nonfinite=ctx.config.train.on_nonfinite,
-                         total_updates=shard_updates(ctx.config, ctx.job["steps"]))
+                         total_updates=ctx.job["shard_updates"])
     restart = store.try_get_json(f"restart/shard{s}")  # this process replaces a lost shard
     manifest = read_manifest(ctx.job["run_dir"]) if restart else ctx.job.get("resume")
     if manifest is not None:  # continue from the last complete checkpoint

@@ -369,12 +369,3 @@ class Segments:
     def gather(self) -> torch.Tensor:
         return torch.cat(self.views, out=self.out)
 
-
-def shard_updates(config, steps: int) -> int:
-    """The pushes a shard applies in a whole job of `steps` steps per replica: each replica
-    pushes after every n_push steps and after its last (Downpour; 1 elsewhere), so
-    replicas * ceil(steps / n_push). The total of --lr-schedule linear and cosine at the
-    shards (pushes refused as stale or non-finite make the count fall short: the schedule
-    then ends above 0)."""
-    n_push = config.downpour.n_push if config.algorithm == "downpour" else 1
-    return config.cluster.replicas * -(-steps // n_push)

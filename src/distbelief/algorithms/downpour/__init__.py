@@ -100,6 +100,11 @@ class Downpour(Algorithm):
                                  train_samples=train_samples, replicas=cfg.cluster.replicas,
                                  batch_size=cfg.data.batch_size * cfg.downpour.replica_workers)
 
+    def shard_updates(self, cfg, steps: int) -> int:
+        # each replica pushes after every n_push steps and after its last (pushes refused as
+        # stale or non-finite make the count fall short: a schedule then ends above 0)
+        return cfg.cluster.replicas * -(-steps // cfg.downpour.n_push)
+
     def run_replica(self, ctx) -> None:
         from distbelief.algorithms.downpour.replica import run_replica
 
