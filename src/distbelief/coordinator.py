@@ -31,6 +31,7 @@ from distbelief.metrics.log import MetricsLog, Progress
 from distbelief.metrics.tensorboard import TensorBoardLog
 from distbelief.data.feed import describe_data, load_data_and_model
 from distbelief.model.initial import load_initial
+from distbelief.model.buffers import average, decode, load_buffers
 from distbelief.model.zoo import check_model
 from distbelief.task import Task, task_of
 from distbelief.parameters import home_for
@@ -128,7 +129,8 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
                 is_lost=lambda r: is_lost(store, local, liveness, "replica", r,
                                           cfg.model.partitions),
                 exit_detail=lambda r: exit_detail(local, "replica", r), wait_for=wait_for,
-                evaluate=lambda: home.evaluate(model, data), resume=manifest)
+                evaluate=lambda: _evaluate(home, model, data, store, members),
+                resume=manifest)
             algorithm.start(co)
             if algorithm.drives_itself:
                 algorithm.drive(co)
@@ -138,7 +140,7 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
                     start=manifest["checkpoint"] if manifest else 0,
                     meta={"layout": job.get("layout"), "steps": steps}, message=progress.message)
                 watch_replicas(co, algorithm, local, liveness, home.shards, driver, manifest)
-            tested = home.evaluate(model, data)
+            tested = _evaluate(home, model, data, store, members)
             metrics.write({"event": "eval", "time": time.time() - job["start_time"],
                            "step": watch.leading_step, **task.fields(tested), "final": True})
             state = model.state_dict()
@@ -179,6 +181,18 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _evaluate(home, model: torch.nn.Module, data, store: JobStore, members: list[str]
+              ) -> dict[str, float]:
+    """The task's test metrics of the current parameters (from their home) with the mean of
+    the buffers the replicas last published (`distbelief.model.buffers`), both loaded into
+    `model`, which is then what a checkpoint or model.pt saves."""
+    states = [decode(value) for value in (store.try_get_json(f"buffers/{m}") for m in members)
+              if value]
+    if states:
+        load_buffers(model, average(states))
+    return home.evaluate(model, data)
 
 
 def check_launch(algorithm: Algorithm, env: EnvRole | None, resume: str | Path | None) -> None:

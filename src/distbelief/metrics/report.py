@@ -68,16 +68,47 @@ class Reporter:
         self.acked = 0  # pushes a shard applied and acknowledged, over the whole run
         self.since = time.perf_counter()
         self.last_step = -1
+        self._buffers = None  # (module, store key): `keep_buffers`
 
     @classmethod
     def for_role(cls, ctx: RoleContext, total: int, *, enabled: bool = True,
-                 count_dropped: bool = False) -> Reporter:
+                 count_dropped: bool = False, module=None, rename=None) -> Reporter:
         """The reporter of the worker `ctx`, with the job's ``log_every`` and
-        ``--on-nonfinite``."""
-        return cls(ctx.store, ctx.ident, total, every=ctx.config.train.log_every,
-                   start_time=ctx.job["start_time"],
-                   stop_on_nonfinite=ctx.config.train.on_nonfinite == "stop",
-                   enabled=enabled, count_dropped=count_dropped)
+        ``--on-nonfinite``; `module`: the worker's model (or partition), whose buffers it
+        publishes (`keep_buffers`, with `rename`)."""
+        report = cls(ctx.store, ctx.ident, total, every=ctx.config.train.log_every,
+                     start_time=ctx.job["start_time"],
+                     stop_on_nonfinite=ctx.config.train.on_nonfinite == "stop",
+                     enabled=enabled, count_dropped=count_dropped)
+        if module is not None:
+            report.keep_buffers(module, ctx.member, rename)
+        return report
+
+    def keep_buffers(self, module, member: str, rename=None) -> None:
+        """Publish `module`'s buffers (BatchNorm's running statistics and the like) to the
+        store key ``buffers/<member>`` with every report and the last one, also when not
+        `enabled` (a partition that does not see the loss holds buffers too), for the
+        coordinator to average (`distbelief.model.buffers`). `rename(name)`: the whole
+        model's name of a partition's buffer (`PartitionPlan.whole_name`; None: one the
+        whole model does not have, not published). A module without buffers publishes
+        nothing."""
+        from distbelief.model.buffers import has_buffers
+
+        self._buffers = ((module, f"buffers/{member}", rename) if has_buffers(module)
+                         else None)
+
+    def publish_buffers(self) -> None:
+        """Publish the kept module's buffers now (nothing without one)."""
+        if self._buffers is None:
+            return
+        from distbelief.model.buffers import buffer_state, encode
+
+        module, key, rename = self._buffers
+        state = buffer_state(module)
+        if rename is not None:
+            state = {rename(name): value for name, value in state.items()
+                     if rename(name) is not None}
+        self.store.set_json(key, encode(state))
 
     def step(self, loss: float | None, samples: int) -> None:
         """A step of `samples` samples with this loss. A NaN/inf loss counts as a skipped
@@ -118,16 +149,20 @@ class Reporter:
 
     def maybe_log(self, step: int, versions: Iterable[int] = (), force: bool = False) -> None:
         """`log` after every `every`-th step (any step when `force`), unless this step was
-        already reported or nothing happened since the last event."""
-        if not self.enabled or (not force and (step + 1) % self.every != 0):
+        already reported or nothing happened since the last event. The kept module's
+        buffers are published at the same steps, whether or not `enabled`."""
+        if not force and (step + 1) % self.every != 0:
             return
-        if step == self.last_step or not (self.losses or self.nonfinite):
-            return
-        self.log(step, versions)
+        if self.enabled and step != self.last_step and (self.losses or self.nonfinite):
+            self.log(step, versions)
+        else:
+            self.publish_buffers()
 
     def log(self, step: int, versions: Iterable[int] = ()) -> None:
         """Append the "train" event of the steps up to `step` (0-based) and start a new
-        period. `versions`: the parameter versions last fetched from each shard."""
+        period. `versions`: the parameter versions last fetched from each shard. Publishes
+        the kept module's buffers (`keep_buffers`), also when not `enabled`."""
+        self.publish_buffers()
         if not self.enabled:
             return
         elapsed = max(time.perf_counter() - self.since, 1e-9)

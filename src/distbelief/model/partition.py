@@ -82,6 +82,17 @@ class PartitionPlan:
         from distbelief.model.units import build_units_part
         return build_units_part(model, part, self.partitions)
 
+    def whole_name(self, part: int, name: str) -> str | None:
+        """A state-dict name of partition `part`'s module as the whole model names it: the
+        layers split shifts its first index by the partition's first layer; None for the
+        units split (its blocks are copies that the whole model does not name)."""
+        if self.partitions == 1:
+            return name
+        if self.split != "layers":
+            return None
+        head, dot, rest = name.partition(".")
+        return f"{int(head) + self.layer_range(part)[0]}{dot}{rest}"
+
     def part_numels(self, model: nn.Module) -> list[int]:
         return [sum(p.numel() for p in self.part_module(model, k).parameters() if p.requires_grad)
                 for k in range(self.partitions)]

@@ -20,6 +20,7 @@ carries the residual of the boundary to its right (`DualLayersPart.boundary_resi
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 import time
 
 import torch
@@ -95,7 +96,9 @@ def run_partition(ctx: RoleContext) -> None:
 def _rounds(ctx: RoleContext, part: DualLayersPart, member: ConsensusMember,
             left: Link | None, right: Link | None, steps: int) -> int:
     """Train round after round until the closer's answer ends it; returns the steps taken."""
-    report = Reporter.for_role(ctx, steps, enabled=part.is_last)
+    whole_name = PartitionPlan.from_json(ctx.job["partition"]).whole_name  # buffers' names
+    report = Reporter.for_role(ctx, steps, enabled=part.is_last, module=part.module,
+                               rename=partial(whole_name, ctx.part or 0))
     slow = Slowdown.for_worker(ctx.config, ctx.ident)
     step = 0
     while True:

@@ -98,7 +98,7 @@ class _Replica:
         self.task = task_of(cfg)
         self.gate = (ReplicaGate(ctx.store, ctx.member, cfg.cluster.timeout)
                      if cfg.train.checkpoint_every is not None else None)
-        self.report = Reporter.for_role(ctx, ctx.job["steps"])
+        self.report = Reporter.for_role(ctx, ctx.job["steps"], module=model)
 
     def restore(self, saved: dict) -> None:
         self.x.copy_(saved["x"])

@@ -49,6 +49,7 @@ every `log_every` steps (`metrics.report.Reporter`); sets ``done/replica<r>`` at
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 import math
 import time
 
@@ -201,7 +202,9 @@ def _train(ctx: RoleContext, ps: PSClient, mirror: DeviceMirror, window: PushWin
     cfg, r = ctx.config, ctx.ident
     gate = (ReplicaGate(ctx.store, ctx.member, cfg.cluster.timeout)
             if cfg.train.checkpoint_every is not None else None)
-    report = Reporter.for_role(ctx, total, enabled=runner.reports_loss)
+    whole_name = PartitionPlan.from_json(ctx.job["partition"]).whole_name  # buffers' names
+    report = Reporter.for_role(ctx, total, enabled=runner.reports_loss, module=window.flat.model,
+                               rename=partial(whole_name, ctx.part or 0))
     slow = Slowdown.for_worker(cfg, r)
     threads = cfg.downpour.replica_workers
     clocks = None

@@ -83,7 +83,7 @@ class _Replica:
         self.task = task_of(cfg)
         self.gate = (ReplicaGate(ctx.store, ctx.member, self.timeout)
                      if cfg.train.checkpoint_every is not None else None)
-        self.report = Reporter.for_role(ctx, ctx.job["steps"])
+        self.report = Reporter.for_role(ctx, ctx.job["steps"], module=model)
         self.exchanges = 0
 
     def run(self, start: int, total: int) -> None:

@@ -86,7 +86,7 @@ def _train(ctx: RoleContext, flat: FlatModel, rule: InPlaceRule, stream: BatchSt
            total: int, task: Task) -> int:
     """Every step: gradient of `task`'s loss on the next batch, then the lock-free update.
     Returns the updates applied (steps whose loss and gradient were finite)."""
-    report = Reporter.for_role(ctx, total)
+    report = Reporter.for_role(ctx, total, module=flat.model)
     grad, applied = flat.grads[0], 0
     for step in range(total):
         ctx.progress()  # the watchdog (--progress-timeout)

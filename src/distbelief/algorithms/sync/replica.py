@@ -163,7 +163,8 @@ class _Trainer:
         self.ps, self.group, self.feed = ps, group, feed
         # the loss is that of the steps' combined batches (the same on every replica); samples
         # count this replica's gradients that went into a step
-        self.report = Reporter.for_role(self.ctx, self.total, count_dropped=True)
+        self.report = Reporter.for_role(self.ctx, self.total, count_dropped=True,
+                                        module=self.compute.flat.model)
         if not self.threaded:
             for step in range(self.start, self.total):
                 self.ctx.progress()  # the watchdog (--progress-timeout)
