@@ -4,7 +4,9 @@ Layout of a run directory's checkpoints::
 
     checkpoints/ckpt-000003/shard0.pt     each shard's slice, update-rule state, version
     checkpoints/ckpt-000003/sync.pt       (sync) the replicas' shared rule state
-    checkpoints/manifest.json             names the last complete set; written last
+    checkpoints/manifest.json             names the last complete set and holds each
+                                          replica's buffers (`distbelief.model.buffers`);
+                                          written last
 
 Every file is written to a temporary name, fsynced and renamed, and the
 manifest is replaced only once every file of its set is in place, so a process
@@ -207,9 +209,13 @@ class CheckpointDriver:
                         return None
                     time.sleep(0.01)
                 shards.append(store.try_get_json(f"ckpt/{number}/shard{s}"))
+            steps = steps_of(number)
+            # every paused replica published its buffers (BatchNorm's statistics) first
+            buffers = {m: value for m in steps
+                       if (value := store.try_get_json(f"buffers/{m}")) is not None}
             manifest = {"checkpoint": number, "time": time.time(),
-                        "replica_steps": steps_of(number), "shards": shards,
-                        "algorithm_state": algorithm_state(), **self.meta}
+                        "replica_steps": steps, "shards": shards,
+                        "algorithm_state": algorithm_state(), "buffers": buffers, **self.meta}
             write_manifest(self.run_dir, manifest)
             self.written.append({"checkpoint": number,
                                  "replica_steps": manifest["replica_steps"]})

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,8 +37,10 @@ COMMON = dict(dataset="digits", model="mlp", shards=2, steps=200, checkpoint_eve
 # a learning-rate schedule is part of the state that must come back: the shards' (downpour)
 # or the replicas' (sync) update counts are saved with the rule's state
 SCHEDULED = dict(rule="adamw", lr=0.003, weight_decay=0.05, lr_schedule="cosine", warmup_steps=10)
-JOBS = {"downpour-1-replica": dict(algorithm="downpour", replicas=1, **SCHEDULED),
-        "sync-2-replicas": dict(algorithm="sync", replicas=2, **SCHEDULED),
+# and so are BatchNorm's running statistics, each replica's, kept in the manifest
+BATCHNORM = dict(model=f"{Path(__file__).resolve().parent.parent / '_models.py'}:mlp_bn")
+JOBS = {"downpour-1-replica": dict(algorithm="downpour", replicas=1, **SCHEDULED, **BATCHNORM),
+        "sync-2-replicas": dict(algorithm="sync", replicas=2, **SCHEDULED, **BATCHNORM),
         "admm-2-replicas": dict(algorithm="admm", replicas=2, local_steps=10)}
 
 

@@ -82,6 +82,8 @@ class Reporter:
                      enabled=enabled, count_dropped=count_dropped)
         if module is not None:
             report.keep_buffers(module, ctx.member, rename)
+            resumed = ((ctx.job.get("resume") or {}).get("buffers") or {}).get(ctx.member)
+            report.restore_buffers(resumed)
         return report
 
     def keep_buffers(self, module, member: str, rename=None) -> None:
@@ -96,6 +98,24 @@ class Reporter:
 
         self._buffers = ((module, f"buffers/{member}", rename) if has_buffers(module)
                          else None)
+
+    def restore_buffers(self, resumed: dict | None) -> None:
+        """Load the kept module's buffers as this member last published them (a replacement
+        goes on from its predecessor's), else from `resumed` (the checkpoint's, encoded);
+        neither: the module keeps its own."""
+        if self._buffers is None:
+            return
+        from distbelief.model.buffers import decode, load_buffers
+
+        module, key, rename = self._buffers
+        saved = self.store.try_get_json(key) or resumed
+        if not saved:
+            return
+        local = {name: name for name, _ in module.named_buffers()}
+        if rename is not None:
+            local = {rename(name): name for name in local if rename(name) is not None}
+        load_buffers(module, {local[name]: value for name, value in decode(saved).items()
+                              if name in local})
 
     def publish_buffers(self) -> None:
         """Publish the kept module's buffers now (nothing without one)."""

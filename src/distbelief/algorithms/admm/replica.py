@@ -138,6 +138,7 @@ class _Replica:
         write_atomic(folder / state_file(self.ctx.member), {
             "x": self.x.clone(), "rule": self.rule.state_dict(), "step": self.step,
             "member": self.member.state()})
+        self.report.publish_buffers()  # the checkpoint keeps them as they are now
         return self.step
 
 

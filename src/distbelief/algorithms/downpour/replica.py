@@ -301,6 +301,7 @@ def _steps(ctx: RoleContext, ps: PSClient, mirror: DeviceMirror, window: PushWin
                     if pending[other] is not None:
                         report.acks(pending[other].wait(timeout))
                         pending[other] = None
+                report.publish_buffers()  # the checkpoint keeps them as they are now
                 with ctx.waiting():
                     gate.pause(number, step + 1)
         report.maybe_log(step, ps.fetched_versions)

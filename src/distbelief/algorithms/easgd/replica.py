@@ -114,4 +114,5 @@ class _Replica:
         folder.mkdir(parents=True, exist_ok=True)
         write_atomic(folder / state_file(self.ctx.ident),
                      {"x": self.x.clone(), "rule": self.rule.state_dict(), "step": step})
+        self.report.publish_buffers()  # the checkpoint keeps them as they are now
         self.gate.pause(number, step)

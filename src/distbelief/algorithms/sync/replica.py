@@ -228,6 +228,7 @@ class _Trainer:
             folder.mkdir(parents=True, exist_ok=True)
             # on the CPU, so that a run on a GPU resumes anywhere
             write_atomic(folder / "sync.pt", {"rule": to_cpu(self.rule.state_dict())})
+        self.report.publish_buffers()  # the checkpoint keeps them as they are now
         with self.ctx.waiting():
             self.gate.pause(number, step + 1)
 
