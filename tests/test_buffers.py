@@ -113,3 +113,13 @@ def test_every_algorithm_saves_its_replicas_buffers(tmp_path, algorithm):
                      batch_size=32, log_every=4, run_dir=str(tmp_path / "run"), **replicas)
     state = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
     assert state["2.running_mean"].abs().sum() > 0 and state["5.num_batches_tracked"] > 0
+
+
+def test_sandblaster_refuses_a_model_with_buffers_in_one_line(tmp_path):
+    path = tmp_path / "bn.py"
+    path.write_text(textwrap.dedent(BN_MODEL))
+    with pytest.raises(distbelief.UserError) as refused:
+        distbelief.train(algorithm="sandblaster", dataset="digits", model=f"{path}:model",
+                         steps=2, run_dir=str(tmp_path / "run"))
+    assert "--algorithm sandblaster does not train" in str(refused.value)
+    assert "2.running_mean" in str(refused.value) and not (tmp_path / "run").exists()

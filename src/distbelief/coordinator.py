@@ -31,7 +31,7 @@ from distbelief.metrics.log import MetricsLog, Progress
 from distbelief.metrics.tensorboard import TensorBoardLog
 from distbelief.data.feed import describe_data, load_data_and_model
 from distbelief.model.initial import load_initial
-from distbelief.model.buffers import average, decode, load_buffers
+from distbelief.model.buffers import average, buffer_state, decode, has_buffers, load_buffers
 from distbelief.model.zoo import check_model
 from distbelief.task import Task, task_of
 from distbelief.parameters import home_for
@@ -67,6 +67,12 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
     data, model = load_data_and_model(cfg)
     task = task_of(cfg)
     check_model(model, data.input_shape, data.targets, task, cfg.model.name)
+    if not algorithm.trains_buffers and has_buffers(model):
+        names = ", ".join(list(buffer_state(model))[:3])
+        raise UserError(f"--model {cfg.model.name} has buffers ({names}: BatchNorm's running "
+                        f"statistics or the like) that --algorithm {algorithm.name} does not "
+                        "train: use --algorithm downpour or sync, or a model without them "
+                        "(e.g. LayerNorm in place of BatchNorm)")
     Augmenter(cfg.augment, data.input_shape)  # augmentation that does not fit: one line, now
     if cfg.train.init_from is not None and manifest is None:  # a resumed run has its own
         load_initial(model, cfg.train.init_from, model_name=cfg.model.name)

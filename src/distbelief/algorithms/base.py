@@ -271,6 +271,10 @@ class Algorithm:
 
     drives_itself: ClassVar[bool] = False
     """True: the coordinator calls `drive` instead of its watch loop."""
+    trains_buffers: ClassVar[bool] = True
+    """Its workers publish their modules' buffers (BatchNorm's running statistics) for the
+    coordinator to average (`distbelief.model.buffers`); False: a model with buffers is
+    refused."""
 
     def drive(self, co: Coordination) -> None:
         """Run the job from the coordinator until it ends, filling `co.watch`."""

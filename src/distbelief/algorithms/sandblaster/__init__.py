@@ -56,6 +56,9 @@ class Sandblaster(Algorithm):
     }
     replica_noun = "worker"
     drives_itself = True
+    # its workers compute portions at L-BFGS's trial points, in no fixed order: no worker's
+    # running statistics are the model's
+    trains_buffers = False
     role_modules = ("distbelief.algorithms.sandblaster.worker",)
 
     def exchange(self, cfg) -> Exchange:
