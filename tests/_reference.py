@@ -13,9 +13,11 @@ from distbelief.model.zoo import build_model
 
 
 def one_process_parameters(make_optimizer: Callable[[list], torch.optim.Optimizer],
-                           steps: int, batch_size: int, seed: int) -> list[torch.Tensor]:
+                           steps: int, batch_size: int, seed: int,
+                           clip: float | None = None) -> list[torch.Tensor]:
     """The MLP's parameters after `steps` steps of `make_optimizer(parameters)` in this
-    process, on replica 0's stream of a one-replica job seeded `seed`."""
+    process, on replica 0's stream of a one-replica job seeded `seed`; `clip`: each
+    step's gradients clipped by torch.nn.utils.clip_grad_norm_ first."""
     data = load_dataset("digits", seed=seed)
     torch.manual_seed(seed)
     model = build_model("mlp", data.input_shape, data.num_classes)
@@ -26,5 +28,7 @@ def one_process_parameters(make_optimizer: Callable[[list], torch.optim.Optimize
         xb, yb = stream.next()
         optimizer.zero_grad()
         F.cross_entropy(model(xb), yb).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
     return [p.detach().clone() for p in model.parameters()]

@@ -72,6 +72,7 @@ TABLE: dict[str, tuple[object, tuple[str, ...]]] = {
     "warmup_steps":     (5,             (U, U, R, U, U, U)),
     "lr_step_every":    (100,           (U, U, R, U, U, U)),
     "lr_gamma":         (0.5,           (U, U, R, U, U, U)),
+    "clip_grad_norm":   (1.0,           (U, U, R, U, U, U)),
     # [data]; sandblaster cuts all the data into --portions, not batches
     "dataset":          ("digits",      (U, U, U, U, U, U)),
     "batch_size":       (32,            (U, U, R, U, U, U)),

@@ -155,6 +155,8 @@ class OptimizerConfig:
     """--lr-schedule step: updates between two multiplications by --lr-gamma."""
     lr_gamma: float = 0.1
     """--lr-schedule step: the factor applied every --lr-step-every updates."""
+    clip_grad_norm: float | None = option(None, unset="no clipping")
+    """Scale a step's gradient down so that its L2 norm is at most this, as torch.nn.utils.clip_grad_norm_: each replica step's gradient before it joins the push, without --partitions or --replica-workers (downpour); the step's all-reduced gradient, the same on every replica, so its global norm (sync); each worker's step (hogwild); each local step's loss gradient, before ADMM's pull towards the consensus and without --partitions (easgd, admm)."""
 
 
 @dataclass(kw_only=True)
@@ -328,6 +330,9 @@ def validate_shared(cfg: Any) -> None:
         raise UserError(f"--warmup-steps {o.warmup_steps} with --lr-schedule {o.lr_schedule} "
                         f"and --steps {t.steps}: the warmup leaves no steps to decay over; use "
                         "fewer warmup steps")
+    if o.clip_grad_norm is not None and not 0 < o.clip_grad_norm < math.inf:
+        raise UserError(f"--clip-grad-norm must be a finite number > 0, got "
+                        f"{o.clip_grad_norm}: try 1.0")
     if o.lr_schedule != "step" and (o.lr_step_every is not None or o.lr_gamma != 0.1):
         raise UserError(f"--lr-step-every and --lr-gamma work with --lr-schedule step only, got "
                         f"--lr-schedule {o.lr_schedule}: add --lr-schedule step or leave them out")

@@ -70,7 +70,7 @@ or stop the job on it (Sandblaster's driver reports every iteration and cannot s
 SERVED = _fields("cluster", "replicas shards transport slow_worker shard_layout chunk_bytes")
 """The parameter server and its replicas."""
 RULE = _fields("optimizer", "rule momentum nesterov beta1 beta2 eps weight_decay lr_schedule "
-                            "warmup_steps lr_step_every lr_gamma")
+                            "warmup_steps lr_step_every lr_gamma clip_grad_norm")
 """An update rule (L-BFGS takes none)."""
 BATCHES = _fields("data", "batch_size") | _fields("train", "epochs")
 """Training on a stream of mini-batches, counted in epochs."""

@@ -260,6 +260,20 @@ class InPlaceRule:
         self.updates += 1
 
 
+def clip_grad_norm_(grad: torch.Tensor, max_norm: float | None) -> float:
+    """Scale `grad` (a flat gradient) in place so that its L2 norm is at most `max_norm`, as
+    `torch.nn.utils.clip_grad_norm_` does to a model's gradients (the same coefficient,
+    max_norm / (norm + 1e-6), applied when below 1); returns the norm before clipping.
+    None: nothing is clipped (and nothing computed)."""
+    if max_norm is None:
+        return math.nan
+    norm = float(torch.linalg.vector_norm(grad))
+    coefficient = max_norm / (norm + 1e-6)
+    if coefficient < 1:
+        grad.mul_(coefficient)
+    return norm
+
+
 def all_finite(grad: torch.Tensor) -> bool:
     """True when every value of `grad` is finite.
 

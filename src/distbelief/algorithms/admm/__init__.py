@@ -104,6 +104,10 @@ class Admm(Algorithm):
 
     def _validate_dual_layers(self, cfg) -> None:
         k = cfg.model.partitions
+        if cfg.optimizer.clip_grad_norm is not None:
+            raise UserError(f"--clip-grad-norm {cfg.optimizer.clip_grad_norm} with --partitions "
+                            f"{k}: each dual-layers part takes its own Adam steps, with no "
+                            "gradient of the whole model to clip; leave one of them out")
         if cfg.optimizer.rule not in (None, "adam"):
             raise UserError(f"--rule {cfg.optimizer.rule} with --algorithm admm --partitions "
                             f"{k}: each partition trains its weights with Adam (its learning "

@@ -128,7 +128,8 @@ class _Replica:
     def _local_step(self) -> None:
         self.ctx.progress()  # the watchdog (--progress-timeout)
         local_step(self.model, self.grad, self.rule, self.feed, self.slow, self.report,
-                   self.step, extra=self.member.prox_grad, task=self.task)
+                   self.step, extra=self.member.prox_grad, task=self.task,
+                   clip=self.ctx.config.optimizer.clip_grad_norm)
         self.step += 1
 
     def _save(self, number: int) -> int:

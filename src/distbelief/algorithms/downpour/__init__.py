@@ -63,6 +63,13 @@ class Downpour(Algorithm):
                 "lower --warm-start-steps or raise --steps")
         at_least("--replica-workers", d.replica_workers, 1,
                  "use 1 for one gradient at a time per replica")
+        clip = cfg.optimizer.clip_grad_norm
+        if clip is not None and (cfg.model.partitions > 1 or d.replica_workers > 1):
+            cut = (f"--partitions {cfg.model.partitions}" if cfg.model.partitions > 1
+                   else f"--replica-workers {d.replica_workers}")
+            raise UserError(f"--clip-grad-norm {clip} with {cut}: a step's gradient is then "
+                            "spread over processes or threads whose norms are not added up "
+                            f"yet; leave out {cut.split()[0]} or --clip-grad-norm")
         if d.max_staleness is not None:
             at_least("--max-staleness", d.max_staleness, 0, "use 0 for lockstep, or leave it "
                      "out for unbounded Downpour")

@@ -66,7 +66,7 @@ from distbelief.model.flat import FlatModel
 from distbelief.model.partition import PartitionPlan, open_partition
 from distbelief.ps.client import PSClient
 from distbelief.ps.layout import Layout
-from distbelief.ps.rules import all_finite
+from distbelief.ps.rules import all_finite, clip_grad_norm_
 from distbelief.runtime.context import RoleContext
 from distbelief.runtime.device import DeviceMirror, local_rank, replica_device
 from distbelief.runtime.faults import fault
@@ -261,6 +261,7 @@ def _steps(ctx: RoleContext, ps: PSClient, mirror: DeviceMirror, window: PushWin
                 loss = runner.train_step(xb, yb)
                 runner.flush()  # a pipeline stage may still owe the step's weight gradients
             if (loss is None or math.isfinite(loss)) and all_finite(grad):  # None: not seen here
+                clip_grad_norm_(grad, cfg.optimizer.clip_grad_norm)  # this step's gradient
                 window.keep()
                 report.step(loss, len(yb))
             else:

@@ -107,7 +107,7 @@ class _Replica:
 
     def _local_step(self, step: int) -> None:
         local_step(self.model, self.grad, self.rule, self.feed, self.slow, self.report, step,
-                   task=self.task)
+                   task=self.task, clip=self.ctx.config.optimizer.clip_grad_norm)
 
     def _checkpoint(self, number: int, step: int) -> None:
         folder = set_dir(self.ctx.job["run_dir"], number)

@@ -37,7 +37,7 @@ from distbelief.data.datasets import BatchStream, replica_indices
 from distbelief.metrics.report import Reporter
 from distbelief.model.flat import FlatModel
 from distbelief.data.feed import load_data_and_model
-from distbelief.ps.rules import STATE_SLOTS, InPlaceRule, all_finite
+from distbelief.ps.rules import STATE_SLOTS, InPlaceRule, all_finite, clip_grad_norm_
 from distbelief.runtime.shm import SharedTensor
 from distbelief.runtime.context import RoleContext
 from distbelief.task import Task, task_of
@@ -98,6 +98,7 @@ def _train(ctx: RoleContext, flat: FlatModel, rule: InPlaceRule, stream: BatchSt
         finite = math.isfinite(value) and all_finite(grad)
         report.step(value if finite else math.nan, len(yb))  # raises with --on-nonfinite stop
         if finite:
+            clip_grad_norm_(grad, ctx.config.optimizer.clip_grad_norm)
             rule.apply(grad)
             applied += 1
         report.maybe_log(step, [])

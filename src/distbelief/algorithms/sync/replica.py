@@ -51,7 +51,7 @@ from distbelief.metrics.report import Reporter
 from distbelief.model.flat import FlatModel
 from distbelief.ps.client import PSClient
 from distbelief.ps.layout import Layout
-from distbelief.ps.rules import all_finite, make_rule
+from distbelief.ps.rules import all_finite, clip_grad_norm_, make_rule
 from distbelief.runtime.channel import Group
 from distbelief.runtime.context import RoleContext
 from distbelief.runtime.device import (DeviceMirror, collective_backend, local_rank,
@@ -249,7 +249,9 @@ class _Trainer:
                                          "data")
             self.report.skip_nonfinite(own_samples)
             return
-        self.rule.apply(self.grad.div_(samples))  # the mean over every sample of the step
+        self.grad.div_(samples)  # the mean over every sample of the step
+        clip_grad_norm_(self.grad, self.ctx.config.optimizer.clip_grad_norm)  # its global norm
+        self.rule.apply(self.grad)
         self.report.step(loss, own_samples)
 
     def _maybe_report(self, step: int) -> None:
