@@ -43,7 +43,7 @@ def run_shard(ctx: RoleContext, rule: bool = True) -> None:
                                    else dataclasses.replace(ctx.config.optimizer, rule=None)),
                          timeout=ctx.config.cluster.timeout,
                          on_nonfinite=ctx.config.train.on_nonfinite,
-                         total_updates=ctx.job["shard_updates"])
+                         total_updates=ctx.job.get("shard_updates"))
     restart = store.try_get_json(f"restart/shard{s}")  # this process replaces a lost shard
     manifest = read_manifest(ctx.job["run_dir"]) if restart else ctx.job.get("resume")
     if manifest is not None:  # continue from the last complete checkpoint
