@@ -25,6 +25,11 @@ transport; a request that gets no answer within the timeout raises
 `ShardTimeout` (a TimeoutError) naming both ends too. Both are `JobFailed`: in the
 coordinator they end the job with that line.
 
+Idle connections: a shard stops waiting for a client's next request after the
+timeout (it cannot tell a quiet client from a dead one), so a connection left
+idle for `IDLE_FRACTION` of the timeout (a coordinator between evaluations, a
+replica held at a barrier) is closed and made anew before its next request.
+
 Bytes: `transport_bytes()` counts the tensor bytes exchanged with the shards
 (parameters pulled or set, gradients pushed or accumulated) by the transport
 that carried them, "shm" or "gloo"; on shm a shard reads a pushed gradient in
@@ -60,6 +65,10 @@ from distbelief.runtime.store import JobStore
 
 Slice = Union[torch.Tensor, list]
 """A shard's part of a flat vector: one view, or (chunk layout) the views of its segments."""
+
+
+IDLE_FRACTION = 0.5
+"""A connection idle for this fraction of the timeout is made anew before it is used."""
 
 
 class Waitable(Protocol):
@@ -286,6 +295,7 @@ class PSClient:
         self._pools = [ThreadPoolExecutor(1, thread_name_prefix=f"{client}-shard{s}")
                        for s in range(layout.shards)]
         self._conns: list[ShardConnection | None] = [None] * layout.shards
+        self._used = [0.0] * layout.shards  # when each connection last answered (monotonic)
         self._closed = False
         self.fetched_versions = [0] * layout.shards
         self.reconnects = 0  # connections made again to a restarted shard
@@ -328,18 +338,36 @@ class PSClient:
         self._conns[index] = ShardConnection(self._store, shard, self.layout.size(index),
                                              self.client, self._kinds[index], self.timeout,
                                              files)
+        self._used[index] = time.monotonic()
 
     def _run(self, index: int, op):
-        """`op(connection)` on shard `index`; when the shard went away and a restarted one
-        comes up (it restores its last checkpoint), connect to that and run `op` again."""
+        """`op(connection)` on shard `index` (on its worker thread); when the shard went away
+        and a restarted one comes up (it restores its last checkpoint), connect to that and
+        run `op` again. A connection idle too long is made anew first (`IDLE_FRACTION`)."""
+        if time.monotonic() - self._used[index] > IDLE_FRACTION * self.timeout:
+            self._renew(index)
         try:
-            return op(self._conns[index])
+            result = op(self._conns[index])
         except ChannelClosed:
             if not self._await_restart(index):
                 raise
+            self._connect(index)
+            self.reconnects += 1
+            result = op(self._conns[index])
+        self._used[index] = time.monotonic()
+        return result
+
+    def _renew(self, index: int) -> None:
+        """Say goodbye on an idle connection (the shard may have dropped it already) and
+        connect to the same shard again; nothing was in flight on it."""
+        old = self._conns[index]
+        try:
+            old.close()
+        except ChannelClosed:
+            pass  # the shard stopped waiting for this client's requests
+        if old.shm:
+            old.channel.close()
         self._connect(index)
-        self.reconnects += 1
-        return op(self._conns[index])
 
     def _await_restart(self, index: int) -> bool:
         """Wait (up to the timeout) for a newer generation of the shard; False if none came."""

@@ -30,7 +30,7 @@ from distbelief.ps import protocol as P
 from distbelief.ps.rules import all_finite, make_rule
 from distbelief.ps.vectors import (PARAMS, ShardVectors, VectorError, bits_float,
                                    float_bits)
-from distbelief.runtime.channel import TENSOR_TAG, Channel, ChannelClosed
+from distbelief.runtime.channel import TENSOR_TAG, Channel, ChannelClosed, ChannelTimeout
 from distbelief.runtime.shm import SharedTensor, job_file
 from distbelief.runtime.local import LocalListener
 from distbelief.runtime.store import JobStore
@@ -189,7 +189,14 @@ class ShardServer:
                 self.clients.add(client)
             shm = request.get("transport") == "shm"
             while True:
-                op, a, b, c, d, _ = channel.recv_header()
+                try:
+                    op, a, b, c, d, _ = channel.recv_header()
+                except ChannelTimeout:
+                    # a quiet client, not a lost one: it makes a new connection when it
+                    # next needs the shard (`PSClient`: idle connections are renewed)
+                    log.info("shard %d: %s sent nothing for the timeout; its connection is "
+                             "closed until it needs another", self.shard, client)
+                    return
                 if op == P.PUSH:
                     self._push(channel, grads, client, fetched_version=a, buffer=b, numel=c,
                                dtype=d, shm=shm)

@@ -68,6 +68,10 @@ class ChannelClosed(ConnectionError):
     """The peer went away (crashed, was killed, or closed the channel)."""
 
 
+class ChannelTimeout(ChannelClosed):
+    """Nothing came within the timeout: the peer may be dead, hung, or only quiet."""
+
+
 class Channel:
     """A two-party tensor channel over its own gloo process group.
 
@@ -179,7 +183,8 @@ class Channel:
         try:
             start().wait()
         except RuntimeError as exc:
-            raise ChannelClosed(f"channel {self.name}: {_short(exc)}") from None
+            kind = ChannelTimeout if "timed out" in str(exc).lower() else ChannelClosed
+            raise kind(f"channel {self.name}: {_short(exc)}") from None
 
 
 class Posted:

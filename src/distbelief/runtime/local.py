@@ -46,7 +46,7 @@ import struct
 import threading
 from pathlib import Path
 
-from distbelief.runtime.channel import HEADER_LEN, ChannelClosed
+from distbelief.runtime.channel import HEADER_LEN, ChannelClosed, ChannelTimeout
 from distbelief.runtime.secret import JobSecret
 
 _HEADER = struct.Struct(f"<{HEADER_LEN}q")
@@ -149,7 +149,8 @@ class LocalChannel:
             try:
                 n = self._sock.recv_into(view[got:])
             except OSError as exc:
-                raise ChannelClosed(f"channel {self.name}: {_describe(exc)}") from None
+                kind = ChannelTimeout if isinstance(exc, TimeoutError) else ChannelClosed
+                raise kind(f"channel {self.name}: {_describe(exc)}") from None
             if n == 0:
                 raise ChannelClosed(f"channel {self.name}: the peer closed the connection")
             got += n
