@@ -469,15 +469,19 @@ def test_a_shard_whose_accept_loop_hangs_is_lost_and_ends_the_job(tmp_path, cli_
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.parametrize("hang_at,steps", [(5, 1500), (1, 300)],
+                         ids=["while-serving", "before-any-connection"])
 def test_a_data_server_whose_accept_loop_hangs_is_replaced_and_its_replicas_wait_unblamed(
-        tmp_path, cli_job, monkeypatch):
+        tmp_path, cli_job, monkeypatch, hang_at, steps):
     """The first data server's accept loop blocks (its streams run on until it is killed);
     it is replaced, the replicas, waiting for batches meanwhile, are not lost, and the job
-    finishes. Each replica step sleeps 10 ms, so the job outlasts the detection."""
+    finishes. Each replica step sleeps 10 ms, so the job outlasts the detection. Hung
+    before its first pass, it never joins a replica's connection: the replica gives that
+    up when the replacement comes (it waited the whole --timeout before, and was lost)."""
     proc, run_dir, events = _hang_job(
-        tmp_path, cli_job, monkeypatch, "--data-servers", "1", steps=1500,
-        fault="dataserver.pass/dataserver0.g0/5=hang,replica.step/*/*=sleep:0.01")
-    out, err = proc.communicate(timeout=200)
+        tmp_path, cli_job, monkeypatch, "--data-servers", "1", steps=steps,
+        fault=f"dataserver.pass/dataserver0.g0/{hang_at}=hang,replica.step/*/*=sleep:0.01")
+    out, err = proc.communicate(timeout=100)  # --timeout is 120: a replica must not wait it
     assert proc.returncode == 0, err[-3000:]
     every = events()
     lost = [e for e in every if e["event"] == "dataserver_lost"]

@@ -144,7 +144,7 @@ class DataClient:
         while time.monotonic() < deadline:
             for d, generation in self._candidates():
                 try:
-                    return _Stream(self, d, generation)
+                    return self._open(d, generation)
                 except ChannelClosed as exc:
                     self._failed.add((d, generation))
                     host = (self.store.try_get_json(f"members/dataserver/{d}") or {}).get("host")
@@ -155,6 +155,46 @@ class DataClient:
             f"replica {self.replica}: no data server could serve step {self.step + 1} within "
             f"{self.timeout:g} s (--timeout); last: {last}; see its log "
             f"(logs/dataserver<id>.log in the run directory)")
+
+    def _open(self, server: int, generation: int) -> _Stream:
+        """A stream from `server`'s `generation`, given up as soon as that generation is
+        replaced: a server whose accept loop hangs never joins the stream's channels, and
+        their join would otherwise hold this replica for the whole --timeout while the
+        server's replacement is up. Blocks; ChannelClosed when it cannot connect."""
+        outcome: dict = {}
+        lock = threading.Lock()
+
+        def attempt() -> None:
+            try:
+                stream = _Stream(self, server, generation, store=connecting)
+            except BaseException as exc:  # reported to the waiting thread
+                connecting.close()
+                with lock:
+                    outcome["error"] = exc
+                return
+            with lock:
+                if not outcome.get("abandoned"):
+                    outcome["stream"] = stream
+                    return
+            stream.close()  # connected after all, but too late: the replacement serves
+
+        # a connection of the stream's own (the store is not shared between threads; the
+        # stream's channels keep it, and closing the stream closes it)
+        connecting = self.store.clone()
+        thread = threading.Thread(target=attempt, daemon=True,
+                                  name=f"replica{self.replica}-connect")
+        thread.start()
+        while True:
+            thread.join(0.1)
+            with lock:
+                if "stream" in outcome:
+                    return outcome["stream"]
+                if "error" in outcome:
+                    raise outcome["error"]
+                if self.store.try_get_json(P.generation_key(server)) != generation:
+                    outcome["abandoned"] = True
+                    raise ChannelClosed(f"generation {generation} was replaced while this "
+                                        "replica connected")
 
     def stats(self) -> dict:
         return {"data_seconds": self.wait_seconds, "data_failovers": self.failovers,
@@ -180,9 +220,13 @@ class DataClient:
 class _Stream:
     """One connection to one data server: credits go up, batches come down into a queue."""
 
-    def __init__(self, client: DataClient, server: int, generation: int):
+    def __init__(self, client: DataClient, server: int, generation: int,
+                 store: JobStore | None = None):
+        """Connect to `server`'s `generation` through `store` (default the client's; a store
+        given is the stream's own, closed with it)."""
         self.server, self.generation = server, generation
-        store = client.store
+        self._own_store = store
+        store = store or client.store
         ticket = store.add(P.conn_counter(server), 1)
         store.set_json(P.conn_key(server, ticket), {
             "client": f"replica{client.replica}", "replica": client.replica,
@@ -249,3 +293,5 @@ class _Stream:
         self.down.close()
         self.up.close()
         self._thread.join(5)
+        if self._own_store is not None:
+            self._own_store.close()
