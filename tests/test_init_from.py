@@ -110,3 +110,22 @@ def test_mismatches_name_the_first_differing_parameter(tmp_path):
     torch.save({"a": 1}, tmp_path / "bad.pt")
     with pytest.raises(UserError, match="holds no state dict"):
         load_initial(model, tmp_path / "bad.pt")
+
+
+def test_replicas_start_from_the_given_runs_buffers(tmp_path):
+    """A BatchNorm model's running statistics come with it: after one step each replica's
+    are 0.9 of the loaded ones plus 0.1 of one batch's (momentum 0.1), nowhere near the
+    fresh model's zeros and ones."""
+    model = f"{Path(__file__).resolve().parent / '_models.py'}:mlp_bn"
+    source = tmp_path / "source"
+    distbelief.train(algorithm="downpour", epochs=2, run_dir=str(source),
+                     **{**SMALL, "model": model})
+    again = tmp_path / "again"
+    distbelief.train(algorithm="downpour", steps=1, lr=1e-9, init_from=str(source),
+                     run_dir=str(again), **{**SMALL, "model": model})
+    before, after = _weights(source), _weights(again)
+    for name in ("2.running_mean", "5.running_var"):
+        fresh = torch.zeros_like(before[name]) if "mean" in name else torch.ones_like(before[name])
+        moved = (after[name] - before[name]).norm()
+        assert moved < 0.3 * (fresh - before[name]).norm(), name
+    assert after["2.num_batches_tracked"] == before["2.num_batches_tracked"] + 1

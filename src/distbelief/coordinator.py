@@ -31,7 +31,8 @@ from distbelief.metrics.log import MetricsLog, Progress
 from distbelief.metrics.tensorboard import TensorBoardLog
 from distbelief.data.feed import describe_data, load_data_and_model
 from distbelief.model.initial import load_initial
-from distbelief.model.buffers import average, buffer_state, decode, has_buffers, load_buffers
+from distbelief.model.buffers import (average, buffer_state, decode, encode, has_buffers,
+                                      load_buffers)
 from distbelief.model.zoo import check_model
 from distbelief.task import Task, task_of
 from distbelief.parameters import home_for
@@ -97,6 +98,11 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
                "shard_updates": algorithm.shard_updates(cfg, steps),
                **describe_data(data), "run_dir": str(run_dir.resolve()), "resume": manifest,
                **home.job_fields(store)}
+        if cfg.train.init_from is not None and manifest is None and has_buffers(model):
+            # the trained buffers too: each replica's reporter starts from its key's
+            loaded = encode(buffer_state(model))
+            for member in replica_members(cfg, range(algorithm.replicas(cfg))):
+                store.set_json(f"buffers/{member}", loaded)
         store.set_json("job", job)
         os.environ.update(loopback)  # the coordinator's own channels too
         mirrors = ([TensorBoardLog(run_dir / "tensorboard", start_time=job["start_time"],

@@ -59,16 +59,17 @@ def predict(run_dir: str | Path, input_path: str | Path, output_path: str | Path
         raise UserError(f"--split {split!r} is not one of {', '.join(SPLITS)}: pick one of those")
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}: try 256")
+    from distbelief.data.feed import known_shapes
     from distbelief.job import load_config
-    from distbelief.task import Targets, task_of
+    from distbelief.task import task_of
 
     model = load_model(run_dir)
     model.eval()
-    described = json.loads((Path(run_dir) / "summary.json").read_text())["model"]
+    # the summary describes the data as the job description did (`describe_data`)
+    input_shape, targets = known_shapes(json.loads(
+        (Path(run_dir) / "summary.json").read_text())["model"])
     task = task_of(load_config(Path(run_dir) / "config.toml"))
-    targets = Targets(tuple(described.get("target_shape", ())),
-                      described.get("target_classes", described["num_classes"]))
-    x, y = _read_input(Path(input_path), tuple(described["input_shape"]), task)
+    x, y = _read_input(Path(input_path), input_shape, task)
     output_path = Path(output_path)
     if not output_path.parent.is_dir():
         raise UserError(f"cannot write {str(output_path)!r}: its directory does not exist")
