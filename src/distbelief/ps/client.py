@@ -347,15 +347,16 @@ class PSClient:
         if time.monotonic() - self._used[index] > IDLE_FRACTION * self.timeout:
             self._renew(index)
         try:
-            result = op(self._conns[index])
-        except ChannelClosed:
-            if not self._await_restart(index):
-                raise
+            try:
+                return op(self._conns[index])
+            except ChannelClosed:
+                if not self._await_restart(index):
+                    raise
             self._connect(index)
             self.reconnects += 1
-            result = op(self._conns[index])
-        self._used[index] = time.monotonic()
-        return result
+            return op(self._conns[index])
+        finally:  # used, answered or not: a connection that just failed is not renewed
+            self._used[index] = time.monotonic()
 
     def _renew(self, index: int) -> None:
         """Say goodbye on an idle connection (the shard may have dropped it already) and

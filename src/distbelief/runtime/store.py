@@ -37,16 +37,21 @@ from typing import Any
 
 import torch.distributed as dist
 
-from distbelief.errors import UserError
+from distbelief.errors import JobFailed, UserError
 from distbelief.runtime.sealed import TAMPERED_KEY, SealedStore, TamperReport
 from distbelief.runtime.secret import JobSecret
 
-__all__ = ["TAMPERED_KEY", "JobStore", "StreamReader", "new_token"]
+__all__ = ["TAMPERED_KEY", "JobStore", "StoreTimeout", "StreamReader", "new_token"]
 
 
 def new_token() -> str:
     """A fresh random job token (hex)."""
     return secrets.token_hex(16)
+
+
+class StoreTimeout(TimeoutError, JobFailed):
+    """A key the job waits for did not come within its timeout (a role that never started,
+    or a value someone deleted); the command line prints it as one line."""
 
 
 class JobStore:
@@ -123,7 +128,8 @@ class JobStore:
         """Wait up to `timeout` seconds for key, then return its JSON value.
 
         Polls with `check` rather than the store's own wait, which logs noise on timeout.
-        Raises TimeoutError naming `what` (or the key).
+        Raises StoreTimeout (a TimeoutError, and a JobFailed: one line from the command)
+        naming `what` (or the key).
         """
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
@@ -131,7 +137,7 @@ class JobStore:
             if value is not None:
                 return value
             if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out waiting for {what or key!r}")
+                raise StoreTimeout(f"timed out waiting for {what or key!r}")
             time.sleep(self.POLL_SECONDS)
 
     def wait_json(self, key: str, timeout: float) -> Any:
