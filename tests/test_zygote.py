@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
 
 import pytest
 
@@ -96,3 +98,41 @@ def test_a_dead_launcher_fails_the_spawn_with_one_line(tmp_path):
     z._process.wait(10)
     with pytest.raises(JobFailed, match="role launcher .* exited before starting a role"):
         z.spawn({}, tmp_path / "c.log", entry=CHILD)
+
+
+FORK_PROBE = r"""
+import json, os, sys, threading, time
+from pathlib import Path
+if sys.argv[1] == "thread":  # a second thread, as a notebook or a test runner has
+    threading.Thread(target=time.sleep, args=(30,), daemon=True).start()
+from distbelief.runtime.zygote import Zygote
+z = Zygote(fork=True)
+child = z.spawn({"ZYGOTE_MARK": "forked?"}, Path(sys.argv[2]), entry="_zygote_child:main")
+code = child.wait(30)
+cmdline = open(f"/proc/{z._process.pid}/cmdline", "rb").read().split(b"\0")
+z.close()
+print(json.dumps({"forked": z.forked, "code": code, "zygote_argv": [a.decode() for a in cmdline],
+                  "torch_here": "torch" in sys.modules, "gone": z._process.poll() is not None}))
+"""
+
+
+@pytest.mark.parametrize("threads", ["one", "thread"])
+def test_a_single_threaded_coordinator_forks_its_zygote_after_importing_torch(tmp_path, threads):
+    """The command line's case: one thread, torch not imported. The zygote is this process
+    forked (the same argv, torch imported once, here); with a second thread it must not
+    fork and is a fresh `python -m distbelief.runtime.zygote`."""
+    log = tmp_path / "child.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(os.path.dirname(__file__)), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", FORK_PROBE, threads, str(log)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["code"] == 0 and "env=forked? path_has_tests=True" in log.read_text()
+    assert report["gone"]  # closed: the zygote ended with its stdin
+    if threads == "one":
+        assert report["forked"] and report["torch_here"]
+        assert report["zygote_argv"][1] == "-c"  # this interpreter, forked
+    else:
+        assert not report["forked"] and not report["torch_here"]
+        assert report["zygote_argv"][1:3] == ["-m", "distbelief.runtime.zygote"]

@@ -4,10 +4,18 @@ A role started as a fresh interpreter first spends a second or more of CPU on
 ``import torch``, and a local job starts S + R·K + D of them at once, often on
 a machine with two cores: most of a job's start-up went there. The zygote is
 one interpreter, started by the coordinator's process as early as it can
-(`prestart`, before the coordinator's own imports are done), that imports
-torch and every role's modules once and then forks one role process per
-request; a fork takes milliseconds and the children share the zygote's pages.
-It imports no data and starts no thread of its own, so forking it is safe.
+(`prestart`), that imports torch and every role's modules once and then forks
+one role process per request; a fork takes milliseconds and the children share
+the zygote's pages. It imports no data and starts no thread of its own, so
+forking it is safe.
+
+Where the coordinator's process has one thread and has not imported torch
+when it starts the zygote (the command line's), it imports torch and forks the
+zygote from itself, which then has torch without importing it again: a second
+of CPU less per job. A process with other threads (a notebook, a test runner
+calling `distbelief.train`) must not fork; its zygote is a fresh interpreter,
+``python -m distbelief.runtime.zygote``, whose imports overlap with the
+coordinator's own.
 
 Protocol, one JSON line each way over the zygote's stdin and stdout::
 
@@ -39,6 +47,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -89,14 +98,92 @@ class ForkedProcess:
         self.send_signal(signal.SIGKILL)
 
 
-class Zygote:
-    """The coordinator's handle on its zygote process. Thread-safe."""
+def _single_threaded() -> bool:
+    """Whether this process has one thread (the kernel's count, native threads included)."""
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
+
+
+class _ForkedZygote:
+    """A zygote forked from this process (after its imports), with the part of `Popen`'s
+    interface that `Zygote` uses."""
 
     def __init__(self):
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
-               "TORCH_CPP_LOG_LEVEL": os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR")}
-        self._process = subprocess.Popen([sys.executable, "-m", "distbelief.runtime.zygote"],
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        requests, self_requests = os.pipe()  # the zygote reads requests from its stdin
+        self_answers, answers = os.pipe()  # and answers on its stdout
+        parent = os.getpid()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()  # else both processes would write what is buffered
+        pid = os.fork()
+        if pid == 0:  # the zygote: never returns into the coordinator's code
+            code = 1
+            try:
+                os.dup2(requests, 0)
+                os.dup2(answers, 1)
+                for fd in (requests, self_requests, self_answers, answers):
+                    os.close(fd)  # its own write end of stdin kept would hide the EOF
+                _die_with_parent()
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the command's handler
+                if os.getppid() == parent:  # else the coordinator died before that took effect
+                    main()
+                    code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        os.close(requests)
+        os.close(answers)
+        self.pid = pid
+        self.stdin = os.fdopen(self_requests, "wb")
+        self.stdout = os.fdopen(self_answers, "rb")
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere: it has ended
+                self.returncode = -signal.SIGKILL
+            else:
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired("the role launcher (forked zygote)", timeout)
+            time.sleep(POLL_SECONDS)
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+
+
+class Zygote:
+    """The coordinator's handle on its zygote process. Thread-safe.
+
+    With `fork` (and this process single-threaded) the zygote is forked from this process
+    once torch is imported here; otherwise it is a fresh interpreter."""
+
+    def __init__(self, fork: bool = False):
+        # one thread, and torch not yet imported: the threads torch's import starts are
+        # then the zygote's own (it forks every role with them; a fresh one has them too)
+        if fork and "torch" not in sys.modules and _single_threaded():
+            for name in PRELOAD:
+                importlib.import_module(name)
+            self._process = _ForkedZygote()
+        else:
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+                   "TORCH_CPP_LOG_LEVEL": os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR")}
+            self._process = subprocess.Popen([sys.executable, "-m", "distbelief.runtime.zygote"],
+                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                             env=env)
+        self.forked = isinstance(self._process, _ForkedZygote)
         self._lock = threading.Lock()  # one spawn request at a time
         self._pids: queue.Queue = queue.Queue()
         self._exits: dict[int, int] = {}
@@ -173,18 +260,21 @@ _shared: Zygote | None = None
 _shared_lock = threading.Lock()
 
 
-def zygote() -> Zygote:
-    """This process's zygote, started on first use (and again if it died)."""
+def zygote(fork: bool = False) -> Zygote:
+    """This process's zygote, started on first use (and again if it died); `fork` as in
+    `Zygote`."""
     global _shared
     with _shared_lock:
         if _shared is None or not _shared.alive:
-            _shared = Zygote()
+            _shared = Zygote(fork)
         return _shared
 
 
 def prestart() -> None:
-    """Start the zygote now, so that its imports overlap with this process's own."""
-    zygote()
+    """Start the zygote now: forked from this process where it has one thread (after
+    importing torch here), else a fresh interpreter whose imports overlap with this
+    process's own."""
+    zygote(fork=True)
 
 
 # ---- the zygote process -------------------------------------------------------
