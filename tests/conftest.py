@@ -10,6 +10,9 @@ from distbelief.runtime.launch import QUICK_RESOLVER
 # this process hosts and joins many stores, each connection asking DNS for the name of
 # loopback: with a DNS server that sometimes drops a query, 1 s lost instead of 10
 os.environ.setdefault("RES_OPTIONS", QUICK_RESOLVER)
+# a job's curves.png costs a second of CPU (matplotlib's import and a PNG): the few tests
+# that look at it ask for it (the `curves` fixture); the suite's other jobs skip it
+os.environ.setdefault("DISTBELIEF_CURVES", "0")
 
 import numpy as np
 import pytest
@@ -41,6 +44,12 @@ def _seed() -> None:
     """Seed torch and numpy (seed 0) before every test so results are reproducible."""
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+@pytest.fixture
+def curves(monkeypatch) -> None:
+    """Jobs started by this test draw curves.png (DISTBELIEF_CURVES, off in the suite)."""
+    monkeypatch.setenv("DISTBELIEF_CURVES", "1")
 
 
 @pytest.fixture
@@ -78,3 +87,4 @@ def store():
         yield store
     finally:
         store.close()
+

@@ -286,7 +286,7 @@ def test_bad_options_get_one_line(options, message):
         resolve_config(None, {"algorithm": "admm", "shards": 2, **options})
 
 
-def test_cnn_on_mnist1d_through_the_command_line(tmp_path, cli_job):
+def test_cnn_on_mnist1d_through_the_command_line(tmp_path, cli_job, curves):
     run_dir = tmp_path / "run"
     proc = cli_job("--algorithm", "admm", "--dataset", "mnist1d", "--model", "cnn",
                    "--replicas", "4", "--epochs", "2", "--run-dir", str(run_dir))

@@ -18,7 +18,7 @@ from distbelief.metrics.log import read_metrics
 from _cluster import CLI, alive, wait_until
 
 
-def test_downpour_on_digits_reaches_95_percent(tmp_path):
+def test_downpour_on_digits_reaches_95_percent(tmp_path, curves):
     summary = distbelief.train(dataset="digits", model="mlp", replicas=2, shards=2, steps=300,
                                rule="adagrad", lr=0.05, eval_every=100,
                                run_dir=str(tmp_path / "run"))
@@ -65,6 +65,7 @@ def test_warm_start_lets_replica0_train_alone_first(tmp_path):
     assert before and all(e["replica"] == 0 for e in before)
     assert max(e["step"] for e in before) >= 40
     assert summary["total_steps"] == 160  # the late replica still takes all its steps
+    assert not (Path(summary["run_dir"]) / "curves.png").exists()  # DISTBELIEF_CURVES=0
 
 
 def test_user_model_factory_and_npz_data(tmp_path):

@@ -47,6 +47,10 @@ from distbelief.watch import (exit_detail, is_lost, parts, replica_members, star
 __all__ = ["JobFailed", "check_launch", "run_job"]
 
 
+CURVES_ENV = "DISTBELIEF_CURVES"
+"""Set to 0, a job ends without drawing run_dir/curves.png (`distbelief plot` draws it
+later): many short runs, such as the test suite's, spend a second of CPU each on it."""
+
 def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None = None,
             resume: str | Path | None = None, plan: dict | None = None) -> dict:
     """Run a whole job and return its summary. Blocks until the job ends.
@@ -181,8 +185,9 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
         if plan is not None:
             summary["plan"] = plan
         write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        from distbelief.metrics.plot import plot_run
-        plot_run(run_dir)
+        if os.environ.get(CURVES_ENV, "1") != "0":  # a second of CPU: skipped in sweeps
+            from distbelief.metrics.plot import plot_run
+            plot_run(run_dir)
         return summary
     finally:
         home.close()
