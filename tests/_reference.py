@@ -8,17 +8,19 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from distbelief.data.datasets import BatchStream, load_dataset, replica_indices
+from distbelief.data.datasets import BatchStream, load_dataset, replica_indices, split_validation
 from distbelief.model.zoo import build_model
 
 
 def one_process_parameters(make_optimizer: Callable[[list], torch.optim.Optimizer],
                            steps: int, batch_size: int, seed: int,
-                           clip: float | None = None) -> list[torch.Tensor]:
+                           clip: float | None = None,
+                           val_fraction: float = 0.0) -> list[torch.Tensor]:
     """The MLP's parameters after `steps` steps of `make_optimizer(parameters)` in this
     process, on replica 0's stream of a one-replica job seeded `seed`; `clip`: each
-    step's gradients clipped by torch.nn.utils.clip_grad_norm_ first."""
-    data = load_dataset("digits", seed=seed)
+    step's gradients clipped by torch.nn.utils.clip_grad_norm_ first; `val_fraction`: the
+    job's --val-fraction (the rows it holds out are not trained on)."""
+    data = split_validation(load_dataset("digits", seed=seed), val_fraction, seed)
     torch.manual_seed(seed)
     model = build_model("mlp", data.input_shape, data.num_classes)
     indices = replica_indices(len(data.x_train), 0, 1, seed)

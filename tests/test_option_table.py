@@ -79,6 +79,7 @@ TABLE: dict[str, tuple[object, tuple[str, ...]]] = {
     "num_samples":      (500,           (U, U, U, U, U, U)),
     "prefetch":         (2,             (U, U, R, R, R, R)),
     "seq_len":          (64,            (U, U, U, U, U, U)),   # text:PATH windows, any algorithm
+    "val_fraction":     (0.2,           (U, U, U, U, U, U)),   # every algorithm evaluates
     # [model]: downpour's replicas are cut into partitions, admm's by layers only
     "model":            ("mlp",         (U, U, U, U, U, U)),
     "partitions":       (2,             (U, R, R, R, U, R)),

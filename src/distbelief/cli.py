@@ -206,9 +206,11 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     lost = summary["replicas_lost"]
     headline = summary["task"]["headline"]
+    val = (f" (validation {summary['val_' + headline]:.4f} on {summary['val_samples']})"
+           if "val_samples" in summary else "")
     print(f"test {headline.replace('_', ' ')} {summary['test_' + headline]:.4f} on "
-          f"{summary['test_samples']} held-out "
-          f"samples; {summary['samples_per_second']:,.0f} samples/s; "
+          f"{summary['test_samples']} held-out samples{val}; "
+          f"{summary['samples_per_second']:,.0f} samples/s; "
           f"{summary['wall_seconds']:.1f} s" + (f"; {lost} replica(s) lost" if lost else ""))
     print(f"run directory: {summary['run_dir']}")
     return 0

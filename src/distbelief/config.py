@@ -171,6 +171,8 @@ class DataConfig:
     """With --data-servers: batches in flight to each replica (sent, not yet trained on); bounds their memory."""
     seq_len: int = 128
     """For --dataset text:PATH: bytes per sample window (the targets are the window shifted by one byte)."""
+    val_fraction: float = 0.0
+    """Hold out this seeded fraction of the training split for validation: the evaluations during the run (--eval-every) read it, and the test split is read once, at the end (summary.json has both). 0: no validation split; the evaluations during the run read the test split."""
 
 
 @dataclass(kw_only=True)
@@ -288,6 +290,9 @@ def validate_shared(cfg: Any) -> None:
                         "for all, 0.75 is Project Adam's choice")
     at_least("--batch-size", d.batch_size, 1, "use a positive batch size")
     at_least("--seq-len", d.seq_len, 1, "give the bytes per window of a text: dataset, e.g. 128")
+    if not 0 <= d.val_fraction < 1:
+        raise UserError(f"--val-fraction must be in [0, 1), got {d.val_fraction}: the share of "
+                        "the training split held out for validation, e.g. 0.1 (0: none)")
     at_least("--eval-every", t.eval_every, 0, "use 0 to evaluate only at the end")
     at_least("--log-every", t.log_every, 1, "report at least every step (1)")
     if not 0 <= c.port <= 65535:

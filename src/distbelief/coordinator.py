@@ -145,8 +145,8 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
                 is_lost=lambda r: is_lost(store, local, liveness, "replica", r,
                                           cfg.model.partitions),
                 exit_detail=lambda r: exit_detail(local, "replica", r), wait_for=wait_for,
-                evaluate=lambda: _evaluate(home, model, data, store, members),
-                resume=manifest)
+                evaluate=lambda: _evaluate(home, model, data.watched[1], store, members),
+                watched=data.watched[0], resume=manifest)
             algorithm.start(co)
             if algorithm.drives_itself:
                 algorithm.drive(co)
@@ -156,9 +156,13 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
                     start=manifest["checkpoint"] if manifest else 0,
                     meta={"layout": job.get("layout"), "steps": steps}, message=progress.message)
                 watch_replicas(co, algorithm, local, liveness, home.shards, driver, manifest)
-            tested = _evaluate(home, model, data, store, members)
+            # the test split is read once, here; with --val-fraction the validation split too
+            tested = task.fields(_evaluate(home, model, data.test, store, members))
+            if data.val is not None:
+                tested.update(task.fields(_evaluate(home, model, data.val, store, members),
+                                          "val_"))
             metrics.write({"event": "eval", "time": time.time() - job["start_time"],
-                           "step": watch.leading_step, **task.fields(tested), "final": True})
+                           "step": watch.leading_step, **tested, "final": True})
             state = model.state_dict()
             write_atomic(run_dir / CHECKPOINT, lambda f: torch.save(state, f))
             home.stop(store)
@@ -200,16 +204,17 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
                 os.environ[key] = value
 
 
-def _evaluate(home, model: torch.nn.Module, data, store: JobStore, members: list[str]
+def _evaluate(home, model: torch.nn.Module, samples, store: JobStore, members: list[str]
               ) -> dict[str, float]:
-    """The task's test metrics of the current parameters (from their home) with the mean of
+    """The task's metrics over `samples` (a split) of the current parameters (from their
+    home) with the mean of
     the buffers the replicas last published (`distbelief.model.buffers`), both loaded into
     `model`, which is then what a checkpoint or model.pt saves."""
     states = [decode(value) for value in (store.try_get_json(f"buffers/{m}") for m in members)
               if value]
     if states:
         load_buffers(model, average(states))
-    return home.evaluate(model, data)
+    return home.evaluate(model, samples)
 
 
 def check_launch(algorithm: Algorithm, env: EnvRole | None, resume: str | Path | None) -> None:
@@ -253,7 +258,9 @@ def _summary(cfg: JobConfig, algorithm: Algorithm, job: dict, watch: Watch, task
         "final_loss": sum(e["loss"] for e in last) / len(last) if last else None,
         "task": {"name": task.name, "loss": task.loss_name, "headline": task.headline,
                  "metrics": task.metrics_spec},
-        **task.fields(tested), "test_samples": len(data.test), "replicas_lost": len(watch.lost),
+        **tested, "test_samples": len(data.test),
+        **({"val_samples": len(data.val)} if data.val is not None else {}),
+        "replicas_lost": len(watch.lost),
         "lost_replicas": sorted(watch.lost),
         "mean_staleness": sum(stale) / len(stale) if stale else None,
         "late_gradients_dropped": watch.dropped,

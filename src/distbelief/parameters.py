@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from distbelief.data.datasets import evaluate_split
+from distbelief.data.samples import Samples
 from distbelief.model.flat import flatten_parameters, load_flat
 from distbelief.model.partition import plan_partitions
 from distbelief.ps.client import PSClient
@@ -64,8 +65,9 @@ class Served:
         if not resumed:
             self.ps.set(self.initial).wait(cfg.cluster.timeout)
 
-    def evaluate(self, model: torch.nn.Module, data: Any) -> dict[str, float]:
-        """Pull the shards' current parameters into `model`; the task's test metrics."""
+    def evaluate(self, model: torch.nn.Module, samples: Samples) -> dict[str, float]:
+        """Pull the shards' current parameters into `model`; the task's metrics over
+        `samples` (a split)."""
         assert self.ps is not None
         current = torch.empty(self.ps.layout.numel)
         self.ps.pull(current).wait(self.cfg.cluster.timeout)
@@ -74,7 +76,7 @@ class Served:
             whole[self.perm] = current
             current = whole
         load_flat(model, current)
-        return evaluate_split(model, data.test, task=task_of(self.cfg))
+        return evaluate_split(model, samples, task=task_of(self.cfg))
 
     def stop(self, store: JobStore) -> None:
         """After the job's last pull; `final_stats` next."""
@@ -141,12 +143,12 @@ class Shared:
               wait_for: Callable[[list[str], str], None]) -> None:
         """Nothing to wait for: the tensor holds the initial parameters already."""
 
-    def evaluate(self, model: torch.nn.Module, data: Any) -> dict[str, float]:
-        """The task's test metrics of a snapshot of the shared parameters, loaded into
-        `model`."""
+    def evaluate(self, model: torch.nn.Module, samples: Samples) -> dict[str, float]:
+        """The task's metrics over `samples` (a split) of a snapshot of the shared
+        parameters, loaded into `model`."""
         assert self.shared is not None
         load_flat(model, self.shared.tensor[: self.initial.numel()].clone())
-        return evaluate_split(model, data.test, task=task_of(self.cfg))
+        return evaluate_split(model, samples, task=task_of(self.cfg))
 
     def stop(self, store: JobStore) -> None:
         pass

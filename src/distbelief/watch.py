@@ -316,8 +316,8 @@ def maybe_evaluate(co: Coordination, next_eval: int | None) -> int | None:
         torch.set_num_threads(threads)
     task = task_of(co.config)
     co.write_event({"event": "eval", "time": time.time() - co.start_time,
-                    "step": watch.leading_step, **task.fields(metrics)})
-    co.message(f"step {watch.leading_step}: {task.describe(metrics)}")
+                    "step": watch.leading_step, **task.fields(metrics, f"{co.watched}_")})
+    co.message(f"step {watch.leading_step}: {task.describe(metrics, co.watched)}")
     while next_eval <= watch.leading_step:
         next_eval += every
     return next_eval

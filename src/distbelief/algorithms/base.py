@@ -59,7 +59,7 @@ def _fields(section: str, names: str) -> frozenset[str]:
 
 
 # Groups of shared fields, to spell `Algorithm.honours` with.
-COMMON = (_fields("data", "dataset num_samples seq_len") | _fields("model", "name")
+COMMON = (_fields("data", "dataset num_samples seq_len val_fraction") | _fields("model", "name")
           | _fields("train", "steps seed eval_every run_dir tensorboard init_from")
           | _fields("cluster", "host port timeout progress_timeout token_file threads")
           | _fields("optimizer", "lr") | _fields("task", "name loss metrics"))
@@ -162,7 +162,8 @@ class Coordination:
     progress line, redraw the progress line (`show(step, loss=..., samples_per_second=...)`),
     tell whether replica r was lost, describe how it ended, wait for store keys
     (JobFailed when a role exits first or on timeout) and evaluate the current
-    parameters on the test split.
+    parameters on the split the run watches (`watched`: "val" with --val-fraction, else
+    "test"; its metrics are events' ``<watched>_<metric>`` fields).
     """
 
     config: Any
@@ -177,6 +178,7 @@ class Coordination:
     exit_detail: Callable[[int], str]
     wait_for: Callable[[list[str], str], None]
     evaluate: Callable[[], dict[str, float]]
+    watched: str = "test"
     resume: dict | None = None
     """The manifest of the checkpoint the job continues from (None: a new job)."""
 

@@ -54,7 +54,7 @@ import torch
 
 from distbelief.data.checks import check_inputs as _inputs
 from distbelief.data.npydir import open_npy_dir
-from distbelief.data.samples import Samples, TensorSamples
+from distbelief.data.samples import Samples, SubsetSamples, TensorSamples
 from distbelief.data.text import PREFIX as TEXT_PREFIX
 from distbelief.data.text import open_text
 from distbelief.data.sampling import TEST_FRACTION, BatchStream, holdout_split, replica_indices
@@ -66,7 +66,7 @@ from distbelief.rundir import write_atomic
 from distbelief.task import Targets, Task, make_task
 
 __all__ = ["Dataset", "load_dataset", "default_cache_dir", "replica_indices", "BatchStream",
-           "evaluate_split", "TEST_FRACTION"]
+           "evaluate_split", "split_validation", "TEST_FRACTION"]
 
 BUILTIN = ("digits", "mnist1d", "synthetic", "speech")
 EVAL_BATCH = 2048
@@ -77,7 +77,8 @@ Known = tuple[tuple[int, ...], Targets]  # (input shape, targets), from the job 
 @dataclass(frozen=True)
 class Dataset:
     """A dataset: a train and a test split (`Samples`), the shape of one input and the
-    form of the targets (`distbelief.task.Targets`).
+    form of the targets (`distbelief.task.Targets`), and a validation split held out of
+    the training one (`split_validation`) or None.
 
     ``x_train``, ``y_train``, ``x_test``, ``y_test`` are each split as whole
     tensors: free for data in memory, but for a directory or a torch Dataset
@@ -90,6 +91,13 @@ class Dataset:
     test: Samples
     input_shape: tuple[int, ...]
     targets: Targets
+    val: Samples | None = None
+
+    @property
+    def watched(self) -> tuple[str, Samples]:
+        """The split the evaluations during a run read, and its name: the validation split
+        when there is one, else the test split."""
+        return ("val", self.val) if self.val is not None else ("test", self.test)
 
     @property
     def num_classes(self) -> int:
@@ -112,6 +120,27 @@ class Dataset:
     @property
     def y_test(self) -> torch.Tensor:
         return self.test.tensors()[1]
+
+
+def split_validation(data: Dataset, fraction: float, seed: int) -> Dataset:
+    """``data`` with a seeded ``fraction`` of its training split held out as ``val`` (at
+    least one sample, and at least one left to train on); ``data`` itself when ``fraction``
+    is 0. Every process computes the same split from the same seed.
+
+    Raises:
+        UserError: a training split of fewer than 2 samples.
+    """
+    if not fraction:
+        return data
+    n = len(data.train)
+    if n < 2:
+        raise UserError(f"--val-fraction {fraction}: the training split has {n} sample(s), "
+                        "too few to hold any out; use --val-fraction 0")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919))
+    n_val = min(max(1, int(n * fraction)), n - 1)
+    rest = perm[n_val:].sort().values  # the training split's order kept
+    return replace(data, train=SubsetSamples(data.train, rest),
+                               val=SubsetSamples(data.train, perm[:n_val].sort().values))
 
 
 def evaluate_split(model: torch.nn.Module, samples: Samples, batch_size: int = EVAL_BATCH,

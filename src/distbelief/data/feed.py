@@ -33,7 +33,7 @@ import time
 import torch
 
 from distbelief.data.augment import Augmenter, augment_generator
-from distbelief.data.datasets import Dataset, Known, load_dataset
+from distbelief.data.datasets import Dataset, Known, load_dataset, split_validation
 from distbelief.data.samples import Batches, Samples, TensorSamples
 from distbelief.data.sampling import BatchStream, replica_indices
 from distbelief.model.zoo import build_model
@@ -142,6 +142,15 @@ def known_shapes(job: dict | None) -> Known | None:
     return tuple(int(d) for d in job["input_shape"]), targets
 
 
+def load_job_data(cfg, job: dict | None = None):
+    """The job's `Dataset` (`cfg`: a JobConfig), its validation split held out when
+    --val-fraction asks for one: the same splits in every process. `job`: as in
+    `load_data_and_model`."""
+    data = load_dataset(cfg.data.dataset, seed=cfg.train.seed, num_samples=cfg.data.num_samples,
+                        seq_len=cfg.data.seq_len, known=known_shapes(job), task=task_of(cfg))
+    return split_validation(data, cfg.data.val_fraction, cfg.train.seed)
+
+
 def load_data_and_model(cfg, job: dict | None = None) -> tuple:
     """The job's dataset and its initial model (`cfg`: a JobConfig), the same in every process.
 
@@ -151,8 +160,7 @@ def load_data_and_model(cfg, job: dict | None = None) -> tuple:
     to find them (a directory or a torch Dataset). The targets are read by the job's
     task (`distbelief.task.task_of`); the model's output width is `Dataset.num_classes`.
     """
-    data = load_dataset(cfg.data.dataset, seed=cfg.train.seed, num_samples=cfg.data.num_samples,
-                        seq_len=cfg.data.seq_len, known=known_shapes(job), task=task_of(cfg))
+    data = load_job_data(cfg, job)
     torch.manual_seed(cfg.train.seed)
     return data, build_model(cfg.model.name, data.input_shape, data.num_classes)
 

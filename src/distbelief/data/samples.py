@@ -117,6 +117,27 @@ class Samples:
         return whole
 
 
+class SubsetSamples(Samples):
+    """Positions ``rows`` (1-D int64) of another split ``base``, in that order: how a
+    validation split is held out of a training split, whatever holds the data (reads go to
+    ``base``: a torch Dataset keeps its reader processes)."""
+
+    def __init__(self, base: Samples, rows: torch.Tensor):
+        self.base, self.rows = base, rows
+        self.input_shape = base.input_shape
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def gather(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.base.gather(self.rows.index_select(0, positions))
+
+    def stream(self, batches: Iterable[torch.Tensor], *, seed: int = 0,
+               timeout: float = 120.0) -> Batches:
+        return self.base.stream((self.rows.index_select(0, p) for p in batches), seed=seed,
+                                timeout=timeout)
+
+
 class TensorSamples(Samples):
     """Samples already in memory: ``x`` float32 ``(N, ...)``, ``y`` ``(N, *target_shape)`` in
     the task's dtype (checked and converted by the loader)."""

@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from distbelief.data import protocol as P
-from distbelief.data.feed import ReplicaFeed, known_shapes
+from distbelief.data.feed import ReplicaFeed, load_job_data
 from distbelief.task import task_of
 from distbelief.runtime.channel import Channel, ChannelClosed
 from distbelief.runtime.faults import fault
@@ -224,15 +224,13 @@ class _Connection:
 
 def run_data_server(ctx) -> None:
     """The role's entry point: load the data, then serve until the job stops."""
-    from distbelief.data.datasets import load_dataset
 
     cfg, d, store = ctx.config, ctx.ident, ctx.store
     torch.set_num_threads(1)  # small per-batch work; concurrent replicas use threads instead
     restart = store.try_get_json(P.restart_key(d))  # this process replaces a lost one
     generation = restart["generation"] if restart else 0
     task = task_of(cfg)
-    data = load_dataset(cfg.data.dataset, seed=cfg.train.seed, num_samples=cfg.data.num_samples,
-                        seq_len=cfg.data.seq_len, known=known_shapes(ctx.job), task=task)  # opening reads no sample
+    data = load_job_data(cfg, ctx.job)  # opening reads no sample
     server = DataServer(store, d, generation=generation, timeout=cfg.cluster.timeout,
                         feed_for=lambda r: ReplicaFeed(data.train, None, cfg, r),
                         target_dtype=task.target_dtype)

@@ -170,7 +170,7 @@ def figure_runs(run_dirs: list[Path]) -> Figure:
     panels = 3 if any(residuals) else 2
     fig = Figure(figsize=(6 * panels, 4.5))
     ax_loss, ax_acc, *ax_res = fig.subplots(1, panels)
-    all_positive, any_loss = True, False
+    all_positive, any_loss, any_val = True, False, False
     for index, ((_, events), label) in enumerate(zip(runs, labels)):
         colour = f"C{index % 10}"
         times, losses = _loss_curve(events)
@@ -179,6 +179,11 @@ def figure_runs(run_dirs: list[Path]) -> Figure:
         ax_loss.plot(times, losses, color=colour, label=label)
         times, values = _metric_curve(events, "test_" + metrics[index])
         ax_acc.plot(times, values, color=colour, marker="o", markersize=3, label=label)
+        times, values = _metric_curve(events, "val_" + metrics[index])
+        if values:  # --val-fraction: the evaluations during the run read the validation split
+            any_val = True
+            ax_acc.plot(times, values, color=colour, linestyle="--", marker="x", markersize=3,
+                        label=f"{label} (validation)")
         for (name, (rounds, values)), style in zip(residuals[index].items(),
                                                    ("-", "--", ":", "-.", "-", "--")):
             ax_res[0].plot(rounds, values, color=colour, linestyle=style,
@@ -187,7 +192,9 @@ def figure_runs(run_dirs: list[Path]) -> Figure:
         ax_loss.set_yscale("log")
     ax_loss.set(xlabel="wall-clock seconds", ylabel="training loss (mean over replicas)", title="Training loss")
     shown = " / ".join(dict.fromkeys(m.replace("_", " ") for m in metrics))
-    ax_acc.set(xlabel="wall-clock seconds", ylabel=f"test {shown}", title=f"Test {shown}")
+    split = "validation (dashed) and test" if any_val else "test"
+    ax_acc.set(xlabel="wall-clock seconds", ylabel=f"{split} {shown}",
+               title=f"{split[0].upper()}{split[1:]} {shown}")
     if ax_res:
         ax_res[0].set(xlabel="round", ylabel="residual", yscale="log",
                       title="ADMM residuals (primal, dual, boundaries)")

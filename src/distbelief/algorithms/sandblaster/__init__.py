@@ -123,8 +123,8 @@ class Sandblaster(Algorithm):
             if cfg.train.eval_every and k % cfg.train.eval_every == 0:
                 metrics = co.evaluate()
                 co.write_event({"event": "eval", "time": time.time() - co.start_time, "step": k,
-                                **task.fields(metrics)})
-                co.message(f"iteration {k}: {task.describe(metrics)}")
+                                **task.fields(metrics, f"{co.watched}_")})
+                co.message(f"iteration {k}: {task.describe(metrics, co.watched)}")
 
         def write_event(event: dict) -> None:
             co.write_event(event)
