@@ -132,7 +132,7 @@ class ClusterConfig:
 @dataclass(kw_only=True)
 class OptimizerConfig:
     rule: str | None = option(None, choices=RULES)
-    """Update rule: sgd, momentum, adagrad, adam or adamw (Adam with decoupled --weight-decay; hogwild takes sgd, momentum or adagrad, easgd sgd or momentum, admm --partitions K > 1 adam only); applied inside the shards (downpour), by every replica to the all-reduced gradient (sync), by each worker to the shared parameters (hogwild), or as each replica's local optimizer (easgd, admm)."""
+    """Update rule: sgd, momentum, adagrad, adam or adamw (Adam with decoupled --weight-decay; hogwild takes sgd, momentum or adagrad, admm --partitions K > 1 adam only); applied inside the shards (downpour), by every replica to the all-reduced gradient (sync), by each worker to the shared parameters (hogwild), or as each replica's local optimizer (easgd, admm)."""
     lr: float | None = None
     """Learning rate of the update rule (--rule; sandblaster: the L-BFGS step scale)."""
     momentum: float = 0.9

@@ -1,7 +1,8 @@
 """Elastic averaging SGD (Zhang, Choromanska and LeCun, NIPS 2015), asynchronous form.
 
 Each replica keeps its own parameters x_i and trains them locally (``--rule
-sgd``, or ``momentum``: EAMSGD). Every ``--period`` tau steps it pulls the
+sgd``, or ``momentum``: EAMSGD, the paper's; or an adaptive rule such as
+``adamw``, whose state stays with the replica as momentum's does). Every ``--period`` tau steps it pulls the
 centre x~ from the shards, computes e = alpha (x_i - x~), sets x_i <- x_i - e
 and adds e into the centre where each slice lives (x~ <- x~ + e: ``ACCUM``
 into the shard's parameters, no rule state). The centre is the model:
@@ -19,7 +20,6 @@ from distbelief.algorithms.base import (BATCHES, COMMON, REPORTS, RULE, RULE_STA
 from distbelief.config import at_least, option
 from distbelief.errors import UserError
 
-RULES = ("sgd", "momentum")
 BETA = 0.9  # the paper's moving rate beta = alpha * R
 
 
@@ -54,11 +54,6 @@ class Easgd(Algorithm):
         if e.alpha is not None and not 0 <= e.alpha <= 1:
             raise UserError(f"--alpha must be in [0, 1], got {e.alpha}: the paper uses "
                             f"{BETA:g}/R (leave it out for that)")
-        rule = cfg.optimizer.rule
-        if rule is not None and rule not in RULES:
-            raise UserError(f"--rule {rule} does not work with --algorithm easgd: the elastic "
-                            "method is defined for SGD and momentum (EAMSGD); use "
-                            f"{' or '.join(RULES)}")
 
     def resolve(self, data: dict) -> None:
         if data["easgd"]["alpha"] is None:
