@@ -9,17 +9,19 @@ import torch
 import torch.nn.functional as F
 
 from distbelief.data.datasets import BatchStream, load_dataset, replica_indices, split_validation
+from distbelief.model.precision import autocast
 from distbelief.model.zoo import build_model
 
 
 def one_process_parameters(make_optimizer: Callable[[list], torch.optim.Optimizer],
                            steps: int, batch_size: int, seed: int,
-                           clip: float | None = None,
-                           val_fraction: float = 0.0) -> list[torch.Tensor]:
+                           clip: float | None = None, val_fraction: float = 0.0,
+                           precision: str = "fp32") -> list[torch.Tensor]:
     """The MLP's parameters after `steps` steps of `make_optimizer(parameters)` in this
     process, on replica 0's stream of a one-replica job seeded `seed`; `clip`: each
     step's gradients clipped by torch.nn.utils.clip_grad_norm_ first; `val_fraction`: the
-    job's --val-fraction (the rows it holds out are not trained on)."""
+    job's --val-fraction (the rows it holds out are not trained on); `precision`: the
+    forward pass under the job's --precision (`distbelief.model.precision.autocast`)."""
     data = split_validation(load_dataset("digits", seed=seed), val_fraction, seed)
     torch.manual_seed(seed)
     model = build_model("mlp", data.input_shape, data.num_classes)
@@ -29,7 +31,9 @@ def one_process_parameters(make_optimizer: Callable[[list], torch.optim.Optimize
     for _ in range(steps):
         xb, yb = stream.next()
         optimizer.zero_grad()
-        F.cross_entropy(model(xb), yb).backward()
+        with autocast(precision):
+            loss = F.cross_entropy(model(xb), yb)
+        loss.backward()
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()

@@ -98,6 +98,8 @@ TABLE: dict[str, tuple[object, tuple[str, ...]]] = {
     "on_nonfinite":     ("stop",        (U, U, R, U, U, U)),
     "tensorboard":      (True,          (U, U, U, U, U, U)),   # the coordinator's metrics writer
     "init_from":        ("runs/x",      (U, U, U, U, U, U)),   # the coordinator's first weights
+    # replicas that compute their own forward pass; L-BFGS needs float32 gradients
+    "precision":        ("bf16",        (U, U, R, U, U, U)),
     # [task]: every loss and metric, in every role, comes from the task
     "task":             ("regress",     (U, U, U, U, U, U)),
     "loss":             ("l1",          (U, U, U, U, U, U)),

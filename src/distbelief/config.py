@@ -36,6 +36,7 @@ RULES = ("sgd", "momentum", "adagrad", "adam", "adamw")
 SCHEDULES = ("constant", "linear", "cosine", "step")
 SPLITS = ("layers", "units")
 ON_NONFINITE = ("skip", "stop")
+PRECISIONS = ("fp32", "bf16")
 TRANSPORTS = ("auto", "shm", "gloo")
 SHARD_LAYOUTS = ("ranges", "chunks")
 TASKS = ("classify", "regress", "sequence")
@@ -229,7 +230,7 @@ class TrainConfig:
     seed: int = 0
     """Seed of model initialisation, data split and shuffling."""
     eval_every: int = 0
-    """Evaluate the test split every K steps of the leading replica (0: only at the end)."""
+    """Evaluate the test split (the validation split with --val-fraction) every K steps of the leading replica (0: only at the end)."""
     log_every: int = 10
     """Replicas report loss and staleness every K steps."""
     run_dir: str | None = option(None, unset="runs/<algorithm>-<time>")
@@ -240,6 +241,8 @@ class TrainConfig:
     """A NaN/inf gradient or loss: skip (refuse it, count it, go on) or stop (end the job with a clear error). Sandblaster's L-BFGS cannot skip a batch: a NaN/inf loss always ends its job."""
     tensorboard: bool = False
     """Also write every metrics event as TensorBoard scalars (and the config as text) under RUN_DIR/tensorboard (needs pip install 'distbelief[tensorboard]'). Off by default so that the same command writes the same run directory whatever packages are installed; metrics.jsonl and curves.png are always written."""
+    precision: str = option("fp32", choices=PRECISIONS)
+    """The replicas' forward and backward passes: fp32, or bf16 (autocast to bfloat16, on the CPU or a GPU) while the parameters, their gradients, the update rule and evaluation stay float32 (the shards keep fp32 master parameters). Not with --partitions K > 1."""
     init_from: str | None = option(None, unset="none: the seeded initialisation")
     """Fine-tuning: start from the weights of RUN_DIR's model.pt, or of a model.pt file, instead of the seeded initialisation: every algorithm's replicas start from its parameters, and its buffers (BatchNorm's running statistics) go into the model the job evaluates and saves. Unlike --resume, a new job: its own run directory, step 0, fresh update-rule state. The model built (--model, data shapes) must match the saved one."""
 
@@ -290,6 +293,12 @@ def validate_shared(cfg: Any) -> None:
                         "for all, 0.75 is Project Adam's choice")
     at_least("--batch-size", d.batch_size, 1, "use a positive batch size")
     at_least("--seq-len", d.seq_len, 1, "give the bytes per window of a text: dataset, e.g. 128")
+    choice("precision", t.precision, PRECISIONS, "--precision")
+    if t.precision != "fp32" and cfg.model.partitions > 1:
+        raise UserError(f"--precision {t.precision} does not work with --partitions "
+                        f"{cfg.model.partitions} yet (the pipeline's boundary activations and "
+                        "gradients are float32): leave --precision out, or train the whole "
+                        "model in each replica")
     if not 0 <= d.val_fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), got {d.val_fraction}: the share of "
                         "the training split held out for validation, e.g. 0.1 (0: none)")

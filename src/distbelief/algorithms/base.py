@@ -77,6 +77,8 @@ BATCHES = _fields("data", "batch_size") | _fields("train", "epochs")
 DATA_SERVING = (_fields("cluster", "data_servers") | _fields("data", "prefetch")
                 | _fields("augment", "shift scale noise flip crop warp warp_smooth"))
 """Data servers and augmentation of the batch stream."""
+MIXED = _fields("train", "precision")
+"""Replicas that compute their own forward and backward passes (--precision)."""
 QUORUM = _fields("cluster", "sync_fraction")
 """Rounds or steps that complete on the fastest fraction of the replicas (Project Adam)."""
 PARTITIONS = _fields("model", "partitions split balance micro_batches")

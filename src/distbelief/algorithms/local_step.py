@@ -14,17 +14,19 @@ from typing import Callable
 
 import torch
 
+from distbelief.model.precision import autocast
 from distbelief.ps.rules import all_finite, clip_grad_norm_
 from distbelief.task import Task
 
 
 def local_step(model, grad: torch.Tensor, rule, feed, slow, report, step: int,
                extra: Callable[[torch.Tensor], None] | None = None, *, task: Task,
-               clip: float | None = None) -> None:
+               clip: float | None = None, precision: str = "fp32") -> None:
     xb, yb = feed.next()
     grad.zero_()
     with slow.compute():
-        loss = task.loss(model(xb), yb)
+        with autocast(precision):  # the local copy and the rule stay float32
+            loss = task.loss(model(xb), yb)
         loss.backward()
     value = loss.item()
     finite = math.isfinite(value) and all_finite(grad)

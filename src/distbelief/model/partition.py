@@ -39,6 +39,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from distbelief.model.precision import autocast
 from distbelief.errors import UserError
 from distbelief.task import Task, make_task
 
@@ -198,14 +199,22 @@ class WholeRunner:
     reports_loss = True
     bytes_sent = 0
 
-    def __init__(self, module: nn.Module, *, task: Task | None = None):
+    def __init__(self, module: nn.Module, *, task: Task | None = None,
+                 precision: str = "fp32", device: str = "cpu"):
         from distbelief.model.deferred import DeferredWeights
 
         self.module, self.task = module, task or make_task()
         self.weights = DeferredWeights(module)
+        self.autocast = autocast(precision, device)
+        self.mixed = precision != "fp32"
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """Forward and backward of one batch; its mean loss."""
+        if self.mixed:  # autograd's own Linear backward, in the dtypes autocast chose
+            with self.autocast:
+                loss = self.task.loss(self.module(x), y)
+            loss.backward()
+            return loss.item()
         loss = self.task.loss(self.weights.forward(x), y)
         loss.backward()
         self.weights.flush()  # one addmm_ per Linear, straight into .grad
@@ -256,16 +265,18 @@ class PipelineRunner:
 
 @contextlib.contextmanager
 def open_partition(plan: PartitionPlan, part_module: nn.Module, part: int, *, store, name: str,
-                   timeout: float, task: Task | None = None) -> Iterator:
+                   timeout: float, task: Task | None = None, precision: str = "fp32",
+                   device: str = "cpu") -> Iterator:
     """Connect partition `part` of replica `name` to its peers; yield its runner.
 
     `store` is a raw c10d store (`JobStore.raw`); channel names start with
     ``mp/<name>/``. `task`: the job's task, whose loss `train_step` computes (None:
-    classify's; `predict` needs none). Blocks until the peers joined (or `timeout`).
+    classify's; `predict` needs none). `precision`, `device`: a whole model's forward pass
+    (--precision; partitions compute in float32). Blocks until the peers joined (or `timeout`).
     Every channel and thread is released on exit.
     """
     if plan.partitions == 1:
-        yield WholeRunner(part_module, task=task)
+        yield WholeRunner(part_module, task=task, precision=precision, device=device)
         return
     from distbelief.runtime.channel import Channel, Group
 

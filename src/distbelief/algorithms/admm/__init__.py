@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from distbelief.algorithms.base import (BATCHES, COMMON, QUORUM, REPORTS, RULE, SERVED,
+from distbelief.algorithms.base import (BATCHES, COMMON, MIXED, QUORUM, REPORTS, RULE, SERVED,
                                         Algorithm, Exchange, RULE_STATE, Watch)
 from distbelief.algorithms.admm.rho import SCHEDULES
 from distbelief.config import at_least, option
@@ -56,7 +56,7 @@ class Admm(Algorithm):
     title = ("consensus ADMM: replicas train locally for L steps, then agree on the model in "
              "the shards")
     section = AdmmConfig
-    honours = (COMMON | SERVED | RULE | BATCHES | REPORTS | QUORUM
+    honours = (COMMON | SERVED | RULE | BATCHES | REPORTS | QUORUM | MIXED
                | {"train.checkpoint_every", "cluster.restart_replicas", "model.partitions",
                   "model.balance"})
     defaults = {"optimizer.rule": "adam", "train.on_nonfinite": "skip"}

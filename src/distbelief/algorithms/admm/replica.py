@@ -129,7 +129,8 @@ class _Replica:
         self.ctx.progress()  # the watchdog (--progress-timeout)
         local_step(self.model, self.grad, self.rule, self.feed, self.slow, self.report,
                    self.step, extra=self.member.prox_grad, task=self.task,
-                   clip=self.ctx.config.optimizer.clip_grad_norm)
+                   clip=self.ctx.config.optimizer.clip_grad_norm,
+                   precision=self.ctx.config.train.precision)
         self.step += 1
 
     def _save(self, number: int) -> int:

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from distbelief.algorithms.base import (BATCHES, COMMON, DATA_SERVING, PARTITIONS, REPORTS, RULE,
-                                        SERVED, Algorithm, Exchange, RULE_STATE)
+from distbelief.algorithms.base import (BATCHES, COMMON, DATA_SERVING, MIXED, PARTITIONS, REPORTS,
+                                        RULE, SERVED, Algorithm, Exchange, RULE_STATE)
 from distbelief.config import at_least, option
 from distbelief.errors import UserError
 
@@ -38,7 +38,7 @@ class Downpour(Algorithm):
     name = "downpour"
     title = "R model replicas push gradients to and fetch parameters from S parameter shards"
     section = DownpourConfig
-    honours = (COMMON | SERVED | RULE | BATCHES | REPORTS | DATA_SERVING | PARTITIONS
+    honours = (COMMON | SERVED | RULE | BATCHES | REPORTS | DATA_SERVING | PARTITIONS | MIXED
                | {"train.checkpoint_every", "cluster.restart_replicas", "cluster.device"})
     defaults = {"optimizer.rule": "adagrad", "optimizer.lr": 0.02, "train.on_nonfinite": "skip"}
     role_modules = ("distbelief.algorithms.downpour.replica",)

@@ -111,7 +111,8 @@ def run_replica(ctx: RoleContext) -> None:
                 DeviceMirror(device) as mirror, \
                 open_partition(plan, module, part, store=peers.raw,
                                name=f"replica{r}.g{restart['generation'] if restart else 0}",
-                               timeout=cfg.cluster.timeout, task=task) as runner, \
+                               timeout=cfg.cluster.timeout, task=task,
+                               precision=cfg.train.precision, device=cfg.cluster.device) as runner, \
                 open_feed(ctx, data, start * threads, total * threads) as feed:  # batches, from
             # the checkpoint's data position
             if runner.reports_loss:
@@ -214,7 +215,8 @@ def _train(ctx: RoleContext, ps: PSClient, mirror: DeviceMirror, window: PushWin
                         timeout=cfg.cluster.timeout)
     with contextlib.ExitStack() as stack:
         workers = (stack.enter_context(ReplicaWorkers(window.flat, threads, cfg.optimizer.lr,
-                                                      cfg.cluster.timeout, task=task))
+                                                      cfg.cluster.timeout, task=task,
+                                                      precision=cfg.train.precision))
                    if threads > 1 else None)
         acked = _steps(ctx, ps, mirror, window, runner, feed, start, total, gate, report, slow,
                        workers, clocks)

@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from distbelief.model.precision import autocast
 from distbelief.model.flat import FlatModel
 from distbelief.ps.rules import all_finite, sgd_
 from distbelief.task import Task, make_task
@@ -55,9 +56,10 @@ class ReplicaWorkers:
     """
 
     def __init__(self, flat: FlatModel, threads: int, lr: float, timeout: float, *,
-                 task: Task | None = None):
+                 task: Task | None = None, precision: str = "fp32"):
         self.flat, self.threads, self.lr, self.timeout = flat, threads, lr, timeout
         self.task = task or make_task()
+        self.precision = precision  # on the CPU: --replica-workers refuses a device
         self._grads = [torch.zeros(flat.numel) for _ in range(threads)]  # each worker's own
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="replica-worker")
         self.skipped: list[tuple[float, int]] = []
@@ -78,7 +80,8 @@ class ReplicaWorkers:
     def _work(self, j: int, xb: torch.Tensor, yb: torch.Tensor,
               push: torch.Tensor) -> tuple[float, bool]:
         """Worker j's batch: (loss, whether its loss and gradient were finite and used)."""
-        loss = self.task.loss(self.flat.model(xb), yb)
+        with autocast(self.precision):  # a context per thread: autocast's state is per thread
+            loss = self.task.loss(self.flat.model(xb), yb)
         # autograd.grad leaves .grad alone: this worker's gradient is its own until added in
         parts = torch.autograd.grad(loss, self.flat.parameters)
         grad = torch.cat([g.reshape(-1) for g in parts], out=self._grads[j])

@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from distbelief.algorithms.base import (BATCHES, COMMON, REPORTS, RULE, RULE_STATE, SERVED,
-                                        Algorithm, Exchange, Watch)
+from distbelief.algorithms.base import (BATCHES, COMMON, MIXED, REPORTS, RULE, RULE_STATE,
+                                        SERVED, Algorithm, Exchange, Watch)
 from distbelief.config import at_least, option
 from distbelief.errors import UserError
 
@@ -35,7 +35,7 @@ class Easgd(Algorithm):
     name = "easgd"
     title = "elastic averaging SGD: replicas train locally, pulled every tau steps towards a centre in the shards"
     section = EasgdConfig
-    honours = (COMMON | SERVED | RULE | BATCHES | REPORTS
+    honours = (COMMON | SERVED | RULE | BATCHES | REPORTS | MIXED
                | {"train.checkpoint_every", "cluster.restart_replicas"})
     defaults = {"optimizer.rule": "momentum", "optimizer.lr": 0.1, "train.on_nonfinite": "skip"}
     refusal_fixes = {"cluster.device": "its replicas keep their local copy and rule state on "

@@ -107,7 +107,8 @@ class _Replica:
 
     def _local_step(self, step: int) -> None:
         local_step(self.model, self.grad, self.rule, self.feed, self.slow, self.report, step,
-                   task=self.task, clip=self.ctx.config.optimizer.clip_grad_norm)
+                   task=self.task, clip=self.ctx.config.optimizer.clip_grad_norm,
+                   precision=self.ctx.config.train.precision)
 
     def _checkpoint(self, number: int, step: int) -> None:
         folder = set_dir(self.ctx.job["run_dir"], number)

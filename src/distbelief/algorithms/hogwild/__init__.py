@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from distbelief.algorithms.base import (BATCHES, COMMON, REPORTS, RULE, RULE_STATE, Algorithm,
-                                        Coordination, Exchange, Watch)
+from distbelief.algorithms.base import (BATCHES, COMMON, MIXED, REPORTS, RULE, RULE_STATE,
+                                        Algorithm, Coordination, Exchange, Watch)
 from distbelief.errors import UserError
 
 RULES = ("sgd", "momentum", "adagrad")  # elementwise, no shared step count
@@ -29,7 +29,7 @@ class Hogwild(Algorithm):
     name = "hogwild"
     title = "W worker processes update one shared parameter tensor without locks"
     section = HogwildConfig
-    honours = COMMON | RULE | BATCHES | REPORTS
+    honours = COMMON | RULE | BATCHES | REPORTS | MIXED
     defaults = {"optimizer.rule": "sgd", "optimizer.lr": 0.02,  # Hogwild's maths is plain SGD
                 "train.on_nonfinite": "skip"}
     refusal_fixes = {

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from distbelief.model.precision import autocast
 from distbelief.data.datasets import BatchStream, replica_indices
 from distbelief.metrics.report import Reporter
 from distbelief.model.flat import FlatModel
@@ -92,7 +93,8 @@ def _train(ctx: RoleContext, flat: FlatModel, rule: InPlaceRule, stream: BatchSt
         ctx.progress()  # the watchdog (--progress-timeout)
         xb, yb = stream.next()
         grad.zero_()
-        loss = task.loss(flat.model(xb), yb)
+        with autocast(ctx.config.train.precision):  # the shared parameters stay float32
+            loss = task.loss(flat.model(xb), yb)
         loss.backward()
         value = loss.item()
         finite = math.isfinite(value) and all_finite(grad)

@@ -53,6 +53,8 @@ class Sandblaster(Algorithm):
                               "leave it out",
         "cluster.device": "its workers compute gradients of whole portions on the CPU and the "
                           "L-BFGS vectors live in the shards; leave it out",
+        "train.precision": "L-BFGS's line search and curvature pairs need float32 losses and "
+                           "gradients; leave it out",
     }
     replica_noun = "worker"
     drives_itself = True

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from distbelief.algorithms.base import (BATCHES, COMMON, DATA_SERVING, QUORUM, REPORTS, RULE,
-                                        SERVED, Algorithm, Exchange, Poller, RULE_STATE, Watch)
+from distbelief.algorithms.base import (BATCHES, COMMON, DATA_SERVING, MIXED, QUORUM, REPORTS,
+                                        RULE, SERVED, Algorithm, Exchange, Poller, RULE_STATE,
+                                        Watch)
 
 if TYPE_CHECKING:
     from distbelief.runtime.store import JobStore
@@ -19,7 +20,7 @@ QUORUM_POLL_SECONDS = 0.002
 class Sync(Algorithm):
     name = "sync"
     title = "synchronous all-reduce of the replicas' gradients, ending a step on a fraction"
-    honours = (COMMON | SERVED | RULE | BATCHES | REPORTS | DATA_SERVING | QUORUM
+    honours = (COMMON | SERVED | RULE | BATCHES | REPORTS | DATA_SERVING | QUORUM | MIXED
                | {"train.checkpoint_every", "cluster.device"})
     defaults = {"optimizer.rule": "adagrad", "optimizer.lr": 0.02, "train.on_nonfinite": "skip"}
     lost_replica = "synchronous training cannot go on without it"

@@ -42,6 +42,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from distbelief.model.precision import autocast
 from distbelief.algorithms.schedule import quorum_size
 from distbelief.algorithms.slowdown import Slowdown
 from distbelief.algorithms.sync import QUORUM_POLL_SECONDS
@@ -137,10 +138,12 @@ class _Trainer:
         self.grad = self.buf[:numel]
         slow, task = Slowdown.for_worker(cfg, ctx.ident), task_of(cfg)
         if self.threaded:  # the thread computes on its own copy while the step goes on
-            self.compute = _Gradient(model, torch.zeros(numel, device=device), slow, task)
+            self.compute = _Gradient(model, torch.zeros(numel, device=device), slow, task,
+                                     autocast(cfg.train.precision, cfg.cluster.device))
             self.params = self.compute.flat.params.clone()
         else:  # the model is the parameters, and backward() writes into the reduce buffer
-            self.compute = _Gradient(model, self.grad, slow, task)
+            self.compute = _Gradient(model, self.grad, slow, task,
+                                     autocast(cfg.train.precision, cfg.cluster.device))
             self.params = self.compute.flat.params
         self.rule = make_rule(cfg.optimizer, self.params, total=total)  # its schedule: steps
         self.host_params = mirror.host_twin(self.params)  # the parameters on the CPU
@@ -274,9 +277,10 @@ class _Gradient:
     gives the mean of the combined batch.
     """
 
-    def __init__(self, model, grad: torch.Tensor, slow: Slowdown, task: Task):
+    def __init__(self, model, grad: torch.Tensor, slow: Slowdown, task: Task,
+                 autocast: torch.autocast):
         self.flat = FlatModel(model, grads=[grad])
-        self.slow, self.task = slow, task
+        self.slow, self.task, self.autocast = slow, task, autocast
 
     @property
     def grad(self) -> torch.Tensor:
@@ -285,7 +289,8 @@ class _Gradient:
     def __call__(self, xb: torch.Tensor, yb: torch.Tensor) -> float:
         self.grad.zero_()
         with self.slow.compute():
-            loss = self.task.loss(self.flat.model(xb), yb, reduction="sum")
+            with self.autocast:
+                loss = self.task.loss(self.flat.model(xb), yb, reduction="sum")
             loss.backward()
         return loss.item()
 
