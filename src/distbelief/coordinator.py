@@ -51,6 +51,7 @@ CURVES_ENV = "DISTBELIEF_CURVES"
 """Set to 0, a job ends without drawing run_dir/curves.png (`distbelief plot` draws it
 later): many short runs, such as the test suite's, spend a second of CPU each on it."""
 
+
 def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None = None,
             resume: str | Path | None = None, plan: dict | None = None) -> dict:
     """Run a whole job and return its summary. Blocks until the job ends.
@@ -207,9 +208,9 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
 def _evaluate(home, model: torch.nn.Module, samples, store: JobStore, members: list[str]
               ) -> dict[str, float]:
     """The task's metrics over `samples` (a split) of the current parameters (from their
-    home) with the mean of
-    the buffers the replicas last published (`distbelief.model.buffers`), both loaded into
-    `model`, which is then what a checkpoint or model.pt saves."""
+    home) with the mean of the buffers the replicas last published
+    (`distbelief.model.buffers`), both loaded into `model`, which is then what a checkpoint
+    or model.pt saves."""
     states = [decode(value) for value in (store.try_get_json(f"buffers/{m}") for m in members)
               if value]
     if states:

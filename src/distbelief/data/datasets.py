@@ -140,7 +140,7 @@ def split_validation(data: Dataset, fraction: float, seed: int) -> Dataset:
     n_val = min(max(1, int(n * fraction)), n - 1)
     rest = perm[n_val:].sort().values  # the training split's order kept
     return replace(data, train=SubsetSamples(data.train, rest),
-                               val=SubsetSamples(data.train, perm[:n_val].sort().values))
+                   val=SubsetSamples(data.train, perm[:n_val].sort().values))
 
 
 def evaluate_split(model: torch.nn.Module, samples: Samples, batch_size: int = EVAL_BATCH,

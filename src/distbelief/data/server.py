@@ -224,7 +224,6 @@ class _Connection:
 
 def run_data_server(ctx) -> None:
     """The role's entry point: load the data, then serve until the job stops."""
-
     cfg, d, store = ctx.config, ctx.ident, ctx.store
     torch.set_num_threads(1)  # small per-batch work; concurrent replicas use threads instead
     restart = store.try_get_json(P.restart_key(d))  # this process replaces a lost one
