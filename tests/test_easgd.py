@@ -19,6 +19,7 @@ from distbelief.data.sampling import BatchStream, replica_indices
 from distbelief.errors import UserError
 from distbelief.metrics.log import read_metrics
 from distbelief.model.flat import FlatModel
+from distbelief.model.precision import autocast
 from distbelief.model.zoo import build_model
 
 from _cluster import role_pid, wait_until
@@ -28,9 +29,11 @@ JOB = dict(algorithm="easgd", dataset="digits", model="mlp", replicas=1, shards=
            batch_size=BATCH, steps=STEPS, rule="sgd", lr=LR, log_every=1)
 
 
-def reference(alpha: float, period: int, make_optimizer=None) -> tuple[torch.Tensor, list[float]]:
+def reference(alpha: float, period: int, make_optimizer=None,
+              precision: str = "fp32") -> tuple[torch.Tensor, list[float]]:
     """The formula in one process on replica 0's batches: (the centre, each step's loss);
-    the local steps are `make_optimizer(parameters)`'s (default: SGD at LR)."""
+    the local steps are `make_optimizer(parameters)`'s (default: SGD at LR), their forward
+    passes under --precision `precision`."""
     data = load_dataset("digits", seed=SEED)
     torch.manual_seed(SEED)
     model = build_model("mlp", data.input_shape, data.num_classes)
@@ -47,7 +50,8 @@ def reference(alpha: float, period: int, make_optimizer=None) -> tuple[torch.Ten
             centre.add_(e)
         xb, yb = stream.next()
         optimizer.zero_grad()
-        loss = F.cross_entropy(model(xb), yb)
+        with autocast(precision):
+            loss = F.cross_entropy(model(xb), yb)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
@@ -97,6 +101,15 @@ def test_a_local_adamw_follows_the_formula_as_torch_adamw(tmp_path):
     assert train_losses(tmp_path / "run") == pytest.approx(losses, abs=1e-6)
     sgd_centre, _ = reference(0.5, 2)  # the oracle is sharp
     assert (sgd_centre - centre).abs().max() > 1e-3
+
+
+def test_one_replica_in_bf16_follows_the_formula_under_autocast(tmp_path):
+    distbelief.train(**JOB, alpha=0.5, period=2, precision="bf16", run_dir=str(tmp_path / "run"))
+    centre, losses = reference(0.5, 2, precision="bf16")
+    torch.testing.assert_close(centre_of(tmp_path / "run"), centre, rtol=0, atol=1e-6)
+    assert train_losses(tmp_path / "run") == pytest.approx(losses, abs=1e-6)
+    fp32_centre, _ = reference(0.5, 2)  # the oracle is sharp: bf16 differs
+    assert (fp32_centre - centre).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("restart", [False, True], ids=["counted", "restarted"])

@@ -17,10 +17,14 @@ from _reference import one_process_parameters
 SEED, STEPS, LR = 4, 25, 0.1
 
 
-def test_one_downpour_replica_in_bf16_is_one_process_under_autocast(tmp_path):
-    summary = distbelief.train(dataset="digits", model="mlp", replicas=1, shards=2, rule="sgd",
+@pytest.mark.parametrize("algorithm", ["downpour", "hogwild"])
+def test_one_replica_in_bf16_is_one_process_under_autocast(tmp_path, algorithm):
+    """One Downpour replica, or one Hogwild worker: plain SGD on the shards' (or the shared
+    tensor's) float32 parameters, its forward pass in bfloat16."""
+    one = {"downpour": {"replicas": 1, "shards": 2}, "hogwild": {"workers": 1}}[algorithm]
+    summary = distbelief.train(algorithm=algorithm, dataset="digits", model="mlp", rule="sgd",
                                lr=LR, batch_size=32, steps=STEPS, seed=SEED, precision="bf16",
-                               run_dir=str(tmp_path / "run"))
+                               run_dir=str(tmp_path / "run"), **one)
     trained = list(distbelief.load_model(summary["run_dir"]).parameters())
     assert all(p.dtype == torch.float32 for p in trained)  # fp32 master parameters
     sgd = lambda params: torch.optim.SGD(params, lr=LR)  # noqa: E731
@@ -31,14 +35,14 @@ def test_one_downpour_replica_in_bf16_is_one_process_under_autocast(tmp_path):
     assert any((g - w).abs().max() > 1e-4 for g, w in zip(trained, full))
 
 
-@pytest.mark.parametrize("algorithm", ["sync", "easgd", "hogwild", "admm"])
-def test_every_algorithm_with_its_own_forward_pass_trains_in_bf16(tmp_path, algorithm):
-    """3 epochs on digits, well above chance (0.1): sync and admm above 0.85, easgd 0.83
-    (fp32: 0.836), hogwild 0.94 at lr 0.5 (its default 0.02 learns slowly: 0.20, fp32
-    0.22)."""
-    lr = {"hogwild": 0.5}.get(algorithm)
+@pytest.mark.parametrize("algorithm", ["sync", "admm"])
+def test_two_replicas_that_wait_for_each_other_train_in_bf16(tmp_path, algorithm):
+    """Sync and ADMM's rounds wait for both replicas: no race decides what is trained, and
+    3 epochs on digits end well above chance (0.1). (EASGD's bf16 oracle is in
+    tests/test_easgd.py; asynchronous runs are held to oracles of one replica, not to an
+    accuracy: a Hogwild run in bf16 gave 0.94 once and 0.71 under load.)"""
     summary = distbelief.train(algorithm=algorithm, dataset="digits", model="mlp", replicas=2,
-                               epochs=3, seed=SEED, precision="bf16", lr=lr,
+                               epochs=3, seed=SEED, precision="bf16",
                                run_dir=str(tmp_path / "run"))
     assert summary["test_accuracy"] >= 0.75, summary["test_accuracy"]
     assert all(p.dtype == torch.float32

@@ -75,9 +75,9 @@ def test_write_atomic_follows_the_umask(tmp_path):
 def test_write_cluster_format(tmp_path):
     roles = [{"kind": "coordinator", "id": 0, "pid": 12, "port": 2900},
              {"kind": "shard", "id": 0, "part": None, "pid": 13, "port": None}]
-    write_cluster(tmp_path, roles)
+    write_cluster(tmp_path, roles, "0123abcd")
     text = (tmp_path / "cluster.json").read_text()
-    assert text == json.dumps({"roles": roles}, indent=2) + "\n"
+    assert text == json.dumps({"roles": roles, "job_id": "0123abcd"}, indent=2) + "\n"
     assert os.listdir(tmp_path) == ["cluster.json"]
 
 
@@ -118,3 +118,35 @@ def test_create_run_dir_makes_parents_and_reports_what_is_in_the_way(tmp_path):
     with pytest.raises(UserError, match=r"cannot create run directory '.*file/run' "
                                         r"\(Not a directory\): choose a writable --run-dir"):
         create_run_dir(tmp_path / "file" / "run")
+
+
+def test_a_resumed_run_removes_the_files_its_killed_predecessor_left(tmp_path, monkeypatch):
+    """The coordinator was SIGKILLed, and every role with it: no one removed the job's
+    shared-memory files. Resuming the run removes them, and only them, once that
+    coordinator's process is gone."""
+    import subprocess
+    import sys
+
+    from distbelief import coordinator
+    from distbelief.runtime import shm
+
+    monkeypatch.setattr(shm, "SHM_DIR", tmp_path / "shm")
+    (tmp_path / "shm").mkdir()
+    files = [tmp_path / "shm" / f"distbelief-{job}-{name}" for job in ("00aa11bb22cc33dd",
+             "99ee88ff77aa66bb") for name in ("shard0-params", "shard0.sock")]
+    for path in files:
+        path.touch()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    run = tmp_path / "run"
+    run.mkdir()
+    write_cluster(run, [{"kind": "coordinator", "id": 0, "pid": os.getpid()}], "00aa11bb22cc33dd")
+    coordinator._remove_leftovers(run)  # its coordinator (this process) still runs: kept
+    assert all(path.exists() for path in files)
+    write_cluster(run, [{"kind": "coordinator", "id": 0, "pid": int(dead.stdout)}],
+                  "00aa11bb22cc33dd")
+    coordinator._remove_leftovers(run)
+    assert [path.exists() for path in files] == [False, False, True, True]
+    write_cluster(run, [{"kind": "coordinator", "id": 0, "pid": int(dead.stdout)}], "*")
+    coordinator._remove_leftovers(run)  # not an id: no glob of everyone's files
+    assert files[2].exists() and files[3].exists()

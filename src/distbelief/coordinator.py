@@ -36,9 +36,10 @@ from distbelief.model.buffers import (average, buffer_state, decode, encode, has
 from distbelief.model.zoo import check_model
 from distbelief.task import Task, task_of
 from distbelief.parameters import home_for
-from distbelief.rundir import (CHECKPOINT, choose_run_dir, create_run_dir, write_atomic,
-                               write_cluster, write_text_atomic)
-from distbelief.runtime.shm import remove_job_files
+from distbelief.rundir import (CHECKPOINT, CLUSTER, choose_run_dir, create_run_dir,
+                               write_atomic, write_cluster, write_text_atomic)
+from distbelief.runtime.secret import JobSecret
+from distbelief.runtime.shm import remove_files_of, remove_job_files
 from distbelief.runtime.launch import EnvRole, LocalCluster, loopback_env, role_env
 from distbelief.runtime.store import JobStore, new_token
 from distbelief.watch import (exit_detail, is_lost, parts, replica_members, start_liveness,
@@ -68,6 +69,7 @@ def run_job(cfg: JobConfig, *, show_progress: bool = True, env: EnvRole | None =
     if resume is not None:
         run_dir = Path(resume)
         manifest = read_manifest(run_dir)
+        _remove_leftovers(run_dir)
     else:
         run_dir = choose_run_dir(cfg.train.run_dir, cfg.algorithm)
     data, model = load_data_and_model(cfg)
@@ -243,7 +245,31 @@ def _write_cluster(run_dir: Path, store: JobStore, shards: int, members: list[st
         info = store.get_json(f"members/{kind}/{name}") or {}
         roles.append({"kind": replica_kind if kind == "replica" else kind, "id": info.get("id"), "part": info.get("part"),
                       "pid": info.get("pid"), "host": info.get("host"), "port": None})
-    write_cluster(run_dir, roles)
+    write_cluster(run_dir, roles, JobSecret(store.token).job_id)
+
+
+def _remove_leftovers(run_dir: Path) -> None:
+    """A run directory's earlier job ended without removing its shared-memory files (its
+    coordinator was killed, and with it every role): remove them, once that coordinator's
+    process is gone."""
+    try:
+        before = json.loads((run_dir / CLUSTER).read_text())
+    except (OSError, ValueError):
+        return
+    pids = [r.get("pid") for r in before.get("roles", []) if r.get("kind") == "coordinator"]
+    if any(isinstance(pid, int) and _alive(pid) for pid in pids):
+        return  # still running: not leftovers
+    remove_files_of(str(before.get("job_id") or ""))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 def _summary(cfg: JobConfig, algorithm: Algorithm, job: dict, watch: Watch, task: Task,
              tested: dict[str, float], run_dir: Path, data, exit_codes: dict[str, int | None],

@@ -122,7 +122,10 @@ def create_run_dir(path: Path) -> None:
                         "choose a writable --run-dir") from None
 
 
-def write_cluster(run_dir: Path, roles: list[dict]) -> None:
-    """Write ``run_dir/cluster.json`` as ``{"roles": roles}`` (indent 2, a final newline),
-    atomically: tools that kill roles by PID read it while the job runs."""
-    write_text_atomic(Path(run_dir) / CLUSTER, json.dumps({"roles": roles}, indent=2) + "\n")
+def write_cluster(run_dir: Path, roles: list[dict], job_id: str | None = None) -> None:
+    """Write ``run_dir/cluster.json`` as ``{"roles": roles, "job_id": job_id}`` (indent 2, a
+    final newline), atomically: tools that kill roles by PID read it while the job runs,
+    and a resumed run removes the shared-memory files its killed predecessor (`job_id`)
+    left behind."""
+    write_text_atomic(Path(run_dir) / CLUSTER,
+                      json.dumps({"roles": roles, "job_id": job_id}, indent=2) + "\n")

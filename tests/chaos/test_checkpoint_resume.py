@@ -26,6 +26,7 @@ import pytest
 import torch
 
 import distbelief
+from distbelief.runtime.shm import SHM_DIR
 from distbelief.checkpoint import read_manifest, write_atomic
 from distbelief.errors import UserError
 from distbelief.metrics.log import read_metrics
@@ -74,7 +75,8 @@ def test_resumed_run_ends_with_the_uninterrupted_parameters(tmp_path, cli_job, j
             return False
 
     wait_until(checkpointed, 120, "a checkpoint at step 80 or later")
-    roles = json.loads((run_dir / "cluster.json").read_text())["roles"]
+    cluster = json.loads((run_dir / "cluster.json").read_text())
+    roles, killed_job = cluster["roles"], cluster["job_id"]
     os.kill(proc.pid, signal.SIGKILL)  # the coordinator: its children must follow it
     proc.wait(30)
     wait_until(lambda: not any(alive(r["pid"]) for r in roles if r["pid"]), 20,
@@ -85,9 +87,11 @@ def test_resumed_run_ends_with_the_uninterrupted_parameters(tmp_path, cli_job, j
     assert 80 <= at < 200
 
     # resumed from the command line (the fixture reaps it and its roles by PID too)
+    left = sorted(SHM_DIR.glob(f"distbelief-{killed_job}-*"))  # no one removed them
     again = cli_job("--resume", str(run_dir), "--quiet")
     out, err = again.communicate(timeout=180)
     assert again.returncode == 0, err
+    assert not any(p.exists() for p in left), left  # the resumed run did
     resumed = json.loads((run_dir / "summary.json").read_text())
     assert resumed["resumed_from"] == manifest["checkpoint"]
     assert resumed["total_steps"] == 200 * job["replicas"]

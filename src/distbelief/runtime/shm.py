@@ -51,8 +51,16 @@ def job_file(token: str, name: str) -> Path:
 
 def remove_job_files(token: str) -> int:
     """Remove every shared-memory file of a job (after it ended); returns how many."""
+    return remove_files_of(JobSecret(token).job_id)
+
+
+def remove_files_of(job_id: str) -> int:
+    """Remove every shared-memory file of the job whose id (`JobSecret.job_id`, as
+    cluster.json records it) is `job_id`; returns how many."""
+    if not job_id or not all(c in "0123456789abcdef" for c in job_id):
+        return 0  # not an id: nothing of ours to match
     removed = 0
-    for path in SHM_DIR.glob(f"distbelief-{JobSecret(token).job_id}-*"):
+    for path in SHM_DIR.glob(f"distbelief-{job_id}-*"):
         path.unlink(missing_ok=True)
         removed += 1
     return removed
